@@ -1,0 +1,161 @@
+"""Shared fixtures: real nats-server (and etcd, podman) started once per session,
+and msgscript server processes started the way a user starts them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import msgscript  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 15, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"port {port} never opened")
+
+
+class NatsServer:
+    """A real nats-server on a free loopback port; restartable on the same port."""
+
+    def __init__(self):
+        self.binary = msgscript.find_nats_server()
+        self.port = free_port()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.proc = None
+        self.start()
+
+    def start(self):
+        self.proc = subprocess.Popen([self.binary, "-a", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port, proc=self.proc)
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def nats_server():
+    server = NatsServer()
+    yield server
+    server.stop()
+
+
+class MsgscriptProcess:
+    """`msgscript server ...` as a subprocess, with its log kept for assertions."""
+
+    def __init__(self, args: list[str], cwd: Path, env: dict | None = None):
+        self.port = free_port()
+        self.log_path = cwd / f"server-{self.port}.log"
+        self.logfile = open(self.log_path, "wb")
+        full_env = dict(os.environ, PYTHONUNBUFFERED="1")
+        full_env.pop("NATS_URL", None)
+        full_env.update(env or {})
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "msgscript.py"), "server", "-port", str(self.port),
+                                      *args], cwd=cwd, stdout=self.logfile, stderr=subprocess.STDOUT, env=full_env)
+        self.base = f"http://127.0.0.1:{self.port}"
+        wait_port(self.port, 20, self.proc)
+        self.wait_log("serving", 20)
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_log(self, text: str, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in self.log:
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited ({self.proc.returncode}):\n{self.log}")
+            time.sleep(0.05)
+        raise AssertionError(f"{text!r} not in server log:\n{self.log}")
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.logfile.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def start_server(tmp_path, nats_server):
+    """start_server(script_dir, *flags, nats=True) -> MsgscriptProcess; stopped after the test."""
+    started = []
+
+    def start(*args, nats=True, env=None, cwd=None):
+        flags = list(args)
+        if nats:
+            flags += ["-natsurl", nats_server.url]
+        proc = MsgscriptProcess(flags, Path(cwd or tmp_path), env)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+def write_script(directory: Path, filename: str, text: str) -> Path:
+    path = directory / filename
+    path.write_text(text)
+    return path
+
+
+class Nats:
+    """A synchronous nats-py client for tests (its own event loop)."""
+
+    def __init__(self, url: str):
+        import nats
+
+        self.loop = asyncio.new_event_loop()
+        self.nc = self.run(nats.connect(url))
+
+    def run(self, coro):
+        return self.loop.run_until_complete(coro)
+
+    def request(self, subject: str, data: bytes = b"", timeout: float = 5, headers=None):
+        return self.run(self.nc.request(subject, data, timeout=timeout, headers=headers))
+
+    def close(self):
+        self.run(self.nc.close())
+        self.loop.close()
+
+
+@pytest.fixture
+def nats_client(nats_server):
+    client = Nats(nats_server.url)
+    yield client
+    client.close()
