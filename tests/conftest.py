@@ -21,6 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import msgscript  # noqa: E402
 
 
+# How a user runs it: the msgscript command (here through this interpreter and the checkout).
+MSGSCRIPT = [sys.executable, str(ROOT / "msgscript.py")]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -78,8 +82,8 @@ class MsgscriptProcess:
         full_env = dict(os.environ, PYTHONUNBUFFERED="1")
         full_env.pop("NATS_URL", None)
         full_env.update(env or {})
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "msgscript.py"), "server", "-port", str(self.port),
-                                      *args], cwd=cwd, stdout=self.logfile, stderr=subprocess.STDOUT, env=full_env)
+        self.proc = subprocess.Popen([*MSGSCRIPT, "server", "-port", str(self.port), *args], cwd=cwd,
+                                     stdout=self.logfile, stderr=subprocess.STDOUT, env=full_env)
         self.base = f"http://127.0.0.1:{self.port}"
         wait_port(self.port, 20, self.proc)
         self.wait_log("serving", 20)
