@@ -12,25 +12,34 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import base64
 import collections
 import concurrent.futures
 import dataclasses
 import functools
+import gzip
 import html
+import http.client
 import importlib.util
 import json
 import logging
+import math
 import os
 import re
-import signal
+import selectors
 import shutil
+import signal
 import socket
+import stat
+import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
+from concurrent.futures import Future, TimeoutError as FutureTimeout
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from collections.abc import Callable
@@ -531,6 +540,867 @@ def load_plugins(dirs: list[str], modules: dict[str, Callable]) -> list[str]:
 
 
 ###############################################################################
+# Built-in Lua modules: json, http, re, lfs ###################################
+###############################################################################
+# Built-in Lua modules json, http, re and lfs (see LUA-MODULES.md sections 1-4).
+#
+# Deliberate differences from the Go original (scripts that work there keep working):
+# - json.decode keeps null array elements as nil holes at their positions instead of
+#   dropping them and renumbering. Such an array gets a metatable whose __len is the index
+#   of its last non-nil element (so trailing nulls are not counted and ipairs still stops
+#   at the first hole), and json.encode writes its holes back as null.
+# - json.encode fails only on real cycles; a table shared by two branches is encoded twice.
+#   Arrays are accepted whatever order `next` yields keys 1..n in; Lua integers are
+#   written exactly (Go rounds them through float64).
+# - json.decode gives integral numbers as Lua integers (so tostring gives "1", as in gopher-lua).
+# - http: responses are plain tables (pairs/json.encode work; there is no http.response);
+#   numeric timeouts keep their fractions; every request is also bounded by the script's
+#   deadline; HTTP_PROXY is not honoured.
+# - re: a group that did not take part yields "" (the original raises); find's end falls
+#   back to the match end when the last group did not take part; an init past the end
+#   gives nil instead of raising. Unicode classes (\p), the U flag and possessive
+#   repeats are rejected; (?i) folds ASCII letters only.
+# - lfs.dir lists the names at once and closes the directory; its second value is a dir
+#   object with :next() and :close(). symlinkattributes' target is an absolute path.
+# - All functions ignore extra arguments, as gopher-lua does.
+
+def _utf8(b: bytes) -> str:
+    return b.decode("utf-8", "surrogateescape")
+
+
+def _raw(s: str) -> bytes:
+    return s.encode("utf-8", "surrogateescape")
+
+
+_PY_KINDS = {type(None): "nil", bool: "boolean", int: "number", float: "number", str: "string", bytes: "string"}
+_LUA_KINDS = (("Coroutine", "thread"), ("Thread", "thread"), ("Function", "function"), ("Table", "table"))
+
+
+def _reason(e: Exception) -> str:
+    """An exception as Go words errors: "connection refused", "no such file or directory"."""
+    text = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    return text[:1].lower() + text[1:]
+
+
+def _truthy(v) -> bool:
+    return v is not None and v is not False
+
+
+def _lua_kind(v) -> str:
+    """The Lua type name of a value received from Lua."""
+    if v is None or isinstance(v, (bool, int, float, str, bytes)):
+        return _PY_KINDS[type(v)]
+    name = type(v).__name__
+    if not name.startswith("_Lua"):
+        return "function" if callable(v) else "userdata"
+    return next((kind for part, kind in _LUA_KINDS if part in name), "userdata")
+
+
+def _check_str(v, n: int, fname: str) -> str:
+    if isinstance(v, str):
+        return v
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return _lua_string(v)
+    raise TypeError(f"bad argument #{n} to {fname} (string expected, got {_lua_kind(v)})")
+
+
+def _lua_string(v) -> str | None:
+    """A Lua string or number as text, as Lua's tostring would; None for nil and false."""
+    if v is None or v is False:
+        return None
+    if isinstance(v, bytes):
+        return _utf8(v)
+    if isinstance(v, int) and not isinstance(v, bool):
+        return str(v)
+    if isinstance(v, float):
+        return str(int(v)) if v.is_integer() else f"{v:.14g}"
+    raise TypeError(f"invalid replacement value (a {_lua_kind(v)})")
+
+
+def _opt_int(v, default: int, n: int, fname: str) -> int:
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"bad argument #{n} to {fname} (number expected, got {_lua_kind(v)})")
+    return int(v)
+
+
+###############################################################################
+# json ########################################################################
+###############################################################################
+
+_JSON_HELPERS = """
+local lengths = setmetatable({}, {__mode = "k"})
+local mt = {__len = function(t)
+  local n = lengths[t] or 0
+  while rawget(t, n + 1) ~= nil do n = n + 1 end
+  while n > 0 and rawget(t, n) == nil do n = n - 1 end
+  lengths[t] = n
+  return n
+end}
+local function holey(t, n) lengths[t] = n; return setmetatable(t, mt) end
+local function holey_len(t) if getmetatable(t) == mt then return #t end end
+return holey, holey_len
+"""
+_HTML_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+_HTML_RE = re.compile("[<>&\u2028\u2029]")
+
+
+def _go_float(f: float) -> str:
+    """Go encoding/json's float64 text: shortest digits, exponent only when exp < -6 or >= 21."""
+    if math.isnan(f) or math.isinf(f):
+        raise ValueError(f"json: unsupported value: {f!r}")
+    a = abs(f)
+    if a < 2**53 and f.is_integer():
+        return str(int(f))
+    text = repr(f)
+    if a < 1e-6 or a >= 1e21:
+        mant, _, exp = text.partition("e")
+        e = int(exp)
+        return f"{mant}e-{-e}" if e < 0 else f"{mant}e+{e:02d}"
+    if "e" in text:
+        from decimal import Decimal
+
+        return format(Decimal(text), "f")
+    return text
+
+
+class _JsonEncoder:
+    """Lua value -> plain Python value, with the original's table rules."""
+
+    def __init__(self, holey_len):
+        self.holey_len = holey_len
+        self.active: set[str] = set()
+        self.floats: dict[str, str] = {}
+
+    def plain(self, v):
+        t = type(v)
+        if t is bytes:
+            return v.decode("utf-8", "replace")
+        if t is float:
+            return self.number(v)
+        if v is None or t is bool or t is int or t is str:
+            return v
+        if _is_table(v):
+            return self.table(v)
+        raise ValueError(f"cannot encode {_lua_kind(v)} to JSON")
+
+    def number(self, f: float):
+        text = _go_float(f)
+        if text == repr(f):  # json.dumps writes floats with repr
+            return f
+        if text.lstrip("-").isdigit():
+            return int(text)
+        marker = f"\0{id(self)}:{len(self.floats)}\0"  # swapped for the Go text after json.dumps
+        self.floats[json.dumps(marker)] = text
+        return marker
+
+    def table(self, t):
+        ident = repr(t)  # the table's address, whatever its __tostring says
+        if ident in self.active:
+            raise ValueError("cannot encode recursively nested tables to JSON")
+        self.active.add(ident)
+        try:
+            items = list(t.items())
+            if not items:
+                return []
+            if type(items[0][0]) is bytes:
+                return self.object(items)
+            if type(items[0][0]) in (int, float):
+                return self.array(t, items)
+            raise ValueError("cannot encode mixed or invalid key types")
+        finally:
+            self.active.discard(ident)
+
+    def object(self, items) -> dict:
+        out = {}
+        for k, v in items:
+            if type(k) is not bytes:
+                raise ValueError("cannot encode mixed or invalid key types")
+            out[k.decode("utf-8", "replace")] = self.plain(v)
+        return out
+
+    def array(self, t, items) -> list:
+        n = len(items)
+        if any(type(k) not in (int, float) for k, _ in items):
+            raise ValueError("cannot encode mixed or invalid key types")
+        if any(type(k) is not int or not 0 < k <= n for k, _ in items):
+            n = self.holey_len(t) or 0
+            if any(type(k) is not int or not 0 < k <= n for k, _ in items):
+                raise ValueError("cannot encode sparse array")
+        out = [None] * n
+        for k, v in items:
+            out[k - 1] = self.plain(v)
+        return out
+
+
+def lua_to_json(value, holey_len=lambda t: None) -> str:
+    """A Lua value as JSON text by gopher-json's rules; raises ValueError if it cannot be encoded."""
+    enc = _JsonEncoder(holey_len)
+    try:
+        value = _raw(value).decode("utf-8", "replace") if isinstance(value, str) else enc.plain(value)
+    except RecursionError:
+        raise ValueError("cannot encode tables nested this deeply to JSON") from None
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    for marker, number in enc.floats.items():
+        text = text.replace(marker, number)
+    return _HTML_RE.sub(lambda m: _HTML_ESCAPES[m.group()], text)
+
+
+def _json_encode(holey_len, *args):
+    if not args:
+        raise ValueError("bad argument #1 to encode (value expected)")
+    try:
+        return lua_to_json(args[0], holey_len)
+    except ValueError as e:
+        return None, str(e)
+
+
+def _lua_text(s: str) -> bytes:
+    try:
+        return s.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates from \ud800 escapes or invalid input bytes
+        return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in s).encode("utf-8")
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"invalid character '{name[0]}' looking for beginning of value")
+
+
+class _JsonDecoder:
+    """Plain Python value (from json.loads) -> Lua value."""
+
+    def __init__(self, lua, holey):
+        self.table_from, self.holey = lua.table_from, holey
+
+    def lua(self, v):
+        t = type(v)
+        if t is str:
+            return _lua_text(v)
+        if t is dict:
+            return self.table_from({_lua_text(k): self.lua(x) for k, x in v.items() if x is not None})
+        if t is list:
+            table = self.table_from([self.lua(x) for x in v])
+            return self.holey(table, len(v)) if None in v else table
+        if t is int and not -(2**63) <= v < 2**63:
+            return float(v)
+        if t is float and v.is_integer() and abs(v) < 2**63:
+            return int(v)
+        return v
+
+
+def _json_decode(decoder, text=None, *_):
+    text = _check_str(text, 1, "decode")
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:
+        return None, str(e) if text.strip() else "unexpected end of JSON input"
+    return decoder.lua(value)
+
+
+@lua_module("json")
+def _json_module(ctx):
+    holey, holey_len = ctx.lua.execute(_JSON_HELPERS)
+    decoder = _JsonDecoder(ctx.lua, holey)
+    return {
+        "encode": functools.partial(_json_encode, holey_len),
+        "decode": functools.partial(_json_decode, decoder),
+    }
+
+
+###############################################################################
+# http ########################################################################
+###############################################################################
+
+_DURATION_RE = re.compile(r"([0-9]*\.?[0-9]*)(ns|us|µs|μs|ms|s|m|h)")
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_REDIRECTS = (301, 302, 303, 307, 308)
+_DEADLINE = "context deadline exceeded"
+
+
+class _HttpError(Exception):
+    """A request failure reported to the script as `nil, err`."""
+
+
+def go_duration(text: str) -> float:
+    """Seconds in a Go time.ParseDuration string ("1h30m", "1.5s", "300ms")."""
+    sign, rest = (-1, text[1:]) if text[:1] == "-" else (1, text.lstrip("+"))
+    if rest == "0":
+        return 0.0
+    total, pos = 0.0, 0
+    while pos < len(rest) or pos == 0:
+        m = _DURATION_RE.match(rest, pos)
+        if not m or m.group(1) in ("", "."):
+            raise _HttpError(f'time: invalid duration "{text}"')
+        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        pos = m.end()
+    return sign * total
+
+
+def _canonical(name: str) -> str:
+    return "-".join(p[:1].upper() + p[1:].lower() for p in name.split("-"))
+
+
+def _pairs(ctx, table) -> dict:
+    return {ctx.text(k): ctx.text(v) for k, v in table.items()} if _is_table(table) else {}
+
+
+def _time_limit(ctx, timeout) -> float:
+    """Seconds the request may take: the `timeout` option, never past the script's deadline."""
+    if isinstance(timeout, bytes):
+        timeout = go_duration(_utf8(timeout))
+    elif not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
+        return ctx.remaining()
+    return ctx.remaining(timeout) if timeout > 0 else 0.0
+
+
+def _prepare(ctx, method: str, url: str, options) -> tuple:
+    """The request's (method, url, headers, body, time limit) from the Lua options table."""
+    opt = options.__getitem__ if _is_table(options) else (lambda key: None)
+    headers = {"User-Agent": "Go-http-client/1.1"}
+    if isinstance(opt(b"query"), bytes):
+        url = urllib.parse.urlsplit(url)._replace(query=_utf8(opt(b"query"))).geturl()
+    body = opt(b"body")
+    if not isinstance(body, bytes):
+        body = opt(b"form") if isinstance(opt(b"form"), bytes) else None
+        if body is not None:
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+    cookies = _pairs(ctx, opt(b"cookies"))
+    if cookies:
+        headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in cookies.items())
+    auth = opt(b"auth")
+    if _is_table(auth):
+        user, password = auth[b"user"], auth[b"pass"]
+        if not _truthy(user) or not _truthy(password):
+            raise _HttpError("auth table must contain no nil user and pass fields")
+        token = base64.b64encode(_raw(f"{ctx.text(user)}:{ctx.text(password)}")).decode()
+        headers["Authorization"] = f"Basic {token}"
+    headers.update({_canonical(k): v for k, v in _pairs(ctx, opt(b"headers")).items()})
+    return method.upper(), url, headers, body, _time_limit(ctx, opt(b"timeout"))
+
+
+def _read_body(conn, resp, deadline: float) -> bytes:
+    chunks = []
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(_DEADLINE)
+        if conn.sock:
+            conn.sock.settimeout(left)
+        chunk = resp.read1(65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def _response(url: str, resp, body: bytes, gzipped: bool) -> dict:
+    headers, cookies = {}, {}
+    for name, value in resp.getheaders():
+        value = value.encode("latin-1", "replace").decode("utf-8", "surrogateescape")
+        headers.setdefault(_canonical(name), value)
+        if name.lower() == "set-cookie":
+            key, _, val = value.split(";", 1)[0].partition("=")
+            cookies[key.strip()] = val.strip().strip('"')
+    if gzipped and headers.get("Content-Encoding", "").lower() == "gzip":
+        body = gzip.decompress(body)
+        headers.pop("Content-Encoding")
+        headers.pop("Content-Length", None)
+    return {"body": body, "body_size": len(body), "status_code": resp.status,
+            "headers": headers, "cookies": cookies, "url": url}
+
+
+def _fetch(method: str, url: str, headers: dict, body, deadline: float) -> dict:
+    """Do one request (following up to 10 redirects) before `deadline`; raise _HttpError."""
+    verb = method[:1] + method[1:].lower()
+    gzipped = not any(k.lower() == "accept-encoding" for k in headers)
+    if gzipped:
+        headers = {**headers, "Accept-Encoding": "gzip"}
+    for _ in range(11):
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https"):
+            raise _HttpError(f'{verb} "{url}": unsupported protocol scheme "{parts.scheme}"')
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _HttpError(f'{verb} "{url}": {_DEADLINE}')
+        cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        conn = cls(parts.netloc.rpartition("@")[2], timeout=left)
+        try:
+            if parts.username is not None and "Authorization" not in headers:
+                creds = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+                headers = {**headers, "Authorization": "Basic " + base64.b64encode(_raw(creds)).decode()}
+            target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+            conn.request(method, target, body=body, headers={k: _raw(v) for k, v in headers.items()})
+            resp = conn.getresponse()
+            location = resp.getheader("Location")
+            if resp.status not in _REDIRECTS or not location:
+                return _response(url, resp, _read_body(conn, resp, deadline), gzipped)
+        except Exception as e:  # noqa: BLE001 - every failure is the script's `nil, err`
+            reason = _DEADLINE if isinstance(e, TimeoutError) else _reason(e)
+            raise _HttpError(f'{verb} "{url}": {reason}') from None
+        finally:
+            conn.close()
+        # Go's redirect rules: 301-303 turn into a bodiless GET; credentials stay with their host
+        dropped = {"Content-Type", "Content-Length"} if resp.status in (301, 302, 303) and method != "HEAD" else set()
+        method, body = ("GET", None) if dropped else (method, body)
+        url, old_host = urllib.parse.urljoin(url, location), parts.netloc
+        if urllib.parse.urlsplit(url).netloc != old_host:
+            dropped |= {"Authorization", "Cookie"}
+        headers = {k: v for k, v in headers.items() if k not in dropped}
+    raise _HttpError(f'{verb} "{url}": stopped after 10 redirects')
+
+
+def _in_thread(func, *args) -> Future:
+    """Run `func` on a daemon thread, so a hung DNS lookup cannot outlive the script's deadline."""
+    fut: Future = Future()
+
+    def run():
+        try:
+            fut.set_result(func(*args))
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting script
+            fut.set_exception(e)
+
+    threading.Thread(target=run, daemon=True, name="lua-http").start()
+    return fut
+
+
+def _nil_text(ctx, v) -> str:
+    return "nil" if v is None else ctx.text(v)
+
+
+def _start(ctx, method, url, options) -> tuple:
+    """Start one request; returns (future, verb+url for errors, deadline)."""
+    method, url, headers, body, timeout = _prepare(ctx, _nil_text(ctx, method), _nil_text(ctx, url), options)
+    deadline = time.monotonic() + timeout
+    what = f'{method[:1]}{method[1:].lower()} "{url}"'
+    return _in_thread(_fetch, method, url, headers, body, deadline), what, deadline
+
+
+def _finish(started) -> dict:
+    fut, what, deadline = started
+    try:
+        return fut.result(timeout=max(0.0, deadline - time.monotonic()) + 0.05)
+    except FutureTimeout:
+        raise _HttpError(f"{what}: {_DEADLINE}") from None
+
+
+def _http_request(ctx, method=None, url=None, options=None, *_):
+    method, url = _check_str(method, 1, "request"), _check_str(url, 2, "request")
+    try:
+        return _finish(_start(ctx, method, url, options))
+    except _HttpError as e:
+        return None, str(e)
+
+
+def _http_batch(ctx, requests=None, *_):
+    if not _is_table(requests):
+        raise TypeError(f"bad argument #1 to request_batch (table expected, got {_lua_kind(requests)})")
+    started, errors = [], []
+    for entry in requests.values():
+        try:
+            if not _is_table(entry):
+                raise _HttpError("Request must be a table")
+            started.append(_start(ctx, entry[1], entry[2], entry[3]))
+        except _HttpError as e:
+            errors.append(str(e))
+    responses = []
+    for item in started:
+        try:
+            responses.append(_finish(item))
+        except _HttpError as e:
+            errors.append(str(e))
+    return (responses, errors) if errors else responses
+
+
+@lua_module("http")
+def _http_module(ctx):
+    def verb(name):
+        return lambda url=None, options=None, *_: _http_request(ctx, name, _check_str(url, 1, name), options)
+
+    members = {name: verb(name) for name in ("get", "post", "put", "patch", "delete", "head")}
+    members["request"] = functools.partial(_http_request, ctx)
+    members["request_batch"] = functools.partial(_http_batch, ctx)
+    return members
+
+
+###############################################################################
+# re ##########################################################################
+###############################################################################
+
+_POSIX = {"alnum": "0-9A-Za-z", "alpha": "A-Za-z", "ascii": r"\x00-\x7f", "blank": r"\t ", "cntrl": r"\x00-\x1f\x7f",
+          "digit": "0-9", "graph": "!-~", "lower": "a-z", "print": " -~", "punct": r"!-/:-@\[-`{-~",
+          "space": r"\t\n\v\f\r ", "upper": "A-Z", "word": "0-9A-Za-z_", "xdigit": "0-9A-Fa-f"}
+_GO_SPACE = r"\t\n\f\r "
+_FLAGS_RE = re.compile(r"\(\?(?:P?<(\w+)>|([imsU]*)(?:-([imsU]*))?([:)]))")
+_HEX_RE = re.compile(r"\{([0-9A-Fa-f]{1,8})\}|[0-9A-Fa-f]{2}")
+_OCTAL_RE = re.compile(r"0[0-7]{0,2}|[1-7][0-7]{1,2}")
+_TEMPLATE_RE = re.compile(r"\{(\w+)\}|(\w+)")
+
+
+def _escape(pat: str, i: int, in_class: bool) -> tuple[str, int]:
+    """Translate the Go escape at pat[i] ('\\'); returns (python text, next index)."""
+    if i + 1 >= len(pat):
+        raise re.error("trailing backslash at end of expression")
+    c = pat[i + 1]
+    if c == "Q" and not in_class:
+        end = pat.find(r"\E", i + 2)
+        end = len(pat) if end < 0 else end
+        return re.escape(pat[i + 2:end]), end + 2
+    if c == "x":
+        m = _HEX_RE.match(pat, i + 2)
+        if not m:
+            raise re.error(f"invalid escape sequence: `{pat[i:i + 4]}`")
+        return re.escape(chr(int(m.group(1) or m.group(), 16))), m.end()
+    m = _OCTAL_RE.match(pat, i + 1)
+    if m:
+        return re.escape(chr(int(m.group(), 8))), m.end()
+    if c == "s":
+        return (_GO_SPACE if in_class else f"[{_GO_SPACE}]"), i + 2
+    if c == "S" and not in_class:
+        return f"[^{_GO_SPACE}]", i + 2
+    if c == "z" and not in_class:
+        return r"\Z", i + 2
+    if c in "afnrtvdDwWS" or (c in "AbB" and not in_class) or (c.isascii() and not c.isalnum()):
+        return "\\" + c, i + 2
+    raise re.error(f"invalid escape sequence: `\\{c}`" + (" (Unicode classes are not supported)" if c in "pP" else ""))
+
+
+def _char_class(pat: str, i: int) -> tuple[str, int]:
+    """Translate the Go character class starting at pat[i] ('[')."""
+    out, i = ["["], i + 1
+    if pat[i:i + 1] == "^":
+        out.append("^")
+        i += 1
+    if pat[i:i + 1] == "]":
+        out.append(r"\]")
+        i += 1
+    while i < len(pat) and pat[i] != "]":
+        c = pat[i]
+        if pat.startswith("[:", i):
+            end = pat.find(":]", i)
+            name = pat[i + 2:end] if end > 0 else ""
+            if name not in _POSIX:
+                raise re.error(f"invalid character class range: `{pat[i:end + 2]}`")
+            out.append(_POSIX[name])
+            i = end + 2
+        elif c == "\\":
+            text, i = _escape(pat, i, True)
+            out.append(text)
+        else:
+            out.append("\\" + c if c in "[&~|" else c)
+            i += 1
+    if i >= len(pat):
+        raise re.error("missing closing ]")
+    return "".join(out) + "]", i + 1
+
+
+def _translate(pat: str) -> str:
+    """Go RE2 syntax -> Python re syntax (flags scoped as in Go, `$` = end of text)."""
+    out, i = [], 0
+    frames = [(False, [])]  # (multiline, flag groups opened by (?flags) in this group)
+    while i < len(pat):
+        c = pat[i]
+        multiline, opened = frames[-1]
+        if c == "\\":
+            text, i = _escape(pat, i, False)
+            out.append(text)
+            continue
+        if c == "[":
+            text, i = _char_class(pat, i)
+            out.append(text)
+            continue
+        i += 1
+        if c == "(" and pat.startswith("?", i):
+            m = _FLAGS_RE.match(pat, i - 1)
+            if not m:
+                raise re.error(f"invalid or unsupported Perl syntax: `{pat[i - 1:i + 2]}`")
+            i = m.end()
+            if m.group(1):
+                out.append(f"(?P<{m.group(1)}>")
+                frames.append((multiline, []))
+                continue
+            on, off, kind = m.group(2), m.group(3) or "", m.group(4)
+            if "U" in on + off:
+                raise re.error("the U (ungreedy) flag is not supported")
+            group = f"(?{on}{'-' + off if off else ''}:" if on or off else "(?:"
+            multiline = ("m" in on) or (multiline and "m" not in off)
+            out.append(group)
+            if kind == ")":
+                opened.append(group)
+                frames[-1] = (multiline, opened)
+            else:
+                frames.append((multiline, []))
+        elif c == "(":
+            out.append("(")
+            frames.append((multiline, []))
+        elif c == ")":
+            if len(frames) == 1:
+                raise re.error("unexpected )")
+            out.append(")" * (len(opened) + 1))
+            frames.pop()
+        elif c == "+" and out and out[-1] in ("*", "+", "?"):
+            raise re.error(f"invalid nested repetition operator: `{out[-1]}+`")
+        elif c == "|":
+            out.append(")" * len(opened) + "|" + "".join(opened))
+        elif c == "$":
+            out.append("$" if multiline else r"\Z")
+        else:
+            out.append(c)
+    return "".join(out) + ")" * len(frames[0][1])
+
+
+@functools.lru_cache(maxsize=512)
+def go_regexp(pat: str) -> re.Pattern:
+    """Compile a Go RE2 pattern; raise ValueError (naming the pattern) if it is invalid."""
+    try:
+        return re.compile(_translate(pat), re.ASCII)
+    except (re.error, ValueError, OverflowError) as e:
+        raise ValueError(f"error parsing regexp: {e.msg if hasattr(e, 'msg') else e}: `{pat}`") from None
+
+
+def _go_matches(rx: re.Pattern, s: str, limit: int = -1):
+    """Successive matches with Go's FindAll rule: no empty match right after a match."""
+    pos, prev_end, count = 0, -1, 0
+    while pos <= len(s) and count != limit:
+        m = rx.search(s, pos)
+        if not m:
+            return
+        accept = True
+        if m.end() == pos:
+            accept = m.start() != prev_end
+            pos += 1
+        else:
+            pos = m.end()
+        prev_end = m.end()
+        if accept:
+            count += 1
+            yield m
+
+
+def _captures(m: re.Match) -> tuple:
+    """All groups ("" when a group did not take part), or the whole match without groups."""
+    if not m.re.groups:
+        return (m.group(),)
+    return tuple(g or "" for g in m.groups())
+
+
+def _byte_pos(s: str, i: int) -> int:
+    return i if s.isascii() else len(_raw(s[:i]))
+
+
+def _re_find(*args):
+    s, pat = (args + (None, None))[:2]
+    s, pat = _check_str(s, 1, "find"), _check_str(pat, 2, "find")
+    if not s and not pat:
+        return 1, 0
+    sb, init = _raw(s), _opt_int(args[2] if len(args) > 2 else None, 1, 3, "find")
+    init = max(init - 1 if init > 0 else (len(sb) + init if init < 0 else 0), 0)
+    if init > len(sb):
+        return None
+    if len(args) == 4 and _truthy(args[3]):
+        pos = sb.find(_raw(pat), init)
+        return None if pos < 0 else (pos + 1, pos + len(_raw(pat)))
+    rx, sub = go_regexp(pat), _utf8(sb[init:])
+    m = rx.search(sub)
+    if not m or (rx.groups and m.start(1) < 0):
+        return None
+    last = m.end(rx.groups) if rx.groups and m.end(rx.groups) >= 0 else m.end()
+    caps = _captures(m) if rx.groups else ()
+    return (init + _byte_pos(sub, m.start()) + 1, init + _byte_pos(sub, last), *caps)
+
+
+def _re_match(s=None, pat=None, init=None, *_):
+    s, pat = _check_str(s, 1, "match"), _check_str(pat, 2, "match")
+    sb, offset = _raw(s), _opt_int(init, 1, 3, "match")
+    offset = max((len(sb) + offset + 1 if offset < 0 else offset) - 1, 0)
+    if offset > len(sb):
+        return None
+    m = go_regexp(pat).search(_utf8(sb[offset:]))
+    return _captures(m) if m else None
+
+
+def _re_gmatch(s=None, pat=None, *_):
+    rx = go_regexp(_check_str(pat, 2, "gmatch"))
+    found = iter([_captures(m) for m in _go_matches(rx, _check_str(s, 1, "gmatch"))])
+    return lambda *_: next(found, None)
+
+
+@functools.lru_cache(maxsize=256)
+def _expand_template(repl: str) -> tuple:
+    """Go Regexp.Expand template -> literal str and ("group", int|str) items."""
+    parts, i = [], 0
+    while (j := repl.find("$", i)) >= 0:
+        parts.append(repl[i:j])
+        if repl.startswith("$$", j):
+            parts.append("$")
+            i = j + 2
+            continue
+        m = _TEMPLATE_RE.match(repl, j + 1)
+        if not m:
+            parts.append("$")
+            i = j + 1
+            continue
+        name = m.group(1) or m.group(2)
+        parts.append(("group", int(name) if name.isascii() and name.isdigit() else name))
+        i = m.end()
+    parts.append(repl[i:])
+    return tuple(parts)
+
+
+def _expand(template: list, m: re.Match) -> str:
+    out = []
+    for part in template:
+        if isinstance(part, str):
+            out.append(part)
+            continue
+        ref = part[1]
+        ok = ref <= m.re.groups if isinstance(ref, int) else ref in m.re.groupindex
+        out.append((m.group(ref) or "") if ok else "")
+    return "".join(out)
+
+
+def _first(values):
+    """The first of a Lua function's return values."""
+    return (values[0] if values else None) if isinstance(values, tuple) else values
+
+
+def _re_gsub(s=None, pat=None, repl=None, n=None, *_):
+    s, rx = _check_str(s, 1, "gsub"), go_regexp(_check_str(pat, 2, "gsub"))
+    matches = list(_go_matches(rx, s, _opt_int(n, -1, 4, "gsub")))
+    if isinstance(repl, str):
+        template = _expand_template(repl)
+        replace = functools.partial(_expand, template)
+    elif _is_table(repl):
+        replace = lambda m: _lua_string(repl[_raw((m.group(1) or "") if rx.groups else m.group())])  # noqa: E731
+    elif _lua_kind(repl) == "function":
+        replace = lambda m: _lua_string(_first(repl(*[_raw(c) for c in _captures(m)])))  # noqa: E731
+    else:
+        raise TypeError(f"bad argument #3 to gsub (string/table/function expected, got {_lua_kind(repl)})")
+    out, last = [], 0
+    for m in matches:
+        text = replace(m)
+        out.append(s[last:m.start()] + (m.group() if text is None else text))
+        last = m.end()
+    return "".join(out) + s[last:], len(matches)
+
+
+def _re_quote(s=None, *_):
+    return re.sub(r"([\\.+*?()|\[\]{}^$])", r"\\\1", _check_str(s, 1, "quote"))
+
+
+@lua_module("re")
+def _re_module(ctx):
+    return {"find": _re_find, "match": _re_match, "gmatch": _re_gmatch, "gsub": _re_gsub, "quote": _re_quote}
+
+
+###############################################################################
+# lfs #########################################################################
+###############################################################################
+
+_MODES = ((stat.S_ISREG, "file"), (stat.S_ISDIR, "directory"), (stat.S_ISLNK, "link"), (stat.S_ISSOCK, "socket"),
+          (stat.S_ISFIFO, "named pipe"), (stat.S_ISCHR, "char device"), (stat.S_ISBLK, "block device"))
+
+
+def _os_error(op: str, path: str, e: OSError) -> tuple:
+    """`nil, err` with Go's wording: "mkdir /x: file exists"."""
+    return None, f"{op} {path}: {_reason(e)}"
+
+
+def _stat_table(st: os.stat_result) -> dict:
+    mode = next((name for test, name in _MODES if test(st.st_mode)), "other")
+    return {"dev": st.st_dev, "ino": st.st_ino, "mode": mode, "nlink": st.st_nlink, "uid": st.st_uid,
+            "gid": st.st_gid, "rdev": st.st_rdev, "access": int(st.st_atime), "modification": int(st.st_mtime),
+            "change": int(st.st_ctime), "size": st.st_size, "blocks": st.st_blocks, "blksize": st.st_blksize}
+
+
+def _attributes(follow: bool, path=None, name=None, *_):
+    path = _check_str(path, 1, "attributes")
+    if name is not None:
+        name = _check_str(name, 2, "attributes")
+    try:
+        table = _stat_table(os.stat(path) if follow else os.lstat(path))
+    except OSError as e:
+        return _os_error("stat" if follow else "lstat", path, e)
+    if not follow and table["mode"] == "link":
+        try:
+            table["target"] = os.path.realpath(path, strict=True)
+        except OSError:
+            pass
+    return table if name is None else table.get(name)
+
+
+def _guard(op: str, func, *args):
+    """Run an os call: `true`, or `nil, err`."""
+    try:
+        func(*args)
+    except OSError as e:
+        return _os_error(op, args[0], e)
+    return True
+
+
+def _lfs_dir(path=None, *_):
+    path = _check_str(path, 1, "dir")
+    if not os.path.isdir(path):
+        os.stat(path)  # raises the open/stat error if there is one
+        raise NotADirectoryError("not a directory")
+    names = iter(os.listdir(path))
+    step = lambda *_: next(names, None)  # noqa: E731
+    return step, {"next": step, "close": lambda *_: None}
+
+
+def _lfs_rmdir(path=None, *_):
+    path = _check_str(path, 1, "rmdir")
+    try:
+        if not stat.S_ISDIR(os.stat(path).st_mode):
+            return None, "not a directory"
+    except OSError as e:
+        return _os_error("stat", path, e)
+    return _guard("rmdir", os.rmdir, path)
+
+
+def _lfs_touch(path=None, atime=None, mtime=None, *_):
+    now = time.time()
+    atime = now if atime is None else float(atime)
+    mtime = atime if mtime is None else float(mtime)
+    return _guard("chtimes", os.utime, _check_str(path, 1, "touch"), (atime, mtime))
+
+
+def _lfs_link(old=None, new=None, symlink=False, *_):
+    old, new = _check_str(old, 1, "link"), _check_str(new, 2, "link")
+    try:
+        (os.symlink if _truthy(symlink) else os.link)(old, new)
+    except OSError as e:
+        return None, f"{'symlink' if _truthy(symlink) else 'link'} {old} {new}: {_reason(e)}"
+    return True
+
+
+def _currentdir(*_):
+    try:
+        return os.getcwd()
+    except OSError as e:
+        return _os_error("getwd", ".", e)
+
+
+def _unimplemented(*_):
+    raise NotImplementedError("unimplemented function")
+
+
+@lua_module("lfs")
+def _lfs_module(ctx):
+    return {
+        "attributes": functools.partial(_attributes, True),
+        "symlinkattributes": functools.partial(_attributes, False),
+        "chdir": lambda path=None, *_: _guard("chdir", os.chdir, _check_str(path, 1, "chdir")),
+        "currentdir": _currentdir,
+        "dir": _lfs_dir,
+        "mkdir": lambda path=None, *_: _guard("mkdir", os.mkdir, _check_str(path, 1, "mkdir"), 0o755),
+        "rmdir": _lfs_rmdir,
+        "link": _lfs_link,
+        "touch": _lfs_touch,
+        **{name: _unimplemented for name in ("lock_dir", "lock", "unlock", "setmode")},
+    }
+
+
+###############################################################################
 # Stores ######################################################################
 ###############################################################################
 
@@ -817,7 +1687,650 @@ class LuaExecutor(Executor):
         return Result(payload=payload, http_code=int(status), headers=headers, is_html=True)
 
 
-EXECUTORS: dict[str, type[Executor]] = {"lua": LuaExecutor}
+###############################################################################
+# WASM and podman executors ###################################################
+###############################################################################
+
+###############################################################################
+# WASM and podman executors ###################################################
+###############################################################################
+
+
+
+
+RESULT_KEYS = frozenset({"http_code", "error", "http_headers", "is_html", "payload"})
+EPOCH_TICK = 0.01  # seconds per wasmtime epoch tick
+MAX_OUTPUT = 64 * 2**20  # stdout + stderr kept from one call
+MAX_ENV_PAYLOAD = 64 * 2**10  # larger payloads reach containers on stdin only
+
+
+def _need(module: str, package: str, feature: str):
+    """Import an optional dependency, naming the package when it is missing."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MsgscriptError(f"{feature} needs the Python package '{package}' (pip install {package})") from None
+
+
+def _env_text(value: str | bytes) -> str:
+    """A value usable as an environment variable (no NUL, valid UTF-8)."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    return value.replace("\0", "")
+
+
+def _call_env(call: Call, payload_limit: int | None = None) -> dict[str, str]:
+    """SUBJECT, PAYLOAD, METHOD and URL for a call."""
+    payload = call.payload if payload_limit is None or len(call.payload) <= payload_limit else b""
+    return {"SUBJECT": call.subject, "PAYLOAD": _env_text(payload), "METHOD": call.method, "URL": call.url}
+
+
+def _one_line(text: bytes | str, limit: int = 1000) -> str:
+    """Program output as a one-line error message."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    line = "; ".join(part.strip() for part in text.strip().splitlines() if part.strip())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def result_from_output(stdout: bytes, is_html: bool = False) -> Result:
+    """Stdout as a Result: a JSON result object is used as is, anything else is the payload."""
+    doc = None
+    if stdout.lstrip()[:1] == b"{":
+        try:
+            doc = json.loads(stdout)
+        except ValueError:
+            pass
+    if not (isinstance(doc, dict) and doc and RESULT_KEYS.issuperset(doc)):
+        return Result(payload=stdout, is_html=is_html)
+    try:
+        payload = base64.b64decode(doc.get("payload") or "", validate=True)
+    except (ValueError, TypeError):
+        return _failure("invalid result object: payload is not base64")
+    headers = doc.get("http_headers") or {}
+    if not isinstance(headers, dict):
+        return _failure("invalid result object: http_headers is not an object")
+    headers = {str(k): ", ".join(map(str, v)) if isinstance(v, list) else str(v) for k, v in headers.items()}
+    code = doc.get("http_code") or 200
+    if not isinstance(code, int) or not 100 <= code <= 999:
+        return _failure(f"invalid result object: bad http_code {code!r}")
+    error = _one_line(str(doc.get("error") or ""))
+    status = (code if code >= 400 else 500) if error else 200
+    return Result(payload=payload, http_code=code, headers=headers, is_html=bool(doc.get("is_html")),
+                  error=error, status=status)
+
+
+def _failure(message: str, stdout: bytes = b"") -> Result:
+    """A script failure (status 500) keeping what it printed."""
+    return Result(payload=stdout, http_code=500, error=message, status=500)
+
+
+class _EpochTicker:
+    """One thread advancing a wasmtime engine's epoch, so running calls see their deadline."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.stop = threading.Event()
+        self.thread = None
+        self.lock = threading.Lock()
+        self.registered = False
+
+    def ensure_running(self):
+        if self.thread is None:
+            with self.lock:
+                if self.thread is None:
+                    self.stop = threading.Event()
+                    self.thread = threading.Thread(target=self._tick, args=(self.stop,), name="wasm-epoch",
+                                                   daemon=True)
+                    self.thread.start()
+                    if not self.registered:
+                        # a ticker still calling into wasmtime while Python exits makes wasmtime abort
+                        atexit.register(self.close)
+                        self.registered = True
+
+    def _tick(self, stop: threading.Event):
+        while not stop.wait(EPOCH_TICK):
+            self.engine.increment_epoch()
+
+    def close(self):
+        with self.lock:
+            thread, self.thread = self.thread, None
+            self.stop.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(1.0)
+
+
+class WasmExecutor(Executor):
+    """WASI command modules run by wasmtime; compiled once per file version, one store per call."""
+
+    def __init__(self, services=None, memory: int = DEFAULT_MEMORY):
+        super().__init__(services, memory)
+        self._wasmtime = None
+        self._engine = None
+        self._ticker = None
+        self._cache: dict[str, tuple[tuple[int, int], object]] = {}
+        self._lock = threading.Lock()
+        self._compile_lock = threading.Lock()
+
+    def _setup(self):
+        if self._engine is None:
+            with self._lock:
+                if self._engine is None:
+                    wasmtime = _need("wasmtime", "wasmtime", "the wasm executor")
+                    config = wasmtime.Config()
+                    config.epoch_interruption = True
+                    self._wasmtime = wasmtime
+                    self._ticker = _EpochTicker(engine := wasmtime.Engine(config))
+                    self._engine = engine
+        self._ticker.ensure_running()
+        return self._wasmtime
+
+    def module_path(self, script: Script) -> str:
+        """The .wasm file a script names: absolute, or relative to the script's directory."""
+        name = script.content.strip()
+        if not name:
+            raise MsgscriptError(f"{script.name}: wasm script content must be the path of a .wasm file")
+        return os.path.join(script.base_dir, os.path.expanduser(name))
+
+    def instance_pre(self, path: str):
+        """The compiled, linked module for `path`; recompiled when the file changes."""
+        wasmtime = self._setup()
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise MsgscriptError(f"wasm module {path}: {e.strerror}") from None
+        version = (st.st_mtime_ns, st.st_size)
+        with self._lock:
+            cached = self._cache.get(path)
+        if cached and cached[0] == version:
+            return cached[1]
+        with self._compile_lock:
+            cached = self._cache.get(path)
+            if cached and cached[0] == version:
+                return cached[1]
+            try:
+                with open(path, "rb") as f:
+                    module = wasmtime.Module(self._engine, f.read())
+                linker = wasmtime.Linker(self._engine)
+                linker.define_wasi()
+                pre = linker.instantiate_pre(module)
+            except OSError as e:
+                raise MsgscriptError(f"wasm module {path}: {e.strerror}") from None
+            except (wasmtime.WasmtimeError, wasmtime.Trap) as e:
+                raise MsgscriptError(f"wasm module {path} does not compile: {_trap_text(e)}") from None
+            with self._lock:
+                self._cache[path] = (version, pre)
+            log.debug("compiled wasm module %s", path)
+            return pre
+
+    def run(self, script: Script, call: Call) -> Result:
+        """Run the script's module's `_start` once for `call`."""
+        pre = self.instance_pre(self.module_path(script))
+        wasmtime = self._wasmtime
+        memory_limit = script.memory or self.memory
+        output = _Capture(MAX_OUTPUT)
+        with _stdin_path(call.payload) as stdin:
+            store = self._store(script, call, output, stdin, memory_limit)
+            remaining = call.remaining()
+            if remaining <= 0:
+                raise ScriptTimeout("script timed out")
+            store.set_epoch_deadline(_ticks(remaining))
+            exit_code, trap, instance = 0, None, None
+            try:
+                instance = pre.instantiate(store)
+                instance.exports(store)["_start"](store)
+            except wasmtime.ExitTrap as e:
+                exit_code = e.code
+            except (wasmtime.Trap, wasmtime.WasmtimeError) as e:
+                if getattr(e, "trap_code", None) == wasmtime.TrapCode.INTERRUPT:
+                    raise ScriptTimeout("script timed out") from None
+                trap = _trap_text(e)
+            except KeyError:
+                raise MsgscriptError("wasm module has no _start export (build it as a WASI command)") from None
+        at_limit = lambda: self._at_limit(store, instance, memory_limit, trap)  # noqa: E731 - only on failure
+        return self._result(script, output, exit_code, trap, at_limit)
+
+    def _store(self, script: Script, call: Call, output: _Capture, stdin: str | None, memory_limit: int):
+        wasmtime = self._wasmtime
+        wasi = wasmtime.WasiConfig()
+        wasi.argv = [script.name]
+        wasi.env = list(_call_env(call).items())
+        wasi.stdout_custom = output.stdout
+        wasi.stderr_custom = output.stderr
+        if stdin:
+            wasi.stdin_file = stdin
+        store = wasmtime.Store(self._engine)
+        store.set_wasi(wasi)
+        store.set_limits(memory_size=memory_limit)
+        return store
+
+    def _at_limit(self, store, instance, memory_limit: int, trap: str | None) -> bool:
+        """Whether the module failed for lack of memory: too big to start, or its memory close to the limit.
+
+        Wasmtime's store limit makes `memory.grow` fail quietly (malloc returns NULL), so "close to the
+        limit" (within an eighth of it, at least 4 MiB) after a failure is the best evidence there is.
+        """
+        if instance is None:
+            return "exceeds memory limits" in (trap or "")
+        memory = instance.exports(store).get("memory")
+        size = memory.data_len(store) if isinstance(memory, self._wasmtime.Memory) else 0
+        return size + max(4 * 2**20, memory_limit // 8) > memory_limit
+
+    def _result(self, script: Script, output: _Capture, exit_code: int, trap: str | None, at_limit) -> Result:
+        """The call's Result; `at_limit()` tells whether a failure is down to the memory limit."""
+        stdout, stderr = output.out(), output.err()
+        problems = []
+        if output.overflow:
+            problems.append(f"output exceeded {MAX_OUTPUT // 2**20} MiB")
+        if trap:
+            problems.append(trap)
+        if exit_code:
+            problems.append(f"exit status {exit_code}")
+        if stderr.strip():
+            problems.append(_one_line(stderr))
+        if not problems:
+            return result_from_output(stdout, script.http)
+        if at_limit():
+            limit = script.memory or self.memory
+            problems.insert(0, f"exceeded memory limit ({limit / 2**20:g} MiB)")
+        return _failure(": ".join(problems), stdout)
+
+    def close(self):
+        """Stop the epoch ticker (running calls then only stop at their end)."""
+        if self._ticker:
+            self._ticker.close()
+
+
+def _ticks(seconds: float) -> int:
+    """Epoch ticks covering `seconds` (which may be infinite)."""
+    return 2**62 if math.isinf(seconds) else min(2**62, math.ceil(seconds / EPOCH_TICK) + 1)
+
+
+def _wait_time(call: Call, cap: float) -> float:
+    """Seconds a blocking podman step may take: what is left of the call, at most `cap`."""
+    return max(0.001, min(call.remaining(), cap))
+
+
+def _trap_text(exc: BaseException) -> str:
+    """`wasm trap: unreachable` rather than the whole backtrace."""
+    text = str(exc)
+    if "Caused by:" in text:
+        text = text.split("Caused by:", 1)[1]
+    return first_line(text.strip()).splitlines()[0].strip() if text.strip() else type(exc).__name__
+
+
+class _Capture:
+    """In-memory stdout/stderr for one WASI call, bounded in size."""
+
+    def __init__(self, limit: int):
+        self.limit, self.size, self.overflow = limit, 0, False
+        self._out, self._err = [], []
+
+    def _keep(self, parts: list, data: bytes):
+        self.size += len(data)
+        if self.size > self.limit:
+            self.overflow = True
+            return -5  # EIO: the guest's write fails instead of filling our memory
+        parts.append(data)
+        return len(data)
+
+    def stdout(self, data: bytes):
+        return self._keep(self._out, data)
+
+    def stderr(self, data: bytes):
+        return self._keep(self._err, data)
+
+    def out(self) -> bytes:
+        return b"".join(self._out)
+
+    def err(self) -> bytes:
+        return b"".join(self._err)
+
+
+class _stdin_path:
+    """A readable path holding the payload (memfd when available), or None for no payload."""
+
+    def __init__(self, payload: bytes):
+        self.payload, self.fd, self.tmp = payload, None, None
+
+    def __enter__(self) -> str | None:
+        if not self.payload:
+            return None
+        if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
+            self.fd = os.memfd_create("msgscript-stdin", os.MFD_CLOEXEC)
+            view = memoryview(self.payload)
+            while view:
+                view = view[os.write(self.fd, view):]
+            return f"/proc/self/fd/{self.fd}"
+        self.tmp = tempfile.NamedTemporaryFile(prefix="msgscript-stdin-")
+        self.tmp.write(self.payload)
+        self.tmp.flush()
+        return self.tmp.name
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)
+        if self.tmp is not None:
+            self.tmp.close()
+
+
+# Podman ----------------------------------------------------------------------
+
+
+def podman_socket_url(environ=None, exists=os.path.exists) -> str:
+    """The podman API socket: CONTAINER_HOST, else the user's socket, else the system one."""
+    environ = os.environ if environ is None else environ
+    if environ.get("CONTAINER_HOST"):
+        return environ["CONTAINER_HOST"]
+    runtime_dir = environ.get("XDG_RUNTIME_DIR")
+    if runtime_dir and exists(os.path.join(runtime_dir, "podman", "podman.sock")):
+        return "unix://" + os.path.join(runtime_dir, "podman", "podman.sock")
+    return "unix:///run/podman/podman.sock"
+
+
+def _connect(url: str, timeout: float) -> socket.socket:
+    """A connected stream socket to a unix:// or tcp:// API URL."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme in ("unix", "http+unix"):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        address = parts.path or parts.netloc
+    elif parts.scheme in ("tcp", "http"):
+        sock = socket.socket(socket.AF_INET6 if ":" in (parts.hostname or "") else socket.AF_INET)
+        address = (parts.hostname, parts.port or 80)
+    else:
+        raise MsgscriptError(f"podman socket {url}: only unix:// and tcp:// URLs are supported")
+    sock.settimeout(timeout)
+    try:
+        sock.connect(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _mount_spec(mount, base_dir: str) -> tuple[str, dict]:
+    """A libpod mount ('mounts') or named volume ('volumes') from a string or object."""
+    if isinstance(mount, str):
+        src, sep, rest = mount.partition(":")
+        dst, _, opts = rest.partition(":")
+        if not (sep and src and dst):
+            raise MsgscriptError(f"podman mount {mount!r}: expected 'source:destination[:options]'")
+        options = [o for o in opts.split(",") if o]
+        kind = "bind" if src.startswith(("/", ".", "~")) else "volume"
+    elif isinstance(mount, dict):
+        src = mount.get("source") or mount.get("src") or ""
+        dst = mount.get("destination") or mount.get("target") or mount.get("dst") or ""
+        options = mount.get("options") or []
+        options = [o for o in options.split(",") if o] if isinstance(options, str) else list(options)
+        kind = mount.get("type") or "bind"
+        if not dst:
+            raise MsgscriptError(f"podman mount {mount!r}: missing destination")
+    else:
+        raise MsgscriptError(f"podman mount {mount!r}: expected a string or an object")
+    if kind == "volume":
+        return "volumes", {"Name": src, "Dest": dst, "Options": options}
+    if kind == "bind":
+        src = os.path.normpath(os.path.join(base_dir, os.path.expanduser(src)))
+    return "mounts", {"type": kind, "source": src, "destination": dst, "options": options}
+
+
+def container_spec(script: Script, call: Call) -> dict:
+    """The libpod create spec for a podman script's JSON content."""
+    try:
+        doc = json.loads(script.content)
+    except ValueError as e:
+        raise MsgscriptError(f"{script.name}: podman script content is not valid JSON ({e})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("image"), str) or not doc["image"]:
+        raise MsgscriptError(f"{script.name}: podman script JSON needs an \"image\"")
+    command = doc.get("command") or []
+    if isinstance(command, str) or not all(isinstance(c, str) for c in command):
+        raise MsgscriptError(f"{script.name}: podman \"command\" must be a list of strings")
+    spec = {
+        "image": doc["image"],
+        "env": _call_env(call, MAX_ENV_PAYLOAD),
+        "stdin": True,
+        "terminal": False,
+        "privileged": bool(doc.get("privileged")),
+        "mounts": [],
+        "volumes": [],
+    }
+    if command:
+        spec["command"] = command
+    if doc.get("user"):
+        spec["user"] = str(doc["user"])
+    if doc.get("groups"):
+        spec["groups"] = [str(g) for g in doc["groups"]]
+    for mount in doc.get("mounts") or []:
+        key, value = _mount_spec(mount, script.base_dir)
+        spec[key].append(value)
+    return spec
+
+
+class _Attach:
+    """A hijacked attach connection: payload in, demultiplexed stdout/stderr out."""
+
+    def __init__(self, url: str, prefix: str, container_id: str, timeout: float):
+        self.sock = _connect(url, timeout)
+        path = f"{prefix.rstrip('/')}/containers/{container_id}/attach?stdin=true&stdout=true&stderr=true&stream=true"
+        self.sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: podman\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n"
+            "Content-Length: 0\r\n\r\n".encode()
+        )
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise MsgscriptError("podman closed the attach connection")
+            head += chunk
+        head, self.buffer = head.split(b"\r\n\r\n", 1)
+        status = head.split(b"\r\n", 1)[0].decode("latin-1")
+        if status.split(" ")[1:2] not in (["101"], ["200"]):
+            raise MsgscriptError(f"podman attach failed: {status}")
+        self.streams = {1: [], 2: []}
+        self.size = 0
+
+    def exchange(self, payload: bytes, deadline: float) -> bool:
+        """Send the payload then EOF, collect output until the container closes; False at the deadline."""
+        sel = selectors.DefaultSelector()
+        self.sock.setblocking(False)
+        sel.register(self.sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
+        pending, writing = memoryview(payload), True
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                for _, events in sel.select(min(left, 1.0)):
+                    if events & selectors.EVENT_WRITE and writing:
+                        pending, writing = self._send(pending)
+                        if not writing:
+                            sel.modify(self.sock, selectors.EVENT_READ)
+                    if events & selectors.EVENT_READ:
+                        chunk = self.sock.recv(65536)
+                        if not chunk:
+                            return True
+                        self.buffer += chunk
+                        self._demux()
+        finally:
+            sel.close()
+
+    def _send(self, pending: memoryview) -> tuple[memoryview, bool]:
+        try:
+            sent = self.sock.send(pending[:65536]) if pending else 0
+        except BlockingIOError:
+            return pending, True
+        except OSError:  # the container exited without reading its stdin
+            return memoryview(b""), False
+        pending = pending[sent:]
+        if not pending:
+            try:
+                self.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            return pending, False
+        return pending, True
+
+    def _demux(self):
+        while len(self.buffer) >= 8:
+            kind, size = struct.unpack(">BxxxL", self.buffer[:8])
+            if len(self.buffer) < 8 + size:
+                return
+            if self.size + size > MAX_OUTPUT:
+                raise MsgscriptError(f"container output exceeded {MAX_OUTPUT // 2**20} MiB")
+            self.size += size
+            self.streams.get(kind, self.streams[1]).append(self.buffer[8 : 8 + size])
+            self.buffer = self.buffer[8 + size :]
+
+    def output(self) -> tuple[bytes, bytes]:
+        return b"".join(self.streams[1]), b"".join(self.streams[2])
+
+    def close(self):
+        self.sock.close()
+
+
+class PodmanExecutor(Executor):
+    """Podman containers as functions, through the podman API socket."""
+
+    def __init__(self, services=None, memory: int = DEFAULT_MEMORY, url: str | None = None, environ=None):
+        super().__init__(services, memory)
+        self.url = url or podman_socket_url(environ)
+        self.unavailable = self._probe()
+        if self.unavailable:
+            log.warning("%s; podman scripts will fail", self.unavailable)
+        self._local = threading.local()
+        self._running: set[str] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _probe(self) -> str:
+        """Empty when the API answers, else why podman is unavailable."""
+        try:
+            sock = _connect(self.url, 2.0)
+            sock.close()
+        except MsgscriptError as e:
+            return f"podman is unavailable: {e}"
+        except OSError as e:
+            return f"podman is unavailable: no API socket at {self.url} ({e.strerror or e})"
+        return ""
+
+    def _client(self):
+        """A podman client for this thread (requests sessions are not shared across threads)."""
+        if self.unavailable:
+            self.unavailable = self._probe()  # podman may have been started since
+            if self.unavailable:
+                raise MsgscriptError(self.unavailable)
+        client = getattr(self._local, "client", None)
+        if client is None:
+            podman = _need("podman", "podman", "the podman executor")
+            client = self._local.client = podman.PodmanClient(base_url=self.url)
+        return client
+
+    def run(self, script: Script, call: Call) -> Result:
+        """Run the script's container once for `call`."""
+        if self._closed:
+            raise MsgscriptError("server is shutting down")
+        spec = container_spec(script, call)
+        client = self._client()
+        errors = _need("podman.errors", "podman", "the podman executor")
+        try:
+            self._ensure_image(client, spec["image"], call)
+            return self._run_container(client, spec, call)
+        except errors.APIError as e:
+            raise MsgscriptError("server is shutting down" if self._closed else f"podman: {_api_text(e)}") from None
+        except (OSError, errors.PodmanError) as e:
+            raise MsgscriptError(f"podman: {first_line(str(e)) or type(e).__name__}") from None
+
+    def _ensure_image(self, client, image: str, call: Call):
+        """Pull `image` unless it is present, within the call's time."""
+        if client.images.exists(image):
+            return
+        log.info("podman: pulling image %s", image)
+        try:
+            response = client.api.post("/images/pull", params={"reference": image, "quiet": True},
+                                       timeout=_wait_time(call, 3600))
+        except OSError:
+            if call.remaining() <= 0:
+                raise ScriptTimeout(f"script timed out pulling image {image}") from None
+            raise
+        lines = [line for line in response.text.splitlines() if line.strip()]
+        last = json.loads(lines[-1]) if lines else {}
+        if not response.ok or last.get("error"):
+            reason = last.get("error") or last.get("message") or f"HTTP {response.status_code}"
+            raise MsgscriptError(f"podman: cannot pull image {image}: {first_line(reason)}")
+
+    def _run_container(self, client, spec: dict, call: Call) -> Result:
+        response = client.api.post("/containers/create", data=json.dumps(spec),
+                                   headers={"content-type": "application/json"})
+        response.raise_for_status()
+        container_id = response.json()["Id"]
+        with self._lock:
+            self._running.add(container_id)
+        exited = False
+        try:
+            if self._closed:  # close() ran while the container was being created
+                raise MsgscriptError("server is shutting down")
+            attach = _Attach(self.url, client.api.path_prefix, container_id, _wait_time(call, 30))
+            try:
+                client.api.post(f"/containers/{container_id}/start").raise_for_status()
+                if not attach.exchange(call.payload, call.deadline):
+                    raise ScriptTimeout("script timed out (container killed)")
+                stdout, stderr = attach.output()
+            finally:
+                attach.close()
+            code = self._exit_code(client, container_id, call)
+            exited = True
+        finally:
+            self._remove(client, container_id, kill=not exited)
+        return self._result(stdout, stderr, code)
+
+    def _exit_code(self, client, container_id: str, call: Call) -> int:
+        response = client.api.post(f"/containers/{container_id}/wait", timeout=max(1.0, _wait_time(call, 3600)))
+        response.raise_for_status()
+        return int(response.json())
+
+    def _remove(self, client, container_id: str, kill: bool = True):
+        """Kill and remove a container, ignoring that it may already be gone."""
+        try:
+            if kill:  # SIGKILL first: a forced remove sends SIGTERM and waits 10 s for a PID 1 ignoring it
+                client.api.post(f"/containers/{container_id}/kill", params={"signal": "SIGKILL"}, timeout=30)
+            response = client.api.delete(f"/containers/{container_id}", params={"force": True, "v": True, "timeout": 0},
+                                         timeout=30)
+            if not response.ok and response.status_code != 404:
+                log.warning("podman: could not remove container %s: %s", container_id[:12], response.text.strip())
+        except Exception as e:  # noqa: BLE001 - cleanup must not mask the call's own result
+            log.warning("podman: could not remove container %s: %s", container_id[:12], first_line(str(e)))
+        with self._lock:
+            self._running.discard(container_id)
+
+    def _result(self, stdout: bytes, stderr: bytes, code: int) -> Result:
+        if self._closed:
+            return _failure("server is shutting down", stdout)
+        problems = [f"exit status {code}"] if code else []
+        if stderr.strip():
+            problems.append(_one_line(stderr))
+        return _failure(": ".join(problems), stdout) if problems else Result(payload=stdout)
+
+    def close(self):
+        """Kill and remove the containers still running (server shutdown)."""
+        self._closed = True  # before taking the list: a container created later removes itself
+        with self._lock:
+            running = list(self._running)
+        if running and not self.unavailable:
+            client = _need("podman", "podman", "the podman executor").PodmanClient(base_url=self.url)
+            for container_id in running:
+                self._remove(client, container_id)
+            client.close()
+
+
+def _api_text(exc) -> str:
+    """The podman service's own error message."""
+    explanation = getattr(exc, "explanation", None) or str(exc)
+    return first_line(str(explanation)).splitlines()[0] if explanation else type(exc).__name__
+
+
+EXECUTORS: dict[str, type[Executor]] = {"lua": LuaExecutor, "wasm": WasmExecutor, "podman": PodmanExecutor}
 
 
 ###############################################################################
@@ -1194,6 +2707,34 @@ def envelope_reply(scripts: list[Script], results: list[Result]) -> bytes:
         "is_html": any(s.http for s in scripts),
         "error": errors[0] if errors and len(errors) == len(results) else "",
     }).encode()
+
+
+@lua_module("nats")
+def _nats_module(ctx: LuaContext) -> dict:
+    """nats.publish(subject, payload) -> true, nil | false, err; nats.request(subject, payload [, timeout_s])."""
+
+    def bridge():
+        if ctx.services.nats is None:
+            raise ConnectionError("Not connected to NATS")
+        return ctx.services.nats
+
+    def publish(subject, payload=""):
+        try:
+            bridge().publish(str(subject), as_bytes(payload), ctx.remaining(5))
+            return True, None
+        except Exception as e:  # noqa: BLE001 - Lua gets false, err
+            return False, first_line(str(e)) or type(e).__name__
+
+    def request(subject, payload="", timeout=None):
+        try:
+            msg = bridge().request(str(subject), as_bytes(payload), ctx.remaining(float(timeout or 5)))
+        except Exception as e:  # noqa: BLE001 - Lua gets nil, err
+            return None, first_line(str(e)) or type(e).__name__
+        if msg.headers and "Nats-Service-Error" in msg.headers:
+            return None, f"{msg.headers['Nats-Service-Error']} ({msg.headers.get('Nats-Service-Error-Code', '500')})"
+        return msg.data, None
+
+    return {"publish": publish, "request": request}
 
 
 class NatsBridge:

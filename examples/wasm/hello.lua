@@ -1,0 +1,4 @@
+--* subject: funcs.wasmhello
+--* name: wasmhello
+--* executor: wasm
+hello.wasm

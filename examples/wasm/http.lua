@@ -1,0 +1,5 @@
+--* subject: funcs.wasmhttp
+--* name: wasmhttp
+--* executor: wasm
+--* http: true
+http.wasm

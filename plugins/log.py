@@ -1,0 +1,353 @@
+"""`log` and `loglevel`: Go-style loggers as gopher-lua-libs v0.5.0 exposes them."""
+
+import datetime
+import decimal
+import json
+import math
+import os
+import re
+import sys
+import threading
+
+_LUA = r"""
+local M, py = ...
+local state = setmetatable({}, {__mode = "k"})
+local getinfo = debug.getinfo
+
+local function check(self)
+  local st = state[self]
+  if st == nil then error("logger_ud expected", 3) end
+  return st
+end
+
+-- "chunk:line:" of the script line that called the logger method (gopher-lua's L.Where(1))
+local function where()
+  local info = getinfo(3, "Sl")
+  if info and info.currentline and info.currentline > 0 then
+    return info.short_src .. ":" .. info.currentline .. ":"
+  end
+  return ""
+end
+
+local Logger = {__name = "logger_ud", __index = {
+  print = function(self, ...) py.print(check(self), where(), ...) end,
+  println = function(self, ...) py.println(check(self), where(), ...) end,
+  printf = function(self, fmt, ...) py.printf(check(self), where(), fmt, ...) end,
+  set_prefix = function(self, prefix) py.set_prefix(check(self), prefix) end,
+  set_flags = function(self, flags) py.set_flags(check(self), flags) end,
+  set_output = function(self, output) return py.set_output(check(self), output) end,
+  close = function(self) return py.close(check(self)) end,
+}}
+M.Logger = Logger
+
+function M.new(...)
+  local st = py.new_logger(...)
+  local logger = setmetatable({}, Logger)
+  state[logger] = st
+  return logger
+end
+return M
+"""
+
+# loglevel: one logger per level, those below the current level write to /dev/null.
+_LOGLEVEL_LUA = r"""
+local log = require("log")
+local loglevel = setmetatable({
+  levels = {DEBUG = 0, INFO = 1, WARN = 2, ERROR = 3},
+  defaultOutput = "STDERR",
+  _level = "INFO",
+}, {__index = log})
+
+local function level_name(level)
+  local name = type(level) == "string" and level:upper() or nil
+  if name == nil or loglevel.levels[name] == nil then error("illegal level " .. tostring(level), 3) end
+  return name
+end
+
+local function output_for(level)
+  if loglevel.levels[level] >= loglevel.levels[loglevel._level] then return loglevel.defaultOutput end
+  return "/dev/null"
+end
+
+local function apply()
+  for level in pairs(loglevel.levels) do loglevel[level]:set_output(output_for(level)) end
+end
+
+for level in pairs(loglevel.levels) do
+  loglevel[level] = log.new(output_for(level), "[" .. level .. "] ", {date = true})
+end
+
+function loglevel.get_level() return loglevel._level end
+function loglevel.set_level(level)
+  loglevel._level = level_name(level)
+  apply()
+end
+function loglevel.default_output() return loglevel.defaultOutput end
+function loglevel.set_default_output(output)
+  loglevel.defaultOutput = output
+  apply()
+end
+return loglevel
+"""
+
+_FLAGS = ("date", "time", "microseconds", "utc", "longfile")
+_VERB = re.compile(r"%([-+# 0]*)(\d+|\*)?(?:\.(\d*|\*))?(.)", re.S)
+
+
+###############################################################################
+# Go's fmt over Lua values ####################################################
+###############################################################################
+
+def go_float(value):
+    """Go's %v for a float64: shortest digits, exponent form below 1e-4 or from 1e6 up (as Go's %g)."""
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if value == 0:
+        return "0" if math.copysign(1, value) > 0 else "-0"
+    sign, digits, exp = decimal.Decimal(repr(value)).normalize().as_tuple()
+    digits = "".join(map(str, digits))
+    point = len(digits) + exp - 1
+    prefix = "-" if sign else ""
+    if point < -4 or point >= 6:
+        mantissa = digits[0] + ("." + digits[1:] if len(digits) > 1 else "")
+        return f"{prefix}{mantissa}e{'-' if point < 0 else '+'}{abs(point):02d}"
+    return prefix + format(decimal.Decimal(repr(abs(value))).normalize(), "f")
+
+
+def go_number(value):
+    """A Lua number as gopher-lua prints it: whole numbers without a fraction."""
+    if isinstance(value, int):
+        return str(value)
+    if value.is_integer() and -(2**63) <= value < 2**63:
+        return str(int(value))
+    return go_float(value)
+
+
+class GoFormatter:
+    """Go's fmt.Sprint / Sprintln / Sprintf over Lua values (as lupa hands them to Python)."""
+
+    def __init__(self, tostring):
+        self.tostring = tostring  # Lua's tostring, for tables, functions...
+
+    def text(self, value):
+        if isinstance(value, str):
+            return value
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if value is None:
+            return "nil"
+        if isinstance(value, (int, float)):
+            return go_number(value)
+        out = self.tostring(value)
+        return out.decode("utf-8", "surrogateescape") if isinstance(out, bytes) else str(out)
+
+    def sprint(self, args):
+        """Go's Sprint: a space between operands when neither is a string."""
+        out = []
+        for i, arg in enumerate(args):
+            if i and not isinstance(arg, str) and not isinstance(args[i - 1], str):
+                out.append(" ")
+            out.append(self.text(arg))
+        return "".join(out)
+
+    def sprintln(self, args):
+        return " ".join(self.text(a) for a in args) + "\n"
+
+    def sprintf(self, fmt, args):
+        out, pos, used = [], 0, 0
+        for m in _VERB.finditer(fmt):
+            out.append(fmt[pos:m.start()])
+            pos = m.end()
+            flags, width, prec, verb = m.groups()
+            if verb == "%":
+                out.append("%")
+                continue
+            if width == "*" or prec == "*":
+                star = args[used] if used < len(args) else 0
+                used += 1
+                width, prec = (str(int(star)), prec) if width == "*" else (width, str(int(star)))
+            if used >= len(args):
+                out.append(f"%!{verb}(MISSING)")
+                continue
+            out.append(self.verb(flags, width or "", prec, verb, args[used]))
+            used += 1
+        out.append(fmt[pos:])
+        if used < len(args):
+            extra = ", ".join(f"{self.go_type(a)}={self.text(a)}" for a in args[used:])
+            out.append(f"%!(EXTRA {extra})")
+        return "".join(out)
+
+    @staticmethod
+    def go_type(value):
+        if isinstance(value, str):
+            return "lua.LString"
+        if isinstance(value, bool):
+            return "lua.LBool"
+        if isinstance(value, (int, float)):
+            return "lua.LNumber"
+        return "*lua.LNilType" if value is None else "*lua.LTable"
+
+    def verb(self, flags, width, prec, verb, arg):
+        spec = "%" + flags + width + ("." + prec if prec is not None else "")
+        number = isinstance(arg, (int, float)) and not isinstance(arg, bool)
+        if verb in "vs":
+            return (spec + "s") % self.text(arg)
+        if verb == "q" and isinstance(arg, str):
+            return (spec + "s") % json.dumps(arg, ensure_ascii=False)
+        if verb == "t" and isinstance(arg, bool):
+            return (spec + "s") % self.text(arg)
+        if verb in "xX" and isinstance(arg, str):
+            return (spec + "s") % arg.encode("utf-8", "surrogateescape").hex()
+        if number and verb in "dioxXc":
+            return (spec + ("d" if verb == "i" else verb)) % int(arg)
+        if number and verb == "b":
+            return (spec.replace("#", "") + "s") % format(int(arg), "b")
+        if number and verb in "eEfFgG":
+            if verb in "gG" and prec is None:
+                shortest = go_float(float(arg))
+                return (spec + "s") % (shortest.upper() if verb == "G" else shortest)
+            return (spec + verb) % float(arg)
+        return f"%!{verb}({self.go_type(arg)}={self.text(arg)})"
+
+
+###############################################################################
+# Loggers #####################################################################
+###############################################################################
+
+class Logger:
+    """A Go log.Logger: prefix, flags, and an output (stdout, stderr or an appended file)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.prefix = ""
+        self.flags = dict.fromkeys(_FLAGS, False)
+        self.target, self.file = "STDOUT", None
+
+    def set_output(self, output):
+        """Switch output; returns an error text when the file cannot be opened (stdout is used then)."""
+        with self.lock:
+            self._close()
+            self.target = "STDERR" if output == "STDERR" else "STDOUT"
+            if output in ("-", "STDOUT", "STDERR"):
+                return None
+            try:
+                fd = os.open(output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            except OSError as e:
+                return f"open {output}: {(e.strerror or str(e)).lower()}"
+            self.file, self.target = os.fdopen(fd, "ab"), "FILE"
+            return None
+
+    def _close(self):
+        file, self.file, self.target = self.file, None, "CLOSED"
+        if file is not None:
+            file.close()
+
+    def close(self):
+        """Close a file output; later lines are dropped, as with Go's closed file."""
+        with self.lock:
+            try:
+                self._close()
+            except OSError as e:
+                return str(e)
+        return None
+
+    def header(self):
+        flags = self.flags
+        out = self.prefix
+        if flags["date"] or flags["time"] or flags["microseconds"]:
+            now = datetime.datetime.now(datetime.UTC if flags["utc"] else None)
+            if flags["date"]:
+                out += now.strftime("%Y/%m/%d ")
+            if flags["time"] or flags["microseconds"]:
+                out += now.strftime("%H:%M:%S.%f " if flags["microseconds"] else "%H:%M:%S ")
+        return out
+
+    def output(self, message):
+        line = self.header() + message
+        if not line.endswith("\n"):
+            line += "\n"
+        data = line.encode("utf-8", "surrogateescape")
+        with self.lock:
+            if self.target == "FILE":
+                self.file.write(data)
+                self.file.flush()
+            elif self.target != "CLOSED":
+                _write_stream(sys.stderr if self.target == "STDERR" else sys.stdout, data)
+
+
+def _write_stream(stream, data):
+    buffer = getattr(stream, "buffer", None)
+    if buffer is not None:
+        stream.flush()
+        buffer.write(data)
+        buffer.flush()
+    else:
+        stream.write(data.decode("utf-8", "replace"))
+        stream.flush()
+
+
+def _string_arg(value, name):
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return go_number(value)
+    raise TypeError(f"bad argument {name} (string expected, got {type(value).__name__})")
+
+
+def _load_log(ctx):
+    fmt = GoFormatter(ctx.lua.execute("return tostring"))
+
+    def set_flags(logger, table):
+        if type(table).__name__ != "_LuaTable":
+            raise TypeError("bad argument #1 to set_flags (table expected)")
+        config = ctx.to_python(table)
+        config = config if isinstance(config, dict) else {}
+        flags = {}
+        for name in _FLAGS:
+            value = config.get(name, False)
+            if not isinstance(value, bool):
+                raise TypeError(f"bad argument #1 to set_flags ({name} must be a boolean)")
+            flags[name] = value
+        logger.flags = flags
+
+    def new_logger(*args):
+        logger = Logger()
+        if len(args) > 0:
+            logger.set_output(_string_arg(args[0], "#1 to new"))
+        if len(args) > 1:
+            logger.prefix = _string_arg(args[1], "#2 to new")
+        if len(args) > 2:
+            set_flags(logger, args[2])
+        return logger
+
+    def location(logger, where, sep):
+        return [where + sep] if logger.flags["longfile"] and where else []
+
+    def print_(logger, where, *args):
+        logger.output(fmt.sprint(location(logger, where, " ") + list(args)))
+
+    def println(logger, where, *args):
+        logger.output(fmt.sprintln(location(logger, where, "") + list(args)))
+
+    def printf(logger, where, form, *args):
+        form = _string_arg(form, "#1 to printf")
+        prefix = "".join(location(logger, where, " ")).replace("%", "%%")
+        logger.output(fmt.sprintf(prefix + form, list(args)))
+
+    def set_prefix(logger, prefix):
+        logger.prefix = _string_arg(prefix, "#1 to set_prefix")
+
+    py = ctx.module({
+        "new_logger": new_logger, "print": print_, "println": println, "printf": printf,
+        "set_prefix": set_prefix, "set_flags": set_flags,
+        "set_output": lambda logger, output: logger.set_output(_string_arg(output, "#1 to set_output")),
+        "close": lambda logger: logger.close(),
+    })
+    return ctx.lua.execute(_LUA, ctx.lua.table(), py)
+
+
+def lua_modules():
+    """Modules this plugin provides: `log`, and `loglevel` built on it."""
+    return {"log": _load_log, "loglevel": lambda ctx: _LOGLEVEL_LUA}

@@ -1,0 +1,210 @@
+"""The `scrape` Lua module (gluahttpscrape API) on the standard library's html.parser.
+
+Every function returns `result, nil`. Results are plain Lua lists, so `#res`, `res[i]` and
+`ipairs` work (the original's userdata only had `res()` iteration; `res[i]` out of range now
+gives nil instead of raising). Matching does not descend into a node that matched, as in
+yhat/scrape. Tags are compared by lower-cased name, so unlike Go an unknown tag name never
+matches text nodes.
+"""
+
+from __future__ import annotations
+
+from html.parser import HTMLParser
+
+VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param", "source", "track",
+        "wbr", "keygen", "command", "basefont", "bgsound", "frame"}
+HEAD_ONLY = {"title", "meta", "link", "style", "script", "base", "noscript", "template"}
+# Starting one of these closes an open element of the listed names, stopping at the given boundaries.
+IMPLIED_END = {
+    "li": ({"li"}, {"ul", "ol"}),
+    "dt": ({"dt", "dd"}, {"dl"}),
+    "dd": ({"dt", "dd"}, {"dl"}),
+    "tr": ({"tr", "td", "th"}, {"table", "thead", "tbody", "tfoot"}),
+    "td": ({"td", "th"}, {"tr", "table"}),
+    "th": ({"td", "th"}, {"tr", "table"}),
+    "thead": ({"thead", "tbody", "tfoot", "tr", "td", "th"}, {"table"}),
+    "tbody": ({"thead", "tbody", "tfoot", "tr", "td", "th"}, {"table"}),
+    "tfoot": ({"thead", "tbody", "tfoot", "tr", "td", "th"}, {"table"}),
+    "option": ({"option"}, {"select", "datalist"}),
+    "optgroup": ({"option", "optgroup"}, {"select"}),
+}
+CLOSES_P = {"address", "article", "aside", "blockquote", "details", "div", "dl", "fieldset", "figcaption", "figure",
+            "footer", "form", "h1", "h2", "h3", "h4", "h5", "h6", "header", "hr", "main", "menu", "nav", "ol", "p",
+            "pre", "section", "table", "ul"}
+
+
+class Node:
+    """An element (tag set) or a text node (tag None, text set)."""
+
+    __slots__ = ("tag", "attrs", "children", "text")
+
+    def __init__(self, tag: str | None, attrs: list | None = None, text: str = ""):
+        self.tag = tag
+        self.attrs = attrs or []
+        self.children: list[Node] = []
+        self.text = text
+
+    def attr(self, name: str) -> str:
+        """The first value of attribute `name`, or ""."""
+        for key, value in self.attrs:
+            if key == name:
+                return value or ""
+        return ""
+
+
+class _TreeBuilder(HTMLParser):
+    """A lenient DOM builder: void elements, implied end tags, stray end tags ignored."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.root = Node("#document")
+        self.stack = [self.root]
+
+    def handle_starttag(self, tag, attrs):
+        self._imply_end(tag)
+        node = Node(tag, attrs)
+        self.stack[-1].children.append(node)
+        if tag not in VOID:
+            self.stack.append(node)
+
+    def handle_startendtag(self, tag, attrs):
+        self._imply_end(tag)
+        self.stack[-1].children.append(Node(tag, attrs))
+
+    def handle_endtag(self, tag):
+        for i in range(len(self.stack) - 1, 0, -1):
+            if self.stack[i].tag == tag:
+                del self.stack[i:]
+                return
+
+    def handle_data(self, data):
+        children = self.stack[-1].children
+        if children and children[-1].tag is None:
+            children[-1].text += data
+        else:
+            children.append(Node(None, text=data))
+
+    def _imply_end(self, tag: str) -> None:
+        names, boundaries = IMPLIED_END.get(tag, (set(), set()))
+        if tag in CLOSES_P:
+            names, boundaries = names | {"p"}, boundaries | {"button", "table", "td", "th"}
+        for i in range(len(self.stack) - 1, 0, -1):
+            current = self.stack[i].tag
+            if current in boundaries:
+                return
+            if current in names:
+                del self.stack[i:]
+                return
+
+
+def parse(document: str) -> Node:
+    """Parse HTML into a tree with html, head and body elements, like an HTML5 parser would."""
+    builder = _TreeBuilder()
+    builder.feed(document)
+    builder.close()
+    return _complete(builder.root)
+
+
+def _complete(root: Node) -> Node:
+    html = next((c for c in root.children if c.tag == "html"), None)
+    if html is None:
+        html = Node("html")
+        html.children, root.children = root.children, [html]
+    kids = html.children
+    if not any(c.tag == "head" for c in kids):
+        head = Node("head")
+        while kids and (kids[0].tag in HEAD_ONLY or (kids[0].tag is None and not kids[0].text.strip())):
+            head.children.append(kids.pop(0))
+        kids.insert(0, head)
+    if not any(c.tag == "body" for c in kids):
+        body = Node("body")
+        body.children = kids[1:]
+        del kids[1:]
+        kids.append(body)
+    return root
+
+
+def find_all(node: Node, match) -> list[Node]:
+    """Matching nodes in document order, not descending into a node that matched."""
+    found: list[Node] = []
+    pending = [node]
+    while pending:
+        current = pending.pop()
+        if match(current):
+            found.append(current)
+        else:
+            pending.extend(reversed(current.children))
+    return found
+
+
+def text_of(node: Node) -> str:
+    """Every descendant text node, trimmed, empty ones dropped, joined by single spaces."""
+    if node.tag is None:
+        pieces = [node.text]
+    else:
+        pieces = [n.text for n in find_all(node, lambda n: n.tag is None)]
+    return " ".join(p.strip() for p in pieces if p.strip())
+
+
+def by_class(name: str):
+    return lambda n: n.tag is not None and name in n.attr("class").split()
+
+
+def by_id(value: str):
+    return lambda n: n.tag is not None and n.attr("id") == value
+
+
+def by_tag(tag: str):
+    tag = tag.lower()
+    return lambda n: n.tag == tag
+
+
+# The Lua module ###############################################################
+
+
+def _matches(document, matcher) -> list[Node]:
+    if not isinstance(document, str):
+        raise TypeError("bad argument #1 (string expected)")
+    return find_all(parse(document), matcher)
+
+
+def _attr_finder(make_matcher):
+    def find(document, attr, query):
+        """The attribute `attr` of every matching node ("" where missing)."""
+        return [n.attr(str(attr).lower()) for n in _matches(document, make_matcher(str(query)))], None
+
+    return find
+
+
+def _attrs_finder(make_matcher):
+    def find(document, count, *rest):
+        """`{attr = value}` maps for every match; the count of attribute names comes first, the query last."""
+        count = int(count)
+        if count < 0 or len(rest) < count + 1 or not all(isinstance(a, str) for a in rest[: count + 1]):
+            raise TypeError(f"expected {count} attribute names and then the query string")
+        names, query = rest[:count], rest[count]
+        return [{a: n.attr(a.lower()) for a in names} for n in _matches(document, make_matcher(query))], None
+
+    return find
+
+
+def _text_finder(make_matcher):
+    def find(document, query):
+        """The text of every matching node."""
+        return [text_of(n) for n in _matches(document, make_matcher(str(query)))], None
+
+    return find
+
+
+def _loader(ctx):
+    members = {}
+    for suffix, matcher in (("class", by_class), ("id", by_id), ("tag", by_tag)):
+        members[f"find_attr_by_{suffix}"] = _attr_finder(matcher)
+        members[f"find_attrs_by_{suffix}"] = _attrs_finder(matcher)
+        members[f"find_text_by_{suffix}"] = _text_finder(matcher)
+    return members
+
+
+def lua_modules() -> dict:
+    """Register `scrape`."""
+    return {"scrape": _loader}
