@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import re
+import select
 import selectors
 import shutil
 import signal
@@ -39,6 +40,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+import uuid
 from concurrent.futures import Future, TimeoutError as FutureTimeout
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -236,9 +238,16 @@ def parse_script(text: str, path: str = "", subject: str = "", name: str = "") -
 
 
 def script_to_json(script: Script) -> str:
-    """The Go original's etcd value for a script."""
+    """The Go original's etcd value for a script.
+
+    Headers the original has no field for (timeout, memory, lock) travel as header lines
+    at the top of the content: Lua comments to the original, headers to us.
+    """
+    extra = "".join(f"--* {k}: {v}\n" for k, v in (
+        ("timeout", f"{script.timeout:g}s" if script.timeout is not None else None),
+        ("memory", script.memory), ("lock", "true" if script.lock else None)) if v is not None)
     return json.dumps({
-        "content": base64.b64encode(script.content.encode()).decode(),
+        "content": base64.b64encode((extra + script.content).encode("utf-8", "surrogateescape")).decode(),
         "executor": script.executor,
         "is_html": script.http,
         "libraries": script.libraries or None,
@@ -1476,7 +1485,7 @@ class Store:
         """Stop following changes."""
 
     # Management, used by `msgscript cli`.
-    def add_script(self, script: Script) -> None:
+    def add_script(self, *args) -> None:
         raise ConfigError(f"the {self.kind} store is managed by editing its directory, not through the CLI")
 
     remove_script = add_library = remove_library = add_script
@@ -1503,6 +1512,9 @@ class FileStore(Store):
             raise ConfigError(f"script directory {script_dir} does not exist")
         if self.library_dir and not self.library_dir.is_dir():
             raise ConfigError(f"library directory {library_dir} does not exist")
+
+    def load(self) -> None:
+        self.scan()
 
     def start(self) -> None:
         self.scan()
@@ -1588,6 +1600,538 @@ def check_lua_syntax(source: str, where: str) -> None:
         err = _syntax_lua[0](source.encode("utf-8", "surrogateescape"), b"=" + os.path.basename(where).encode())
     if err is not None:
         raise ConfigError(f"{where}: Lua syntax error: {err.decode('utf-8', 'replace')}")
+
+
+###############################################################################
+# etcd store, cluster locks and the etcd Lua module ##########################
+###############################################################################
+
+# The client is etcd3gw, which talks to etcd's v3 JSON gRPC-gateway (`/v3/kv/range`, `/v3/watch`, ...)
+# over plain HTTP with `requests`: no protobuf, no grpcio. The `etcd3` package named on the design card
+# ships generated protobuf modules that fail to import with protobuf 4+ (and is unmaintained).
+# etcd3gw gives us the HTTP session and the API-path discovery (/v3/, /v3beta/ by etcd version); the
+# calls themselves go through EtcdClient below because every call here needs its own timeout (a Lua
+# script's deadline, a short connect timeout) and failover across endpoints, and because etcd3gw's
+# Watcher hides the end of its stream, which is exactly what outage detection needs to see.
+
+ETCD_PREFIX = "msgscript/"
+ETCD_LOCKS = "msgscript/locks/"
+ETCD_TIMEOUT = 5.0  # one etcd request, at most
+ETCD_CONNECT_TIMEOUT = 1.0
+ETCD_WATCH_IDLE = 30.0  # a silent watch stream is re-opened (from the last revision) after this long
+ETCD_BACKOFF_CAP = 2.0
+LOCK_TTL = 10  # seconds; a crashed server's locks expire after this
+
+
+class EtcdUnreachable(ConfigError):
+    """No etcd endpoint answered."""
+
+
+class EtcdRefused(ConfigError):
+    """etcd answered with an error."""
+
+
+def _b64(data: str | bytes) -> str:
+    raw = data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data
+    return base64.b64encode(raw).decode()
+
+
+def _unb64(text: str | None) -> bytes:
+    return base64.b64decode(text or "")
+
+
+def _prefix_end(prefix: bytes) -> bytes:
+    """The range end that covers every key starting with `prefix`."""
+    stripped = prefix.rstrip(b"\xff")
+    return stripped[:-1] + bytes([stripped[-1] + 1]) if stripped else b"\0"
+
+
+def _etcd_reason(exc: Exception) -> str:
+    """A short reason for a failed HTTP call ("Connection refused", "timed out")."""
+    text = str(getattr(exc, "detail_text", None) or exc)  # etcd3gw keeps its message in detail_text
+    m = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text)
+    if m:
+        return m.group(1).strip()
+    if "timed out" in text.lower() or "timeout" in type(exc).__name__.lower():
+        return "timed out"
+    return first_line(text)[:200] or type(exc).__name__
+
+
+def _split_endpoint(endpoint: str) -> tuple[str, str, int]:
+    """`host:port` or `http(s)://host:port` -> (protocol, host, port); the port defaults to 2379."""
+    url = urllib.parse.urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
+    try:
+        port = url.port or 2379
+    except ValueError:
+        port = -1
+    if url.scheme not in ("http", "https") or not url.hostname or not 0 < port < 65536:
+        raise ConfigError(f"bad etcd endpoint {endpoint!r} (use host:port)")
+    return url.scheme, url.hostname, port
+
+
+class EtcdClient:
+    """etcd's v3 JSON API on one or more endpoints: the first that answers serves, the others are fallbacks."""
+
+    def __init__(self, endpoints: list[str]):
+        try:
+            import etcd3gw
+            import requests
+        except ImportError:
+            raise ConfigError("the etcd backend needs the Python package etcd3gw (pip install etcd3gw)") from None
+        if not endpoints:
+            raise ConfigError("no etcd endpoints given")
+        self.where = ",".join(endpoints)
+        self._clients = [etcd3gw.Etcd3Client(host, port, protocol, timeout=ETCD_CONNECT_TIMEOUT * 2)
+                         for protocol, host, port in map(_split_endpoint, endpoints)]
+        self._errors = (requests.RequestException, etcd3gw.exceptions.Etcd3Exception)
+        self._current = 0
+
+    def call(self, path: str, body: dict, timeout: float = ETCD_TIMEOUT, stream: bool = False):
+        """POST to the v3 API: the JSON reply (or, with `stream`, the open response)."""
+        deadline = time.monotonic() + timeout
+        reason = "no answer"
+        first = self._current
+        for i in range(len(self._clients)):
+            index = (first + i) % len(self._clients)
+            client = self._clients[index]
+            left = deadline - time.monotonic()
+            if left <= 0 and not stream:
+                reason = "timed out"
+                break
+            try:
+                resp = client.session.post(client.get_url(path), json=body, stream=stream,
+                                           timeout=(min(ETCD_CONNECT_TIMEOUT, max(left, 0.01)),
+                                                    timeout if stream else max(left, 0.01)))
+            except self._errors as e:
+                reason = _etcd_reason(e)
+                continue
+            if resp.status_code >= 500:
+                reason = f"HTTP {resp.status_code} {first_line(resp.text)[:200]}"
+                resp.close()
+                continue
+            self._current = index
+            return resp if stream and resp.status_code == 200 else self._reply(resp)
+        raise EtcdUnreachable(f"cannot reach etcd at {self.where}: {reason}")
+
+    def _reply(self, resp) -> dict:
+        try:
+            doc = resp.json()
+        except ValueError:
+            doc = {"error": f"HTTP {resp.status_code}, not JSON"}
+        if resp.status_code != 200 or "error" in doc:
+            raise EtcdRefused(f"etcd at {self.where}: {doc.get('message') or doc.get('error')}")
+        return doc
+
+    def range(self, key: str | bytes, prefix: bool = False, revision: int = 0,
+              timeout: float = ETCD_TIMEOUT) -> tuple[list[tuple[bytes, bytes]], int]:
+        """([(key, value)...] sorted by key, the store's revision)."""
+        raw = key.encode("utf-8", "surrogateescape") if isinstance(key, str) else key
+        body: dict = {"key": _b64(raw)}
+        if prefix:
+            body["range_end"] = _b64(_prefix_end(raw))
+        if revision:
+            body["revision"] = revision
+        doc = self.call("/kv/range", body, timeout)
+        kvs = [(_unb64(kv["key"]), _unb64(kv.get("value"))) for kv in doc.get("kvs", [])]
+        return kvs, int(doc.get("header", {}).get("revision", 0))
+
+    def put(self, key: str | bytes, value: str | bytes, timeout: float = ETCD_TIMEOUT) -> None:
+        self.call("/kv/put", {"key": _b64(key), "value": _b64(value)}, timeout)
+
+    def delete(self, key: str | bytes, timeout: float = ETCD_TIMEOUT) -> int:
+        """Delete one key; the number of keys deleted (0 or 1)."""
+        return int(self.call("/kv/deleterange", {"key": _b64(key)}, timeout).get("deleted", 0))
+
+    def txn(self, body: dict, timeout: float = ETCD_TIMEOUT) -> bool:
+        return bool(self.call("/kv/txn", body, timeout).get("succeeded", False))
+
+
+###############################################################################
+# The etcd store
+
+
+def _script_key(key: str) -> tuple[str, str] | None:
+    """(subject, name) of a `msgscript/scripts/<subject>/<name>` key; None for any other key."""
+    if not key.startswith(ETCD_SCRIPTS):
+        return None
+    parts = key[len(ETCD_SCRIPTS):].split("/")
+    if len(parts) != 2 or not all(parts) or not valid_subject(parts[0]):
+        return None
+    return parts[0], parts[1]
+
+
+class EtcdStore(Store):
+    """Scripts and libraries under the Go original's etcd keys, followed by a watch.
+
+    Starting while etcd is down is not an error: the server starts with no scripts, logs that
+    once, and a background thread retries (back-off up to 2 s) until etcd answers, so a cluster
+    can boot in any order. Later outages keep the last known scripts serving; when etcd returns,
+    everything is read again, then watched again.
+    """
+
+    kind = "etcd"
+
+    def __init__(self, endpoints: list[str]):
+        super().__init__()
+        self.client = EtcdClient(endpoints)
+        self._entries: dict[str, Script] = {}  # etcd key -> script
+        self._libs: dict[str, str] = {}
+        self._revision = 0
+        self._stale = True  # a full read is due before watching
+        self._down = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stream = None
+        self._locks: EtcdLocks | None = None
+
+    # Following etcd.
+    def load(self) -> None:
+        """Read every script and library once (EtcdUnreachable, a ConfigError, when etcd cannot be reached)."""
+        scripts, revision = self.client.range(ETCD_SCRIPTS, prefix=True)
+        libs, _ = self.client.range(ETCD_LIBS, prefix=True, revision=revision)
+        old_entries, old_libs = self._entries, self._libs
+        self._entries, self._libs = {}, {}
+        for raw_key, value in scripts + libs:
+            self._remember(raw_key.decode("utf-8", "surrogateescape"), value, old_entries, old_libs, quiet=True)
+        self._revision, self._stale = revision, False
+        self._publish_current()
+
+    def start(self) -> None:
+        try:
+            self.load()
+            log.info("etcd at %s: %d scripts, %d libraries", self.client.where, len(self._entries), len(self._libs))
+        except ConfigError as e:
+            self._down = True
+            log.error("%s; serving no scripts until etcd answers (retrying in the background)", e)
+        self._thread = threading.Thread(target=self._follow, name="etcd-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        stream = self._stream
+        if stream is not None:
+            # Closing the response would wait for the watch thread's blocked read; shutting the
+            # socket down ends that read at once.
+            try:
+                with socket.fromfd(stream.raw.fileno(), socket.AF_INET, socket.SOCK_STREAM) as sock:
+                    sock.shutdown(socket.SHUT_RDWR)
+            except (OSError, ValueError, AttributeError):
+                pass
+        if self._locks:
+            self._locks.close()
+
+    def _follow(self) -> None:
+        backoff = 0.1
+        while not self._stop.is_set():
+            try:
+                if self._stale:
+                    self.load()
+                    self._back()
+                self._watch()
+                backoff = 0.1
+                self._stop.wait(0.05)  # the watch resumes from the last revision: nothing is missed
+                continue
+            except ConfigError as e:
+                self._stale = True
+                self._outage(e)
+            except Exception:  # noqa: BLE001 - the follower must survive anything and retry
+                self._stale = True
+                log.exception("following etcd at %s failed", self.client.where)
+            self._stop.wait(backoff)
+            backoff = min(backoff * 2, ETCD_BACKOFF_CAP)
+
+    def _outage(self, error: Exception) -> None:
+        if not self._down:
+            self._down = True
+            log.warning("etcd unreachable (%s); serving the %d scripts last loaded, retrying",
+                        error, len(self._entries))
+
+    def _back(self) -> None:
+        if self._down:
+            self._down = False
+            log.info("etcd at %s is back: %d scripts, %d libraries (resynchronised)",
+                     self.client.where, len(self._entries), len(self._libs))
+
+    def _watch(self) -> None:
+        """Apply changes under msgscript/ until the stream ends (a dead etcd, an idle timeout, a stop)."""
+        prefix = ETCD_PREFIX.encode()
+        request = {"create_request": {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix)),
+                                      "start_revision": self._revision + 1}}
+        stream = self.client.call("/watch", request, ETCD_WATCH_IDLE, stream=True)
+        self._stream = stream
+        try:
+            for line in stream.iter_lines(chunk_size=None):
+                if self._stop.is_set():
+                    return
+                if line.strip() and not self._watch_message(json.loads(line)):
+                    return
+        except (OSError, ValueError, AttributeError) + self.client._errors:
+            return  # the stream broke; _follow re-opens it, or finds etcd down
+        finally:
+            self._stream = None
+            stream.close()
+
+    def _watch_message(self, doc: dict) -> bool:
+        """Apply one watch message; False when the watch must be set up again."""
+        result = doc.get("result") or {}
+        if "error" in doc or result.get("canceled"):
+            log.warning("etcd watch cancelled (%s); reading everything again",
+                        doc.get("error") or result.get("cancel_reason") or "compacted")
+            self._stale = True
+            return False
+        changed = False
+        for event in result.get("events") or []:
+            kv = event.get("kv", {})
+            key = _unb64(kv.get("key")).decode("utf-8", "surrogateescape")
+            self._revision = max(self._revision, int(kv.get("mod_revision", 0)))
+            if not key.startswith((ETCD_SCRIPTS, ETCD_LIBS)):
+                continue  # e.g. msgscript/locks/: busy, and none of the store's business
+            changed = True
+            if event.get("type") == "DELETE":
+                self._forget(key)
+            else:
+                self._remember(key, _unb64(kv.get("value")), self._entries, self._libs)
+        if changed:
+            self._publish_current()
+        return True
+
+    def _remember(self, key: str, value: bytes, old_entries: dict, old_libs: dict, quiet: bool = False) -> None:
+        """Take in one key; a value that does not parse keeps the last good version."""
+        if key.startswith(ETCD_LIBS) and len(key) > len(ETCD_LIBS):
+            name = key[len(ETCD_LIBS):]
+            content = value.decode("utf-8", "surrogateescape")
+            try:
+                check_lua_syntax(content, key)
+                self._libs[name] = content
+            except ConfigError as e:
+                log.error("skipping %s: %s", key, e)
+                if name in old_libs:
+                    self._libs[name] = old_libs[name]
+                return
+        else:
+            script = self._parse(key, value)
+            if script is None:
+                if key in old_entries:
+                    self._entries[key] = old_entries[key]
+                return
+            self._entries[key] = script
+        if not quiet:
+            log.info("etcd: %s updated", key)
+
+    def _parse(self, key: str, value: bytes) -> Script | None:
+        where = _script_key(key)
+        if where is None:
+            if key.startswith(ETCD_SCRIPTS):
+                log.warning("ignoring %s: script keys are %s<subject>/<name>", key, ETCD_SCRIPTS)
+            return None
+        try:
+            script = script_from_json(value, key)
+            if script.executor == "lua":
+                check_lua_syntax(script.content, key)
+        except MsgscriptError as e:
+            log.error("skipping %s: %s", key, first_line(str(e)))
+            return None
+        script.subject, script.name = where  # the key decides where a script serves
+        return script
+
+    def _forget(self, key: str) -> None:
+        lib = key[len(ETCD_LIBS):] if key.startswith(ETCD_LIBS) else None
+        if self._entries.pop(key, None) is not None or (lib and self._libs.pop(lib, None) is not None):
+            log.info("etcd: %s removed", key)
+
+    def _publish_current(self) -> None:
+        self._publish(list(self._entries.values()), dict(self._libs))
+
+    # Cluster locks.
+    def locks(self) -> EtcdLocks:
+        """Locks for `--* lock: true` scripts, shared by every server on this etcd."""
+        if self._locks is None:
+            self._locks = EtcdLocks(self.client)
+        return self._locks
+
+    # Management, used by `msgscript cli`.
+    def add_script(self, script: Script) -> None:
+        if "/" in script.subject or "/" in script.name:
+            raise ConfigError(f"{script.subject}/{script.name}: subject and name must not contain '/'")
+        self.client.put(f"{ETCD_SCRIPTS}{script.subject}/{script.name}", script_to_json(script))
+
+    def remove_script(self, subject: str, name: str) -> None:
+        if not self.client.delete(f"{ETCD_SCRIPTS}{subject}/{name}"):
+            raise ConfigError(f"no script {subject}/{name} in etcd at {self.client.where}")
+
+    def add_library(self, name: str, content: str) -> None:
+        self.client.put(f"{ETCD_LIBS}{name}", content)
+
+    def remove_library(self, name: str) -> None:
+        if not self.client.delete(f"{ETCD_LIBS}{name}"):
+            raise ConfigError(f"no library {name} in etcd at {self.client.where}")
+
+
+###############################################################################
+# Cluster locks
+
+
+class EtcdLocks:
+    """`--* lock: true` across servers: key msgscript/locks/<subject>/<name>, under a lease this server keeps alive.
+
+    Waiters on the same server queue on a local lock first, so only one of them polls etcd.
+    A crashed server stops refreshing its lease, so its locks vanish within LOCK_TTL seconds.
+    """
+
+    def __init__(self, client: EtcdClient):
+        self.client = client
+        self.local = LocalLocks()
+        self._lease: str | None = None
+        self._guard = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def hold(self, script: Script, deadline: float) -> _EtcdHeld:
+        """A context manager holding the script's lock; waits until `deadline` (time.monotonic())."""
+        return _EtcdHeld(self, script, deadline)
+
+    def lease(self, timeout: float) -> str:
+        """This server's lease, granted on first use."""
+        with self._guard:
+            if self._lease is None:
+                self._lease = self.client.call("/lease/grant", {"TTL": LOCK_TTL, "ID": 0}, timeout)["ID"]
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._keepalive, name="etcd-lease", daemon=True)
+                    self._thread.start()
+            return self._lease
+
+    def drop(self, lease: str) -> None:
+        """Stop using a lease (it expired, or a lock under it could not be released): it expires on its own."""
+        with self._guard:
+            if self._lease == lease:
+                self._lease = None
+
+    def _keepalive(self) -> None:
+        while not self._stop.wait(LOCK_TTL / 3):
+            lease = self._lease
+            if lease is None:
+                continue
+            try:
+                reply = self.client.call("/lease/keepalive", {"ID": lease}, ETCD_CONNECT_TIMEOUT * 2)
+                if int(reply.get("result", {}).get("TTL", -1)) <= 0:
+                    self.drop(lease)
+            except ConfigError as e:
+                log.debug("lock lease keepalive failed: %s", e)
+
+    def close(self) -> None:
+        """Revoke the lease, freeing this server's locks at once."""
+        self._stop.set()
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            try:
+                self.client.call("/kv/lease/revoke", {"ID": lease}, ETCD_CONNECT_TIMEOUT)
+            except ConfigError:
+                pass  # it expires on its own
+
+
+class _EtcdHeld:
+    def __init__(self, locks: EtcdLocks, script: Script, deadline: float):
+        self.locks, self.script, self.deadline = locks, script, deadline
+        self.key = _b64(f"{ETCD_LOCKS}{script.subject}/{script.name}")
+        self.token = _b64(uuid.uuid4().hex)
+        self.local = locks.local.hold(script, deadline)
+        self.lease: str | None = None
+
+    def __enter__(self):
+        self.local.__enter__()
+        try:
+            self._acquire()
+        except BaseException:
+            self.local.__exit__(None, None, None)
+            raise
+        return self
+
+    def _acquire(self) -> None:
+        delay, refusals = 0.005, 0
+        while True:
+            timeout = min(ETCD_TIMEOUT, max(0.05, self.deadline - time.monotonic()))
+            try:
+                self.lease = self.locks.lease(timeout)
+                if self.locks.client.txn(self._take(), timeout):
+                    return
+            except EtcdRefused as e:  # typically "lease not found": it expired during an outage
+                self.locks.drop(self.lease)
+                refusals += 1
+                if refusals > 2:
+                    raise MsgscriptError(f"script {self.script.name}: cannot take its lock: {e}") from None
+            except ConfigError as e:
+                raise MsgscriptError(f"script {self.script.name}: cannot take its lock: {e}") from None
+            if time.monotonic() + delay > self.deadline:
+                raise ScriptTimeout(f"script {self.script.name} timed out waiting for its lock")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def _take(self) -> dict:
+        return {"compare": [{"key": self.key, "result": "EQUAL", "target": "CREATE", "create_revision": 0}],
+                "success": [{"request_put": {"key": self.key, "value": self.token, "lease": self.lease}}]}
+
+    def __exit__(self, *exc):
+        release = {"compare": [{"key": self.key, "result": "EQUAL", "target": "VALUE", "value": self.token}],
+                   "success": [{"request_delete_range": {"key": self.key}}]}
+        try:
+            self.locks.client.txn(release)
+        except ConfigError as e:
+            log.warning("script %s: releasing its lock failed (%s); it expires within %ds",
+                        self.script.name, e, LOCK_TTL)
+            self.locks.drop(self.lease)
+        finally:
+            self.local.__exit__(None, None, None)
+
+
+###############################################################################
+# The `etcd` Lua module
+
+_lua_clients: dict[tuple, EtcdClient] = {}
+
+
+def _lua_bytes(value) -> bytes:
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value).encode()
+    raise TypeError(f"string expected, got {'nil' if value is None else type(value).__name__}")
+
+
+@lua_module("etcd")
+def etcd_lua_module(ctx) -> dict:
+    """`etcd.put/get/delete` on the server's etcd endpoints, bounded by the script's deadline."""
+
+    def client() -> EtcdClient:
+        endpoints = tuple(ctx.services.etcd_endpoints)
+        if endpoints not in _lua_clients:
+            _lua_clients[endpoints] = EtcdClient(list(endpoints))
+        return _lua_clients[endpoints]
+
+    def put(key, value):
+        try:
+            client().put(_lua_bytes(key), _lua_bytes(value), ctx.remaining(ETCD_TIMEOUT))
+        except ConfigError as e:
+            return str(e)
+        return None
+
+    def get(key, prefix=False):
+        try:
+            kvs, _ = client().range(_lua_bytes(key), bool(prefix), timeout=ctx.remaining(ETCD_TIMEOUT))
+        except ConfigError as e:
+            return None, str(e)
+        if not kvs:
+            return None, None
+        new = ctx.lua.globals().EtcdKV.new
+        return ctx.lua.table_from([new(k, v) for k, v in kvs]), None
+
+    def delete(key):
+        try:
+            client().delete(_lua_bytes(key), ctx.remaining(ETCD_TIMEOUT))
+        except ConfigError as e:
+            return str(e)
+        return None
+
+    return {"put": put, "get": get, "delete": delete}
 
 
 ###############################################################################
@@ -2509,11 +3053,15 @@ class NatsFront:
         self._outbox: collections.deque = collections.deque()
         self._outbox_lock = threading.Lock()
         self._wake_pending = False
+        self._loop_thread = 0
+        self._publishers = threading.local()
+        self.direct_replies = True
 
     async def start(self) -> None:
         import nats
 
         self.loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self.nc = await nats.connect(
             servers=[u.strip() for u in self.url.split(",")],
             name="msgscript",
@@ -2614,11 +3162,25 @@ class NatsFront:
             self.dispatcher.release()
 
     def _post(self, msg, data: bytes, headers: dict | None = None) -> None:
-        """Queue a reply from any thread; the loop publishes queued replies in batches."""
+        """Send a reply from any thread.
+
+        A worker publishes on its own publish-only connection, saving a hop through the
+        event loop; the loop thread (or a worker whose connection failed) queues the reply
+        for the loop's connection, which publishes queued replies in batches.
+        """
         if not msg.reply:
             if headers and "Nats-Service-Error" in headers:
                 log.warning("%s: %s (no reply subject)", msg.subject, headers["Nats-Service-Error"])
             return
+        if threading.get_ident() != self._loop_thread and self.direct_replies:
+            publisher = getattr(self._publishers, "conn", None)
+            if publisher is None:
+                publisher = self._publishers.conn = SyncPublisher(self.nc.connected_url)
+            try:
+                return publisher.publish(msg.reply, data, headers)
+            except (OSError, ValueError) as e:
+                log.debug("direct reply failed (%s); using the main connection", e)
+                publisher.close()
         self._outbox.append((msg.reply, data, headers))
         with self._outbox_lock:
             if self._wake_pending:
@@ -2735,6 +3297,85 @@ def _nats_module(ctx: LuaContext) -> dict:
         return msg.data, None
 
     return {"publish": publish, "request": request}
+
+
+class SyncPublisher:
+    """A blocking, publish-only NATS connection owned by one worker thread.
+
+    Replies go straight from the worker that produced them to the NATS server (any
+    connection may publish to a requester's inbox).  It answers the server's PINGs before
+    each publish and reconnects after an idle minute, so a reply is never written into a
+    connection the server already dropped.  TLS URLs raise ValueError: the caller then uses
+    the loop's connection.
+    """
+
+    idle_reconnect = 60.0
+
+    def __init__(self, url):
+        self.url = url  # urllib.parse.ParseResult from nats-py's connected_url
+        self.sock: socket.socket | None = None
+        self.last_used = 0.0
+
+    def _connect(self) -> None:
+        u = self.url
+        if u.scheme == "tls":
+            raise ValueError("TLS connection")
+        sock = socket.create_connection((u.hostname, u.port or 4222), 2)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reader = sock.makefile("rb")
+        info = json.loads(reader.readline().split(b" ", 1)[1])
+        if info.get("tls_required"):
+            sock.close()
+            raise ValueError("server requires TLS")
+        opts: dict[str, Any] = {"verbose": False, "pedantic": False, "headers": True, "protocol": 1,
+                                "name": "msgscript-replies", "lang": "python", "version": __version__}
+        if u.username and u.password:
+            opts.update(user=urllib.parse.unquote(u.username), **{"pass": urllib.parse.unquote(u.password)})
+        elif u.username:
+            opts["auth_token"] = urllib.parse.unquote(u.username)
+        sock.sendall(b"CONNECT " + json.dumps(opts).encode() + b"\r\nPING\r\n")
+        line = reader.readline()
+        while line.startswith(b"INFO"):
+            line = reader.readline()
+        reader.close()
+        if not line.startswith(b"PONG"):
+            sock.close()
+            raise OSError(f"NATS refused the reply connection: {line.decode(errors='replace').strip()}")
+        self.sock = sock
+
+    def _check(self) -> None:
+        """Answer pending PINGs; drop the connection if the server closed it or it sat idle."""
+        if self.sock is None:
+            return
+        if time.monotonic() - self.last_used > self.idle_reconnect:
+            return self.close()
+        if not select.select([self.sock], [], [], 0)[0]:  # nothing from the server
+            return
+        data = self.sock.recv(65536)
+        if not data or b"-ERR" in data:
+            return self.close()
+        if b"PING" in data:
+            self.sock.sendall(b"PONG\r\n" * data.count(b"PING"))
+
+    def publish(self, subject: str, data: bytes, headers: dict | None = None) -> None:
+        self._check()
+        if self.sock is None:
+            self._connect()
+        subj = subject.encode()
+        if headers:
+            head = b"NATS/1.0\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode() + b"\r\n"
+            cmd = b"HPUB %s %d %d\r\n%s%s\r\n" % (subj, len(head), len(head) + len(data), head, data)
+        else:
+            cmd = b"PUB %s %d\r\n%s\r\n" % (subj, len(data), data)
+        self.sock.sendall(cmd)
+        self.last_used = time.monotonic()
+
+    def close(self) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.close()
+            finally:
+                self.sock = None
 
 
 class NatsBridge:
@@ -3247,8 +3888,6 @@ def _cli_parser(prog: str = "msgscript cli") -> argparse.ArgumentParser:
     common.add_argument("--script-dir", default=argparse.SUPPRESS, help="script directory for -b file")
     p = _Parser(prog=prog, description="Manage msgscript scripts and develop them locally.", parents=[common],
                 allow_abbrev=False)
-    p.set_defaults(backend="etcd", etcdurls="localhost:2379", natsurl="", executor="lua", log="info",
-                   script_dir=".")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -3302,10 +3941,17 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
         args = _server_parser().parse_args(rest)
     elif mode == "cli":
         args = _cli_parser().parse_args(rest)
+        for name, default in CLI_DEFAULTS.items():  # global flags may come before or after the command
+            if not hasattr(args, name):
+                setattr(args, name, default)
     else:
         raise ConfigError(f"msgscript: unknown command {mode!r} (use server or cli; see --help)")
     args.mode = mode
     return args
+
+
+CLI_DEFAULTS = {"backend": "etcd", "etcdurls": "localhost:2379", "natsurl": "", "executor": "lua", "log": "info",
+                "script_dir": "."}
 
 
 def _usage() -> str:
@@ -3577,12 +4223,6 @@ CLI_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "add": _cli_add, "list": _cli_list, "ls": _cli_list, "rm": _cli_rm, "lib": _cli_lib,
     "dev": _cli_dev, "devhttp": _cli_devhttp, "completion": _cli_completion,
 }
-
-
-try:  # TEMPORARY during development: the etcd draft registers itself (lead merges it)
-    import _etcd_draft  # noqa: F401
-except ImportError:
-    pass
 
 
 if __name__ == "__main__":
