@@ -26,8 +26,8 @@ import json
 import logging
 import math
 import os
+import queue
 import re
-import select
 import selectors
 import shutil
 import signal
@@ -2895,11 +2895,12 @@ class EndpointStats:
 class Dispatcher:
     """Finds a subject's scripts and runs them, within the in-flight limit and deadlines."""
 
-    def __init__(self, store: Store, executors: dict[str, Executor], workers: int = 16,
-                 max_inflight: int = 1024, timeout: float = DEFAULT_TIMEOUT, locks: Any = None):
+    def __init__(self, store: Store, executors: dict[str, Executor], workers: int = 4,
+                 max_inflight: int = 1024, timeout: float = DEFAULT_TIMEOUT, locks: Any = None,
+                 max_workers: int = 64):
         self.store = store
         self.executors = executors
-        self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="worker")
+        self.pool = WorkerPool(workers, max_workers)
         self.max_inflight = max_inflight
         self.timeout = timeout
         self.inflight = 0
@@ -2971,15 +2972,96 @@ class Dispatcher:
 
         Only for callers that are not pool workers (HTTP handler threads, CLI).
         """
-        futures = [self.pool.submit(self.run_one, s, call) for s in scripts[1:]]
+        futures = [self.pool.call(self.run_one, s, call) for s in scripts[1:]]
         results = [self.run_one(scripts[0], call)]
         results += [f.result() for f in futures]
         return list(zip(scripts, results, strict=True))
 
     def close(self, wait: bool = True) -> None:
-        self.pool.shutdown(wait=wait, cancel_futures=not wait)
+        self.pool.shutdown(wait)
         for executor in self.executors.values():
             executor.close()
+
+
+class WorkerPool:
+    """Threads taking jobs from one queue: a few always, more while those are stuck.
+
+    A few threads run CPU-bound Lua best (the GIL, two cores); scripts waiting on I/O
+    (HTTP, databases, nats.request to another script) need more. When jobs are queued and
+    no worker has started one for `stall` seconds, the next submit adds a thread, up to
+    `max_workers`; extra threads leave after `linger` idle seconds.
+    """
+
+    stall = 0.05
+    linger = 30.0
+
+    def __init__(self, workers: int, max_workers: int | None = None):
+        self.workers = workers
+        self.max_workers = max(workers, max_workers or workers)
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads: set[threading.Thread] = set()
+        self._queued = 0
+        self._last_start = time.monotonic()
+        self._closed = False
+        for _ in range(workers):
+            self._spawn(extra=False)
+
+    def _spawn(self, extra: bool) -> None:
+        t = threading.Thread(target=self._work, args=(extra,), name=f"worker-{len(self._threads)}", daemon=True)
+        self._threads.add(t)
+        t.start()
+
+    def submit(self, fn: Callable, *args) -> None:
+        """Run fn(*args) on a worker; its exceptions are logged."""
+        self._jobs.put((fn, args))
+        self._queued += 1
+        if self._queued > 1 and time.monotonic() - self._last_start > self.stall \
+                and len(self._threads) < self.max_workers:
+            with self._lock:
+                if len(self._threads) < self.max_workers and not self._closed:
+                    self._spawn(extra=True)
+
+    def call(self, fn: Callable, *args) -> concurrent.futures.Future:
+        """Run fn(*args) on a worker and get a Future of its result."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def job():
+            try:
+                future.set_result(fn(*args))
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
+                future.set_exception(e)
+
+        self.submit(job)
+        return future
+
+    def _work(self, extra: bool) -> None:
+        while True:
+            try:
+                job = self._jobs.get(timeout=self.linger if extra else None)
+            except queue.Empty:
+                break
+            if job is None:
+                break
+            self._queued -= 1
+            self._last_start = time.monotonic()
+            fn, args = job
+            try:
+                fn(*args)
+            except Exception:  # noqa: BLE001 - a job's failure must not kill the worker
+                log.exception("worker job failed")
+        with self._lock:
+            self._threads.discard(threading.current_thread())
+
+    def shutdown(self, wait: bool = True) -> None:
+        with self._lock:
+            self._closed = True
+            threads = list(self._threads)
+        for _ in threads:
+            self._jobs.put(None)
+        if wait:
+            for t in threads:
+                t.join(5)
 
 
 class LocalLocks:
@@ -3314,7 +3396,7 @@ class SyncPublisher:
     def __init__(self, url):
         self.url = url  # urllib.parse.ParseResult from nats-py's connected_url
         self.sock: socket.socket | None = None
-        self.last_used = 0.0
+        self.last_used = self.last_check = 0.0
 
     def _connect(self) -> None:
         u = self.url
@@ -3341,24 +3423,30 @@ class SyncPublisher:
         if not line.startswith(b"PONG"):
             sock.close()
             raise OSError(f"NATS refused the reply connection: {line.decode(errors='replace').strip()}")
+        # Blocking mode (no poll before every send) with a kernel-side send timeout instead.
+        sock.settimeout(None)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 2, 0))
         self.sock = sock
+        self.last_check = self.last_used = time.monotonic()
 
-    def _check(self) -> None:
+    def _check(self, now: float) -> None:
         """Answer pending PINGs; drop the connection if the server closed it or it sat idle."""
-        if self.sock is None:
-            return
-        if time.monotonic() - self.last_used > self.idle_reconnect:
+        self.last_check = now
+        if now - self.last_used > self.idle_reconnect:
             return self.close()
-        if not select.select([self.sock], [], [], 0)[0]:  # nothing from the server
+        try:
+            data = self.sock.recv(65536, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):  # nothing from the server
             return
-        data = self.sock.recv(65536)
         if not data or b"-ERR" in data:
             return self.close()
         if b"PING" in data:
             self.sock.sendall(b"PONG\r\n" * data.count(b"PING"))
 
     def publish(self, subject: str, data: bytes, headers: dict | None = None) -> None:
-        self._check()
+        now = time.monotonic()
+        if self.sock is not None and now - self.last_check > 1.0:
+            self._check(now)
         if self.sock is None:
             self._connect()
         subj = subject.encode()
@@ -3404,8 +3492,8 @@ class NatsBridge:
 ###############################################################################
 
 _STATUS_TEXT = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 413: "Payload Too Large",
-                429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable",
-                504: "Gateway Timeout"}
+                414: "URI Too Long", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
+                500: "Internal Server Error", 503: "Service Unavailable", 504: "Gateway Timeout"}
 
 
 @dataclasses.dataclass
@@ -3436,6 +3524,13 @@ def split_target(target: str) -> tuple[str, str, dict[str, list[str]]]:
     return subject, url, params
 
 
+class _Headers(dict):
+    """Request headers by lower-cased name (the last one wins)."""
+
+    def get(self, name: str, default=None):
+        return dict.get(self, name.lower(), default)
+
+
 class HttpHandler(BaseHTTPRequestHandler):
     """`<METHOD> /<subject>[/rest]` runs the subject's scripts; `/_/` serves the admin pages."""
 
@@ -3445,6 +3540,38 @@ class HttpHandler(BaseHTTPRequestHandler):
     dispatcher: Dispatcher
     config: HttpConfig
     timeout = 300  # idle keep-alive connections
+
+    def parse_request(self) -> bool:
+        """http.server's request parsing, with a small header parser instead of the email package."""
+        self.command = None
+        self.request_version = self.default_request_version
+        self.close_connection = True
+        self.requestline = requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        words = requestline.split()
+        if len(words) != 3 or not words[2].startswith("HTTP/1.") or not words[1].startswith("/"):
+            self.send_error(400, f"Bad request line {requestline[:100]!r}")
+            return False
+        self.command, self.path, self.request_version = words
+        headers = _Headers()
+        for _ in range(101):
+            line = self.rfile.readline(65537)
+            if line in (b"\r\n", b"\n", b""):
+                break
+            name, sep, value = line.decode("iso-8859-1").partition(":")
+            if not sep or len(line) > 65536 or not name.strip():
+                self.send_error(400, "Malformed header line")
+                return False
+            headers[name.strip().lower()] = value.strip()
+        else:
+            self.send_error(431, "Too many headers")
+            return False
+        self.headers = headers
+        connection = headers.get("connection", "").lower()
+        self.close_connection = connection == "close" or (
+            self.request_version == "HTTP/1.0" and connection != "keep-alive")
+        if headers.get("expect", "").lower() == "100-continue":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return True
 
     def handle_one_request(self):
         try:
@@ -3656,9 +3783,9 @@ def find_nats_server() -> str:
     import sysconfig
 
     candidates = [os.environ.get("MSGSCRIPT_NATS_SERVER", ""),
+                  str(Path(__file__).resolve().parent / "bin" / "nats-server"),  # inside the zipapp
                   os.path.join(sysconfig.get_path("scripts"), "nats-server"),
                   os.path.join(os.path.dirname(sys.executable), "nats-server"),
-                  str(Path(__file__).resolve().parent / "bin" / "nats-server"),
                   shutil.which("nats-server") or ""]
     for path in candidates:
         if path and os.path.isfile(path) and os.access(path, os.X_OK):
@@ -3736,7 +3863,8 @@ class ServerConfig:
     timeout: float = DEFAULT_TIMEOUT
     http: HttpConfig = dataclasses.field(default_factory=HttpConfig)
     memory: int = DEFAULT_MEMORY
-    workers: int = 16
+    workers: int = 4
+    max_workers: int = 64
     max_inflight: int = 1024
     queue: str = DEFAULT_QUEUE_GROUP
     drain_timeout: float = 30.0
@@ -3759,7 +3887,8 @@ def server_config(args: argparse.Namespace, environ: dict[str, str]) -> ServerCo
         nats_url=args.natsurl or environ.get("NATS_URL") or None, port=args.port, host=args.host,
         log_level=level, timeout=parse_duration(args.timeout),
         http=HttpConfig(max_body=parse_size(args.max_body), timeout=parse_duration(args.http_timeout)),
-        memory=parse_size(args.memory), workers=args.workers, max_inflight=args.max_inflight, queue=args.queue,
+        memory=parse_size(args.memory), workers=args.workers, max_workers=args.max_workers,
+        max_inflight=args.max_inflight, queue=args.queue,
         drain_timeout=parse_duration(args.drain_timeout))
     for d in cfg.plugin_dirs:
         if not os.path.isdir(d):
@@ -3786,7 +3915,8 @@ class Server:
         self.services.store = self.store
         executors = {name: cls(self.services, cfg.memory) for name, cls in EXECUTORS.items()}
         locks = self.store.locks() if hasattr(self.store, "locks") else None
-        self.dispatcher = Dispatcher(self.store, executors, cfg.workers, cfg.max_inflight, cfg.timeout, locks)
+        self.dispatcher = Dispatcher(self.store, executors, cfg.workers, cfg.max_inflight, cfg.timeout, locks,
+                                     cfg.max_workers)
         self.embedded: EmbeddedNats | None = None
         self.http: HttpServer | None = None
         self.nats: NatsFront | None = None
@@ -3816,10 +3946,10 @@ class Server:
             threading.Thread(target=self.http.serve_forever, kwargs={"poll_interval": 0.2}, name="http",
                              daemon=True).start()
             log.info("msgscript %s serving %d scripts on %d subjects; HTTP on port %d; timeout %gs, "
-                     "HTTP timeout %gs, memory %d MiB per Lua runtime, %d workers, %d calls in flight at most",
+                     "HTTP timeout %gs, memory %d MiB per Lua runtime, %d-%d workers, %d calls in flight at most",
                      __version__, len(self.store.all_scripts()), len(self.store.subjects()), self.cfg.port,
                      self.cfg.timeout, self.cfg.http.timeout, self.cfg.memory // 2**20, self.cfg.workers,
-                     self.cfg.max_inflight)
+                     self.cfg.max_workers, self.cfg.max_inflight)
             await self._stopping.wait()
             log.info("stopping: draining in-flight calls")
             await self._shutdown()
@@ -3872,7 +4002,8 @@ def _server_parser(prog: str = "msgscript server") -> argparse.ArgumentParser:
     flag("memory", default="64MiB", help="memory limit of each Lua runtime (default 64MiB)")
     flag("max-body", default="8MiB", help="largest HTTP request body (default 8MiB)")
     flag("max-inflight", default=1024, type=int, help="calls in progress before 429 (default 1024)")
-    flag("workers", default=16, type=int, help="script worker threads (default 16)")
+    flag("workers", default=4, type=int, help="worker threads always running (default 4)")
+    flag("max-workers", default=64, type=int, help="worker threads at most, while scripts wait on I/O (default 64)")
     flag("queue", default=DEFAULT_QUEUE_GROUP, help="NATS queue group (default msgscript)")
     flag("drain-timeout", default="30s", help="how long SIGTERM waits for in-flight calls (default 30s)")
     return p
