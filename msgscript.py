@@ -866,7 +866,7 @@ def _time_limit(ctx, timeout) -> float:
 def _prepare(ctx, method: str, url: str, options) -> tuple:
     """The request's (method, url, headers, body, time limit) from the Lua options table."""
     opt = options.__getitem__ if _is_table(options) else (lambda key: None)
-    headers = {"User-Agent": "Go-http-client/1.1"}
+    headers = {"User-Agent": f"msgscript/{__version__}"}
     if isinstance(opt(b"query"), bytes):
         url = urllib.parse.urlsplit(url)._replace(query=_utf8(opt(b"query"))).geturl()
     body = opt(b"body")

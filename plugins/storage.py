@@ -246,6 +246,11 @@ def _sync_all(forget_unused=False):
     for store in stores:
         try:
             store.sync()
+        except FileNotFoundError:
+            # Its directory is gone (deleted while the server ran): nothing left to save into.
+            with _STATE.lock:
+                _STATE.stores.pop(store.path, None)
+            continue
         except OSError as e:
             log.error("storage %s: sync failed: %s", store.path, e)
             continue
