@@ -351,8 +351,8 @@ for name in pairs(modules) do
   package.preload[name] = function() return loader(name) end
 end
 python = nil
-unpack, table.getn = table.unpack, function(t) return #t end
-loadstring = load
+package.path, package.cpath = "", ""  -- require finds built-in and plugin modules only
+_G.unpack, table.getn = table.unpack, function(t) return #t end
 debug = {traceback = debug.traceback, getinfo = debug.getinfo}
 EtcdKV = {}
 EtcdKV.__index = EtcdKV
@@ -373,9 +373,13 @@ local function flat_headers(body, status, headers, ...)
   end
   return body, status, headers
 end
+local load = load
 local function invoke(main, fname, http, ...)
   local env = setmetatable({}, meta)
   env._G = env
+  -- code loaded at run time sees the call's globals, and only as text
+  env.load = function(chunk, name, _, e) return load(chunk, name, "t", e or env) end
+  env.loadstring = env.load
   setupvalue(main, 1, env)
   main()
   local f = env[fname]
@@ -671,7 +675,7 @@ def _go_float(f: float) -> str:
         from decimal import Decimal
 
         return format(Decimal(text), "f")
-    return text
+    return text[:-2] if text.endswith(".0") else text
 
 
 class _JsonEncoder:
@@ -2209,6 +2213,8 @@ class LuaExecutor(Executor):
             if time.monotonic() > call.deadline:
                 raise ScriptTimeout(f"script {script.name} timed out") from None
             raise MsgscriptError(f"{script.name}: {first_line(str(e)) or type(e).__name__}") from None
+        if time.monotonic() > call.deadline:  # it caught the timeout error and carried on
+            raise ScriptTimeout(f"script {script.name} timed out")
         if not found:
             if script.http:
                 raise MethodNotAllowed(f"script {script.name} does not handle {fname} requests")

@@ -1,4 +1,4 @@
-"""The developer loop as a user runs it: `msgscript cli dev`, `cli devhttp`, `cli completion`, --help and usage errors."""
+"""The developer loop as a user runs it: `cli dev`, `cli devhttp`, `cli completion`, --help and usage errors."""
 
 from __future__ import annotations
 
@@ -154,9 +154,9 @@ class DevHttp:
     def __init__(self, *args, cwd: Path):
         self.port = free_port()
         self.log_path = cwd / f"devhttp-{self.port}.log"
-        self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([*MSGSCRIPT, "cli", "devhttp", *map(str, args), "--port", str(self.port)],
-                                     cwd=cwd, stdout=self.log, stderr=subprocess.STDOUT)
+        with open(self.log_path, "wb") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen([*MSGSCRIPT, "cli", "devhttp", *map(str, args), "--port", str(self.port)],
+                                         cwd=cwd, stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_port(self.port, 20, self.proc)
         except RuntimeError as e:
@@ -174,7 +174,6 @@ class DevHttp:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-        self.log.close()
         return self.proc.returncode
 
 
@@ -303,6 +302,19 @@ def test_every_command_answers_help(args):
     assert "usage" in (proc.stdout + proc.stderr).lower()
 
 
+def test_version_is_printed_with_exit_status_0():
+    proc = msgscript("--version")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("msgscript ")
+
+
+def test_no_command_prints_usage_and_fails():
+    proc = msgscript()
+    assert proc.returncode != 0
+    assert "usage" in proc.stderr.lower()
+    assert "Traceback" not in proc.stderr
+
+
 def test_msgscriptcli_answers_help():
     proc = subprocess.run([sys.executable, "-c", "import sys, msgscript; sys.exit(msgscript.cli_main())", "--help"],
                           capture_output=True, text=True, cwd=ROOT, timeout=30)
@@ -315,6 +327,9 @@ def test_msgscriptcli_answers_help():
     (["cli", "dev", "x.lua"], "-i"),
     (["server", "-port", "notanumber"], "notanumber"),
     (["nosuch"], "nosuch"),
+    (["cli", "devhttp", "nope.lua"], "nope.lua"),
+    (["cli", "dev", str(ROOT / "examples" / "hello.lua"), "-i", "x", "-p", "/no/such/plugins"], "/no/such/plugins"),
+    (["cli", "dev", str(ROOT / "examples" / "hello.lua"), "-i", "x", "-l", "/no/such/libs"], "/no/such/libs"),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else v)
 def test_wrong_usage_is_a_one_line_error(args, word):
     assert_one_line_error(msgscript(*args), word)

@@ -60,12 +60,12 @@ def podman_service(tmp_path_factory):
     stop()
 
 
-def podman_script(directory: Path, name: str, image: str, shell: str, subject: str = "") -> Path:
-    """A podman script file running `sh -c shell` in `image`."""
+def podman_script(directory: Path, name: str, image: str, shell: str, timeout: str = "30s") -> Path:
+    """A podman script file (subject pod.NAME) running `sh -c shell` in `image`."""
     command = shell.replace("\\", "\\\\").replace('"', '\\"')
     return write_script(directory, f"{name}.lua",
-                        f"--* subject: {subject or 'pod.' + name}\n--* name: {name}\n--* executor: podman\n"
-                        f'--* timeout: 30s\n{{"image": "{image}", "command": ["sh", "-c", "{command}"]}}\n')
+                        f"--* subject: pod.{name}\n--* name: {name}\n--* executor: podman\n"
+                        f'--* timeout: {timeout}\n{{"image": "{image}", "command": ["sh", "-c", "{command}"]}}\n')
 
 
 @pytest.fixture
@@ -184,6 +184,19 @@ def test_failing_container_is_a_500_with_its_stderr(start_server, pod_dir, podma
     assert "disk on fire" in resp.json()["fail"]["error"]
 
 
+def test_container_past_its_timeout_is_a_504_and_server_keeps_serving(start_server, pod_dir, podman_service,
+                                                                      nats_client):
+    podman_script(pod_dir, "slow", podman_service[1], "sleep 30", timeout="1s")
+    start_server("-script", str(pod_dir), env={"CONTAINER_HOST": podman_service[0]})
+    started = time.monotonic()
+    msg = nats_client.request("pod.slow", b"", timeout=20)
+    assert time.monotonic() - started < 10
+    error, code = error_of(msg)
+    assert code == "504"
+    assert "timed out" in error
+    assert nats_client.request("pod.echo", b"next", timeout=30).data == b"stdin=next subject=pod.echo payload=next\n"
+
+
 def test_missing_podman_socket_server_starts_and_lua_still_serves(start_server, tmp_path, nats_client):
     d = tmp_path / "scripts"
     d.mkdir()
@@ -213,6 +226,10 @@ def test_cli_dev_runs_a_wasm_script(wasm_dir, tmp_path):
     proc = dev(wasm_dir / "hello.lua", "-i", "Linus", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == b"Hello, Linus! (subject funcs.wasmhello)\n"
+
+    proc = dev(wasm_dir / "http.lua", "-i", "", "-m", "POST", cwd=tmp_path)  # HTTP mode: the result's body
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b"<h1>Hello from WASM</h1><p>POST /</p>\n"
 
     proc = dev(wasm_dir / "loop.lua", "-i", "", cwd=tmp_path)
     assert proc.returncode != 0
