@@ -4069,10 +4069,11 @@ def _cli_parser(prog: str = "msgscript cli") -> argparse.ArgumentParser:
 
 def _parse_args(argv: list[str]) -> argparse.Namespace:
     """`server ...` or `cli ...` into a Namespace with `.mode`; ConfigError on bad usage."""
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if not argv:
         raise SystemExit(_usage())
-    if argv[0] in ("-v", "--version", "version"):
-        raise SystemExit(f"msgscript {__version__}")
+    if argv[0] in ("-h", "--help", "help", "-v", "--version", "version"):
+        print(_usage() if argv[0] in ("-h", "--help", "help") else f"msgscript {__version__}")
+        raise SystemExit(0)
     mode, rest = argv[0], argv[1:]
     if mode == "server":
         args = _server_parser().parse_args(rest)
@@ -4133,7 +4134,7 @@ def run_cli(args: argparse.Namespace) -> int:
 def _cli_dev(args: argparse.Namespace) -> int:
     services, store = _dev_services(args)
     script = _dev_script(args, store)
-    dispatcher = Dispatcher(store, {n: c(services) for n, c in EXECUTORS.items()}, 2, 8, parse_duration(args.timeout))
+    dispatcher = Dispatcher(store, _LazyExecutors(services), 2, 8, parse_duration(args.timeout))
     payload = Path(args.input).read_bytes() if os.path.isfile(args.input) else args.input.encode()
     method = args.method.upper() if script.http else ""
     call = Call(script.subject, payload, method, "/")
@@ -4176,7 +4177,20 @@ def _dev_script(args, store: Store) -> Script:
             name, content = _parse_library(path, path.read_text(encoding="utf-8", errors="surrogateescape"))
             libraries[name] = content
     store._publish([script], libraries)
-    return store.scripts(script.subject)[0]
+    return Store.scripts(store, script.subject)[0]
+
+
+class _LazyExecutors(dict):
+    """The dev commands make an executor when a script first needs it (no podman probe for Lua)."""
+
+    def __init__(self, services: Services):
+        super().__init__()
+        self.services = services
+
+    def get(self, name, default=None):
+        if name not in self and name in EXECUTORS:
+            self[name] = EXECUTORS[name](self.services)
+        return dict.get(self, name, default)
 
 
 class _DevStore(Store):
@@ -4206,7 +4220,7 @@ def _cli_devhttp(args: argparse.Namespace) -> int:
     store = _DevStore(args)
     services.store = store
     script = _dev_script(args, store)
-    dispatcher = Dispatcher(store, {n: c(services) for n, c in EXECUTORS.items()}, 4, 64)
+    dispatcher = Dispatcher(store, _LazyExecutors(services), 4, 64)
     handler = type("Handler", (_DevHttpHandler,), {"dispatcher": dispatcher, "config": HttpConfig()})
     try:
         server = HttpServer(("127.0.0.1", args.port), handler)
