@@ -78,7 +78,7 @@ class MsgscriptProcess:
     def __init__(self, args: list[str], cwd: Path, env: dict | None = None):
         self.port = free_port()
         self.log_path = cwd / f"server-{self.port}.log"
-        self.logfile = open(self.log_path, "wb")
+        self.logfile = open(self.log_path, "wb")  # noqa: SIM115 - kept open for the process's lifetime
         full_env = dict(os.environ, PYTHONUNBUFFERED="1")
         full_env.pop("NATS_URL", None)
         full_env.update(env or {})
