@@ -91,7 +91,7 @@ def wait_port(port: int, timeout: float = 20) -> None:
 
 async def nats_latency(nc, subject: str, n: int) -> list[float]:
     times = []
-    for i in range(n):
+    for _ in range(n):
         t = time.perf_counter()
         await nc.request(subject, b"bench", timeout=5)
         times.append(time.perf_counter() - t)
@@ -139,8 +139,9 @@ def main() -> None:
         procs.append(subprocess.Popen([msgscript.find_nats_server(), "-a", "127.0.0.1", "-p", str(nats_port)],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         wait_port(nats_port)
+        extra = os.environ.get("MSGSCRIPT_FLAGS", "").split()  # e.g. MSGSCRIPT_FLAGS="-workers 2"
         procs.append(subprocess.Popen([sys.executable, str(ROOT / "msgscript.py"), "server", "-script", str(tmp),
-                                       "-natsurl", nats_url, "-port", str(ms_port), "-log", "warn"] + os.environ.get("MS_FLAGS", "").split()))
+                                       "-natsurl", nats_url, "-port", str(ms_port), "-log", "warn", *extra]))
         for code, arg in ((BARE_NATS, nats_url), (BARE_HTTP, str(bare_http_port))):
             procs.append(subprocess.Popen([sys.executable, "-c", code, arg], stdout=subprocess.PIPE,
                                           stderr=subprocess.DEVNULL))
