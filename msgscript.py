@@ -120,9 +120,13 @@ def parse_duration(text: str) -> float:
     """Seconds from a Go duration (`500ms`, `1m30s`) or a plain number of seconds."""
     text = text.strip()
     try:
-        return float(text)
+        seconds = float(text)
     except ValueError:
         pass
+    else:
+        if not 0 <= seconds < math.inf:
+            raise ConfigError(f"invalid duration {text!r} (use e.g. 500ms, 5s, 2m)")
+        return seconds
     pos, total = 0, 0.0
     for m in _DURATION.finditer(text):
         if m.start() != pos:
@@ -347,11 +351,40 @@ def _no_attributes(obj, name, is_setting):
 _SANDBOX_LUA = """
 local expired, modules, loader = ...
 local sethook, setupvalue, pack, unpack = debug.sethook, debug.setupvalue, table.pack, table.unpack
+local raw_load, raw_setmetatable, cocreate, resume = load, setmetatable, coroutine.create, coroutine.resume
 for name in pairs(modules) do
   package.preload[name] = function() return loader(name) end
 end
 python = nil
 package.path, package.cpath = "", ""  -- require finds built-in and plugin modules only
+-- require() must not hand out the unrestricted tables, nor load C code
+package.loaded.debug, package.loaded.python, package.loaded._G = nil, nil, nil
+package.searchers, package.loadlib = {package.searchers[1]}, nil
+string.dump = nil
+os.exit = function() error("os.exit is not available to scripts", 2) end
+load = function(chunk, name, _, env) return raw_load(chunk, name, "t", env) end
+local hook
+-- the count hook is per coroutine; Lua's coroutines start without one
+function coroutine.create(f) local co = cocreate(f); sethook(co, hook, "", 10000); return co end
+function coroutine.wrap(f)
+  local co = coroutine.create(f)
+  return function(...)
+    local r = pack(resume(co, ...))
+    if not r[1] then error(r[2], 0) end
+    return unpack(r, 2, r.n)
+  end
+end
+-- a message handler called from the hook's error would run with hooks off: call it after unwinding
+function xpcall(f, handler, ...)
+  local r = pack(pcall(f, ...))
+  if r[1] then return unpack(r, 1, r.n) end
+  return false, handler(r[2])
+end
+-- finalizers run with hooks off
+function setmetatable(t, mt)
+  if type(mt) == "table" and rawget(mt, "__gc") ~= nil then error("__gc metamethods are not supported", 2) end
+  return raw_setmetatable(t, mt)
+end
 _G.unpack, table.getn = table.unpack, function(t) return #t end
 debug = {traceback = debug.traceback, getinfo = debug.getinfo}
 EtcdKV = {}
@@ -361,8 +394,8 @@ function EtcdKV:getKey() return self.key end
 function EtcdKV:getValue() return self.value end
 local base = {}
 for k, v in pairs(_G) do base[k] = v end
-local meta = {__index = base}
-local function hook()
+local meta = {__index = base, __metatable = false}
+function hook()
   if expired() then sethook(hook, "", 1); error("script timed out", 0) end
 end
 local function flat_headers(body, status, headers, ...)
@@ -370,10 +403,12 @@ local function flat_headers(body, status, headers, ...)
     local parts = {}
     for k, v in pairs(headers) do parts[#parts + 1] = tostring(k); parts[#parts + 1] = tostring(v) end
     headers = table.concat(parts, "\0")
+  else
+    headers = nil
   end
   return body, status, headers
 end
-local load = load
+local load = raw_load
 local function invoke(main, fname, http, ...)
   local env = setmetatable({}, meta)
   env._G = env
@@ -2231,6 +2266,8 @@ class LuaExecutor(Executor):
             log.warning("Script returned no response (%s/%s)", script.subject, script.name)
             return Result()
         status = values[1] if len(values) > 1 and isinstance(values[1], (int, float)) else 200
+        if not (isinstance(status, int) or float(status).is_integer()) or not 100 <= status <= 599:
+            raise MsgscriptError(f"script {script.name} returned an invalid HTTP status {status!r}")
         flat = values[2].split(b"\0") if len(values) > 2 and isinstance(values[2], bytes) and values[2] else []
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in zip(flat[::2], flat[1::2], strict=True)}
         payload = b"" if body is None else as_bytes(body if isinstance(body, (bytes, str)) else ctx.text(body))
@@ -3012,6 +3049,16 @@ class WorkerPool:
         self._closed = False
         for _ in range(workers):
             self._spawn(extra=False)
+        threading.Thread(target=self._watch, name="pool-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        """Grow the pool when queued jobs wait on stuck workers, even if nothing more is submitted."""
+        while not self._closed:
+            time.sleep(self.stall)
+            if self._queued > 0 and time.monotonic() - self._last_start > self.stall:
+                with self._lock:
+                    if len(self._threads) < self.max_workers and not self._closed:
+                        self._spawn(extra=True)
 
     def _spawn(self, extra: bool) -> None:
         t = threading.Thread(target=self._work, args=(extra,), name=f"worker-{len(self._threads)}", daemon=True)
@@ -3144,6 +3191,7 @@ class NatsFront:
         self._loop_thread = 0
         self._publishers = threading.local()
         self.direct_replies = True
+        self.draining = False
 
     async def start(self) -> None:
         import nats
@@ -3188,6 +3236,8 @@ class NatsFront:
 
     async def sync(self) -> None:
         """Subscribe to new subjects and unsubscribe from removed ones."""
+        if self.draining:
+            return
         wanted = set(self.dispatcher.store.subjects())
         for subject in sorted(wanted - set(self.subs)):
             self.subs[subject] = await self.nc.subscribe(
@@ -3239,15 +3289,20 @@ class NatsFront:
         """One script of a subject that has several."""
         script = fanout.scripts[index]
         result = self.dispatcher.run_one(script, fanout.call)
-        if fanout.envelope is None:  # each result is its own reply, named
-            headers = {"Msgscript-Name": script.name}
-            if result.error:
-                headers.update(error_headers(result))
-            self._post(fanout.msg, result.payload, headers)
-        if fanout.done(index, result):
-            if fanout.envelope is not None and not fanout.envelope.get("async"):
-                self._post(fanout.msg, envelope_reply(fanout.scripts, fanout.results))
-            self.dispatcher.release()
+        try:
+            if fanout.envelope is None:  # each result is its own reply, named
+                headers = {"Msgscript-Name": script.name}
+                if result.error:
+                    headers.update(error_headers(result))
+                self._post(fanout.msg, result.payload, headers)
+        finally:
+            last = fanout.done(index, result)
+        if last:
+            try:
+                if fanout.envelope is not None and not fanout.envelope.get("async"):
+                    self._post(fanout.msg, envelope_reply(fanout.scripts, fanout.results))
+            finally:
+                self.dispatcher.release()
 
     def _post(self, msg, data: bytes, headers: dict | None = None) -> None:
         """Send a reply from any thread.
@@ -3260,10 +3315,16 @@ class NatsFront:
             if headers and "Nats-Service-Error" in headers:
                 log.warning("%s: %s (no reply subject)", msg.subject, headers["Nats-Service-Error"])
             return
-        if threading.get_ident() != self._loop_thread and self.direct_replies:
+        limit = self.nc.max_payload if self.nc else 0
+        if limit and len(data) > limit:
+            log.error("%s: reply of %d bytes is over the NATS max_payload of %d", msg.subject, len(data), limit)
+            data, headers = b"", {"Nats-Service-Error": f"reply of {len(data)} bytes is over NATS max_payload {limit}",
+                                  "Nats-Service-Error-Code": "500"}
+        url = self.nc.connected_url if self.nc else None
+        if threading.get_ident() != self._loop_thread and self.direct_replies and url is not None:
             publisher = getattr(self._publishers, "conn", None)
             if publisher is None:
-                publisher = self._publishers.conn = SyncPublisher(self.nc.connected_url)
+                publisher = self._publishers.conn = SyncPublisher(url)
             try:
                 return publisher.publish(msg.reply, data, headers)
             except (OSError, ValueError) as e:
@@ -3313,6 +3374,7 @@ class NatsFront:
 
     async def drain(self, deadline: float) -> None:
         """Stop taking messages, let the ones received finish, then close."""
+        self.draining = True
         for sub in list(self.subs.values()):
             try:
                 await asyncio.wait_for(sub.drain(), max(0.1, deadline - time.monotonic()))
@@ -3369,15 +3431,20 @@ def _nats_module(ctx: LuaContext) -> dict:
         return ctx.services.nats
 
     def publish(subject, payload=""):
+        if not isinstance(subject, str) or not subject:
+            return False, "nats.publish needs a subject"
         try:
-            bridge().publish(str(subject), as_bytes(payload), ctx.remaining(5))
+            bridge().publish(subject, b"" if payload is None else as_bytes(payload), ctx.remaining(5))
             return True, None
         except Exception as e:  # noqa: BLE001 - Lua gets false, err
             return False, first_line(str(e)) or type(e).__name__
 
     def request(subject, payload="", timeout=None):
+        if not isinstance(subject, str) or not subject:
+            return None, "nats.request needs a subject"
         try:
-            msg = bridge().request(str(subject), as_bytes(payload), ctx.remaining(float(timeout or 5)))
+            msg = bridge().request(subject, b"" if payload is None else as_bytes(payload),
+                                   ctx.remaining(float(timeout or 5)))
         except Exception as e:  # noqa: BLE001 - Lua gets nil, err
             return None, first_line(str(e)) or type(e).__name__
         if msg.headers and "Nats-Service-Error" in msg.headers:
@@ -3598,7 +3665,7 @@ class HttpHandler(BaseHTTPRequestHandler):
             body = self.read_body()
             timeout = self.config.timeout
             if "_timeout" in params:
-                timeout = parse_duration(params["_timeout"][-1])
+                timeout = min(timeout, parse_duration(params["_timeout"][-1]))
             call = Call(subject, body, self.command, url, time.monotonic() + timeout)
             scripts = self.dispatcher.scripts(subject)
             self.dispatcher.admit()
@@ -3666,10 +3733,12 @@ class HttpHandler(BaseHTTPRequestHandler):
 
     def send(self, status: int, body: bytes, headers: dict[str, str]) -> None:
         """Status line, headers and body in one write."""
+        if status < 200 or status in (204, 304):
+            body = b""
         head = [f"HTTP/1.1 {status} {_STATUS_TEXT.get(status, 'Status')}\r\nServer: {self.server_version}\r\n"
                 f"Content-Length: {len(body)}\r\n"]
         for name, value in headers.items():
-            if "\n" in name or "\r" in name or name.lower() == "content-length":
+            if "\n" in name or "\r" in name or name.lower() in ("content-length", "transfer-encoding", "connection"):
                 continue
             if "\n" in value or "\r" in value:
                 value = _header_safe(value)
