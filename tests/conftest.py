@@ -44,6 +44,20 @@ def wait_port(port: int, timeout: float = 15, proc: subprocess.Popen | None = No
     raise RuntimeError(f"port {port} never opened")
 
 
+def run_lua(src, *args, plugin_dirs=(msgscript.BUNDLED_PLUGINS,), fname="OnMessage", timeout=5, python=False):
+    """Run a Lua source's `fname(*args)` with the bundled plugins, as the server would.
+
+    Returns the results as a list: Lua values (strings as bytes), or, with `python`,
+    converted to Python values (tables to dicts/lists, bytes to str).
+    """
+    services = msgscript.Services()
+    msgscript.load_plugins([str(d) for d in plugin_dirs], services.modules)
+    script = msgscript.Script("t.sub", "t", src)
+    runner = msgscript.LuaRunner(script, src, services, 64 * 2**20)
+    _found, *values = runner.call(fname, time.monotonic() + timeout, *args)
+    return [runner.ctx.to_python(v) for v in values] if python else values
+
+
 class NatsServer:
     """A real nats-server on a free loopback port; restartable on the same port."""
 

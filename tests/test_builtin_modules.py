@@ -16,17 +16,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import msgscript  # noqa: E402
 
 
 
-def run(src, *args, plugin_dirs=(msgscript.BUNDLED_PLUGINS,), fname="OnMessage", timeout=5):
-    services = msgscript.Services()
-    msgscript.load_plugins([str(d) for d in plugin_dirs], services.modules)
-    script = msgscript.Script("t.sub", "t", src)
-    runner = msgscript.LuaRunner(script, src, services, 64 * 2**20)
-    ok, *values = runner.call(fname, time.monotonic() + timeout, *args)
-    return values
+from conftest import run_lua as run  # noqa: E402
 
 
 def lua(module: str, body: str, *args, timeout=5):

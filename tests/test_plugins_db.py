@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-import msgscript
+from conftest import run_lua
 
 MARIADB = ("127.0.0.1", 3306)
 POSTGRES = ("127.0.0.1", 5432)
@@ -15,13 +15,8 @@ PG_URL = "postgres://postgres@127.0.0.1:5432/test"
 
 
 def lua(src, *args, timeout=5):
-    """Run `OnMessage(*args)` of a Lua source with the bundled plugins; values as Python (bytes -> str)."""
-    services = msgscript.Services()
-    msgscript.load_plugins([str(msgscript.BUNDLED_PLUGINS)], services.modules)
-    script = msgscript.Script("t.sub", "t", src)
-    runner = msgscript.LuaRunner(script, src, services, 64 * 2**20)
-    ok, *values = runner.call("OnMessage", time.monotonic() + timeout, *[a.encode() for a in args])
-    return [runner.ctx.to_python(v) for v in values]
+    """Run `OnMessage(*args)` with the bundled plugins; values as Python (bytes -> str)."""
+    return run_lua(src, *[a.encode() for a in args], timeout=timeout, python=True)
 
 
 def listening(addr) -> bool:

@@ -1,8 +1,7 @@
 """The `scrape` plugin: finding attributes and text in HTML from Lua."""
 
-import time
 
-import msgscript
+from conftest import run_lua
 
 PAGE = """<!DOCTYPE html>
 <html><head><title>Shop</title></head>
@@ -20,13 +19,8 @@ PAGE = """<!DOCTYPE html>
 
 
 def lua(src, *args, timeout=5):
-    """Run `OnMessage(*args)` of a Lua source with the bundled plugins; values as Python (bytes -> str)."""
-    services = msgscript.Services()
-    msgscript.load_plugins([str(msgscript.BUNDLED_PLUGINS)], services.modules)
-    script = msgscript.Script("t.sub", "t", src)
-    runner = msgscript.LuaRunner(script, src, services, 64 * 2**20)
-    ok, *values = runner.call("OnMessage", time.monotonic() + timeout, *args)
-    return [runner.ctx.to_python(v) for v in values]
+    """Run `OnMessage(*args)` with the bundled plugins; values as Python (bytes -> str)."""
+    return run_lua(src, *args, timeout=timeout, python=True)
 
 
 def scrape(call):

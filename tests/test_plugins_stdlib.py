@@ -12,13 +12,7 @@ import pytest
 import msgscript
 
 
-def run(src, *args, plugin_dirs=(msgscript.BUNDLED_PLUGINS,), fname="OnMessage", timeout=5):
-    services = msgscript.Services()
-    msgscript.load_plugins([str(d) for d in plugin_dirs], services.modules)
-    script = msgscript.Script("t.sub", "t", src)
-    runner = msgscript.LuaRunner(script, src, services, 64 * 2**20)
-    ok, *values = runner.call(fname, time.monotonic() + timeout, *args)
-    return values
+from conftest import run_lua as run  # noqa: E402
 
 
 def lua(body, *args, timeout=5):

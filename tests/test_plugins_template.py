@@ -1,18 +1,12 @@
 """The `template` plugin: mustache rendering as Lua scripts use it."""
 
-import time
 
-import msgscript
+from conftest import run_lua
 
 
 def lua(src, *args, timeout=5):
-    """Run `OnMessage(*args)` of a Lua source with the bundled plugins; values as Python (bytes -> str)."""
-    services = msgscript.Services()
-    msgscript.load_plugins([str(msgscript.BUNDLED_PLUGINS)], services.modules)
-    script = msgscript.Script("t.sub", "t", src)
-    runner = msgscript.LuaRunner(script, src, services, 64 * 2**20)
-    ok, *values = runner.call("OnMessage", time.monotonic() + timeout, *args)
-    return [runner.ctx.to_python(v) for v in values]
+    """Run `OnMessage(*args)` with the bundled plugins; values as Python (bytes -> str)."""
+    return run_lua(src, *args, timeout=timeout, python=True)
 
 
 def render(tmpl, values_lua="{}"):
