@@ -3903,9 +3903,46 @@ def render_markdown(text: str) -> str:
 
 
 class HttpServer(ThreadingHTTPServer):
+    """One thread per connection, reused for later connections.
+
+    Lua runtimes are cached per thread, so a thread that outlives its connection serves the
+    next client's scripts warm instead of building new runtimes (a client that opens a
+    connection per request would otherwise pay for that every time).
+    """
+
     daemon_threads = True
     request_queue_size = 256
     allow_reuse_address = True
+    idle_seconds = 60.0
+
+    def __init__(self, *args, **kwargs):
+        self._handoff: queue.SimpleQueue = queue.SimpleQueue()
+        self._idle = 0  # threads waiting for a connection and not yet promised one
+        self._idle_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request, client_address):
+        with self._idle_lock:
+            if self._idle:
+                self._idle -= 1
+                self._handoff.put((request, client_address))
+                return
+        threading.Thread(target=self._serve_connections, args=(request, client_address), daemon=True,
+                         name="http").start()
+
+    def _serve_connections(self, request, client_address) -> None:
+        while True:
+            self.process_request_thread(request, client_address)
+            with self._idle_lock:
+                self._idle += 1
+            try:
+                request, client_address = self._handoff.get(timeout=self.idle_seconds)
+            except queue.Empty:
+                with self._idle_lock:
+                    if self._idle:  # nobody promised this thread a connection: leave
+                        self._idle -= 1
+                        return
+                request, client_address = self._handoff.get()  # one is on its way
 
 
 def make_http_server(port: int, dispatcher: Dispatcher, config: HttpConfig, host: str = "") -> HttpServer:
