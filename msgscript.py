@@ -113,30 +113,38 @@ def parse_bool(value: str) -> bool:
     return value in ("1", "t", "T", "TRUE", "true", "True")
 
 
-_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
-_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"([0-9]*\.?[0-9]*)(ns|us|µs|μs|ms|s|m|h)")
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def go_duration(text: str) -> float:
+    """Seconds in a Go time.ParseDuration string ("1h30m", "1.5s", "300ms"); ValueError otherwise."""
+    sign, rest = (-1, text[1:]) if text[:1] == "-" else (1, text.lstrip("+"))
+    if rest == "0":
+        return 0.0
+    total, pos = 0.0, 0
+    while pos < len(rest) or pos == 0:
+        m = _DURATION.match(rest, pos)
+        if not m or m.group(1) in ("", "."):
+            raise ValueError(f'time: invalid duration "{text}"')
+        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        pos = m.end()
+    return sign * total
 
 
 def parse_duration(text: str) -> float:
-    """Seconds from a Go duration (`500ms`, `1m30s`) or a plain number of seconds."""
+    """Seconds (finite, not negative) from a Go duration (`500ms`, `1m30s`) or a plain number."""
     text = text.strip()
     try:
         seconds = float(text)
     except ValueError:
-        pass
-    else:
-        if not 0 <= seconds < math.inf:
-            raise ConfigError(f"invalid duration {text!r} (use e.g. 500ms, 5s, 2m)")
-        return seconds
-    pos, total = 0, 0.0
-    for m in _DURATION.finditer(text):
-        if m.start() != pos:
-            break
-        total += float(m.group(1)) * _UNITS[m.group(2)]
-        pos = m.end()
-    if not text or pos != len(text):
+        try:
+            seconds = go_duration(text)
+        except ValueError:
+            seconds = math.nan
+    if not 0 <= seconds < math.inf:
         raise ConfigError(f"invalid duration {text!r} (use e.g. 500ms, 5s, 2m)")
-    return total
+    return seconds
 
 
 _SIZE = re.compile(r"(?i)^\s*(\d+(?:\.\d+)?)\s*(b|k|kb|kib|m|mb|mib|g|gb|gib)?\s*$")
@@ -1538,29 +1546,12 @@ def _json_module(ctx):
 # http ########################################################################
 ###############################################################################
 
-_DURATION_RE = re.compile(r"([0-9]*\.?[0-9]*)(ns|us|µs|μs|ms|s|m|h)")
-_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _REDIRECTS = (301, 302, 303, 307, 308)
 _DEADLINE = "context deadline exceeded"
 
 
 class _HttpError(Exception):
     """A request failure reported to the script as `nil, err`."""
-
-
-def go_duration(text: str) -> float:
-    """Seconds in a Go time.ParseDuration string ("1h30m", "1.5s", "300ms")."""
-    sign, rest = (-1, text[1:]) if text[:1] == "-" else (1, text.lstrip("+"))
-    if rest == "0":
-        return 0.0
-    total, pos = 0.0, 0
-    while pos < len(rest) or pos == 0:
-        m = _DURATION_RE.match(rest, pos)
-        if not m or m.group(1) in ("", "."):
-            raise _HttpError(f'time: invalid duration "{text}"')
-        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-        pos = m.end()
-    return sign * total
 
 
 def _canonical(name: str) -> str:
@@ -1574,7 +1565,10 @@ def _pairs(ctx, table) -> dict:
 def _time_limit(ctx, timeout) -> float:
     """Seconds the request may take: the `timeout` option, never past the script's deadline."""
     if isinstance(timeout, bytes):
-        timeout = go_duration(_utf8(timeout))
+        try:
+            timeout = go_duration(_utf8(timeout))
+        except ValueError as e:
+            raise _HttpError(str(e)) from None
     elif not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
         return ctx.remaining()
     return ctx.remaining(timeout) if timeout > 0 else 0.0
@@ -2579,7 +2573,7 @@ def _trap_text(exc: BaseException) -> str:
     text = str(exc)
     if "Caused by:" in text:
         text = text.split("Caused by:", 1)[1]
-    return first_line(text.strip()).splitlines()[0].strip() if text.strip() else type(exc).__name__
+    return first_line(text) or type(exc).__name__
 
 
 class _Capture:
@@ -2948,7 +2942,7 @@ class PodmanExecutor(Executor):
 def _api_text(exc) -> str:
     """The podman service's own error message."""
     explanation = getattr(exc, "explanation", None) or str(exc)
-    return first_line(str(explanation)).splitlines()[0] if explanation else type(exc).__name__
+    return first_line(str(explanation)) or type(exc).__name__
 
 
 EXECUTORS: dict[str, type[Executor]] = {"lua": LuaExecutor, "wasm": WasmExecutor, "podman": PodmanExecutor}
@@ -3197,7 +3191,8 @@ def parse_envelope(data: bytes) -> dict | None:
 
 
 def _header_safe(text: str) -> str:
-    return " ".join(str(text).split())[:1024] or "error"
+    """One line for a header value."""
+    return first_line(text)[:1024] or "error"
 
 
 def error_headers(result: Result) -> dict[str, str]:

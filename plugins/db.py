@@ -19,9 +19,9 @@ import time
 import urllib.parse
 import weakref
 
+import msgscript
+
 _ESCAPES = {"\r": "\\r", "\n": "\\n", "\\": "\\\\", "'": "\\'", '"': '\\"', "\032": "\\Z"}
-_DURATION = re.compile(r"(\d+(?:\.\d*)?)(ns|us|µs|ms|s|m|h)")
-_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _SQLITE_URI_KEYS = ("cache", "mode", "immutable", "vfs", "nolock")
 _INT64 = range(-(2**63), 2**63)
 
@@ -87,10 +87,10 @@ def format_placeholders(sql: str, count: int, backslash_escapes: bool) -> str:
 
 def go_duration(text: str) -> float | None:
     """Seconds in a Go duration string such as "30s" or "1m30s"; None when it is not one."""
-    parts = _DURATION.findall(text)
-    if not parts or "".join(n + u for n, u in parts) != text:
+    try:
+        return msgscript.go_duration(text)
+    except ValueError:
         return None
-    return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
 
 
 def parse_mysql_dsn(dsn: str) -> dict:
