@@ -5,6 +5,10 @@
 # Usage: ./test.sh [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")"
+case "${1:-}" in -h|--help)
+  echo "usage: ./test.sh [pytest args...]   set up .venv and the services the tests need, then run pytest"
+  exit 0;;
+esac
 
 log() { printf '[test.sh] %s\n' "$*" >&2; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else "$@"; fi; }
