@@ -3722,10 +3722,10 @@ class HttpHandler(BaseHTTPRequestHandler):
 
     def serve(self) -> None:
         try:
+            body = self.read_body()  # first, so that an error reply leaves the connection usable
             if self.path.startswith("/_/") or self.path in ("/_", "/"):
                 return self.admin()
             subject, url, params = split_target(self.path)
-            body = self.read_body()
             timeout = self.config.timeout
             if "_timeout" in params:
                 timeout = min(timeout, parse_duration(params["_timeout"][-1]))

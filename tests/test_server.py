@@ -465,3 +465,14 @@ def test_bad_flags_and_missing_dirs_are_one_line_errors(tmp_path):
 def test_examples_dir_has_the_readme_examples():
     names = {p.name for p in Path(EXAMPLES).glob("*.lua")}
     assert {"hello.lua", "http_hello.lua", "json.lua", "failing.lua"} <= names
+
+
+def test_error_reply_keeps_a_keep_alive_connection_usable(examples_server):
+    conn = http.client.HTTPConnection("127.0.0.1", examples_server.port)
+    for target, status in (("/bad%20subject", 400), ("/no.such.subject", 404)):
+        conn.request("POST", target, body=b"x" * 1000)
+        r = conn.getresponse()
+        r.read()
+        assert r.status == status
+    conn.request("POST", "/http.hello", body=b"again")
+    assert conn.getresponse().read() == b"Hello, again!"
