@@ -470,7 +470,7 @@ def test_examples_dir_has_the_readme_examples():
 def test_error_reply_keeps_a_keep_alive_connection_usable(examples_server):
     conn = http.client.HTTPConnection("127.0.0.1", examples_server.port)
     for target, status in (("/bad%20subject", 400), ("/no.such.subject", 404)):
-        conn.request("POST", target, body=b"x" * 1000)
+        conn.request("POST", target, body=b"a b c d\r\n" * 100)
         r = conn.getresponse()
         r.read()
         assert r.status == status
