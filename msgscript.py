@@ -3351,7 +3351,9 @@ class NatsFront:
         url = self.nc.connected_url if self.nc else None
         if threading.get_ident() != self._loop_thread and self.direct_replies and url is not None:
             publisher = getattr(self._publishers, "conn", None)
-            if publisher is None:
+            if publisher is None or publisher.url != url:  # first use, or the client moved servers
+                if publisher is not None:
+                    publisher.close()
                 publisher = self._publishers.conn = SyncPublisher(url)
             try:
                 return publisher.publish(msg.reply, data, headers)
@@ -3470,7 +3472,7 @@ class SyncPublisher:
         u = self.url
         if u.scheme == "tls":
             raise ValueError("TLS connection")
-        sock = socket.create_connection((u.hostname, u.port or 4222), 2)
+        sock = socket.create_connection((u.hostname, u.port or 4222), 0.5)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         reader = sock.makefile("rb")
         info = json.loads(reader.readline().split(b" ", 1)[1])
