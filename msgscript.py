@@ -3357,7 +3357,11 @@ class NatsFront:
                 publisher = self._publishers.conn = SyncPublisher(url)
             try:
                 return publisher.publish(msg.reply, data, headers)
-            except (OSError, ValueError) as e:
+            except ValueError as e:  # TLS or authentication this connection cannot do
+                log.info("replies go through the main NATS connection: %s", e)
+                self.direct_replies = False
+                publisher.close()
+            except OSError as e:
                 log.debug("direct reply failed (%s); using the main connection", e)
                 publisher.close()
         self._outbox.append((msg.reply, data, headers))
@@ -3457,8 +3461,9 @@ class SyncPublisher:
     Replies go straight from the worker that produced them to the NATS server (any
     connection may publish to a requester's inbox).  It answers the server's PINGs before
     each publish and reconnects after an idle minute, so a reply is never written into a
-    connection the server already dropped.  TLS URLs raise ValueError: the caller then uses
-    the loop's connection.
+    connection the server already dropped.  What it cannot do (TLS, authentication other than
+    a URL's user/password or token) raises ValueError: the caller then uses the loop's
+    connection for good.
     """
 
     idle_reconnect = 60.0
@@ -3492,7 +3497,7 @@ class SyncPublisher:
         reader.close()
         if not line.startswith(b"PONG"):
             sock.close()
-            raise OSError(f"NATS refused the reply connection: {line.decode(errors='replace').strip()}")
+            raise ValueError(f"NATS refused the reply connection: {line.decode(errors='replace').strip()}")
         # Blocking mode (no poll before every send) with a kernel-side send timeout instead.
         sock.settimeout(None)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 2, 0))
