@@ -1168,11 +1168,15 @@ class LuaContext:
         return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
 
     def fn(self, func: Callable) -> Callable:
-        """Wrap a Python function for Lua: bytes args -> str, results -> Lua values."""
+        """Wrap a Python function for Lua: bytes args -> str, results -> Lua values.
+
+        Extra arguments are dropped, as Lua functions ignore them.
+        """
         to_lua, text = self.to_lua, self.text
+        most = _max_positional(func)
 
         def wrapper(*args):
-            out = func(*[text(a) if isinstance(a, bytes) else a for a in args])
+            out = func(*[text(a) if isinstance(a, bytes) else a for a in args[:most]])
             if isinstance(out, tuple):
                 return tuple(to_lua(v) for v in out)
             return to_lua(out)
@@ -1182,6 +1186,19 @@ class LuaContext:
     def module(self, members: dict) -> Any:
         """A Lua table of module members; Python callables become Lua functions."""
         return self.lua.table_from({k.encode(): self.to_lua(v) for k, v in members.items()})
+
+
+def _max_positional(func: Callable) -> int | None:
+    """How many positional arguments `func` takes (None: any number)."""
+    import inspect
+
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return None
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
 
 
 def _is_table(value) -> bool:
@@ -4260,9 +4277,31 @@ def _dev_services(args) -> tuple[Services, Store]:
         if not os.path.isdir(d):
             raise ConfigError(f"plugin directory {d} does not exist")
     load_plugins([str(BUNDLED_PLUGINS)] + args.plugin, services.modules)
+    if args.natsurl or os.environ.get("NATS_URL"):  # optional: lets nats.* work while developing
+        services.nats = _dev_nats(args.natsurl or os.environ["NATS_URL"])
     store = Store()
     services.store = store
     return services, store
+
+
+def _dev_nats(url: str) -> NatsBridge:
+    """A NATS connection on a background loop, for scripts run by `cli dev` / `devhttp`."""
+    import nats
+
+    async def quiet(_error):
+        pass
+
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, name="nats", daemon=True).start()
+    try:
+        connect = nats.connect(url, connect_timeout=2, max_reconnect_attempts=0, allow_reconnect=False,
+                               error_cb=quiet)
+        nc = asyncio.run_coroutine_threadsafe(asyncio.wait_for(connect, 3), loop).result(5)
+    except (TimeoutError, asyncio.TimeoutError, concurrent.futures.TimeoutError):
+        raise ConfigError(f"cannot connect to NATS at {url}: no answer within 3s") from None
+    except Exception as e:  # noqa: BLE001 - one line for the CLI
+        raise ConfigError(f"cannot connect to NATS at {url}: {first_line(str(e)) or type(e).__name__}") from None
+    return NatsBridge(nc, loop)
 
 
 def _dev_script(args, store: Store) -> Script:

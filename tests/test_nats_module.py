@@ -60,3 +60,31 @@ end
     p = subprocess.run([*MSGSCRIPT, "cli", "dev", str(script), "-i", "x"], capture_output=True, text=True,
                        timeout=60)
     assert p.returncode == 0 and p.stdout.strip() == "false Not connected to NATS"
+
+
+def test_cli_dev_with_natsurl_publishes(tmp_path, nats_server, nats_client):
+    script = write_script(tmp_path, "p.lua", """--* subject: dev.p
+--* name: p
+function OnMessage(_, p)
+  local ok, err = require("nats").publish("dev.events", "from dev: " .. p)
+  return tostring(ok) .. " " .. tostring(err)
+end
+""")
+
+    async def go():
+        sub = await nats_client.nc.subscribe("dev.events")
+        await nats_client.nc.flush()
+        p = subprocess.run([*MSGSCRIPT, "cli", "-u", nats_server.url, "dev", str(script), "-i", "hey"],
+                           capture_output=True, text=True, timeout=60)
+        return p, (await sub.next_msg(5)).data
+
+    p, event = nats_client.run(go())
+    assert p.returncode == 0 and p.stdout.strip() == "true nil", p.stderr
+    assert event == b"from dev: hey"
+
+
+def test_cli_dev_with_unreachable_nats_is_one_line(tmp_path):
+    script = write_script(tmp_path, "q.lua", "--* subject: dev.q\n--* name: q\nfunction OnMessage() return 'x' end\n")
+    p = subprocess.run([*MSGSCRIPT, "cli", "-u", "nats://127.0.0.1:1", "dev", str(script), "-i", "x"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0 and "cannot connect to NATS" in p.stderr and "Traceback" not in p.stderr
