@@ -4297,7 +4297,7 @@ def _dev_nats(url: str) -> NatsBridge:
         connect = nats.connect(url, connect_timeout=2, max_reconnect_attempts=0, allow_reconnect=False,
                                error_cb=quiet)
         nc = asyncio.run_coroutine_threadsafe(asyncio.wait_for(connect, 3), loop).result(5)
-    except (TimeoutError, asyncio.TimeoutError, concurrent.futures.TimeoutError):
+    except TimeoutError:
         raise ConfigError(f"cannot connect to NATS at {url}: no answer within 3s") from None
     except Exception as e:  # noqa: BLE001 - one line for the CLI
         raise ConfigError(f"cannot connect to NATS at {url}: {first_line(str(e)) or type(e).__name__}") from None
