@@ -21,6 +21,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import msgscript  # noqa: E402
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With MSGSCRIPT_NO_SKIP=1 (set by test.sh in CI) a skipped test is a failed test."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("MSGSCRIPT_NO_SKIP") == "1" and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI, where every dependency must be present: {reason}"
+
+
 # How a user runs it: the msgscript command (here through this interpreter and the checkout).
 MSGSCRIPT = [sys.executable, str(ROOT / "msgscript.py")]
 
@@ -99,8 +110,11 @@ class MsgscriptProcess:
         self.proc = subprocess.Popen([*MSGSCRIPT, "server", "-port", str(self.port), *args], cwd=cwd,
                                      stdout=self.logfile, stderr=subprocess.STDOUT, env=full_env)
         self.base = f"http://127.0.0.1:{self.port}"
-        wait_port(self.port, 20, self.proc)
-        self.wait_log("serving", 20)
+        try:
+            wait_port(self.port, 20, self.proc)
+            self.wait_log("serving", 20)
+        except (RuntimeError, AssertionError) as e:
+            raise RuntimeError(f"msgscript server did not start ({e}); its log ends:\n{self.log[-2000:]}") from None
 
     @property
     def log(self) -> str:

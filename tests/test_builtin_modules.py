@@ -127,22 +127,6 @@ def test_json_round_trip_of_unicode_and_escapes():
     assert json.loads(lua("json", src)[0]) == {"s": 'é "q" \\ / <\0>'}
 
 
-def test_json_cost_of_a_small_table(capsys):
-    src = """
-    local t = {id = 42, name = "widget", tags = {"a", "b"}, price = 9.5, ok = true}
-    local s = M.encode(t)
-    local n = 5000
-    local c0 = os.clock() for _ = 1, n do M.encode(t) end
-    local c1 = os.clock() for _ = 1, n do M.decode(s) end
-    local c2 = os.clock()
-    return (c1 - c0) / n * 1e6, (c2 - c1) / n * 1e6
-    """
-    encode_us, decode_us = lua("json", src, timeout=30)
-    with capsys.disabled():
-        print(f"\njson small table: encode {encode_us:.1f} us/call, decode {decode_us:.1f} us/call")
-    assert encode_us < 500 and decode_us < 500
-
-
 ###############################################################################
 # http ########################################################################
 ###############################################################################

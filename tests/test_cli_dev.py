@@ -249,7 +249,9 @@ def test_completion_script_mentions_commands_and_flags(shell):
     flags = [f"-l {f[2:]}" for f in FLAG_WORDS] if shell == "fish" else FLAG_WORDS  # fish: `-l subject`
     for word in (*COMMAND_WORDS, *flags, "server", "msgscriptcli"):
         assert word in proc.stdout, f"{word} missing from the {shell} completion"
-    if shutil.which(shell) and shell != "bash":
+    if shell != "bash":
+        if not shutil.which(shell):
+            pytest.skip(f"{shell} is not installed, so its completion script is not syntax-checked")
         check = {"zsh": ["zsh", "-n"], "fish": ["fish", "--no-execute"]}[shell]
         parsed = subprocess.run([*check], input=proc.stdout, capture_output=True, text=True, timeout=30)
         assert parsed.returncode == 0, parsed.stderr

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import threading
@@ -207,20 +206,11 @@ def test_wasm_calls_from_many_threads(wasm, wasm_dir):
     assert errors == [] and len(results) == 160 and all(results)
 
 
-def test_wasm_warm_hello_is_well_under_a_millisecond(wasm, wasm_dir):
+def test_warm_wasm_calls_repeat_without_growing_state(wasm, wasm_dir):
+    """200 warm calls give the same answer (speed is measured by bench/bench_executors.py)."""
     script = wasm_script(wasm_dir, "hello.wasm")
-    wasm.run(script, call(b"warm"))
-    medians = []
-    for _ in range(3):  # the best of three batches, so a busy machine does not fail the test
-        times = []
-        for _ in range(200):
-            c = call(b"bench")
-            started = time.perf_counter()
-            wasm.run(script, c)
-            times.append(time.perf_counter() - started)
-        medians.append(statistics.median(times) * 1e6)
-    print(f"\nwarm wasm hello: median {min(medians):.0f} us over 200 calls (batches: {medians})")
-    assert min(medians) < 1000
+    outputs = {wasm.run(script, call(b"again")).payload for _ in range(200)}
+    assert len(outputs) == 1 and b"again" in outputs.pop()
 
 
 # Podman -----------------------------------------------------------------------

@@ -116,7 +116,6 @@ def test_http_errors_404_400_413(examples_server):
     base = examples_server.base
     assert requests.get(f"{base}/no.such.subject").status_code == 404
     assert requests.get(f"{base}/funcs.hello/%2F..%2Fetc").status_code == 400
-    assert requests.get(f"{base}/funcs.hello/../x").status_code in (400, 404)  # clients may normalise ..
     conn = http.client.HTTPConnection("127.0.0.1", examples_server.port)
     conn.putrequest("GET", "/funcs.hello/../../etc/passwd", skip_host=False)
     conn.endheaders()
@@ -240,7 +239,7 @@ def test_unknown_subject_over_nats_is_404(start_server, tmp_path, nats_client):
     start_server("-script", str(tmp_path))
     import nats.errors
 
-    with pytest.raises((nats.errors.NoRespondersError, nats.errors.TimeoutError)):  # not subscribed at all
+    with pytest.raises(nats.errors.NoRespondersError):  # not subscribed at all
         nats_client.request("funcs.nobody", b"x", timeout=1)
 
 
@@ -372,7 +371,8 @@ end
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         codes = list(pool.map(lambda _: requests.get(f"{srv.base}/slow.busy").status_code, range(6)))
     assert codes.count(429) >= 1 and codes.count(200) >= 1
-    assert error_of(nats_client.request("slow.busy", b""))[1] in (None, "429")
+    msg = nats_client.request("slow.busy", b"")  # nothing in flight any more: served again
+    assert msg.data == b"done" and error_of(msg) == (None, None)
 
 
 def test_erroring_script_under_200_concurrent_requests(start_server, tmp_path):

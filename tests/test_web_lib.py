@@ -13,28 +13,11 @@ LIBRARY = ROOT / "examples" / "libs" / "web.lua"
 EXAMPLE = ROOT / "examples" / "web.lua"
 
 
-def _stand_in_json(ctx):
-    """Used only while the built-in `json` module does not exist yet."""
-
-    def encode(value):
-        return json.dumps(ctx.to_python(value), sort_keys=True, separators=(",", ":"))
-
-    def decode(text):
-        try:
-            return json.loads(text)
-        except ValueError as e:
-            return None, str(e)
-
-    return {"encode": encode, "decode": decode}
-
-
 @pytest.fixture(scope="module")
 def call():
     """call(method, url, body=b"") -> Result, running the example with the library prepended."""
     services = msgscript.Services()
     msgscript.load_plugins([str(msgscript.BUNDLED_PLUGINS)], services.modules)
-    if "json" not in msgscript.LUA_MODULES:
-        services.modules["json"] = _stand_in_json
     script = msgscript.parse_script(EXAMPLE.read_text(), str(EXAMPLE))
     assert script.http and script.libraries == ["web"]
     script.content = LIBRARY.read_text() + "\n" + script.content
