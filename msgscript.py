@@ -2473,7 +2473,7 @@ class WasmExecutor(Executor):
             st = os.stat(path)
         except OSError as e:
             raise MsgscriptError(f"wasm module {path}: {e.strerror}") from None
-        version = (st.st_mtime_ns, st.st_size)
+        version = (st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns)  # also a same-size file moved in
         with self._lock:
             cached = self._cache.get(path)
         if cached and cached[0] == version:
@@ -2509,9 +2509,10 @@ class WasmExecutor(Executor):
             if remaining <= 0:
                 raise ScriptTimeout("script timed out")
             store.set_epoch_deadline(_ticks(remaining))
-            exit_code, trap, instance = 0, None, None
+            exit_code, trap, instance, start_size = 0, None, None, 0
             try:
                 instance = pre.instantiate(store)
+                start_size = self._memory_size(store, instance)
                 instance.exports(store)["_start"](store)
             except wasmtime.ExitTrap as e:
                 exit_code = e.code
@@ -2521,7 +2522,7 @@ class WasmExecutor(Executor):
                 trap = _trap_text(e)
             except KeyError:
                 raise MsgscriptError("wasm module has no _start export (build it as a WASI command)") from None
-        at_limit = lambda: self._at_limit(store, instance, memory_limit, trap)  # noqa: E731 - only on failure
+        at_limit = lambda: self._at_limit(store, instance, memory_limit, trap, start_size)  # noqa: E731
         return self._result(script, output, exit_code, trap, at_limit)
 
     def _store(self, script: Script, call: Call, output: _Capture, stdin: str | None, memory_limit: int):
@@ -2538,17 +2539,20 @@ class WasmExecutor(Executor):
         store.set_limits(memory_size=memory_limit)
         return store
 
-    def _at_limit(self, store, instance, memory_limit: int, trap: str | None) -> bool:
-        """Whether the module failed for lack of memory: too big to start, or its memory close to the limit.
+    def _memory_size(self, store, instance) -> int:
+        memory = instance.exports(store).get("memory")
+        return memory.data_len(store) if isinstance(memory, self._wasmtime.Memory) else 0
 
-        Wasmtime's store limit makes `memory.grow` fail quietly (malloc returns NULL), so "close to the
-        limit" (within an eighth of it, at least 4 MiB) after a failure is the best evidence there is.
+    def _at_limit(self, store, instance, memory_limit: int, trap: str | None, start_size: int) -> bool:
+        """Whether the module failed for lack of memory: too big to start, or grown close to the limit.
+
+        Wasmtime's store limit makes `memory.grow` fail quietly (malloc returns NULL), so memory that
+        grew during the call to within an eighth of the limit is the best evidence there is.
         """
         if instance is None:
             return "exceeds memory limits" in (trap or "")
-        memory = instance.exports(store).get("memory")
-        size = memory.data_len(store) if isinstance(memory, self._wasmtime.Memory) else 0
-        return size + max(4 * 2**20, memory_limit // 8) > memory_limit
+        size = self._memory_size(store, instance)
+        return size > start_size and size + max(2**16, memory_limit // 8) > memory_limit
 
     def _result(self, script: Script, output: _Capture, exit_code: int, trap: str | None, at_limit) -> Result:
         """The call's Result; `at_limit()` tells whether a failure is down to the memory limit."""
@@ -3235,6 +3239,7 @@ class NatsFront:
         self._wake_pending = False
         self._loop_thread = 0
         self._publishers = threading.local()
+        self._generation = 0
         self.direct_replies = True
         self.draining = False
 
@@ -3266,6 +3271,7 @@ class NatsFront:
         log.warning("disconnected from NATS; reconnecting")
 
     async def _reconnected(self):
+        self._generation += 1  # workers' reply connections may point at the old server: renew them
         log.info("reconnected to NATS at %s", self.nc.connected_url.netloc if self.nc.connected_url else "?")
 
     async def _error(self, e):
@@ -3368,10 +3374,10 @@ class NatsFront:
         url = self.nc.connected_url if self.nc else None
         if threading.get_ident() != self._loop_thread and self.direct_replies and url is not None:
             publisher = getattr(self._publishers, "conn", None)
-            if publisher is None or publisher.url != url:  # first use, or the client moved servers
+            if publisher is None or publisher.generation != self._generation:  # first use, or reconnected
                 if publisher is not None:
                     publisher.close()
-                publisher = self._publishers.conn = SyncPublisher(url)
+                publisher = self._publishers.conn = SyncPublisher(url, self._generation)
             try:
                 return publisher.publish(msg.reply, data, headers)
             except ValueError as e:  # TLS or authentication this connection cannot do
@@ -3423,8 +3429,8 @@ class NatsFront:
                 "num_errors": st.num_errors, "last_error": st.last_error, "processing_time": st.processing_time,
                 "average_processing_time": st.processing_time // st.num_requests if st.num_requests else 0}
 
-    async def drain(self, deadline: float) -> None:
-        """Stop taking messages, let the ones received finish, then close."""
+    async def stop_taking(self, deadline: float) -> None:
+        """Stop taking messages; the ones already received still run."""
         self.draining = True
         for sub in list(self.subs.values()):
             try:
@@ -3432,8 +3438,9 @@ class NatsFront:
             except Exception:  # noqa: BLE001 - already gone (or NATS is down) is fine
                 pass
         self.subs.clear()
-        while self.dispatcher.inflight and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+
+    async def close(self, deadline: float) -> None:
+        """Send the queued replies, then close the connection."""
         while (self._tasks or self._outbox) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         try:
@@ -3485,8 +3492,10 @@ class SyncPublisher:
 
     idle_reconnect = 60.0
 
-    def __init__(self, url):
+    def __init__(self, url, generation: int = 0):
         self.url = url  # urllib.parse.ParseResult from nats-py's connected_url
+        self.generation = generation
+        self._verified = False
         self.sock: socket.socket | None = None
         self.last_used = self.last_check = 0.0
 
@@ -3547,10 +3556,34 @@ class SyncPublisher:
             cmd = b"HPUB %s %d %d\r\n%s%s\r\n" % (subj, len(head), len(head) + len(data), head, data)
         else:
             cmd = b"PUB %s %d\r\n%s\r\n" % (subj, len(data), data)
-        self.sock.sendall(cmd)
+        if self._verified:
+            self.sock.sendall(cmd)
+        else:
+            self._verify(cmd)
         self.last_used = time.monotonic()
 
+    def _verify(self, cmd: bytes) -> None:
+        """Send the first reply with a PING: permissions (`allow_responses`) may refuse replies
+        from a connection that received no request, and this tells before relying on it."""
+        self.sock.settimeout(2)
+        try:
+            self.sock.sendall(cmd + b"PING\r\n")
+            answer = b""
+            while b"PONG" not in answer and b"-ERR" not in answer:
+                chunk = self.sock.recv(4096)
+                if not chunk:
+                    raise OSError("connection closed by the NATS server")
+                answer += chunk
+        finally:
+            if self.sock is not None:
+                self.sock.settimeout(None)
+        if b"-ERR" in answer:
+            self.close()
+            raise ValueError(f"NATS refused a direct reply: {answer.decode(errors='replace').strip()[:200]}")
+        self._verified = True
+
     def close(self) -> None:
+        self._verified = False
         if self.sock is not None:
             try:
                 self.sock.close()
@@ -3731,13 +3764,19 @@ class HttpHandler(BaseHTTPRequestHandler):
             self.request_version == "HTTP/1.0" and connection != "keep-alive")
         if headers.get("expect", "").lower() == "100-continue":
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.server.count_request(1)
+        self._counted = True
         return True
 
     def handle_one_request(self):
+        self._counted = False
         try:
             super().handle_one_request()
         except (ConnectionError, TimeoutError):
             self.close_connection = True
+        finally:
+            if self._counted:
+                self.server.count_request(-1)
 
     def __getattr__(self, name):
         if name.startswith("do_"):
@@ -3830,6 +3869,8 @@ class HttpHandler(BaseHTTPRequestHandler):
             if "\n" in value or "\r" in value:
                 value = _header_safe(value)
             head.append(f"{name}: {value}\r\n")
+        if self.server.stopping:
+            self.close_connection = True
         if self.close_connection:  # also set by the request's own "Connection: close"
             head.append("Connection: close\r\n")
         head.append("\r\n")
@@ -3938,7 +3979,18 @@ class HttpServer(ThreadingHTTPServer):
         self._handoff: queue.SimpleQueue = queue.SimpleQueue()
         self._idle = 0  # threads waiting for a connection and not yet promised one
         self._idle_lock = threading.Lock()
+        self.stopping = False  # set at shutdown: answers say Connection: close
+        self.active = 0  # requests read and not yet answered
         super().__init__(*args, **kwargs)
+
+    def count_request(self, delta: int) -> None:
+        with self._idle_lock:
+            self.active += delta
+
+    def stop_listening(self) -> None:
+        """No new connections (refused, not left hanging); open ones finish their request."""
+        self.shutdown()
+        self.socket.close()
 
     def process_request(self, request, client_address):
         with self._idle_lock:
@@ -4088,14 +4140,22 @@ class Server:
                 self.embedded.stop()
 
     async def _shutdown(self) -> None:
+        """Stop taking work, let calls in flight finish until the drain deadline, then stop."""
         deadline = time.monotonic() + self.cfg.drain_timeout
         if self.http:
-            threading.Thread(target=self.http.shutdown, daemon=True).start()
+            self.http.stopping = True
+            threading.Thread(target=self.http.stop_listening, daemon=True).start()
         if self.nats and self.nats.nc:
-            await self.nats.drain(deadline)
-        while self.dispatcher.inflight and time.monotonic() < deadline:
+            await self.nats.stop_taking(deadline)
+        while (self.dispatcher.inflight or (self.http and self.http.active)) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        self.dispatcher.close(wait=False)
+        # What still runs is stopped (containers killed) while NATS is open for the error replies.
+        await asyncio.to_thread(self.dispatcher.close, False)
+        settle = time.monotonic() + 1
+        while self.dispatcher.inflight and time.monotonic() < settle:
+            await asyncio.sleep(0.02)
+        if self.nats and self.nats.nc:
+            await self.nats.close(time.monotonic() + 3)
         log.info("stopped")
 
 
@@ -4126,7 +4186,7 @@ def _server_parser(prog: str = "msgscript server") -> argparse.ArgumentParser:
     flag("host", default="", help="HTTP listen address (default all interfaces)")
     flag("script", default=".", help="directory of scripts for the file backend (default .)")
     flag("timeout", default="2m", help="default per-call script timeout (default 2m)")
-    flag("http-timeout", default="5s", help="HTTP request timeout unless ?_timeout= (default 5s)")
+    flag("http-timeout", default="5s", help="how long an HTTP request waits; ?_timeout= may shorten it (default 5s)")
     flag("memory", default="64MiB", help="memory limit of each Lua runtime (default 64MiB)")
     flag("max-body", default="8MiB", help="largest HTTP request body (default 8MiB)")
     flag("max-inflight", default=1024, type=int, help="calls in progress before 429 (default 1024)")

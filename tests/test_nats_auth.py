@@ -36,3 +36,28 @@ def test_user_password_and_token_in_the_url(start_server, tmp_path):
         finally:
             proc.terminate()
             proc.wait(10)
+
+
+def test_replies_under_allow_responses_permissions(start_server, tmp_path):
+    """A service user that may only publish replies to requests it received itself."""
+    conf = tmp_path / "nats.conf"
+    conf.write_text("""authorization {
+  users = [
+    {user: svc, password: pw, permissions: {subscribe: ">", publish: {deny: ">"}, allow_responses: true}},
+    {user: cli, password: pw}
+  ]
+}
+""")
+    write_script(tmp_path, "h.lua", HELLO)
+    port, proc = run_auth_server("-c", str(conf))
+    try:
+        start_server("-script", str(tmp_path), "-natsurl", f"nats://svc:pw@127.0.0.1:{port}", nats=False)
+        client = Nats(f"nats://cli:pw@127.0.0.1:{port}")
+        try:
+            for i in range(6):
+                assert client.request("auth.hello", f"r{i}".encode(), timeout=3).data == f"hi r{i}".encode()
+        finally:
+            client.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
