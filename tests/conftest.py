@@ -69,6 +69,22 @@ def run_lua(src, *args, plugin_dirs=(msgscript.BUNDLED_PLUGINS,), fname="OnMessa
     return [runner.ctx.to_python(v) for v in values] if python else values
 
 
+def wait_until(check, timeout=5.0, interval=0.05):
+    """The first truthy value of check(); exceptions count as "not yet" until the timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = check()
+            if value:
+                return value
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+        if time.monotonic() > deadline:
+            raise AssertionError("condition never became true")
+        time.sleep(interval)
+
+
 class NatsServer:
     """A real nats-server on a free loopback port; restartable on the same port."""
 

@@ -12,7 +12,7 @@ import nats.errors
 import pytest
 import requests
 from _etcd import EtcdServer
-from conftest import MSGSCRIPT, write_script
+from conftest import MSGSCRIPT, wait_until, write_script
 
 import msgscript
 
@@ -51,20 +51,6 @@ def echo(prefix: str) -> str:
     return f'function OnMessage(subject, payload) return "{prefix}" .. payload end'
 
 
-def wait_until(check, timeout=5.0, interval=0.05):
-    """The first truthy value of check(); exceptions count as "not yet" until the timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = check()
-            if value:
-                return value
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-        if time.monotonic() > deadline:
-            raise AssertionError("condition never became true")
-        time.sleep(interval)
 
 
 def reply(nats_client, subject, data=b"", timeout=2.0) -> bytes:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import ROOT, NatsServer, write_script
+from conftest import ROOT, NatsServer, wait_until, write_script
 
 EXAMPLES = ROOT / "examples"
 
@@ -42,19 +42,6 @@ def error_of(msg):
     return (msg.headers or {}).get("Nats-Service-Error"), (msg.headers or {}).get("Nats-Service-Error-Code")
 
 
-def wait_until(check, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = check()
-            if value:
-                return value
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-        if time.monotonic() > deadline:
-            raise AssertionError("condition never became true")
-        time.sleep(0.1)
 
 
 # --- the README's examples -------------------------------------------------------------------
