@@ -66,6 +66,14 @@ def bind_value(value):
     raise DbError(f"cannot bind a value of type {type(value).__name__} (use strings, numbers, booleans or nil)")
 
 
+def execute(cursor, sql: str, binds: tuple, backslash_escapes: bool) -> None:
+    """Run `sql`, its `?` placeholders bound to `binds` (none: the SQL as is)."""
+    if binds:
+        cursor.execute(format_placeholders(sql, len(binds), backslash_escapes), [bind_value(b) for b in binds])
+    else:
+        cursor.execute(sql)
+
+
 def format_placeholders(sql: str, count: int, backslash_escapes: bool) -> str:
     """Turn `?` placeholders (outside quotes) into `%s`, and `%` into `%%`, for a driver's format style."""
     quoted = r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"" if backslash_escapes else r"'[^']*'|\"[^\"]*\""
@@ -195,10 +203,7 @@ class MysqlBackend(Backend):
         self.conn._read_timeout = min(timeout, self.caps.get("read_cap", timeout))
         self.conn._write_timeout = min(timeout, self.caps.get("write_cap", timeout))
         with self.conn.cursor() as cursor:
-            if binds:
-                cursor.execute(format_placeholders(sql, len(binds), True), [bind_value(b) for b in binds])
-            else:
-                cursor.execute(sql)
+            execute(cursor, sql, binds, backslash_escapes=True)
             return self.rows(cursor)
 
     def close(self):
@@ -244,10 +249,7 @@ class PostgresBackend(Backend):
         with self.conn.cursor() as cursor:
             # A server-side limit: the statement is cancelled when the script's time is up.
             cursor.execute(f"SET statement_timeout = {max(1, int(timeout * 1000))}")
-            if binds:
-                cursor.execute(format_placeholders(sql, len(binds), False), [bind_value(b) for b in binds])
-            else:
-                cursor.execute(sql)
+            execute(cursor, sql, binds, backslash_escapes=False)
             return self.rows(cursor)
 
     def close(self):
