@@ -14,14 +14,13 @@ import argparse
 import asyncio
 import atexit
 import base64
+import bisect
 import collections
 import concurrent.futures
 import dataclasses
 import functools
-import gzip
 import html
-import http.client
-import importlib.util
+import http
 import json
 import logging
 import math
@@ -32,7 +31,6 @@ import selectors
 import shutil
 import signal
 import socket
-import stat
 import struct
 import subprocess
 import sys
@@ -41,8 +39,6 @@ import threading
 import time
 import urllib.parse
 import uuid
-from concurrent.futures import Future, TimeoutError as FutureTimeout
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -65,12 +61,23 @@ DEFAULT_QUEUE_GROUP = "msgscript"
 ETCD_SCRIPTS = "msgscript/scripts/"
 ETCD_LIBS = "msgscript/libs/"
 EXECUTOR_NAMES = ("lua", "wasm", "podman")
+DEFAULT_RETRY = (1.0, 5.0, 30.0)  # a failed JetStream message is retried after 1 s, 5 s, 30 s
+DEAD_LETTER_PREFIX = "msgscript.deadletter."
 
 
 class MsgscriptError(Exception):
     """An error with the status a client sees (HTTP status, NATS error code)."""
 
     status = 500
+
+
+class ScriptError(MsgscriptError):
+    """A script failed; what it wrote before failing (or the result object it gave) is kept."""
+
+    def __init__(self, message: str, payload: bytes = b"", http_code: int | None = None,
+                 headers: dict[str, str] | None = None, status: int = 500):
+        super().__init__(message)
+        self.payload, self.http_code, self.headers, self.status = payload, http_code, headers or {}, status
 
 
 class BadRequest(MsgscriptError):
@@ -184,8 +191,17 @@ class Script:
     timeout: float | None = None
     memory: int | None = None
     lock: bool = False
+    stream: str = ""  # a JetStream stream feeding the script (instead of a core subscription)
+    retry: tuple[float, ...] = DEFAULT_RETRY  # back-off before each redelivery of a failed message
+    dead_letter: str = ""  # where a message goes after its last attempt
+    cron: str = ""  # a schedule the script runs on
+    timezone: str = ""
     path: str = ""
     version: int = 0  # bumped on every change; caches key on it
+
+    @property
+    def retry_text(self) -> str:
+        return ", ".join(f"{s:g}s" for s in self.retry) or "none"
 
     @property
     def key(self) -> tuple[str, str]:
@@ -212,7 +228,19 @@ def parse_headers(text: str) -> tuple[dict[str, list[str]], str]:
     return headers, "\n".join(body).rstrip("\n")
 
 
-KNOWN_HEADERS = {"subject", "name", "http", "html", "require", "executor", "timeout", "memory", "lock"}
+KNOWN_HEADERS = {"subject", "name", "http", "html", "require", "executor", "timeout", "memory", "lock", "stream",
+                 "retry", "deadletter", "cron", "timezone"}
+EXTRA_HEADERS = ("timeout", "memory", "lock", "stream", "retry", "deadletter", "cron", "timezone")  # not in Go's JSON
+
+
+def parse_retry(text: str) -> tuple[float, ...]:
+    """`1s, 5s, 30s` (or `none`): the waits before each retry."""
+    if text.strip().lower() in ("none", "0", "no", "false"):
+        return ()
+    waits = tuple(parse_duration(part) for part in text.split(",") if part.strip())
+    if not waits:
+        raise ConfigError("retry needs durations such as 1s, 5s, 30s (or none)")
+    return waits
 
 
 def parse_script(text: str, path: str = "", subject: str = "", name: str = "") -> Script:
@@ -233,6 +261,13 @@ def parse_script(text: str, path: str = "", subject: str = "", name: str = "") -
     try:
         timeout = parse_duration(one["timeout"]) if "timeout" in one else None
         memory = parse_size(one["memory"]) if "memory" in one else None
+        retry = parse_retry(one["retry"]) if "retry" in one else DEFAULT_RETRY
+        if "cron" in one:
+            check_schedule(one["cron"], one.get("timezone", ""))
+        if one.get("stream") and one.get("cron"):
+            raise ConfigError("a script has a stream or a cron schedule, not both")
+        if one.get("stream") and not re.fullmatch(r"[A-Za-z0-9_-]+", one["stream"]):
+            raise ConfigError(f"stream name {one['stream']!r} may only have letters, digits, _ and -")
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     return Script(
@@ -245,6 +280,11 @@ def parse_script(text: str, path: str = "", subject: str = "", name: str = "") -
         timeout=timeout,
         memory=memory,
         lock=parse_bool(one.get("lock", "false")),
+        stream=one.get("stream", ""),
+        retry=retry,
+        dead_letter=one.get("deadletter") or f"{DEAD_LETTER_PREFIX}{subject}",
+        cron=one.get("cron", ""),
+        timezone=one.get("timezone", ""),
         path=path,
     )
 
@@ -257,7 +297,10 @@ def script_to_json(script: Script) -> str:
     """
     extra = "".join(f"--* {k}: {v}\n" for k, v in (
         ("timeout", f"{script.timeout:g}s" if script.timeout is not None else None),
-        ("memory", script.memory), ("lock", "true" if script.lock else None)) if v is not None)
+        ("memory", script.memory), ("lock", "true" if script.lock else None), ("stream", script.stream or None),
+        ("retry", script.retry_text if script.retry != DEFAULT_RETRY else None),
+        ("deadletter", script.dead_letter if script.dead_letter != DEAD_LETTER_PREFIX + script.subject else None),
+        ("cron", script.cron or None), ("timezone", script.timezone or None)) if v is not None)
     return json.dumps({
         "content": base64.b64encode((extra + script.content).encode("utf-8", "surrogateescape")).decode(),
         "executor": script.executor,
@@ -268,14 +311,21 @@ def script_to_json(script: Script) -> str:
     })
 
 
-def script_from_json(value: bytes | str, key: str = "") -> Script:
-    """A Script from the Go original's etcd JSON; extra headers survive in the content."""
+def script_from_json(value: bytes | str, key: str = "", where: tuple[str, str] = ("", "")) -> Script:
+    """A Script from the Go original's etcd JSON; extra headers survive in the content.
+
+    `where` is the (subject, name) of its key: what a value with an empty subject or name
+    (as the Go CLI writes them) serves under.
+    """
     try:
         doc = json.loads(value)
         content = base64.b64decode(doc.get("content") or "").decode("utf-8", "surrogateescape")
     except (ValueError, TypeError, AttributeError) as e:
         raise ConfigError(f"{key}: not a msgscript script value ({e})") from None
-    script = parse_script(content, key, doc.get("subject") or "", doc.get("name") or "")
+    headers = parse_headers(content)[0]
+    subject = doc.get("subject") or (headers.get("subject") or [where[0]])[-1]
+    name = doc.get("name") or (headers.get("name") or [where[1]])[-1]
+    script = parse_script(content, key, subject, name)
     script.executor = (doc.get("executor") or script.executor).lower()
     script.http = bool(doc.get("is_html")) or script.http
     script.libraries = list(doc.get("libraries") or script.libraries)
@@ -303,6 +353,9 @@ class Store:
         self._libraries: dict[str, tuple[str, int]] = {}
         self._listeners: list[Callable[[], None]] = []
         self._lock = threading.Lock()
+        self.reloads = 0  # scripts and libraries (re)loaded, for the metrics
+        self.load_errors = 0
+        self.ready = True  # scripts loaded (the etcd store is not while etcd has never answered)
 
     def scripts(self, subject: str) -> list[Script]:
         return list(self._scripts.get(subject, {}).values())
@@ -368,53 +421,78 @@ def _same_script(a: Script, b: Script) -> bool:
     return dataclasses.replace(a, version=0) == dataclasses.replace(b, version=0)
 
 
+def _directory(path: str, what: str) -> Path:
+    p = Path(path)
+    if p.is_file():
+        raise ConfigError(f"{what} {path} is a file: give the directory that holds the .lua files")
+    if not p.is_dir():
+        raise ConfigError(f"{what} {path} does not exist")
+    return p
+
+
 class FileStore(Store):
-    """Scripts are the `*.lua` files of a directory; polled so edits apply within a second."""
+    """Scripts are the `*.lua` files of a directory, libraries those of another.
+
+    The directories are watched with the OS's notifications (inotify, through watchfiles), so
+    an idle server costs nothing however many scripts it has; where notifications are not
+    available it polls twice a second. Either way an edit applies within a second.
+    """
 
     kind = "file"
+    interval = 0.5  # seconds between polls when notifications are unavailable
 
-    def __init__(self, script_dir: str, library_dir: str | None = None, interval: float = 0.5):
+    def __init__(self, script_dir: str, library_dir: str | None = None):
         super().__init__()
-        self.script_dir = Path(script_dir)
-        self.library_dir = Path(library_dir) if library_dir else None
-        self.interval = interval
-        self._seen: dict[Path, tuple] = {}  # path -> (mtime_ns, size, parsed or None)
+        self.script_dir = _directory(script_dir, "script directory")
+        self.library_dir = _directory(library_dir, "library directory") if library_dir else None
+        self._seen: dict[Path, tuple] = {}  # path -> ((mtime_ns, size), parsed or None)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        if not self.script_dir.is_dir():
-            raise ConfigError(f"script directory {script_dir} does not exist")
-        if self.library_dir and not self.library_dir.is_dir():
-            raise ConfigError(f"library directory {library_dir} does not exist")
+        self.watching = "none"
 
     def load(self) -> None:
         self.scan()
 
     def start(self) -> None:
         self.scan()
-        self._thread = threading.Thread(target=self._poll, name="file-store", daemon=True)
+        log.info("%d scripts on %d subjects in %s", len(self.all_scripts()), len(self.subjects()), self.script_dir)
+        self._thread = threading.Thread(target=self._follow, name="file-store", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
         self._stop.set()
 
-    def _poll(self) -> None:
+    def _follow(self) -> None:
+        dirs = [str(d) for d in (self.script_dir, self.library_dir) if d]
+        try:
+            import watchfiles
+
+            self.watching = "notify"
+            for _changes in watchfiles.watch(*dirs, stop_event=self._stop, debounce=50, step=25,
+                                             rust_timeout=1000, yield_on_timeout=False, recursive=False,
+                                             raise_interrupt=False):
+                self._scan_safely()
+            if self._stop.is_set():
+                return
+        except Exception as e:  # noqa: BLE001 - any notification failure falls back to polling
+            log.warning("watching %s failed (%s); polling twice a second instead", ", ".join(dirs), error_text(e))
+        self.watching = "poll"
         while not self._stop.wait(self.interval):
-            try:
-                self.scan()
-            except Exception:  # noqa: BLE001 - keep polling whatever one scan hit
-                log.exception("scanning %s failed", self.script_dir)
+            self._scan_safely()
+
+    def _scan_safely(self) -> None:
+        try:
+            self.scan()
+        except Exception:  # noqa: BLE001 - keep following whatever one scan hit
+            log.exception("scanning %s failed", self.script_dir)
 
     def scan(self) -> None:
         """Re-read changed files; a file that fails to parse keeps its last good version."""
-        scripts = [s for s in (self._read(p, self._parse_script) for p in _lua_files(self.script_dir)) if s]
-        libraries = {}
-        if self.library_dir:
-            for path in _lua_files(self.library_dir):
-                lib = self._read(path, _parse_library)
-                if lib:
-                    libraries[lib[0]] = lib[1]
-        present = set(_lua_files(self.script_dir)) | set(_lua_files(self.library_dir) if self.library_dir else [])
-        for gone in set(self._seen) - present:
+        files = _lua_files(self.script_dir)
+        scripts = [s for s in (self._read(p, self._parse_script) for p in files) if s]
+        lib_files = _lua_files(self.library_dir) if self.library_dir else []
+        libraries = dict(lib for lib in (self._read(p, _parse_library) for p in lib_files) if lib)
+        for gone in set(self._seen) - set(files) - set(lib_files):
             del self._seen[gone]
             log.info("%s removed", gone)
         self._publish(scripts, libraries)
@@ -437,12 +515,28 @@ class FileStore(Store):
         last_good = seen[1] if seen else None
         try:
             parsed = parse(path, path.read_text(encoding="utf-8", errors="surrogateescape"))
-            log.info("%s %s", "reloaded" if seen else "loaded", path)
+            self.reloads += 1
+            if seen:
+                log.info("reloaded %s", path)
+            else:
+                log.debug("loaded %s", path)
         except (OSError, MsgscriptError) as e:
+            self.load_errors += 1
             log.error("skipping %s: %s", path, e)
             parsed = last_good
         self._seen[path] = (stamp, parsed)
         return parsed
+
+
+def read_libraries(library_dir: str | None) -> dict[str, str]:
+    """The libraries of a directory by name (the dev commands; the stores keep theirs current)."""
+    if not library_dir:
+        return {}
+    libraries = {}
+    for path in _lua_files(_directory(library_dir, "library directory")):
+        name, content = _parse_library(path, path.read_text(encoding="utf-8", errors="surrogateescape"))
+        libraries[name] = content
+    return libraries
 
 
 def _lua_files(directory: Path) -> list[Path]:
@@ -464,12 +558,14 @@ _syntax_lua: list = []
 
 def check_lua_syntax(source: str, where: str) -> None:
     """Raise ConfigError naming `where` if `source` does not compile as Lua."""
-    import lupa.lua54 as lupa
+    import lupa.lua51 as lupa
 
+    if source.startswith("\x1b"):
+        raise ConfigError(f"{where}: a compiled Lua chunk, not source (scripts must be Lua text)")
     with _syntax_lock:
         if not _syntax_lua:
             lua = lupa.LuaRuntime(encoding=None, register_eval=False, register_builtins=False)
-            _syntax_lua.append(lua.eval("function(src, name) local f, err = load(src, name, 't', {}) return err end"))
+            _syntax_lua.append(lua.eval("function(src, name) local f, err = loadstring(src, name) return err end"))
         err = _syntax_lua[0](source.encode("utf-8", "surrogateescape"), b"=" + os.path.basename(where).encode())
     if err is not None:
         raise ConfigError(f"{where}: Lua syntax error: {err.decode('utf-8', 'replace')}")
@@ -667,6 +763,7 @@ class EtcdStore(Store):
         for raw_key, value in scripts + libs:
             self._remember(raw_key.decode("utf-8", "surrogateescape"), value, old_entries, old_libs, quiet=True)
         self._revision, self._stale = revision, False
+        self.ready = True
         self._publish_current()
 
     def start(self) -> None:
@@ -674,7 +771,7 @@ class EtcdStore(Store):
             self.load()
             log.info("etcd at %s: %d scripts, %d libraries", self.client.where, len(self._entries), len(self._libs))
         except ConfigError as e:
-            self._down = True
+            self._down, self.ready = True, False
             log.error("%s; serving no scripts until etcd answers (retrying in the background)", e)
         self._thread = threading.Thread(target=self._follow, name="etcd-watch", daemon=True)
         self._thread.start()
@@ -776,7 +873,9 @@ class EtcdStore(Store):
             try:
                 check_lua_syntax(content, key)
                 self._libs[name] = content
+                self.reloads += 1
             except ConfigError as e:
+                self.load_errors += 1
                 log.error("skipping %s: %s", key, e)
                 if name in old_libs:
                     self._libs[name] = old_libs[name]
@@ -798,12 +897,14 @@ class EtcdStore(Store):
                 log.warning("ignoring %s: script keys are %s<subject>/<name>", key, ETCD_SCRIPTS)
             return None
         try:
-            script = script_from_json(value, key)
+            script = script_from_json(value, key, where)
             if script.executor == "lua":
                 check_lua_syntax(script.content, key)
         except MsgscriptError as e:
+            self.load_errors += 1
             log.error("skipping %s: %s", key, first_line(str(e)))
             return None
+        self.reloads += 1
         script.subject, script.name = where  # the key decides where a script serves
         return script
 
@@ -973,6 +1074,7 @@ class Call:
     method: str = ""  # HTTP verb, empty for plain NATS messages
     url: str = "/"
     deadline: float = float("inf")  # time.monotonic() seconds
+    trace: Any = None  # the message's span (Tracing) when traced
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
@@ -991,14 +1093,17 @@ class Result:
 
     @classmethod
     def failure(cls, exc: BaseException) -> Result:
+        """The Result of a call that raised: its status, its one-line message, what it kept."""
         status = getattr(exc, "status", 500)
-        return cls(http_code=status, error=first_line(str(exc)) or type(exc).__name__, status=status)
+        return cls(payload=getattr(exc, "payload", b""), http_code=getattr(exc, "http_code", None) or status,
+                   headers=getattr(exc, "headers", {}), error=first_line(str(exc)) or "script failed", status=status)
 
-    def to_json(self) -> dict:
+    def to_json(self, go: bool = False) -> dict:
+        """The Go original's ScriptResult; `go` gives its HEAD values (no status for non-HTTP results)."""
         return {
-            "http_code": self.http_code,
+            "http_code": (self.http_code if self.is_html else 0) if go else self.http_code,
             "error": self.error,
-            "http_headers": self.headers,
+            "http_headers": (self.headers or None) if go else self.headers,
             "is_html": self.is_html,
             "payload": base64.b64encode(self.payload).decode(),
         }
@@ -1014,148 +1119,529 @@ def as_bytes(value: Any) -> bytes:
 # Lua runtimes and the module API #############################################
 ###############################################################################
 
-# Lua modules scripts can require: name -> loader(ctx) returning a dict of
-# Python values (functions are wrapped) or Lua source returning the module.
-LUA_MODULES: dict[str, Callable[[LuaContext], Any]] = {}
+# Scripts run on Lua 5.1 (lupa.lua51), the language of the Go original's gopher-lua: numbers
+# print as in 5.1, unknown string escapes keep their character, setfenv/getfenv/unpack exist.
+# Lua 5.1's count hook also costs a few percent where Lua 5.4's costs more than the loop itself.
+#
+# The module API below is what every Lua module uses, the bundled ones (plugins/) and a user's:
+# a plugin file's `lua_modules()` maps module names to loaders; a loader gets a LuaContext and
+# returns a dict of members (Python functions become Lua functions through LuaContext.fn), Lua
+# source, or a Lua table. A Python function reports a bad call by raising LuaError (or ArgError
+# from the check_* helpers): the script sees a Lua error whose value is a string in Lua's terms.
+
+LUA_INSTRUCTION_CHECK = 10000  # the hook looks at the clock this often (instructions)
+LUA_MEMORY_MARGIN = 256 * 2**10  # what a value handed to Lua must leave free of the memory cap
+INLINE_BUDGET = 0.002  # seconds an inline call may run on the event loop before it moves to a worker
 
 
-def lua_module(name: str):
-    """Register a built-in Lua module loader."""
-
-    def register(loader):
-        LUA_MODULES[name] = loader
-        return loader
-
-    return register
+class LuaError(Exception):
+    """Raised by a Python function called from Lua: the script gets a Lua error with this text."""
 
 
-def _no_attributes(obj, name, is_setting):
-    raise AttributeError("Python attributes are not reachable from Lua")
+class ArgError(LuaError):
+    """A bad argument: `bad argument #n to 'name' (message)` in the script."""
+
+    def __init__(self, n: int, message: str):
+        super().__init__(message)
+        self.n, self.message = n, message
+
+    def text(self, fname: str) -> str:
+        return f"bad argument #{self.n} to '{fname}' ({self.message})"
 
 
-_SANDBOX_LUA = """
-local expired, modules, loader = ...
-local sethook, setupvalue, pack, unpack = debug.sethook, debug.setupvalue, table.pack, table.unpack
-local raw_load, raw_setmetatable, cocreate, resume = load, setmetatable, coroutine.create, coroutine.resume
-for name in pairs(modules) do
-  package.preload[name] = function() return loader(name) end
-end
-python = nil
-package.path, package.cpath = "", ""  -- require finds built-in and plugin modules only
--- require() must not hand out the unrestricted tables, nor load C code
-package.loaded.debug, package.loaded.python, package.loaded._G = nil, nil, nil
-package.searchers, package.loadlib = {package.searchers[1]}, nil
-string.dump = nil
-os.exit = function() error("os.exit is not available to scripts", 2) end
-load = function(chunk, name, _, env) return raw_load(chunk, name, "t", env) end
+class _MoveToPool(Exception):
+    """An inline call reached something that blocks: it is abandoned and re-run on a worker."""
+
+
+def lua_type(value: Any) -> str:
+    """The Lua type name of a value as it arrives from Lua: nil, boolean, number, string, table, ..."""
+    if value is None:
+        return "nil"
+    if value is True or value is False:
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, (str, bytes)):
+        return "string"
+    import lupa.lua51 as lupa
+
+    return lupa.lua_type(value) or "userdata"
+
+
+def is_table(value: Any) -> bool:
+    return lua_type(value) == "table"
+
+
+def lua_number_text(value: float | int) -> str:
+    """A number as Lua 5.1 prints it (`%.14g`): 5, 2.5, 1e+15."""
+    if isinstance(value, int):
+        return str(value) if abs(value) < 10**15 else f"{value:.14g}"
+    if value != value:
+        return "nan" if math.copysign(1, value) > 0 else "-nan"
+    if value in (math.inf, -math.inf):
+        return "inf" if value > 0 else "-inf"
+    return f"{value:.14g}"
+
+
+def lua_text(value: Any) -> str:
+    """A string or number as text (gopher-lua's LVAsString); "" for every other value."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return lua_number_text(value)
+    return ""
+
+
+def lua_tostring(value: Any) -> str:
+    """Lua's tostring for plain values: nil, true, 5, text; tables and functions by type."""
+    if value is None:
+        return "nil"
+    if value is True or value is False:
+        return "true" if value else "false"
+    if isinstance(value, (str, bytes, int, float)):
+        return lua_text(value)
+    return lua_type(value)
+
+
+def check_string(value: Any, n: int) -> str:
+    """Argument `n` as a string; numbers are converted, as Lua's checkstring does."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return lua_number_text(value)
+    raise ArgError(n, f"string expected, got {lua_type(value)}")
+
+
+def opt_string(value: Any, n: int, default: str | None = None) -> str | None:
+    return default if value is None else check_string(value, n)
+
+
+def check_number(value: Any, n: int) -> float | int:
+    """Argument `n` as a number; numeric strings are converted, as Lua's checknumber does."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value.strip()) if value.strip() else _raise(ValueError)
+        except ValueError:
+            pass
+    raise ArgError(n, f"number expected, got {lua_type(value)}")
+
+
+def opt_number(value: Any, n: int, default=None):
+    return default if value is None else check_number(value, n)
+
+
+def check_integer(value: Any, n: int) -> int:
+    number = check_number(value, n)
+    if number != number or number in (math.inf, -math.inf):
+        raise ArgError(n, "number has no integer representation")
+    return int(number)
+
+
+def opt_integer(value: Any, n: int, default=None):
+    return default if value is None else check_integer(value, n)
+
+
+def check_table(value: Any, n: int):
+    if not is_table(value):
+        raise ArgError(n, f"table expected, got {lua_type(value)}")
+    return value
+
+
+def check_function(value: Any, n: int):
+    if lua_type(value) != "function":
+        raise ArgError(n, f"function expected, got {lua_type(value)}")
+    return value
+
+
+def truthy(value: Any) -> bool:
+    """Lua truth: everything but nil and false."""
+    return value is not None and value is not False
+
+
+def pure(func: Callable) -> Callable:
+    """Mark a module function as free of side effects and quick: an inline call may use it.
+
+    Every other Python function called by a script running inline on the event loop moves
+    that call to a worker thread first (see the Scheduler section).
+    """
+    func.lua_pure = True
+    return func
+
+
+def _raise(exc):
+    raise exc
+
+
+def error_text(exc: BaseException) -> str:
+    """An exception as a one-line message in Go's words ("no such file or directory")."""
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+        if exc.filename:
+            return f"{exc.filename}: {text[:1].lower() + text[1:]}"
+        return text[:1].lower() + text[1:]
+    return first_line(str(exc)) or "error"
+
+
+# The sandbox every script runs in. It runs once per runtime, with the real globals, and
+# returns the functions the runner uses. Scripts never see the real globals table, the hook,
+# or these functions: getfenv answers with the call's own globals, getinfo hides the sandbox's
+# functions, and the metatables shared by every call (strings, files, Python objects) cannot be
+# reached or changed. Each call gets fresh globals whose library tables (string, table, ...) are
+# copied on first use, so nothing a script changes outlives its call.
+_SANDBOX_LUA = r"""
+local expired, blocking, module_names, py = ...
+local G = _G
+local sethook, raw_getinfo = debug.sethook, debug.getinfo
+local raw_getfenv, raw_setfenv, raw_loadstring = getfenv, setfenv, loadstring
+local raw_getmetatable, raw_setmetatable = getmetatable, setmetatable
+local cocreate, coresume = coroutine.create, coroutine.resume
+local pcall, error, type, next, rawget, rawset, select, unpack, tostring =
+  pcall, error, type, next, rawget, rawset, select, unpack, tostring
+local concat, maxn, raw_open, raw_collect = table.concat, table.maxn, io.open, collectgarbage
+local CHECK, TIMEOUT = @CHECK@, "script timed out"
+local string_mt, string_lib = raw_getmetatable(""), string
+
+-- Python objects share one metatable (its __call runs the clock check); files share another.
+local python_mt = raw_getmetatable(expired)
+python_mt.__metatable = false
+python_mt.__tostring = function() return "userdata" end
+python_mt.__index = function() error("attempt to index a userdata value", 2) end
+python_mt.__newindex = python_mt.__index
+local file_mt = raw_getmetatable(io.stdout)
+file_mt.__metatable = false
+
 local hook
--- the count hook is per coroutine; Lua's coroutines start without one
-function coroutine.create(f) local co = cocreate(f); sethook(co, hook, "", 10000); return co end
-function coroutine.wrap(f)
-  local co = coroutine.create(f)
+function hook()
+  if expired() then sethook(hook, "", 1); error(TIMEOUT, 0) end
+end
+
+local inline = false
+-- Called before anything with an effect outside Lua: an inline call moves to a worker first.
+local function guard()
+  if inline then blocking(); sethook(hook, "", 1); error(TIMEOUT, 0) end
+end
+
+-- Python functions answer (true, results...) or (false, message[, stop now])
+local function checked(ok, ...)
+  if ok then return ... end
+  local message, stop = ...
+  if stop then sethook(hook, "", 1) end
+  error(message, 3)
+end
+local function wrap(f)
+  return function(...) return checked(f(...)) end
+end
+
+local current_env, current_loaded
+local LIBS = {}
+local function copy(t) local c = {} for k, v in next, t do c[k] = v end return c end
+
+local function loaded()
+  if not current_loaded then
+    current_loaded = raw_setmetatable({}, {__index = function(_, k) if LIBS[k] then return current_env[k] end end})
+  end
+  return current_loaded
+end
+
+-- Code loaded at run time: text only (crafted bytecode can crash Lua), in the call's globals.
+local function text_chunk(src, name, env)
+  if src:byte(1) == 27 then return nil, "attempt to load a binary chunk" end
+  local f, err = raw_loadstring(src, name)
+  if not f then return nil, err end
+  raw_setfenv(f, env or current_env)
+  return f
+end
+
+local S = {}  -- the replacements scripts see
+function S.loadstring(s, name)
+  if type(s) ~= "string" then error("bad argument #1 to 'loadstring' (string expected, got " .. type(s) .. ")", 2) end
+  return text_chunk(s, name or s)
+end
+function S.load(chunk, name, _, env)
+  if type(chunk) == "function" then
+    local parts = {}
+    while true do
+      local piece = chunk()
+      if piece == nil or piece == "" then break end
+      if type(piece) ~= "string" then return nil, "reader function must return a string" end
+      parts[#parts + 1] = piece
+    end
+    chunk = concat(parts)
+  elseif type(chunk) ~= "string" then
+    error("bad argument #1 to 'load' (function expected, got " .. type(chunk) .. ")", 2)
+  end
+  return text_chunk(chunk, name or "=(load)", env)
+end
+local function read_source(path)
+  if path == nil then return nil, "reading from standard input is not available to scripts" end
+  local f, err = raw_open(path, "r")
+  if not f then return nil, err end
+  local src = f:read("*a")
+  f:close()
+  return src:gsub("^#[^\n]*", "")
+end
+function S.loadfile(path)
+  guard()
+  local src, err = read_source(path)
+  if not src then return nil, err end
+  return text_chunk(src, "@" .. path)
+end
+function S.dofile(path)
+  local f, err = S.loadfile(path)
+  if not f then error(err, 2) end
+  return f()
+end
+function S.getfenv(f)
+  if f == nil then f = 1 end
+  if type(f) == "number" then
+    if f == 0 then return current_env end
+    f = f + 1
+  end
+  local env = raw_getfenv(f)
+  if env == G then return current_env end
+  return env
+end
+function S.setfenv(f, t)
+  if type(t) ~= "table" then error("bad argument #2 to 'setfenv' (table expected, got " .. type(t) .. ")", 2) end
+  if f == nil then f = 1 end
+  if type(f) == "number" then
+    if f == 0 then error("'setfenv' cannot change the environment of the running thread", 2) end
+    local info = raw_getinfo(f + 1, "f")
+    if not info then error("bad argument #1 to 'setfenv' (invalid level)", 2) end
+    f = info.func
+  end
+  -- functions of the sandbox, the libraries and the modules keep the real globals: not theirs to change
+  if type(f) ~= "function" or raw_getfenv(f) == G then
+    error("'setfenv' cannot change environment of given object", 2)
+  end
+  return raw_setfenv(f, t)
+end
+function S.getmetatable(v)
+  if type(v) == "string" then  -- a copy: the real one is shared by every call
+    local mt = copy(string_mt)
+    mt.__index = current_env.string
+    return mt
+  end
+  return raw_getmetatable(v)
+end
+function S.collectgarbage(opt, arg)
+  if opt == nil or opt == "collect" or opt == "count" or opt == "step" then return raw_collect(opt, arg) end
+  return 0  -- stopping the collector or retuning it would outlive the call
+end
+function S.module()
+  error("module() is not supported: return the module's table instead", 2)
+end
+local raw_print = print
+function S.print(...) guard() return raw_print(...) end
+
+-- A coroutine starts without a hook: give it the call's.
+local function co_create(f) local co = cocreate(f); sethook(co, hook, "", CHECK); return co end
+local function co_wrap(f)
+  local co = co_create(f)
   return function(...)
-    local r = pack(resume(co, ...))
-    if not r[1] then error(r[2], 0) end
-    return unpack(r, 2, r.n)
+    local r = {coresume(co, ...)}
+    if not r[1] then error(r[2], 2) end
+    return unpack(r, 2, maxn(r))
   end
 end
--- a message handler called from the hook's error would run with hooks off: call it after unwinding
-function xpcall(f, handler, ...)
-  local r = pack(pcall(f, ...))
-  if r[1] then return unpack(r, 1, r.n) end
+-- A message handler called from the hook's error would run with hooks off: call it after unwinding.
+function S.xpcall(f, handler, ...)
+  local r = {pcall(f, ...)}
+  if r[1] then return unpack(r, 1, maxn(r)) end
   return false, handler(r[2])
 end
--- finalizers run with hooks off
-function setmetatable(t, mt)
-  if type(mt) == "table" and rawget(mt, "__gc") ~= nil then error("__gc metamethods are not supported", 2) end
-  return raw_setmetatable(t, mt)
+
+local MODULES = {}  -- Python-made modules, loaded once per runtime
+local load_module, find_module = wrap(py.load_module), wrap(py.find_module)
+function S.require(name)
+  if type(name) ~= "string" then
+    error("bad argument #1 to 'require' (string expected, got " .. type(name) .. ")", 2)
+  end
+  local cache = loaded()
+  local v = rawget(cache, name)
+  if v ~= nil then return v end
+  if LIBS[name] then return current_env[name] end
+  local preload = rawget(current_env, "package")
+  preload = preload and type(preload.preload) == "table" and preload.preload[name]
+  if preload then
+    v = preload(name)
+  elseif module_names[name] then
+    local mod = MODULES[name]
+    if mod == nil then mod = load_module(name); MODULES[name] = mod end
+    v = type(mod) == "table" and copy(mod) or mod
+  else
+    local path, src = find_module(name)
+    if not path then error(src, 2) end
+    local f, err = text_chunk(src, "@" .. path)
+    if not f then error("error loading module '" .. name .. "' from file '" .. path .. "':\n\t" .. err, 2) end
+    v = f(name)
+  end
+  if v == nil then v = rawget(cache, name) end
+  if v == nil then v = true end
+  rawset(cache, name, v)
+  return v
 end
-_G.unpack, table.getn = table.unpack, function(t) return #t end
-debug = {traceback = debug.traceback, getinfo = debug.getinfo}
+
+-- The libraries scripts see, in place in the real globals (the modules' Lua code uses them too).
+string.dump = nil
+debug = {traceback = debug.traceback}
+function debug.getinfo(f, what)
+  if type(f) == "number" and f > 0 then f = f + 1 end
+  local info = raw_getinfo(f, what)
+  -- the sandbox's, the libraries' and the modules' functions keep the real globals: not handed out
+  if info and info.func and raw_getfenv(info.func) == G then info.func = nil end
+  return info
+end
+coroutine.create, coroutine.wrap = co_create, co_wrap
+os.exit = function() error("os.exit is not available to scripts", 2) end
+os.clock, os.setenv = wrap(py.clock), wrap(py.setenv)
+os.execute, io.popen = wrap(py.execute), wrap(py.popen)
+for _, name in next, {"remove", "rename", "tmpname"} do
+  local f = os[name]
+  os[name] = function(...) guard() return f(...) end
+end
+for name, f in next, io do
+  if type(f) == "function" and name ~= "popen" then io[name] = function(...) guard() return f(...) end end
+end
+local file_methods = file_mt.__index
+for _, name in next, {"close", "flush", "lines", "read", "seek", "setvbuf", "write"} do
+  local f = file_methods[name]
+  file_methods[name] = function(...) guard() return f(...) end
+end
+if not math.mod then math.mod = math.fmod end
+for name, f in next, S do G[name] = f end
+newproxy, gcinfo, python = nil, nil, nil  -- newproxy: userdata finalizers run with no time limit
+package.loaded._G, package.loaded.debug = nil, nil
+package.loadlib, package.seeall, package.cpath = nil, nil, ""  -- no C code; seeall exposes the real globals
 EtcdKV = {}
 EtcdKV.__index = EtcdKV
 function EtcdKV.new(key, value) return setmetatable({key = key, value = value}, EtcdKV) end
 function EtcdKV:getKey() return self.key end
 function EtcdKV:getValue() return self.value end
-local base = {}
-for k, v in pairs(_G) do base[k] = v end
-local meta = {__index = base, __metatable = false}
-function hook()
-  if expired() then sethook(hook, "", 1); error("script timed out", 0) end
-end
-local function flat_headers(body, status, headers, ...)
-  if type(headers) == "table" then
-    local parts = {}
-    for k, v in pairs(headers) do parts[#parts + 1] = tostring(k); parts[#parts + 1] = tostring(v) end
-    headers = table.concat(parts, "\0")
-  else
-    headers = nil
+
+local base = copy(G)
+base._G = nil
+for k, v in next, base do if type(v) == "table" then LIBS[k] = true end end
+
+local meta = {__metatable = false}
+-- first use of a global: libraries are copied, everything is kept in the call's globals
+function meta.__index(env, k)
+  local v = base[k]
+  if v == nil then return nil end
+  if LIBS[k] then
+    v = copy(v)
+    if k == "string" then string_mt.__index = v
+    elseif k == "package" then v.loaded, v.preload, v.loaders = loaded(), {}, {} end
+    rawset(loaded(), k, v)
   end
-  return body, status, headers
+  rawset(env, k, v)
+  return v
 end
-local load = raw_load
-local function invoke(main, fname, http, ...)
-  local env = setmetatable({}, meta)
-  env._G = env
-  -- code loaded at run time sees the call's globals, and only as text
-  env.load = function(chunk, name, _, e) return load(chunk, name, "t", e or env) end
-  env.loadstring = env.load
-  setupvalue(main, 1, env)
+
+local function invoke(main, env, fname, ...)
   main()
   local f = env[fname]
   if f == nil then return false end
-  if http then return true, flat_headers(f(...)) end
   return true, f(...)
 end
 local function finish(ok, ...)
   sethook()
-  if not ok then error((...), 0) end
+  inline, current_env, current_loaded = false, nil, nil
+  string_mt.__index = string_lib
+  if not ok then
+    local e = ...
+    if type(e) ~= "string" and type(e) ~= "number" then e = "(error object is a " .. type(e) .. " value)" end
+    error(e, 0)
+  end
   return ...
 end
-local function run(main, fname, http, ...)
-  sethook(hook, "", 10000)
-  return finish(pcall(invoke, main, fname, http, ...))
+local function run(main, fname, in_line, ...)
+  string_mt.__index = string_lib
+  current_loaded, inline = nil, in_line
+  local env = raw_setmetatable({}, meta)
+  env._G = env
+  current_env = env
+  raw_setfenv(main, env)
+  sethook(hook, "", CHECK)
+  return finish(pcall(invoke, main, env, fname, ...))
 end
 local function compile(source, chunkname)
-  return load(source, chunkname, "t", base)
+  return text_chunk(source, chunkname, base)
 end
-return run, compile
-"""
+return run, compile, wrap
+""".replace("@CHECK@", str(LUA_INSTRUCTION_CHECK))
 
 
 class LuaContext:
-    """What a Lua module loader receives: the runtime, value conversions, the deadline."""
+    """What a module loader gets: the runtime, conversions, the running call's deadline and mode."""
 
     def __init__(self, lua, script: Script, services: Services):
         self.lua = lua
         self.script = script
         self.services = services
         self.deadline = float("inf")
+        self.inline = False  # the call runs on the event loop: anything that blocks moves it
+        self.moved = False
+        self.trace = None  # the running call's trace context (Tracing), if traced
+        self._wrap = None  # the sandbox's Lua wrapper for Python functions
+        self._max_memory = lua.get_max_memory() or 0
 
     def remaining(self, cap: float | None = None) -> float:
         """Seconds left for the current call (at least a millisecond), capped at `cap`."""
         left = max(0.001, self.deadline - time.monotonic())
         return min(left, cap) if cap else left
 
+    def max_bytes(self) -> int:
+        """How many bytes a value handed to this script may take (what its memory cap leaves)."""
+        if not self._max_memory:
+            return 2**62
+        return max(0, self._max_memory - self.lua.get_memory_used() - LUA_MEMORY_MARGIN)
+
+    def fits(self, size: int, what: str = "value") -> None:
+        """LuaError unless `size` bytes fit under the memory cap.
+
+        lupa hangs the whole process (every thread waits on the GIL) when Lua runs out of memory
+        while a Python value is being pushed, so nothing that large may ever reach Lua.
+        """
+        if size > self.max_bytes():
+            self.lua.gccollect()
+            if size > self.max_bytes():
+                raise LuaError(f"{what} of about {size} bytes does not fit in the script's memory limit "
+                               f"({self._max_memory / 2**20:g} MiB)")
+
     def to_lua(self, value: Any) -> Any:
-        """str -> Lua string, dict/list/tuple -> Lua table, recursively."""
+        """Python -> Lua: str -> string, dict/list/tuple -> table, callables -> functions (size-checked)."""
+        if value is None or isinstance(value, (bool, int, float)):
+            return value
+        self.fits(_lua_size(value))
+        return self._to_lua(value)
+
+    def _to_lua(self, value: Any) -> Any:
         if isinstance(value, str):
             return value.encode("utf-8", "surrogateescape")
         if isinstance(value, dict):
-            return self.lua.table_from({self.to_lua(k): self.to_lua(v) for k, v in value.items()})
+            return self.lua.table_from({self._to_lua(k): self._to_lua(v) for k, v in value.items()})
         if isinstance(value, (list, tuple)):
-            return self.lua.table_from([self.to_lua(v) for v in value])
-        if callable(value) and not _is_lua(value):
+            return self.lua.table_from([self._to_lua(v) for v in value])
+        if callable(value) and lua_type(value) == "userdata":
             return self.fn(value)
         return value
+
+    def table(self, value: dict | list | tuple | None = None):
+        """A new Lua table from a Python dict or list (nested values converted too)."""
+        return self.to_lua({} if value is None else value)
 
     def to_python(self, value: Any, depth: int = 0) -> Any:
         """Lua table -> dict (or list when its keys are 1..n), bytes -> str."""
         if isinstance(value, bytes):
             return value.decode("utf-8", "surrogateescape")
-        if _is_table(value):
+        if is_table(value):
             if depth > 100:
-                raise ValueError("table nested too deeply")
+                raise LuaError("table nested too deeply")
             items = list(value.items())
             keys = [k for k, _ in items]
             if keys and keys == list(range(1, len(keys) + 1)):
@@ -1165,57 +1651,129 @@ class LuaContext:
 
     def text(self, value: Any) -> str:
         """A Lua string (or number) as str."""
-        return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
+        return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else lua_tostring(value)
 
-    def fn(self, func: Callable) -> Callable:
-        """Wrap a Python function for Lua: bytes args -> str, results -> Lua values.
+    def execute(self, source: str, *args):
+        """Run Lua source (a module written in Lua) with the libraries of the sandbox."""
+        return self.lua.execute(source, *args)
 
-        Extra arguments are dropped, as Lua functions ignore them.
+    def trace_headers(self) -> dict[str, str] | None:
+        """W3C trace context headers for an outgoing request of the running call (None if untraced)."""
+        return self.trace.headers() if self.trace is not None else None
+
+    def fn(self, func: Callable, name: str | None = None):
+        """A Lua function calling `func`: Lua strings arrive as str, results go back as Lua values.
+
+        Missing arguments arrive as None and extra ones are dropped, as in Lua. LuaError (and
+        ArgError) become Lua errors with their text; any other exception is a bug in the
+        module: the script gets a one-line error and the server log the traceback.
         """
-        to_lua, text = self.to_lua, self.text
-        most = _max_positional(func)
+        if lua_type(func) != "userdata":
+            return func  # already a Lua function
+        return self._wrap(self._pycall(func, name))
 
-        def wrapper(*args):
-            out = func(*[text(a) if isinstance(a, bytes) else a for a in args[:most]])
-            if isinstance(out, tuple):
-                return tuple(to_lua(v) for v in out)
-            return to_lua(out)
+    def _pycall(self, func: Callable, name: str | None = None) -> Callable:
+        """The Python side of `fn`: answers (True, results...) or (False, message[, stop now])."""
+        name = name or getattr(func, "__name__", "function")
+        is_pure = getattr(func, "lua_pure", False) or getattr(getattr(func, "func", None), "lua_pure", False)
+        most, least = _positional_counts(func)
+        ctx = self
 
-        return wrapper
+        def call(*args):
+            if ctx.inline and not is_pure:
+                ctx.moved = True
+                return False, b"moved to a worker", True
+            if len(args) < least:
+                args += (None,) * (least - len(args))
+            elif most is not None:
+                args = args[:most]
+            try:
+                out = func(*[a.decode("utf-8", "surrogateescape") if type(a) is bytes else a for a in args])
+                if type(out) is tuple:
+                    return (True, *ctx._results(out))
+                return True, ctx.to_lua(out)
+            except _MoveToPool:
+                ctx.moved = True
+                return False, b"moved to a worker", True
+            except ArgError as e:
+                return False, e.text(name).encode("utf-8", "surrogateescape")
+            except LuaError as e:
+                return False, str(e).encode("utf-8", "surrogateescape")
+            except _LUPA_ERRORS as e:  # a Lua callback failed (or timed out) inside the Python call
+                return False, first_line(str(e)).encode("utf-8", "surrogateescape"), time.monotonic() > ctx.deadline
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except RecursionError:
+                return False, f"{name}: value nested too deeply".encode()
+            except MemoryError:
+                return False, b"not enough memory"
+            except Exception as e:  # noqa: BLE001 - a module's bug is the script's error, never a traceback
+                log.warning("Lua function %s (%s/%s) failed", name, ctx.script.subject, ctx.script.name,
+                            exc_info=True)
+                return False, f"{name}: {error_text(e)}".encode("utf-8", "surrogateescape")
+
+        return call
+
+    def _results(self, values: tuple) -> tuple:
+        self.fits(sum(_lua_size(v) for v in values))
+        return tuple(self._to_lua(v) for v in values)
 
     def module(self, members: dict) -> Any:
-        """A Lua table of module members; Python callables become Lua functions."""
-        return self.lua.table_from({k.encode(): self.to_lua(v) for k, v in members.items()})
+        """A Lua table of module members; Python callables become Lua functions named after their key."""
+        return self.lua.table_from({k.encode(): self.fn(v, k) if callable(v) and lua_type(v) == "userdata"
+                                    else self.to_lua(v) for k, v in members.items()})
 
 
-def _max_positional(func: Callable) -> int | None:
-    """How many positional arguments `func` takes (None: any number)."""
+try:
+    import lupa.lua51 as _lupa51
+
+    _LUPA_ERRORS: tuple = (_lupa51.LuaError,)
+except ImportError:  # reported when a script first runs
+    _LUPA_ERRORS = ()
+
+
+def _lua_size(value: Any, budget: list | None = None) -> int:
+    """About how many bytes of Lua memory a Python value takes once converted."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return 0
+    if isinstance(value, (str, bytes)):
+        return len(value) + 32
+    if isinstance(value, (dict, list, tuple)):
+        budget = budget or [2_000_000]
+        budget[0] -= len(value)
+        if budget[0] < 0:
+            return 2**40  # millions of elements: more than any cap
+        items = value.items() if isinstance(value, dict) else ((None, v) for v in value)
+        return 64 + sum(40 + _lua_size(k, budget) + _lua_size(v, budget) for k, v in items)
+    return 64
+
+
+def _positional_counts(func: Callable) -> tuple[int | None, int]:
+    """(most, least) positional arguments `func` takes; most is None when it takes any number."""
     import inspect
 
     try:
-        params = inspect.signature(func).parameters.values()
+        params = list(inspect.signature(func).parameters.values())
     except (TypeError, ValueError):
-        return None
+        return None, 0
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    least = sum(p.default is p.empty for p in positional)
     if any(p.kind is p.VAR_POSITIONAL for p in params):
-        return None
-    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+        return None, least
+    return len(positional), least
 
 
-def _is_table(value) -> bool:
-    return type(value).__name__ == "_LuaTable"
-
-
-def _is_lua(value) -> bool:
-    return type(value).__name__.startswith("_Lua")
+_START = time.monotonic()
 
 
 class LuaRunner:
     """One Lua runtime for one script on one thread, with its code compiled once."""
 
     def __init__(self, script: Script, source: str, services: Services, memory: int):
-        import lupa.lua54 as lupa
+        import lupa.lua51 as lupa
 
         self.lupa = lupa
+        self.script = script
         self.lua = lupa.LuaRuntime(
             encoding=None,
             register_eval=False,
@@ -1224,57 +1782,295 @@ class LuaRunner:
             attribute_filter=_no_attributes,
             max_memory=memory,
         )
-        self.ctx = LuaContext(self.lua, script, services)
-        modules = services.modules
-        self._run, compile_ = self.lua.execute(
-            _SANDBOX_LUA, self._expired, self.lua.table_from({k.encode(): True for k in modules}), self._load_module
-        )
+        self.inline_deadline = float("inf")
+        self.ctx = ctx = LuaContext(self.lua, script, services)
+        names = self.lua.table_from({k.encode(): True for k in services.modules})
+        py = self.lua.table_from({name.encode(): ctx._pycall(func, name) for name, func in (
+            ("clock", _lua_clock), ("setenv", _lua_setenv), ("execute", self._execute), ("popen", self._popen),
+            ("load_module", self._load_module), ("find_module", self._find_module))})
+        self._run, compile_, ctx._wrap = self.lua.execute(_SANDBOX_LUA, self._expired, self._blocking, names, py)
         main = compile_(source.encode("utf-8", "surrogateescape"), f"={script.name}".encode())
         if isinstance(main, tuple):
             raise MsgscriptError(f"syntax error: {self.ctx.text(main[1])}")
         self.main = main
 
     def _expired(self) -> bool:
-        return time.monotonic() > self.ctx.deadline
+        now = time.monotonic()
+        if now > self.inline_deadline:
+            self.ctx.moved = True
+        return now > self.ctx.deadline or self.ctx.moved
 
-    def _load_module(self, name: bytes):
-        loader = self.ctx.services.modules[name.decode()]
-        value = loader(self.ctx)
+    def _blocking(self) -> None:
+        self.ctx.moved = True
+
+    def _load_module(self, name: str):
+        loader = self.ctx.services.modules[name]
+        inline, self.ctx.inline = self.ctx.inline, False  # loading is set-up, not the call's effect
+        try:
+            value = loader(self.ctx)
+        finally:
+            self.ctx.inline = inline
         if isinstance(value, str):
             return self.lua.execute(value)
         return self.ctx.module(value) if isinstance(value, dict) else value
 
-    def call(self, fname: str, deadline: float, *args, http: bool = False) -> tuple:
+    def _find_module(self, name: bytes):
+        """(path, source) of a Lua file module on the library directory and LUA_PATH, or (None, error)."""
+        tried = []
+        for template in _lua_path(self.ctx.services.library_dir):
+            path = template.replace("?", name.replace(".", os.sep))
+            try:
+                with open(path, "rb") as f:
+                    data = f.read(self.ctx.max_bytes() + 1)
+            except OSError:
+                tried.append(f"\n\tno file '{path}'")
+                continue
+            self.ctx.fits(len(data), f"module file {path}")
+            return path, data
+        return None, f"module '{name}' not found:\n\tno field package.preload['{name}']{''.join(tried)}"
+
+    def _execute(self, command=None):
+        """os.execute, bounded by the call's deadline: the exit status (5.1), 0 without a command."""
+        if command is None:
+            return 1
+        if self.ctx.inline:
+            raise _MoveToPool()
+        result = run_command(check_string(command, 1), self.ctx.remaining(), self.ctx.max_bytes(), capture=False)
+        return result.status
+
+    def _popen(self, command=None, mode="r"):
+        """io.popen, bounded by the call's deadline: the command runs to completion (its output is read
+        at once for "r"; for "w" what the script writes is its input when the file is closed)."""
+        if self.ctx.inline:
+            raise _MoveToPool()
+        command, mode = check_string(command, 1), check_string(mode, 2)
+        if mode not in ("r", "w"):
+            raise ArgError(2, "invalid mode")
+        make = self.lua.execute(_POPEN_LUA)
+        if mode == "r":
+            result = run_command(command, self.ctx.remaining(), self.ctx.max_bytes())
+            return make(self.ctx.to_lua(result.stdout), None)
+        return make(None, self.ctx.fn(lambda data="": run_command(
+            command, self.ctx.remaining(), self.ctx.max_bytes(), stdin=data.encode("utf-8", "surrogateescape"),
+            capture=False).status, "close"))
+
+    def call(self, fname: str, deadline: float, *args, inline: bool = False) -> tuple:
         """Run the script's chunk in fresh globals, then `fname(*args)`: (found, results...).
 
-        With `http`, a returned headers table comes back as one NUL-separated string.
+        With `inline`, the call raises _MoveToPool instead of doing anything that blocks.
         """
-        self.ctx.deadline = deadline
-        out = self._run(self.main, fname.encode(), http, *args)
+        ctx = self.ctx
+        ctx.fits(sum(len(a) for a in args if isinstance(a, bytes)), "payload")
+        ctx.deadline, ctx.inline, ctx.moved = deadline, inline, False
+        self.inline_deadline = time.monotonic() + INLINE_BUDGET if inline else float("inf")
+        try:
+            out = self._run(self.main, fname.encode(), inline, *args)
+        except self.lupa.LuaError:
+            if ctx.moved:
+                raise _MoveToPool() from None
+            raise
+        finally:
+            ctx.inline = False
+        if ctx.moved:
+            raise _MoveToPool()
         return out if isinstance(out, tuple) else (out,)
+
+
+_POPEN_LUA = r"""
+local out, on_close = ...
+local pos, parts = 1, {}
+local f = {}
+function f:read(fmt)
+  if not out then return nil end
+  fmt = fmt or "*l"
+  if fmt == "*a" or fmt == "a" then local s = out:sub(pos); pos = #out + 1; return s end
+  if type(fmt) == "number" then
+    if pos > #out then return nil end
+    local s = out:sub(pos, pos + fmt - 1); pos = pos + #s; return s
+  end
+  if pos > #out then return nil end
+  local nl = out:find("\n", pos, true) or (#out + 1)
+  local s = out:sub(pos, nl - 1); pos = nl + 1
+  return s
+end
+function f:lines() return function() return f:read("*l") end end
+function f:write(...) for i = 1, select("#", ...) do parts[#parts + 1] = tostring((select(i, ...))) end return f end
+function f:close()
+  if on_close then local status = on_close(table.concat(parts)); on_close = nil; return status == 0, "exit", status end
+  return true
+end
+function f:flush() return f end
+function f:setvbuf() return true end
+return f
+"""
+
+
+def _lua_clock() -> float:
+    """os.clock as gopher-lua has it: wall-clock seconds since the server started."""
+    return time.monotonic() - _START
+
+
+_lua_clock.lua_pure = True
+
+
+def _lua_setenv(name=None, value=None) -> bool:
+    """os.setenv(name, value): sets the server process's environment variable (nil removes it)."""
+    name = check_string(name, 1)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = check_string(value, 2)
+    return True
+
+
+def _lua_path(library_dir: str | None) -> list[str]:
+    """Where `require` looks for Lua files: the library directory, then LUA_PATH (";;" = the defaults)."""
+    dirs = [os.path.join(library_dir, "?.lua"), os.path.join(library_dir, "?", "init.lua")] if library_dir else []
+    defaults = ["./?.lua", "/usr/local/share/lua/5.1/?.lua", "/usr/local/share/lua/5.1/?/init.lua",
+                "/usr/share/lua/5.1/?.lua", "/usr/share/lua/5.1/?/init.lua"]
+    env = os.environ.get("LUA_PATH_5_1") or os.environ.get("LUA_PATH")
+    if env is None:
+        return dirs + defaults
+    paths = []
+    for part in env.split(";"):
+        paths += defaults if part == "" else [part]
+    return dirs + [p for p in paths if p]
+
+
+@dataclasses.dataclass
+class CommandResult:
+    status: int
+    stdout: bytes = b""
+    stderr: bytes = b""
+    timed_out: bool = False
+
+
+def run_command(command: str, timeout: float, max_output: int, stdin: bytes | None = None,
+                capture: bool = True) -> CommandResult:
+    """`sh -c command` killed (with its children) at `timeout`; output kept up to `max_output` bytes.
+
+    Status as os.execute reports it: the exit code, or 128+signal for a killed command. A
+    command still running at the deadline is killed and raises LuaError("script timed out").
+    """
+    try:
+        proc = subprocess.Popen(["/bin/sh", "-c", command], stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                                stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
+                                stderr=subprocess.PIPE if capture else subprocess.DEVNULL, start_new_session=True)
+    except OSError as e:
+        raise LuaError(error_text(e)) from None
+    out = _ProcessOutput(proc, max_output)
+    try:
+        stdout, stderr = out.communicate(stdin, timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        raise LuaError("script timed out") from None
+    except LuaError:
+        _kill_group(proc)
+        raise
+    status = proc.returncode
+    return CommandResult(128 - status if status < 0 else status, stdout, stderr)
+
+
+class _ProcessOutput:
+    """Read a process's stdout and stderr with a size limit and a deadline."""
+
+    def __init__(self, proc: subprocess.Popen, limit: int):
+        self.proc, self.limit = proc, limit
+
+    def communicate(self, stdin: bytes | None, timeout: float) -> tuple[bytes, bytes]:
+        deadline = time.monotonic() + timeout
+        proc, parts, size = self.proc, {}, 0
+        sel = selectors.DefaultSelector()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                os.set_blocking(stream.fileno(), False)
+                sel.register(stream, selectors.EVENT_READ)
+                parts[stream] = []
+        pending = memoryview(stdin or b"")
+        if proc.stdin is not None:
+            os.set_blocking(proc.stdin.fileno(), False)
+            sel.register(proc.stdin, selectors.EVENT_WRITE)
+        try:
+            while sel.get_map():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise subprocess.TimeoutExpired(proc.args, timeout)
+                for key, _ in sel.select(left):
+                    if key.fileobj is proc.stdin:
+                        try:
+                            pending = pending[os.write(proc.stdin.fileno(), pending[:65536]):]
+                        except BrokenPipeError:
+                            pending = memoryview(b"")
+                        if not pending:
+                            sel.unregister(proc.stdin)
+                            proc.stdin.close()
+                        continue
+                    chunk = os.read(key.fileobj.fileno(), 65536)
+                    if not chunk:
+                        sel.unregister(key.fileobj)
+                        continue
+                    size += len(chunk)
+                    if size > self.limit:
+                        raise LuaError(f"command output exceeds the script's memory limit ({self.limit} bytes)")
+                    parts[key.fileobj].append(chunk)
+            left = deadline - time.monotonic()
+            proc.wait(max(left, 0.001))
+        finally:
+            sel.close()
+        return (b"".join(parts.get(proc.stdout, [])), b"".join(parts.get(proc.stderr, [])))
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except OSError:
+        pass
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _no_attributes(obj, name, is_setting):
+    raise AttributeError("Python attributes are not reachable from Lua")
 
 
 @dataclasses.dataclass
 class Services:
     """What scripts can reach beyond themselves: Lua modules, NATS, etcd, the store."""
 
-    modules: dict[str, Callable] = dataclasses.field(default_factory=lambda: dict(LUA_MODULES))
+    modules: dict[str, Callable] = dataclasses.field(default_factory=dict)
     etcd_endpoints: list[str] = dataclasses.field(default_factory=lambda: ["127.0.0.1:2379"])
     nats: Any = None  # NatsBridge once connected
     store: Any = None
+    library_dir: str | None = None
+    nats_options: Any = None  # NatsOptions: how scripts' NATS connections authenticate
 
 
 BUNDLED_PLUGINS = Path(__file__).resolve().parent / "plugins"
 
 
-def load_plugins(dirs: list[str], modules: dict[str, Callable]) -> list[str]:
-    """Import every `*.py` plugin in `dirs`, adding its `lua_modules()` to `modules`.
+def load_plugins(dirs: list[str], modules: dict[str, Callable], bundled: bool = True) -> list[str]:
+    """Import the bundled plugins (when `bundled`) and every `*.py` plugin in `dirs`.
 
-    A plugin that fails to import is logged by file name and skipped; the
-    names of the failed files are returned.
+    Each plugin's `lua_modules()` is added to `modules`. A bundled plugin that fails to load
+    is a ConfigError (the installation is broken); a user plugin that fails is logged by file
+    name and skipped, and the names of the failed files are returned.
     """
+    import importlib.util
+
     failed = []
+    if bundled:
+        for path in sorted(BUNDLED_PLUGINS.glob("*.py")):
+            if path.name.startswith("_"):
+                continue
+            try:
+                modules.update(importlib.import_module(f"plugins.{path.stem}").lua_modules())
+            except Exception as e:  # noqa: BLE001 - reported as one line
+                raise ConfigError(f"bundled plugin {path} failed to load: {error_text(e)}") from None
     for d in dirs:
+        if Path(d).resolve() == BUNDLED_PLUGINS:
+            continue
         for path in sorted(Path(d).glob("*.py")):
             if path.name.startswith("_"):
                 continue
@@ -1284,946 +2080,9 @@ def load_plugins(dirs: list[str], modules: dict[str, Callable]) -> list[str]:
                 spec.loader.exec_module(mod)
                 modules.update(mod.lua_modules())
             except Exception as e:  # noqa: BLE001 - any plugin failure is reported, not fatal
-                log.error("plugin %s failed to load: %s", path, first_line(str(e)) or type(e).__name__)
+                log.error("plugin %s failed to load: %s", path, error_text(e))
                 failed.append(str(path))
     return failed
-
-
-###############################################################################
-# Built-in Lua modules: json, http, re, lfs, nats, etcd #######################
-###############################################################################
-
-# Built-in Lua modules json, http, re and lfs (see LUA-MODULES.md sections 1-4).
-#
-# Deliberate differences from the Go original (scripts that work there keep working):
-# - json.decode keeps null array elements as nil holes at their positions instead of
-#   dropping them and renumbering. Such an array gets a metatable whose __len is the index
-#   of its last non-nil element (so trailing nulls are not counted and ipairs still stops
-#   at the first hole), and json.encode writes its holes back as null.
-# - json.encode fails only on real cycles; a table shared by two branches is encoded twice.
-#   Arrays are accepted whatever order `next` yields keys 1..n in; Lua integers are
-#   written exactly (Go rounds them through float64).
-# - json.decode gives integral numbers as Lua integers (so tostring gives "1", as in gopher-lua).
-# - http: responses are plain tables (pairs/json.encode work; there is no http.response);
-#   numeric timeouts keep their fractions; every request is also bounded by the script's
-#   deadline; HTTP_PROXY is not honoured.
-# - re: a group that did not take part yields "" (the original raises); find's end falls
-#   back to the match end when the last group did not take part; an init past the end
-#   gives nil instead of raising. Unicode classes (\p), the U flag and possessive
-#   repeats are rejected; (?i) folds ASCII letters only.
-# - lfs.dir lists the names at once and closes the directory; its second value is a dir
-#   object with :next() and :close(). symlinkattributes' target is an absolute path.
-# - All functions ignore extra arguments, as gopher-lua does.
-
-def _utf8(b: bytes) -> str:
-    return b.decode("utf-8", "surrogateescape")
-
-
-def _raw(s: str) -> bytes:
-    return s.encode("utf-8", "surrogateescape")
-
-
-_PY_KINDS = {type(None): "nil", bool: "boolean", int: "number", float: "number", str: "string", bytes: "string"}
-_LUA_KINDS = (("Coroutine", "thread"), ("Thread", "thread"), ("Function", "function"), ("Table", "table"))
-
-
-def _reason(e: Exception) -> str:
-    """An exception as Go words errors: "connection refused", "no such file or directory"."""
-    text = getattr(e, "strerror", None) or str(e) or type(e).__name__
-    return text[:1].lower() + text[1:]
-
-
-def _truthy(v) -> bool:
-    return v is not None and v is not False
-
-
-def _lua_kind(v) -> str:
-    """The Lua type name of a value received from Lua."""
-    if v is None or isinstance(v, (bool, int, float, str, bytes)):
-        return _PY_KINDS[type(v)]
-    name = type(v).__name__
-    if not name.startswith("_Lua"):
-        return "function" if callable(v) else "userdata"
-    return next((kind for part, kind in _LUA_KINDS if part in name), "userdata")
-
-
-def _check_str(v, n: int, fname: str) -> str:
-    if isinstance(v, str):
-        return v
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return _lua_string(v)
-    raise TypeError(f"bad argument #{n} to {fname} (string expected, got {_lua_kind(v)})")
-
-
-def _lua_string(v) -> str | None:
-    """A Lua string or number as text, as Lua's tostring would; None for nil and false."""
-    if v is None or v is False:
-        return None
-    if isinstance(v, bytes):
-        return _utf8(v)
-    if isinstance(v, int) and not isinstance(v, bool):
-        return str(v)
-    if isinstance(v, float):
-        return str(int(v)) if v.is_integer() else f"{v:.14g}"
-    raise TypeError(f"invalid replacement value (a {_lua_kind(v)})")
-
-
-def _opt_int(v, default: int, n: int, fname: str) -> int:
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise TypeError(f"bad argument #{n} to {fname} (number expected, got {_lua_kind(v)})")
-    return int(v)
-
-
-###############################################################################
-# json ########################################################################
-###############################################################################
-
-_JSON_HELPERS = """
-local lengths = setmetatable({}, {__mode = "k"})
-local mt = {__len = function(t)
-  local n = lengths[t] or 0
-  while rawget(t, n + 1) ~= nil do n = n + 1 end
-  while n > 0 and rawget(t, n) == nil do n = n - 1 end
-  lengths[t] = n
-  return n
-end}
-local function holey(t, n) lengths[t] = n; return setmetatable(t, mt) end
-local function holey_len(t) if getmetatable(t) == mt then return #t end end
-return holey, holey_len
-"""
-_HTML_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
-_HTML_RE = re.compile("[<>&\u2028\u2029]")
-
-
-def _go_float(f: float) -> str:
-    """Go encoding/json's float64 text: shortest digits, exponent only when exp < -6 or >= 21."""
-    if math.isnan(f) or math.isinf(f):
-        raise ValueError(f"json: unsupported value: {f!r}")
-    a = abs(f)
-    if a < 2**53 and f.is_integer():
-        return str(int(f))
-    text = repr(f)
-    if a < 1e-6 or a >= 1e21:
-        mant, _, exp = text.partition("e")
-        e = int(exp)
-        return f"{mant}e-{-e}" if e < 0 else f"{mant}e+{e:02d}"
-    if "e" in text:
-        from decimal import Decimal
-
-        return format(Decimal(text), "f")
-    return text[:-2] if text.endswith(".0") else text
-
-
-class _JsonEncoder:
-    """Lua value -> plain Python value, with the original's table rules."""
-
-    def __init__(self, holey_len):
-        self.holey_len = holey_len
-        self.active: set[str] = set()
-        self.floats: dict[str, str] = {}
-
-    def plain(self, v):
-        t = type(v)
-        if t is bytes:
-            return v.decode("utf-8", "replace")
-        if t is float:
-            return self.number(v)
-        if v is None or t is bool or t is int or t is str:
-            return v
-        if _is_table(v):
-            return self.table(v)
-        raise ValueError(f"cannot encode {_lua_kind(v)} to JSON")
-
-    def number(self, f: float):
-        text = _go_float(f)
-        if text == repr(f):  # json.dumps writes floats with repr
-            return f
-        if text.lstrip("-").isdigit():
-            return int(text)
-        marker = f"\0{id(self)}:{len(self.floats)}\0"  # swapped for the Go text after json.dumps
-        self.floats[json.dumps(marker)] = text
-        return marker
-
-    def table(self, t):
-        ident = repr(t)  # the table's address, whatever its __tostring says
-        if ident in self.active:
-            raise ValueError("cannot encode recursively nested tables to JSON")
-        self.active.add(ident)
-        try:
-            items = list(t.items())
-            if not items:
-                return []
-            if type(items[0][0]) is bytes:
-                return self.object(items)
-            if type(items[0][0]) in (int, float):
-                return self.array(t, items)
-            raise ValueError("cannot encode mixed or invalid key types")
-        finally:
-            self.active.discard(ident)
-
-    def object(self, items) -> dict:
-        out = {}
-        for k, v in items:
-            if type(k) is not bytes:
-                raise ValueError("cannot encode mixed or invalid key types")
-            out[k.decode("utf-8", "replace")] = self.plain(v)
-        return out
-
-    def array(self, t, items) -> list:
-        n = len(items)
-        if any(type(k) not in (int, float) for k, _ in items):
-            raise ValueError("cannot encode mixed or invalid key types")
-        if any(type(k) is not int or not 0 < k <= n for k, _ in items):
-            n = self.holey_len(t) or 0
-            if any(type(k) is not int or not 0 < k <= n for k, _ in items):
-                raise ValueError("cannot encode sparse array")
-        out = [None] * n
-        for k, v in items:
-            out[k - 1] = self.plain(v)
-        return out
-
-
-def lua_to_json(value, holey_len=lambda t: None) -> str:
-    """A Lua value as JSON text by gopher-json's rules; raises ValueError if it cannot be encoded."""
-    enc = _JsonEncoder(holey_len)
-    try:
-        value = _raw(value).decode("utf-8", "replace") if isinstance(value, str) else enc.plain(value)
-    except RecursionError:
-        raise ValueError("cannot encode tables nested this deeply to JSON") from None
-    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
-    for marker, number in enc.floats.items():
-        text = text.replace(marker, number)
-    return _HTML_RE.sub(lambda m: _HTML_ESCAPES[m.group()], text)
-
-
-def _json_encode(holey_len, *args):
-    if not args:
-        raise ValueError("bad argument #1 to encode (value expected)")
-    try:
-        return lua_to_json(args[0], holey_len)
-    except ValueError as e:
-        return None, str(e)
-
-
-def _lua_text(s: str) -> bytes:
-    try:
-        return s.encode("utf-8")
-    except UnicodeEncodeError:  # lone surrogates from \ud800 escapes or invalid input bytes
-        return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in s).encode("utf-8")
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"invalid character '{name[0]}' looking for beginning of value")
-
-
-class _JsonDecoder:
-    """Plain Python value (from json.loads) -> Lua value."""
-
-    def __init__(self, lua, holey):
-        self.table_from, self.holey = lua.table_from, holey
-
-    def lua(self, v):
-        t = type(v)
-        if t is str:
-            return _lua_text(v)
-        if t is dict:
-            return self.table_from({_lua_text(k): self.lua(x) for k, x in v.items() if x is not None})
-        if t is list:
-            table = self.table_from([self.lua(x) for x in v])
-            return self.holey(table, len(v)) if None in v else table
-        if t is int and not -(2**63) <= v < 2**63:
-            return float(v)
-        if t is float and v.is_integer() and abs(v) < 2**63:
-            return int(v)
-        return v
-
-
-def _json_decode(decoder, text=None, *_):
-    text = _check_str(text, 1, "decode")
-    try:
-        value = json.loads(text, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as e:
-        return None, str(e) if text.strip() else "unexpected end of JSON input"
-    return decoder.lua(value)
-
-
-@lua_module("json")
-def _json_module(ctx):
-    holey, holey_len = ctx.lua.execute(_JSON_HELPERS)
-    decoder = _JsonDecoder(ctx.lua, holey)
-    return {
-        "encode": functools.partial(_json_encode, holey_len),
-        "decode": functools.partial(_json_decode, decoder),
-    }
-
-
-###############################################################################
-# http ########################################################################
-###############################################################################
-
-_REDIRECTS = (301, 302, 303, 307, 308)
-_DEADLINE = "context deadline exceeded"
-
-
-class _HttpError(Exception):
-    """A request failure reported to the script as `nil, err`."""
-
-
-def _canonical(name: str) -> str:
-    return "-".join(p[:1].upper() + p[1:].lower() for p in name.split("-"))
-
-
-def _pairs(ctx, table) -> dict:
-    return {ctx.text(k): ctx.text(v) for k, v in table.items()} if _is_table(table) else {}
-
-
-def _time_limit(ctx, timeout) -> float:
-    """Seconds the request may take: the `timeout` option, never past the script's deadline."""
-    if isinstance(timeout, bytes):
-        try:
-            timeout = go_duration(_utf8(timeout))
-        except ValueError as e:
-            raise _HttpError(str(e)) from None
-    elif not isinstance(timeout, (int, float)) or isinstance(timeout, bool):
-        return ctx.remaining()
-    return ctx.remaining(timeout) if timeout > 0 else 0.0
-
-
-def _prepare(ctx, method: str, url: str, options) -> tuple:
-    """The request's (method, url, headers, body, time limit) from the Lua options table."""
-    opt = options.__getitem__ if _is_table(options) else (lambda key: None)
-    headers = {"User-Agent": f"msgscript/{__version__}"}
-    if isinstance(opt(b"query"), bytes):
-        url = urllib.parse.urlsplit(url)._replace(query=_utf8(opt(b"query"))).geturl()
-    body = opt(b"body")
-    if not isinstance(body, bytes):
-        body = opt(b"form") if isinstance(opt(b"form"), bytes) else None
-        if body is not None:
-            headers["Content-Type"] = "application/x-www-form-urlencoded"
-    cookies = _pairs(ctx, opt(b"cookies"))
-    if cookies:
-        headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in cookies.items())
-    auth = opt(b"auth")
-    if _is_table(auth):
-        user, password = auth[b"user"], auth[b"pass"]
-        if not _truthy(user) or not _truthy(password):
-            raise _HttpError("auth table must contain no nil user and pass fields")
-        token = base64.b64encode(_raw(f"{ctx.text(user)}:{ctx.text(password)}")).decode()
-        headers["Authorization"] = f"Basic {token}"
-    headers.update({_canonical(k): v for k, v in _pairs(ctx, opt(b"headers")).items()})
-    return method.upper(), url, headers, body, _time_limit(ctx, opt(b"timeout"))
-
-
-def _read_body(conn, resp, deadline: float) -> bytes:
-    chunks = []
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError(_DEADLINE)
-        if conn.sock:
-            conn.sock.settimeout(left)
-        chunk = resp.read1(65536)
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
-
-
-def _response(url: str, resp, body: bytes, gzipped: bool) -> dict:
-    headers, cookies = {}, {}
-    for name, value in resp.getheaders():
-        value = value.encode("latin-1", "replace").decode("utf-8", "surrogateescape")
-        headers.setdefault(_canonical(name), value)
-        if name.lower() == "set-cookie":
-            key, _, val = value.split(";", 1)[0].partition("=")
-            cookies[key.strip()] = val.strip().strip('"')
-    if gzipped and headers.get("Content-Encoding", "").lower() == "gzip":
-        body = gzip.decompress(body)
-        headers.pop("Content-Encoding")
-        headers.pop("Content-Length", None)
-    return {"body": body, "body_size": len(body), "status_code": resp.status,
-            "headers": headers, "cookies": cookies, "url": url}
-
-
-def _fetch(method: str, url: str, headers: dict, body, deadline: float) -> dict:
-    """Do one request (following up to 10 redirects) before `deadline`; raise _HttpError."""
-    verb = method[:1] + method[1:].lower()
-    gzipped = not any(k.lower() == "accept-encoding" for k in headers)
-    if gzipped:
-        headers = {**headers, "Accept-Encoding": "gzip"}
-    for _ in range(11):
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https"):
-            raise _HttpError(f'{verb} "{url}": unsupported protocol scheme "{parts.scheme}"')
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise _HttpError(f'{verb} "{url}": {_DEADLINE}')
-        cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        conn = cls(parts.netloc.rpartition("@")[2], timeout=left)
-        try:
-            if parts.username is not None and "Authorization" not in headers:
-                creds = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
-                headers = {**headers, "Authorization": "Basic " + base64.b64encode(_raw(creds)).decode()}
-            target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
-            conn.request(method, target, body=body, headers={k: _raw(v) for k, v in headers.items()})
-            resp = conn.getresponse()
-            location = resp.getheader("Location")
-            if resp.status not in _REDIRECTS or not location:
-                return _response(url, resp, _read_body(conn, resp, deadline), gzipped)
-        except Exception as e:  # noqa: BLE001 - every failure is the script's `nil, err`
-            reason = _DEADLINE if isinstance(e, TimeoutError) else _reason(e)
-            raise _HttpError(f'{verb} "{url}": {reason}') from None
-        finally:
-            conn.close()
-        # Go's redirect rules: 301-303 turn into a bodiless GET; credentials stay with their host
-        dropped = {"Content-Type", "Content-Length"} if resp.status in (301, 302, 303) and method != "HEAD" else set()
-        method, body = ("GET", None) if dropped else (method, body)
-        url, old_host = urllib.parse.urljoin(url, location), parts.netloc
-        if urllib.parse.urlsplit(url).netloc != old_host:
-            dropped |= {"Authorization", "Cookie"}
-        headers = {k: v for k, v in headers.items() if k not in dropped}
-    raise _HttpError(f'{verb} "{url}": stopped after 10 redirects')
-
-
-def _in_thread(func, *args) -> Future:
-    """Run `func` on a daemon thread, so a hung DNS lookup cannot outlive the script's deadline."""
-    fut: Future = Future()
-
-    def run():
-        try:
-            fut.set_result(func(*args))
-        except BaseException as e:  # noqa: BLE001 - handed to the waiting script
-            fut.set_exception(e)
-
-    threading.Thread(target=run, daemon=True, name="lua-http").start()
-    return fut
-
-
-def _nil_text(ctx, v) -> str:
-    return "nil" if v is None else ctx.text(v)
-
-
-def _start(ctx, method, url, options) -> tuple:
-    """Start one request; returns (future, verb+url for errors, deadline)."""
-    method, url, headers, body, timeout = _prepare(ctx, _nil_text(ctx, method), _nil_text(ctx, url), options)
-    deadline = time.monotonic() + timeout
-    what = f'{method[:1]}{method[1:].lower()} "{url}"'
-    return _in_thread(_fetch, method, url, headers, body, deadline), what, deadline
-
-
-def _finish(started) -> dict:
-    fut, what, deadline = started
-    try:
-        return fut.result(timeout=max(0.0, deadline - time.monotonic()) + 0.05)
-    except FutureTimeout:
-        raise _HttpError(f"{what}: {_DEADLINE}") from None
-
-
-def _http_request(ctx, method=None, url=None, options=None, *_):
-    method, url = _check_str(method, 1, "request"), _check_str(url, 2, "request")
-    try:
-        return _finish(_start(ctx, method, url, options))
-    except _HttpError as e:
-        return None, str(e)
-
-
-def _http_batch(ctx, requests=None, *_):
-    if not _is_table(requests):
-        raise TypeError(f"bad argument #1 to request_batch (table expected, got {_lua_kind(requests)})")
-    started, errors = [], []
-    for entry in requests.values():
-        try:
-            if not _is_table(entry):
-                raise _HttpError("Request must be a table")
-            started.append(_start(ctx, entry[1], entry[2], entry[3]))
-        except _HttpError as e:
-            errors.append(str(e))
-    responses = []
-    for item in started:
-        try:
-            responses.append(_finish(item))
-        except _HttpError as e:
-            errors.append(str(e))
-    return (responses, errors) if errors else responses
-
-
-@lua_module("http")
-def _http_module(ctx):
-    def verb(name):
-        return lambda url=None, options=None, *_: _http_request(ctx, name, _check_str(url, 1, name), options)
-
-    members = {name: verb(name) for name in ("get", "post", "put", "patch", "delete", "head")}
-    members["request"] = functools.partial(_http_request, ctx)
-    members["request_batch"] = functools.partial(_http_batch, ctx)
-    return members
-
-
-###############################################################################
-# re ##########################################################################
-###############################################################################
-
-_POSIX = {"alnum": "0-9A-Za-z", "alpha": "A-Za-z", "ascii": r"\x00-\x7f", "blank": r"\t ", "cntrl": r"\x00-\x1f\x7f",
-          "digit": "0-9", "graph": "!-~", "lower": "a-z", "print": " -~", "punct": r"!-/:-@\[-`{-~",
-          "space": r"\t\n\v\f\r ", "upper": "A-Z", "word": "0-9A-Za-z_", "xdigit": "0-9A-Fa-f"}
-_GO_SPACE = r"\t\n\f\r "
-_FLAGS_RE = re.compile(r"\(\?(?:P?<(\w+)>|([imsU]*)(?:-([imsU]*))?([:)]))")
-_HEX_RE = re.compile(r"\{([0-9A-Fa-f]{1,8})\}|[0-9A-Fa-f]{2}")
-_OCTAL_RE = re.compile(r"0[0-7]{0,2}|[1-7][0-7]{1,2}")
-_TEMPLATE_RE = re.compile(r"\{(\w+)\}|(\w+)")
-
-
-def _escape(pat: str, i: int, in_class: bool) -> tuple[str, int]:
-    """Translate the Go escape at pat[i] ('\\'); returns (python text, next index)."""
-    if i + 1 >= len(pat):
-        raise re.error("trailing backslash at end of expression")
-    c = pat[i + 1]
-    if c == "Q" and not in_class:
-        end = pat.find(r"\E", i + 2)
-        end = len(pat) if end < 0 else end
-        return re.escape(pat[i + 2:end]), end + 2
-    if c == "x":
-        m = _HEX_RE.match(pat, i + 2)
-        if not m:
-            raise re.error(f"invalid escape sequence: `{pat[i:i + 4]}`")
-        return re.escape(chr(int(m.group(1) or m.group(), 16))), m.end()
-    m = _OCTAL_RE.match(pat, i + 1)
-    if m:
-        return re.escape(chr(int(m.group(), 8))), m.end()
-    if c == "s":
-        return (_GO_SPACE if in_class else f"[{_GO_SPACE}]"), i + 2
-    if c == "S" and not in_class:
-        return f"[^{_GO_SPACE}]", i + 2
-    if c == "z" and not in_class:
-        return r"\Z", i + 2
-    if c in "afnrtvdDwWS" or (c in "AbB" and not in_class) or (c.isascii() and not c.isalnum()):
-        return "\\" + c, i + 2
-    raise re.error(f"invalid escape sequence: `\\{c}`" + (" (Unicode classes are not supported)" if c in "pP" else ""))
-
-
-def _char_class(pat: str, i: int) -> tuple[str, int]:
-    """Translate the Go character class starting at pat[i] ('[')."""
-    out, i = ["["], i + 1
-    if pat[i:i + 1] == "^":
-        out.append("^")
-        i += 1
-    if pat[i:i + 1] == "]":
-        out.append(r"\]")
-        i += 1
-    while i < len(pat) and pat[i] != "]":
-        c = pat[i]
-        if pat.startswith("[:", i):
-            end = pat.find(":]", i)
-            name = pat[i + 2:end] if end > 0 else ""
-            if name not in _POSIX:
-                raise re.error(f"invalid character class range: `{pat[i:end + 2]}`")
-            out.append(_POSIX[name])
-            i = end + 2
-        elif c == "\\":
-            text, i = _escape(pat, i, True)
-            out.append(text)
-        else:
-            out.append("\\" + c if c in "[&~|" else c)
-            i += 1
-    if i >= len(pat):
-        raise re.error("missing closing ]")
-    return "".join(out) + "]", i + 1
-
-
-def _translate(pat: str) -> str:
-    """Go RE2 syntax -> Python re syntax (flags scoped as in Go, `$` = end of text)."""
-    out, i = [], 0
-    frames = [(False, [])]  # (multiline, flag groups opened by (?flags) in this group)
-    while i < len(pat):
-        c = pat[i]
-        multiline, opened = frames[-1]
-        if c == "\\":
-            text, i = _escape(pat, i, False)
-            out.append(text)
-            continue
-        if c == "[":
-            text, i = _char_class(pat, i)
-            out.append(text)
-            continue
-        i += 1
-        if c == "(" and pat.startswith("?", i):
-            m = _FLAGS_RE.match(pat, i - 1)
-            if not m:
-                raise re.error(f"invalid or unsupported Perl syntax: `{pat[i - 1:i + 2]}`")
-            i = m.end()
-            if m.group(1):
-                out.append(f"(?P<{m.group(1)}>")
-                frames.append((multiline, []))
-                continue
-            on, off, kind = m.group(2), m.group(3) or "", m.group(4)
-            if "U" in on + off:
-                raise re.error("the U (ungreedy) flag is not supported")
-            group = f"(?{on}{'-' + off if off else ''}:" if on or off else "(?:"
-            multiline = ("m" in on) or (multiline and "m" not in off)
-            out.append(group)
-            if kind == ")":
-                opened.append(group)
-                frames[-1] = (multiline, opened)
-            else:
-                frames.append((multiline, []))
-        elif c == "(":
-            out.append("(")
-            frames.append((multiline, []))
-        elif c == ")":
-            if len(frames) == 1:
-                raise re.error("unexpected )")
-            out.append(")" * (len(opened) + 1))
-            frames.pop()
-        elif c == "+" and out and out[-1] in ("*", "+", "?"):
-            raise re.error(f"invalid nested repetition operator: `{out[-1]}+`")
-        elif c == "|":
-            out.append(")" * len(opened) + "|" + "".join(opened))
-        elif c == "$":
-            out.append("$" if multiline else r"\Z")
-        else:
-            out.append(c)
-    return "".join(out) + ")" * len(frames[0][1])
-
-
-@functools.lru_cache(maxsize=512)
-def go_regexp(pat: str) -> re.Pattern:
-    """Compile a Go RE2 pattern; raise ValueError (naming the pattern) if it is invalid."""
-    try:
-        return re.compile(_translate(pat), re.ASCII)
-    except (re.error, ValueError, OverflowError) as e:
-        raise ValueError(f"error parsing regexp: {e.msg if hasattr(e, 'msg') else e}: `{pat}`") from None
-
-
-def _go_matches(rx: re.Pattern, s: str, limit: int = -1):
-    """Successive matches with Go's FindAll rule: no empty match right after a match."""
-    pos, prev_end, count = 0, -1, 0
-    while pos <= len(s) and count != limit:
-        m = rx.search(s, pos)
-        if not m:
-            return
-        accept = True
-        if m.end() == pos:
-            accept = m.start() != prev_end
-            pos += 1
-        else:
-            pos = m.end()
-        prev_end = m.end()
-        if accept:
-            count += 1
-            yield m
-
-
-def _captures(m: re.Match) -> tuple:
-    """All groups ("" when a group did not take part), or the whole match without groups."""
-    if not m.re.groups:
-        return (m.group(),)
-    return tuple(g or "" for g in m.groups())
-
-
-def _byte_pos(s: str, i: int) -> int:
-    return i if s.isascii() else len(_raw(s[:i]))
-
-
-def _re_find(*args):
-    s, pat = (args + (None, None))[:2]
-    s, pat = _check_str(s, 1, "find"), _check_str(pat, 2, "find")
-    if not s and not pat:
-        return 1, 0
-    sb, init = _raw(s), _opt_int(args[2] if len(args) > 2 else None, 1, 3, "find")
-    init = max(init - 1 if init > 0 else (len(sb) + init if init < 0 else 0), 0)
-    if init > len(sb):
-        return None
-    if len(args) == 4 and _truthy(args[3]):
-        pos = sb.find(_raw(pat), init)
-        return None if pos < 0 else (pos + 1, pos + len(_raw(pat)))
-    rx, sub = go_regexp(pat), _utf8(sb[init:])
-    m = rx.search(sub)
-    if not m or (rx.groups and m.start(1) < 0):
-        return None
-    last = m.end(rx.groups) if rx.groups and m.end(rx.groups) >= 0 else m.end()
-    caps = _captures(m) if rx.groups else ()
-    return (init + _byte_pos(sub, m.start()) + 1, init + _byte_pos(sub, last), *caps)
-
-
-def _re_match(s=None, pat=None, init=None, *_):
-    s, pat = _check_str(s, 1, "match"), _check_str(pat, 2, "match")
-    sb, offset = _raw(s), _opt_int(init, 1, 3, "match")
-    offset = max((len(sb) + offset + 1 if offset < 0 else offset) - 1, 0)
-    if offset > len(sb):
-        return None
-    m = go_regexp(pat).search(_utf8(sb[offset:]))
-    return _captures(m) if m else None
-
-
-def _re_gmatch(s=None, pat=None, *_):
-    rx = go_regexp(_check_str(pat, 2, "gmatch"))
-    found = iter([_captures(m) for m in _go_matches(rx, _check_str(s, 1, "gmatch"))])
-    return lambda *_: next(found, None)
-
-
-@functools.lru_cache(maxsize=256)
-def _expand_template(repl: str) -> tuple:
-    """Go Regexp.Expand template -> literal str and ("group", int|str) items."""
-    parts, i = [], 0
-    while (j := repl.find("$", i)) >= 0:
-        parts.append(repl[i:j])
-        if repl.startswith("$$", j):
-            parts.append("$")
-            i = j + 2
-            continue
-        m = _TEMPLATE_RE.match(repl, j + 1)
-        if not m:
-            parts.append("$")
-            i = j + 1
-            continue
-        name = m.group(1) or m.group(2)
-        parts.append(("group", int(name) if name.isascii() and name.isdigit() else name))
-        i = m.end()
-    parts.append(repl[i:])
-    return tuple(parts)
-
-
-def _expand(template: list, m: re.Match) -> str:
-    out = []
-    for part in template:
-        if isinstance(part, str):
-            out.append(part)
-            continue
-        ref = part[1]
-        ok = ref <= m.re.groups if isinstance(ref, int) else ref in m.re.groupindex
-        out.append((m.group(ref) or "") if ok else "")
-    return "".join(out)
-
-
-def _first(values):
-    """The first of a Lua function's return values."""
-    return (values[0] if values else None) if isinstance(values, tuple) else values
-
-
-def _re_gsub(s=None, pat=None, repl=None, n=None, *_):
-    s, rx = _check_str(s, 1, "gsub"), go_regexp(_check_str(pat, 2, "gsub"))
-    matches = list(_go_matches(rx, s, _opt_int(n, -1, 4, "gsub")))
-    if isinstance(repl, str):
-        template = _expand_template(repl)
-        replace = functools.partial(_expand, template)
-    elif _is_table(repl):
-        replace = lambda m: _lua_string(repl[_raw((m.group(1) or "") if rx.groups else m.group())])  # noqa: E731
-    elif _lua_kind(repl) == "function":
-        replace = lambda m: _lua_string(_first(repl(*[_raw(c) for c in _captures(m)])))  # noqa: E731
-    else:
-        raise TypeError(f"bad argument #3 to gsub (string/table/function expected, got {_lua_kind(repl)})")
-    out, last = [], 0
-    for m in matches:
-        text = replace(m)
-        out.append(s[last:m.start()] + (m.group() if text is None else text))
-        last = m.end()
-    return "".join(out) + s[last:], len(matches)
-
-
-def _re_quote(s=None, *_):
-    return re.sub(r"([\\.+*?()|\[\]{}^$])", r"\\\1", _check_str(s, 1, "quote"))
-
-
-@lua_module("re")
-def _re_module(ctx):
-    return {"find": _re_find, "match": _re_match, "gmatch": _re_gmatch, "gsub": _re_gsub, "quote": _re_quote}
-
-
-###############################################################################
-# lfs #########################################################################
-###############################################################################
-
-_MODES = ((stat.S_ISREG, "file"), (stat.S_ISDIR, "directory"), (stat.S_ISLNK, "link"), (stat.S_ISSOCK, "socket"),
-          (stat.S_ISFIFO, "named pipe"), (stat.S_ISCHR, "char device"), (stat.S_ISBLK, "block device"))
-
-
-def _os_error(op: str, path: str, e: OSError) -> tuple:
-    """`nil, err` with Go's wording: "mkdir /x: file exists"."""
-    return None, f"{op} {path}: {_reason(e)}"
-
-
-def _stat_table(st: os.stat_result) -> dict:
-    mode = next((name for test, name in _MODES if test(st.st_mode)), "other")
-    return {"dev": st.st_dev, "ino": st.st_ino, "mode": mode, "nlink": st.st_nlink, "uid": st.st_uid,
-            "gid": st.st_gid, "rdev": st.st_rdev, "access": int(st.st_atime), "modification": int(st.st_mtime),
-            "change": int(st.st_ctime), "size": st.st_size, "blocks": st.st_blocks, "blksize": st.st_blksize}
-
-
-def _attributes(follow: bool, path=None, name=None, *_):
-    path = _check_str(path, 1, "attributes")
-    if name is not None:
-        name = _check_str(name, 2, "attributes")
-    try:
-        table = _stat_table(os.stat(path) if follow else os.lstat(path))
-    except OSError as e:
-        return _os_error("stat" if follow else "lstat", path, e)
-    if not follow and table["mode"] == "link":
-        try:
-            table["target"] = os.path.realpath(path, strict=True)
-        except OSError:
-            pass
-    return table if name is None else table.get(name)
-
-
-def _guard(op: str, func, *args):
-    """Run an os call: `true`, or `nil, err`."""
-    try:
-        func(*args)
-    except OSError as e:
-        return _os_error(op, args[0], e)
-    return True
-
-
-def _lfs_dir(path=None, *_):
-    path = _check_str(path, 1, "dir")
-    if not os.path.isdir(path):
-        os.stat(path)  # raises the open/stat error if there is one
-        raise NotADirectoryError("not a directory")
-    names = iter(os.listdir(path))
-    step = lambda *_: next(names, None)  # noqa: E731
-    return step, {"next": step, "close": lambda *_: None}
-
-
-def _lfs_rmdir(path=None, *_):
-    path = _check_str(path, 1, "rmdir")
-    try:
-        if not stat.S_ISDIR(os.stat(path).st_mode):
-            return None, "not a directory"
-    except OSError as e:
-        return _os_error("stat", path, e)
-    return _guard("rmdir", os.rmdir, path)
-
-
-def _lfs_touch(path=None, atime=None, mtime=None, *_):
-    now = time.time()
-    atime = now if atime is None else float(atime)
-    mtime = atime if mtime is None else float(mtime)
-    return _guard("chtimes", os.utime, _check_str(path, 1, "touch"), (atime, mtime))
-
-
-def _lfs_link(old=None, new=None, symlink=False, *_):
-    old, new = _check_str(old, 1, "link"), _check_str(new, 2, "link")
-    try:
-        (os.symlink if _truthy(symlink) else os.link)(old, new)
-    except OSError as e:
-        return None, f"{'symlink' if _truthy(symlink) else 'link'} {old} {new}: {_reason(e)}"
-    return True
-
-
-def _currentdir(*_):
-    try:
-        return os.getcwd()
-    except OSError as e:
-        return _os_error("getwd", ".", e)
-
-
-def _unimplemented(*_):
-    raise NotImplementedError("unimplemented function")
-
-
-@lua_module("lfs")
-def _lfs_module(ctx):
-    return {
-        "attributes": functools.partial(_attributes, True),
-        "symlinkattributes": functools.partial(_attributes, False),
-        "chdir": lambda path=None, *_: _guard("chdir", os.chdir, _check_str(path, 1, "chdir")),
-        "currentdir": _currentdir,
-        "dir": _lfs_dir,
-        "mkdir": lambda path=None, *_: _guard("mkdir", os.mkdir, _check_str(path, 1, "mkdir"), 0o755),
-        "rmdir": _lfs_rmdir,
-        "link": _lfs_link,
-        "touch": _lfs_touch,
-        **{name: _unimplemented for name in ("lock_dir", "lock", "unlock", "setmode")},
-    }
-
-
-###############################################################################
-# nats ########################################################################
-###############################################################################
-
-@lua_module("nats")
-def _nats_module(ctx: LuaContext) -> dict:
-    """nats.publish(subject, payload) -> true, nil | false, err; nats.request(subject, payload [, timeout_s])."""
-
-    def bridge():
-        if ctx.services.nats is None:
-            raise ConnectionError("Not connected to NATS")
-        return ctx.services.nats
-
-    def publish(subject, payload=""):
-        if not isinstance(subject, str) or not subject:
-            return False, "nats.publish needs a subject"
-        try:
-            bridge().publish(subject, b"" if payload is None else as_bytes(payload), ctx.remaining(5))
-            return True, None
-        except Exception as e:  # noqa: BLE001 - Lua gets false, err
-            return False, first_line(str(e)) or type(e).__name__
-
-    def request(subject, payload="", timeout=None):
-        if not isinstance(subject, str) or not subject:
-            return None, "nats.request needs a subject"
-        try:
-            msg = bridge().request(subject, b"" if payload is None else as_bytes(payload),
-                                   ctx.remaining(float(timeout or 5)))
-        except Exception as e:  # noqa: BLE001 - Lua gets nil, err
-            return None, first_line(str(e)) or type(e).__name__
-        if msg.headers and "Nats-Service-Error" in msg.headers:
-            return None, f"{msg.headers['Nats-Service-Error']} ({msg.headers.get('Nats-Service-Error-Code', '500')})"
-        return msg.data, None
-
-    return {"publish": publish, "request": request}
-
-
-###############################################################################
-# etcd ########################################################################
-###############################################################################
-
-_lua_clients: dict[tuple, EtcdClient] = {}
-
-
-def _lua_bytes(value) -> bytes:
-    if isinstance(value, str):
-        return value.encode("utf-8", "surrogateescape")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value).encode()
-    raise TypeError(f"string expected, got {'nil' if value is None else type(value).__name__}")
-
-
-@lua_module("etcd")
-def etcd_lua_module(ctx) -> dict:
-    """`etcd.put/get/delete` on the server's etcd endpoints, bounded by the script's deadline."""
-
-    def client() -> EtcdClient:
-        endpoints = tuple(ctx.services.etcd_endpoints)
-        if endpoints not in _lua_clients:
-            _lua_clients[endpoints] = EtcdClient(list(endpoints))
-        return _lua_clients[endpoints]
-
-    def put(key, value):
-        try:
-            client().put(_lua_bytes(key), _lua_bytes(value), ctx.remaining(ETCD_TIMEOUT))
-        except ConfigError as e:
-            return str(e)
-        return None
-
-    def get(key, prefix=False):
-        try:
-            kvs, _ = client().range(_lua_bytes(key), bool(prefix), timeout=ctx.remaining(ETCD_TIMEOUT))
-        except ConfigError as e:
-            return None, str(e)
-        if not kvs:
-            return None, None
-        new = ctx.lua.globals().EtcdKV.new
-        return ctx.lua.table_from([new(k, v) for k, v in kvs]), None
-
-    def delete(key):
-        try:
-            client().delete(_lua_bytes(key), ctx.remaining(ETCD_TIMEOUT))
-        except ConfigError as e:
-            return str(e)
-        return None
-
-    return {"put": put, "get": get, "delete": delete}
 
 
 ###############################################################################
@@ -2231,13 +2090,15 @@ def etcd_lua_module(ctx) -> dict:
 ###############################################################################
 
 class Executor:
-    """Runs one script for one call; `run` raises MsgscriptError or returns a Result."""
+    """Runs one script for one call: returns its Result, or raises MsgscriptError (never both)."""
+
+    inline_capable = False  # may a call run on the event loop thread (see Scheduler)?
 
     def __init__(self, services: Services, memory: int = DEFAULT_MEMORY):
         self.services = services
         self.memory = memory
 
-    def run(self, script: Script, call: Call) -> Result:
+    def run(self, script: Script, call: Call, inline: bool = False) -> Result:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -2245,13 +2106,15 @@ class Executor:
 
 
 class LuaExecutor(Executor):
-    """Lua 5.4 through lupa: one runtime per (worker thread, script), fresh globals per call."""
+    """Lua 5.1 through lupa: one runtime per (thread, script), fresh globals per call."""
 
+    inline_capable = True
     max_cached = 256
 
     def __init__(self, services: Services, memory: int = DEFAULT_MEMORY):
         super().__init__(services, memory)
         self._local = threading.local()
+        self.runtimes = 0  # Lua runtimes alive, for the metrics
 
     def _runner(self, script: Script) -> LuaRunner:
         cache = self._local.__dict__.setdefault("runners", {})
@@ -2262,15 +2125,19 @@ class LuaExecutor(Executor):
             return entry[1]
         source = store.source(script) if store else script.content
         runner = LuaRunner(script, source, self.services, script.memory or self.memory)
-        if len(cache) >= self.max_cached:
-            cache.pop(next(iter(cache)))
+        if entry is None:
+            if len(cache) >= self.max_cached:
+                cache.pop(next(iter(cache)))
+                self.runtimes -= 1
+            self.runtimes += 1
         cache[script.key] = (stamp, runner)
         return runner
 
     def _forget(self, script: Script) -> None:
-        self._local.__dict__.get("runners", {}).pop(script.key, None)
+        if self._local.__dict__.get("runners", {}).pop(script.key, None) is not None:
+            self.runtimes -= 1
 
-    def run(self, script: Script, call: Call) -> Result:
+    def run(self, script: Script, call: Call, inline: bool = False) -> Result:
         if script.http and not call.method:
             raise MethodNotAllowed(
                 f"script {script.name} is an HTTP-mode script: call it over HTTP or with an envelope that has a method"
@@ -2280,36 +2147,37 @@ class LuaExecutor(Executor):
         else:
             fname, args = "OnMessage", (call.subject.encode(), call.payload)
         runner = self._runner(script)
+        runner.ctx.trace = call.trace
         try:
-            found, *values = runner.call(fname, call.deadline, *args, http=script.http)
+            found, *values = runner.call(fname, call.deadline, *args, inline=inline)
         except runner.lupa.LuaMemoryError:
             self._forget(script)
-            limit = (script.memory or self.memory) / 2**20
-            raise MsgscriptError(f"script {script.name} exceeded its memory limit ({limit:g} MiB)") from None
+            raise self._memory_error(script) from None
         except runner.lupa.LuaError as e:
             if time.monotonic() > call.deadline:
                 raise ScriptTimeout(f"script {script.name} timed out") from None
             if "not enough memory" in str(e):
                 self._forget(script)
-                raise MsgscriptError(f"script {script.name} exceeded its memory limit "
-                                     f"({(script.memory or self.memory) / 2**20:g} MiB)") from None
-            raise MsgscriptError(first_line(str(e))) from None
-        except MsgscriptError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a Python module's error is the script's error
-            if time.monotonic() > call.deadline:
-                raise ScriptTimeout(f"script {script.name} timed out") from None
-            raise MsgscriptError(f"{script.name}: {first_line(str(e)) or type(e).__name__}") from None
+                raise self._memory_error(script) from None
+            raise ScriptError(first_line(str(e))) from None
+        except LuaError as e:  # raised by the sandbox's own checks (a payload over the memory cap)
+            raise ScriptError(f"script {script.name}: {e}") from None
+        finally:
+            runner.ctx.trace = None
         if time.monotonic() > call.deadline:  # it caught the timeout error and carried on
             raise ScriptTimeout(f"script {script.name} timed out")
         if not found:
             if script.http:
                 raise MethodNotAllowed(f"script {script.name} does not handle {fname} requests")
-            raise MsgscriptError(f"script {script.name} defines no OnMessage function")
-        return self._result(script, values, runner.ctx)
+            raise ScriptError(f"script {script.name} defines no OnMessage function")
+        return self._result(script, values)
+
+    def _memory_error(self, script: Script) -> ScriptError:
+        return ScriptError(f"script {script.name} exceeded its memory limit "
+                           f"({(script.memory or self.memory) / 2**20:g} MiB)")
 
     @staticmethod
-    def _result(script: Script, values: list, ctx: LuaContext) -> Result:
+    def _result(script: Script, values: list) -> Result:
         """OnMessage's string, or an HTTP verb function's (body, status, headers)."""
         body = values[0] if values else None
         if not script.http:
@@ -2317,12 +2185,16 @@ class LuaExecutor(Executor):
                 return Result(payload=as_bytes(body))
             log.warning("Script returned no response (%s/%s)", script.subject, script.name)
             return Result()
-        status = values[1] if len(values) > 1 and isinstance(values[1], (int, float)) else 200
-        if not (isinstance(status, int) or float(status).is_integer()) or not 100 <= status <= 599:
-            raise MsgscriptError(f"script {script.name} returned an invalid HTTP status {status!r}")
-        flat = values[2].split(b"\0") if len(values) > 2 and isinstance(values[2], bytes) and values[2] else []
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in zip(flat[::2], flat[1::2], strict=True)}
-        payload = b"" if body is None else as_bytes(body if isinstance(body, (bytes, str)) else ctx.text(body))
+        status = values[1] if len(values) > 1 else None
+        if isinstance(status, bytes):  # "404", as the Go original accepts
+            status = float(status) if re.fullmatch(rb"\s*\d+\s*", status) else -1
+        if status is None or status == 0:
+            status = 200
+        if not isinstance(status, (int, float)) or not float(status).is_integer() or not 200 <= status <= 599:
+            raise ScriptError(f"script {script.name} returned an invalid HTTP status {lua_tostring(status)}")
+        table = values[2] if len(values) > 2 and is_table(values[2]) else None
+        headers = {lua_tostring(k): lua_tostring(v) for k, v in table.items()} if table is not None else {}
+        payload = b"" if body is None else as_bytes(body if isinstance(body, (bytes, str)) else lua_tostring(body))
         return Result(payload=payload, http_code=int(status), headers=headers, is_html=True)
 
 
@@ -2368,7 +2240,10 @@ def _one_line(text: bytes | str, limit: int = 1000) -> str:
 
 
 def result_from_output(stdout: bytes, is_html: bool = False) -> Result:
-    """Stdout as a Result: a JSON result object is used as is, anything else is the payload."""
+    """Stdout as a Result: a JSON result object is used as is, anything else is the payload.
+
+    A result object with an `error` raises ScriptError carrying its payload, status and headers.
+    """
     doc = None
     if stdout.lstrip()[:1] == b"{":
         try:
@@ -2380,23 +2255,18 @@ def result_from_output(stdout: bytes, is_html: bool = False) -> Result:
     try:
         payload = base64.b64decode(doc.get("payload") or "", validate=True)
     except (ValueError, TypeError):
-        return _failure("invalid result object: payload is not base64")
+        raise ScriptError("invalid result object: payload is not base64") from None
     headers = doc.get("http_headers") or {}
     if not isinstance(headers, dict):
-        return _failure("invalid result object: http_headers is not an object")
+        raise ScriptError("invalid result object: http_headers is not an object")
     headers = {str(k): ", ".join(map(str, v)) if isinstance(v, list) else str(v) for k, v in headers.items()}
     code = doc.get("http_code") or 200
-    if not isinstance(code, int) or not 100 <= code <= 999:
-        return _failure(f"invalid result object: bad http_code {code!r}")
+    if not isinstance(code, int) or isinstance(code, bool) or not 200 <= code <= 599:
+        raise ScriptError(f"invalid result object: bad http_code {code!r}")
     error = _one_line(str(doc.get("error") or ""))
-    status = (code if code >= 400 else 500) if error else 200
-    return Result(payload=payload, http_code=code, headers=headers, is_html=bool(doc.get("is_html")),
-                  error=error, status=status)
-
-
-def _failure(message: str, stdout: bytes = b"") -> Result:
-    """A script failure (status 500) keeping what it printed."""
-    return Result(payload=stdout, http_code=500, error=message, status=500)
+    if error:
+        raise ScriptError(error, payload, code, headers, code if code >= 400 else 500)
+    return Result(payload=payload, http_code=code, headers=headers, is_html=bool(doc.get("is_html")))
 
 
 class _EpochTicker:
@@ -2497,7 +2367,7 @@ class WasmExecutor(Executor):
             log.debug("compiled wasm module %s", path)
             return pre
 
-    def run(self, script: Script, call: Call) -> Result:
+    def run(self, script: Script, call: Call, inline: bool = False) -> Result:
         """Run the script's module's `_start` once for `call`."""
         pre = self.instance_pre(self.module_path(script))
         wasmtime = self._wasmtime
@@ -2571,7 +2441,7 @@ class WasmExecutor(Executor):
         if at_limit():
             limit = script.memory or self.memory
             problems.insert(0, f"exceeded memory limit ({limit / 2**20:g} MiB)")
-        return _failure(": ".join(problems), stdout)
+        raise ScriptError(": ".join(problems), stdout)
 
     def close(self):
         """Stop the epoch ticker (running calls then only stop at their end)."""
@@ -2832,9 +2702,8 @@ class PodmanExecutor(Executor):
     def __init__(self, services=None, memory: int = DEFAULT_MEMORY, url: str | None = None, environ=None):
         super().__init__(services, memory)
         self.url = url or podman_socket_url(environ)
-        self.unavailable = self._probe()
-        if self.unavailable:
-            log.warning("%s; podman scripts will fail", self.unavailable)
+        self.unavailable: str | None = None  # probed when a podman script first runs
+        self._warned = False
         self._local = threading.local()
         self._running: set[str] = set()
         self._lock = threading.Lock()
@@ -2853,9 +2722,12 @@ class PodmanExecutor(Executor):
 
     def _client(self):
         """A podman client for this thread (requests sessions are not shared across threads)."""
-        if self.unavailable:
-            self.unavailable = self._probe()  # podman may have been started since
+        if self.unavailable is None or self.unavailable:
+            self.unavailable = self._probe()  # first use, or podman may have been started since
             if self.unavailable:
+                if not self._warned:
+                    log.warning("%s; podman scripts will fail", self.unavailable)
+                    self._warned = True
                 raise MsgscriptError(self.unavailable)
         client = getattr(self._local, "client", None)
         if client is None:
@@ -2863,7 +2735,7 @@ class PodmanExecutor(Executor):
             client = self._local.client = podman.PodmanClient(base_url=self.url)
         return client
 
-    def run(self, script: Script, call: Call) -> Result:
+    def run(self, script: Script, call: Call, inline: bool = False) -> Result:
         """Run the script's container once for `call`."""
         if self._closed:
             raise MsgscriptError("server is shutting down")
@@ -2942,11 +2814,13 @@ class PodmanExecutor(Executor):
 
     def _result(self, stdout: bytes, stderr: bytes, code: int) -> Result:
         if self._closed:
-            return _failure("server is shutting down", stdout)
+            raise ScriptError("server is shutting down", stdout)
         problems = [f"exit status {code}"] if code else []
         if stderr.strip():
             problems.append(_one_line(stderr))
-        return _failure(": ".join(problems), stdout) if problems else Result(payload=stdout)
+        if problems:
+            raise ScriptError(": ".join(problems), stdout)
+        return Result(payload=stdout)
 
     def close(self):
         """Kill and remove the containers still running (server shutdown)."""
@@ -2970,36 +2844,79 @@ EXECUTORS: dict[str, type[Executor]] = {"lua": LuaExecutor, "wasm": WasmExecutor
 
 
 ###############################################################################
-# Dispatcher ##################################################################
+# Scheduler: where calls run ##################################################
 ###############################################################################
 
+# The one owner of concurrency. Everything runs on the asyncio event loop thread except the
+# worker threads of the pool:
+#
+#   event loop thread                                    worker threads (-workers 4, up to -max-workers 64)
+#   -----------------                                    ------------------------------------------------
+#   NATS subscriptions, JetStream consumers, cron ticks,
+#   the HTTP protocol (httptools), admin pages, metrics
+#        |
+#   Scheduler.dispatch(scripts, call, on_result, on_done)
+#        |  admit: 429 at once when -max-inflight calls are in progress
+#        |  a Lua script that has been quick runs inline, right here, within INLINE_BUDGET;
+#        |  if it reaches anything that blocks (a module function not marked pure, io,
+#        |  os.execute, print) or its budget, nothing outside Lua has happened yet: the
+#        |  call is abandoned, the script is marked for the pool, and the call goes there
+#        |------------------------------------------------> WASM, podman, `lock` scripts, marked
+#        |                                                   scripts: run, block, sleep freely
+#   results come back in batches (one wake-up) <------------ (a script's nats.publish/request
+#        |  on_result / on_done, then release                hops onto the loop: NatsBridge)
+#   replies are published / written by the fronts, on the loop
+#
+# The cli `dev` command has no loop: Scheduler.run_blocking runs a call on the caller's thread.
+
+DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                    60.0, 120.0)
+
+
 @dataclasses.dataclass
-class EndpointStats:
-    """Per-subject counters, reported on $SRV.STATS."""
+class ScriptStats:
+    """Counters of one script, for $SRV.STATS and /metrics."""
 
-    num_requests: int = 0
-    num_errors: int = 0
-    processing_time: int = 0  # nanoseconds
+    calls: int = 0
+    errors: dict[int, int] = dataclasses.field(default_factory=dict)  # status -> count
+    seconds: float = 0.0
+    buckets: list[int] = dataclasses.field(default_factory=lambda: [0] * (len(DURATION_BUCKETS) + 1))
     last_error: str = ""
+    moved: int = 0  # inline calls that moved to a worker
+
+    def count(self, result: Result, seconds: float) -> None:
+        self.calls += 1
+        self.seconds += seconds
+        self.buckets[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
+        if result.error:
+            self.errors[result.status] = self.errors.get(result.status, 0) + 1
+            self.last_error = result.error
 
 
-class Dispatcher:
-    """Finds a subject's scripts and runs them, within the in-flight limit and deadlines."""
+class Scheduler:
+    """Decides where each call runs, admits and releases calls, and owns the worker threads."""
 
-    def __init__(self, store: Store, executors: dict[str, Executor], workers: int = 4,
-                 max_inflight: int = 1024, timeout: float = DEFAULT_TIMEOUT, locks: Any = None,
-                 max_workers: int = 64):
+    def __init__(self, store: Store, executors: dict[str, Executor], timeout: float = DEFAULT_TIMEOUT,
+                 max_inflight: int = 1024, workers: int = 4, max_workers: int = 64, locks: Any = None,
+                 tracing: Any = None):
         self.store = store
         self.executors = executors
-        self.pool = WorkerPool(workers, max_workers)
-        self.max_inflight = max_inflight
         self.timeout = timeout
-        self.inflight = 0
-        self._inflight_lock = threading.Lock()
-        self.idle = threading.Event()
-        self.idle.set()
-        self.stats: dict[str, EndpointStats] = {}
+        self.max_inflight = max_inflight
+        self.pool = WorkerPool(workers, max_workers)
         self.locks = locks or LocalLocks()
+        self.tracing = tracing
+        self.inflight = 0  # messages admitted and not finished; changed on the loop thread only
+        self.stats: dict[tuple[str, str], ScriptStats] = {}
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._pooled: dict[tuple[str, str], int] = {}  # script key -> version that must run on the pool
+        self._done: collections.deque = collections.deque()  # finished pool calls, for the loop
+        self._wake_pending = False
+        self._wake_lock = threading.Lock()
+        self._refused = RateLimitedLog("refused calls")
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
 
     def scripts(self, subject: str) -> list[Script]:
         scripts = self.store.scripts(subject)
@@ -3007,27 +2924,69 @@ class Dispatcher:
             raise NotFound(f"no script for subject {subject!r}")
         return scripts
 
-    def admit(self) -> None:
-        """Count one call in; Busy (429) when over the in-flight limit."""
-        with self._inflight_lock:
-            if self.inflight >= self.max_inflight:
-                raise Busy(f"server busy: {self.inflight} calls in flight (limit {self.max_inflight})")
-            self.inflight += 1
-            self.idle.clear()
+    def dispatch(self, scripts: list[Script], call: Call, on_result: Callable | None = None,
+                 on_done: Callable | None = None) -> None:
+        """Run every script of one message (concurrently); on the loop thread only.
 
-    def release(self) -> None:
-        with self._inflight_lock:
-            self.inflight -= 1
-            if self.inflight == 0:
-                self.idle.set()
+        `on_result(script, result)` runs as each script finishes and `on_done(results)` once all
+        have, both on the loop thread (possibly before dispatch returns). Busy (429) is raised
+        at once when the in-flight limit is reached.
+        """
+        if self.inflight >= self.max_inflight:
+            self._refused.warning("over the in-flight limit (%d)", self.max_inflight)
+            raise Busy(f"server busy: {self.inflight} calls in flight (limit {self.max_inflight})")
+        self.inflight += 1
+        job = _Job(self, scripts, call, on_result, on_done)
+        for index, script in enumerate(scripts):
+            if self._pooled.get(script.key) != script.version and self._inline_capable(script):
+                try:
+                    result = self._execute(script, call, inline=True)
+                except _MoveToPool:
+                    self._pooled[script.key] = script.version
+                    self._stats(script).moved += 1
+                    log.debug("script %s/%s runs on the worker pool from now on", script.subject, script.name)
+                else:
+                    job.finish(index, result)
+                    continue
+            self.pool.submit(self._on_worker, job, index)
 
-    def run_one(self, script: Script, call: Call) -> Result:
-        """Run one script; every failure becomes a Result with an error and a status."""
-        started = time.perf_counter_ns()
+    def _inline_capable(self, script: Script) -> bool:
+        executor = self.executors.get(script.executor)
+        return executor is not None and executor.inline_capable and not script.lock
+
+    def _on_worker(self, job: _Job, index: int) -> None:
+        result = self._execute(job.scripts[index], job.call)
+        self._done.append((job, index, result))
+        with self._wake_lock:
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        self.loop.call_soon_threadsafe(self._collect)
+
+    def _collect(self) -> None:
+        """On the loop: hand every finished pool call to its job (one wake-up for a batch)."""
+        with self._wake_lock:
+            self._wake_pending = False
+        while self._done:
+            job, index, result = self._done.popleft()
+            try:
+                job.finish(index, result)
+            except Exception:  # noqa: BLE001 - one front's failure must not stop the others' replies
+                log.exception("delivering the result of %s failed", job.scripts[index].name)
+
+    def _release(self) -> None:
+        self.inflight -= 1
+
+    def _execute(self, script: Script, call: Call, inline: bool = False) -> Result:
+        """Run one script within its deadline; every failure becomes a Result (except _MoveToPool)."""
+        started = time.perf_counter()
         limit = script.timeout if script.timeout is not None else self.timeout
         deadline = time.monotonic() + limit
         if deadline < call.deadline:
             call = dataclasses.replace(call, deadline=deadline)
+        span = self.tracing.script_span(script, call) if self.tracing and call.trace is not None else None
+        if span is not None:
+            call = dataclasses.replace(call, trace=span)
         try:
             if call.remaining() <= 0:
                 raise ScriptTimeout(f"script {script.name} timed out before it started")
@@ -3038,35 +2997,33 @@ class Dispatcher:
                 with self.locks.hold(script, call.deadline):
                     result = executor.run(script, call)
             else:
-                result = executor.run(script, call)
+                result = executor.run(script, call, inline)
+        except _MoveToPool:
+            if span is not None:
+                span.cancel()
+            raise
         except (KeyboardInterrupt, SystemExit, MemoryError):
             raise
         except Exception as e:  # noqa: BLE001 - one boundary turns every failure into a result
             if not isinstance(e, MsgscriptError):
                 log.exception("script %s/%s crashed", script.subject, script.name)
             result = Result.failure(e)
-        self._count(script.subject, result, time.perf_counter_ns() - started)
+        self._stats(script).count(result, time.perf_counter() - started)
+        if span is not None:
+            span.end(result)
         if result.error:
             log.debug("script %s/%s failed: %s", script.subject, script.name, result.error)
         return result
 
-    def _count(self, subject: str, result: Result, elapsed: int) -> None:
-        stats = self.stats.get(subject) or self.stats.setdefault(subject, EndpointStats())
-        stats.num_requests += 1
-        stats.processing_time += elapsed
-        if result.error:
-            stats.num_errors += 1
-            stats.last_error = result.error
+    def _stats(self, script: Script) -> ScriptStats:
+        stats = self.stats.get(script.key)
+        if stats is None:
+            stats = self.stats[script.key] = ScriptStats()
+        return stats
 
-    def run_all(self, scripts: list[Script], call: Call) -> list[tuple[Script, Result]]:
-        """Run every script of a subject at once: the first here, the others on the pool.
-
-        Only for callers that are not pool workers (HTTP handler threads, CLI).
-        """
-        futures = [self.pool.call(self.run_one, s, call) for s in scripts[1:]]
-        results = [self.run_one(scripts[0], call)]
-        results += [f.result() for f in futures]
-        return list(zip(scripts, results, strict=True))
+    def run_blocking(self, script: Script, call: Call) -> Result:
+        """Run one call on the caller's thread (the cli dev command)."""
+        return self._execute(script, call)
 
     def close(self, wait: bool = True) -> None:
         self.pool.shutdown(wait)
@@ -3074,13 +3031,54 @@ class Dispatcher:
             executor.close()
 
 
+class _Job:
+    """One message's scripts on their way; the last to finish releases the message."""
+
+    __slots__ = ("scheduler", "scripts", "call", "on_result", "on_done", "results", "left")
+
+    def __init__(self, scheduler: Scheduler, scripts: list[Script], call: Call, on_result, on_done):
+        self.scheduler, self.scripts, self.call = scheduler, scripts, call
+        self.on_result, self.on_done = on_result, on_done
+        self.results: list[Result | None] = [None] * len(scripts)
+        self.left = len(scripts)
+
+    def finish(self, index: int, result: Result) -> None:
+        self.results[index] = result
+        self.left -= 1
+        try:
+            if self.on_result is not None:
+                self.on_result(self.scripts[index], result)
+        finally:
+            if self.left == 0:
+                self.scheduler._release()
+                if self.on_done is not None:
+                    self.on_done(self.results)
+
+
+class RateLimitedLog:
+    """A warning at most every `every` seconds, saying how many were left out in between."""
+
+    def __init__(self, what: str, every: float = 5.0):
+        self.what, self.every = what, every
+        self.last, self.skipped = 0.0, 0
+
+    def warning(self, message: str, *args) -> None:
+        now = time.monotonic()
+        if now - self.last < self.every:
+            self.skipped += 1
+            return
+        more = f" ({self.skipped} more {self.what} since the last report)" if self.skipped else ""
+        self.last, self.skipped = now, 0
+        log.warning(message + more, *args)
+
+
 class WorkerPool:
     """Threads taking jobs from one queue: a few always, more while those are stuck.
 
     A few threads run CPU-bound Lua best (the GIL, two cores); scripts waiting on I/O
     (HTTP, databases, nats.request to another script) need more. When jobs are queued and
-    no worker has started one for `stall` seconds, the next submit adds a thread, up to
-    `max_workers`; extra threads leave after `linger` idle seconds.
+    no worker has started one for `stall` seconds, a thread is added, up to `max_workers`;
+    extra threads leave after `linger` idle seconds.
     """
 
     stall = 0.05
@@ -3095,9 +3093,21 @@ class WorkerPool:
         self._queued = 0
         self._last_start = time.monotonic()
         self._closed = False
-        for _ in range(workers):
-            self._spawn(extra=False)
-        threading.Thread(target=self._watch, name="pool-watch", daemon=True).start()
+        self._started = False
+
+    @property
+    def size(self) -> int:
+        return len(self._threads)
+
+    def _start(self) -> None:
+        """Threads start with the first job: a server that only runs inline calls has none."""
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+            for _ in range(self.workers):
+                self._spawn(extra=False)
+            threading.Thread(target=self._watch, name="pool-watch", daemon=True).start()
 
     def _watch(self) -> None:
         """Grow the pool when queued jobs wait on stuck workers, even if nothing more is submitted."""
@@ -3115,26 +3125,10 @@ class WorkerPool:
 
     def submit(self, fn: Callable, *args) -> None:
         """Run fn(*args) on a worker; its exceptions are logged."""
+        if not self._started:
+            self._start()
         self._jobs.put((fn, args))
         self._queued += 1
-        if self._queued > 1 and time.monotonic() - self._last_start > self.stall \
-                and len(self._threads) < self.max_workers:
-            with self._lock:
-                if len(self._threads) < self.max_workers and not self._closed:
-                    self._spawn(extra=True)
-
-    def call(self, fn: Callable, *args) -> concurrent.futures.Future:
-        """Run fn(*args) on a worker and get a Future of its result."""
-        future: concurrent.futures.Future = concurrent.futures.Future()
-
-        def job():
-            try:
-                future.set_result(fn(*args))
-            except BaseException as e:  # noqa: BLE001 - handed to the waiting caller
-                future.set_exception(e)
-
-        self.submit(job)
-        return future
 
     def _work(self, extra: bool) -> None:
         while True:
@@ -3195,6 +3189,10 @@ class _HeldLock:
 ###############################################################################
 
 ENVELOPE_KEYS = {"subject", "payload", "method", "url", "async", "executor", "raw"}
+HEADER_ERROR = "Nats-Service-Error"
+HEADER_ERROR_CODE = "Nats-Service-Error-Code"
+HEADER_NAME = "Msgscript-Name"
+NATS_CONNECT_TIMEOUT = 5.0
 
 
 def parse_envelope(data: bytes) -> dict | None:
@@ -3203,10 +3201,10 @@ def parse_envelope(data: bytes) -> dict | None:
         return None
     try:
         doc = json.loads(data)
-        if not isinstance(doc, dict) or "payload" not in doc:
+        if not isinstance(doc, dict) or "payload" not in doc or not isinstance(doc["payload"], (str, type(None))):
             return None
         doc["payload"] = base64.b64decode(doc.get("payload") or "", validate=True)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         return None
     return doc
 
@@ -3216,80 +3214,199 @@ def _header_safe(text: str) -> str:
     return first_line(text)[:1024] or "error"
 
 
-def error_headers(result: Result) -> dict[str, str]:
-    return {"Nats-Service-Error": _header_safe(result.error), "Nats-Service-Error-Code": str(result.status)}
+def nats_reply(result: Result, name: str | None = None) -> tuple[bytes, dict[str, str] | None]:
+    """A result as a raw NATS reply: (data, headers); failures use the NATS services headers."""
+    headers = {HEADER_NAME: name} if name else None
+    if result.error:
+        headers = {**(headers or {}), HEADER_ERROR: _header_safe(result.error), HEADER_ERROR_CODE: str(result.status)}
+        return b"", headers
+    return result.payload, headers
+
+
+def failure_reply(exc: MsgscriptError) -> tuple[bytes, dict[str, str]]:
+    return nats_reply(Result.failure(exc))
+
+
+def envelope_reply(scripts: list[Script], results: list[Result], go: bool = False) -> bytes:
+    """The Go original's JSON reply to an envelope (with `go`, its HEAD shape, also for raw messages)."""
+    doc = {"script_result": [r.to_json(go) for r in results], "is_html": any(s.http for s in scripts)}
+    if not go:
+        errors = [r.error for r in results if r.error]
+        doc["error"] = errors[0] if errors and len(errors) == len(results) else ""
+    return json.dumps(doc, separators=(",", ":") if go else (", ", ": ")).encode()
+
+
+@dataclasses.dataclass
+class NatsOptions:
+    """How to reach and authenticate with NATS; user/password and token travel in the URL."""
+
+    url: str = ""
+    creds: str | None = None  # a .creds file (user JWT and nkey seed)
+    nkey: str | None = None  # a file holding an nkey seed (SU...)
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @classmethod
+    def from_flags(cls, url: str, args, environ: dict[str, str]) -> NatsOptions:
+        """From the -natscreds/-natsnkey/-natstls-* flags, falling back to NATS_CREDS, NATS_NKEY, NATS_TLS_*."""
+        def pick(flag, env):
+            value = getattr(args, flag, "") or environ.get(env) or None
+            if value and not os.path.isfile(value):
+                raise ConfigError(f"{env.lower().replace('_', '-')} file {value} does not exist")
+            return value
+
+        opts = cls(url, pick("natscreds", "NATS_CREDS"), pick("natsnkey", "NATS_NKEY"),
+                   pick("natstls_ca", "NATS_TLS_CA"), pick("natstls_cert", "NATS_TLS_CERT"),
+                   pick("natstls_key", "NATS_TLS_KEY"))
+        if bool(opts.tls_cert) != bool(opts.tls_key):
+            raise ConfigError("-natstls-cert and -natstls-key go together")
+        if opts.creds and opts.nkey:
+            raise ConfigError("use -natscreds or -natsnkey, not both")
+        return opts
+
+    @property
+    def servers(self) -> list[str]:
+        return [u.strip() for u in self.url.split(",") if u.strip()]
+
+    def connect_options(self) -> dict[str, Any]:
+        """Keyword arguments for nats.connect()."""
+        kw: dict[str, Any] = {}
+        if self.creds:
+            kw["user_credentials"] = self.creds
+        if self.nkey:
+            kw["nkeys_seed"] = self.nkey
+        if self.tls_ca or self.tls_cert or any(u.startswith("tls://") for u in self.servers):
+            import ssl
+
+            context = ssl.create_default_context(cafile=self.tls_ca)
+            if self.tls_cert:
+                context.load_cert_chain(self.tls_cert, self.tls_key)
+            kw["tls"] = context
+        return kw
+
+    async def connect(self, name: str = "msgscript", **options):
+        """A nats-py connection, or ConfigError in one line when it cannot be made within the connect timeout.
+
+        Bad credentials, TLS and authorization errors fail at once instead of being retried.
+        """
+        import nats
+
+        errors: list[BaseException] = []
+        fatal = asyncio.Event()
+        callback = options.pop("error_cb", None)
+
+        async def on_error(e):
+            errors.append(e)
+            text = str(e).lower()
+            if any(w in text for w in ("authorization", "authentication", "permissions", "certificate", "ssl",
+                                       "tls", "nkey", "credentials", "jwt", "expired")):
+                fatal.set()
+            if callback is not None and not connecting.done():
+                return
+            if callback is not None:
+                await callback(e)
+
+        try:
+            kwargs = {"servers": self.servers, "name": name, "connect_timeout": 2, "error_cb": on_error,
+                      **self.connect_options(), **options}
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"NATS TLS or credentials files: {error_text(e)}") from None
+        connecting = asyncio.ensure_future(nats.connect(**kwargs))
+        failed = asyncio.ensure_future(fatal.wait())
+        done, _ = await asyncio.wait({connecting, failed}, timeout=NATS_CONNECT_TIMEOUT,
+                                     return_when=asyncio.FIRST_COMPLETED)
+        failed.cancel()
+        if connecting in done and connecting.exception() is None:
+            return connecting.result()
+        connecting.cancel()
+        try:
+            await connecting
+        except BaseException as e:  # noqa: BLE001 - the reason is reported below
+            errors.append(e)
+        reasons = [error_text(e) for e in errors if not isinstance(e, asyncio.CancelledError) and error_text(e)]
+        reason = reasons[-1] if reasons else f"no answer within {NATS_CONNECT_TIMEOUT:g}s"
+        if connecting not in done and not fatal.is_set() and reasons:
+            reason = f"{reason} (no connection within {NATS_CONNECT_TIMEOUT:g}s)"
+        raise ConfigError(f"cannot connect to NATS at {self.url}: {reason}")
 
 
 class NatsFront:
-    """Subscribes to every subject that has scripts, in a queue group, and answers."""
+    """Subscribes to every subject that has scripts, in a queue group, and replies from the loop."""
 
-    def __init__(self, url: str, dispatcher: Dispatcher, services: Services, queue: str = DEFAULT_QUEUE_GROUP):
-        self.url = url
-        self.dispatcher = dispatcher
+    def __init__(self, options: NatsOptions, scheduler: Scheduler, services: Services,
+                 queue: str = DEFAULT_QUEUE_GROUP, compat_go: bool = False, tracing: Any = None):
+        self.options = options
+        self.scheduler = scheduler
+        self.store = scheduler.store
         self.services = services
         self.queue = queue
+        self.compat_go = compat_go
+        self.tracing = tracing
         self.nc = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.subs: dict[str, Any] = {}
         self.service_id = os.urandom(8).hex()
         self.started = time.time()
+        self.draining = False
+        self.reconnects = 0
+        self.extra_stats: Callable[[], list[dict]] | None = None  # durable scripts' $SRV.STATS entries
         self._tasks: set[asyncio.Task] = set()
         self._outbox: collections.deque = collections.deque()
-        self._outbox_lock = threading.Lock()
-        self._wake_pending = False
-        self._loop_thread = 0
-        self._publishers = threading.local()
-        self._generation = 0
-        self.direct_replies = True
-        self.draining = False
+        self._flushing = False
+        self._in_message = False
+        self._lost = RateLimitedLog("lost replies")
+        self._no_reply = RateLimitedLog("errors without a reply subject")
 
     async def start(self) -> None:
-        import nats
-
         self.loop = asyncio.get_running_loop()
-        self._loop_thread = threading.get_ident()
-        self.nc = await nats.connect(
-            servers=[u.strip() for u in self.url.split(",")],
-            name="msgscript",
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            allow_reconnect=True,
-            connect_timeout=5,
-            disconnected_cb=self._disconnected,
-            reconnected_cb=self._reconnected,
-            error_cb=self._error,
-        )
-        log.info("connected to NATS at %s", self.nc.connected_url.netloc if self.nc.connected_url else self.url)
+        self.nc = await self.options.connect(
+            max_reconnect_attempts=-1, reconnect_time_wait=0.5, allow_reconnect=True,
+            disconnected_cb=self._disconnected, reconnected_cb=self._reconnected, error_cb=self._error,
+            pending_size=64 * 2**20)
+        log.info("connected to NATS at %s", self.connected_url)
         self.services.nats = NatsBridge(self.nc, self.loop)
         for subject in ("$SRV.PING", "$SRV.INFO", "$SRV.STATS"):
             for name in (subject, f"{subject}.msgscript", f"{subject}.msgscript.{self.service_id}"):
                 await self.nc.subscribe(name, cb=self._discovery)
-        self.dispatcher.store.on_change(lambda: self.loop.call_soon_threadsafe(self._schedule_sync))
+        self.store.on_change(lambda: self.loop.call_soon_threadsafe(self._spawn, self.sync()))
         await self.sync()
 
+    @property
+    def connected_url(self) -> str:
+        url = self.nc.connected_url if self.nc else None
+        return f"{url.scheme}://{url.netloc.rpartition('@')[2]}" if url else self.options.url
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.nc and self.nc.is_connected)
+
     async def _disconnected(self):
-        log.warning("disconnected from NATS; reconnecting")
+        if not self.draining and not self.nc.is_closed:
+            log.warning("disconnected from NATS; reconnecting")
 
     async def _reconnected(self):
-        self._generation += 1  # workers' reply connections may point at the old server: renew them
-        log.info("reconnected to NATS at %s", self.nc.connected_url.netloc if self.nc.connected_url else "?")
+        self.reconnects += 1
+        log.info("reconnected to NATS at %s", self.connected_url)
 
     async def _error(self, e):
-        log.warning("NATS: %s", first_line(str(e)) or type(e).__name__)
-
-    def _schedule_sync(self) -> None:
-        self._spawn(self.sync())
+        log.warning("NATS: %s", error_text(e))
 
     def _spawn(self, coro) -> None:
         task = self.loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def durable(self, script: Script) -> bool:
+        """Scripts fed by a JetStream stream or a schedule get no core subscription."""
+        return bool(script.stream or script.cron)
+
     async def sync(self) -> None:
         """Subscribe to new subjects and unsubscribe from removed ones."""
         if self.draining:
             return
-        wanted = set(self.dispatcher.store.subjects())
+        wanted = {subject for subject in self.store.subjects()
+                  if any(not self.durable(s) for s in self.store.scripts(subject))}
         for subject in sorted(wanted - set(self.subs)):
             self.subs[subject] = await self.nc.subscribe(
                 subject, queue=self.queue, cb=self._on_message, pending_msgs_limit=65536,
@@ -3300,18 +3417,10 @@ class NatsFront:
             log.info("unsubscribed from %s", subject)
 
     async def _on_message(self, msg) -> None:
-        # Callbacks of one subscription run one at a time: hand the message to the pool at once.
+        # Callbacks of one subscription run one at a time: run inline or hand over, never wait.
+        self._in_message = True  # replies made while handling it are published below, not by a task
         try:
-            scripts = self.dispatcher.scripts(msg.subject)
-            self.dispatcher.admit()
-        except MsgscriptError as e:
-            self._post(msg, b"", error_headers(Result.failure(e)))
-            return
-        self.dispatcher.pool.submit(self._work, msg, scripts)
-
-    def _work(self, msg, scripts: list[Script]) -> None:
-        """On a worker thread: run the message's scripts and queue the replies."""
-        try:
+            scripts = [s for s in self.scheduler.scripts(msg.subject) if not self.durable(s)]
             envelope = parse_envelope(msg.data)
             if envelope is None:
                 call = Call(msg.subject, msg.data)
@@ -3319,115 +3428,86 @@ class NatsFront:
                 call = Call(msg.subject, envelope["payload"], str(envelope.get("method") or ""),
                             str(envelope.get("url") or "/"))
                 if envelope.get("async"):
-                    self._post(msg, b"{}")
-            if len(scripts) == 1:
-                result = self.dispatcher.run_one(scripts[0], call)
-                if envelope is None:  # one script: its string as is, as in the original
-                    self._post(msg, result.payload, error_headers(result) if result.error else None)
-                elif not envelope.get("async"):
-                    self._post(msg, envelope_reply(scripts, [result]))
-                self.dispatcher.release()
-                return
-            fanout = _Fanout(msg, envelope, scripts, call)
-            for index in range(1, len(scripts)):
-                self.dispatcher.pool.submit(self._work_part, fanout, index)
-            self._work_part(fanout, 0)
-        except Exception:  # noqa: BLE001 - never lose the in-flight count
+                    self.reply(msg, b"{}")
+            if self.tracing:
+                call.trace = self.tracing.message_span(msg, scripts)
+            self.scheduler.dispatch(scripts, call, *self._answer(msg, envelope, scripts, call))
+        except MsgscriptError as e:
+            self.reply(msg, *failure_reply(e))
+        except Exception:  # noqa: BLE001 - a bad message must not stop the subscription
             log.exception("handling a message on %s failed", msg.subject)
-            self.dispatcher.release()
+        self._in_message = False
+        if self._outbox and not self._flushing:
+            await self._flush()
 
-    def _work_part(self, fanout: _Fanout, index: int) -> None:
-        """One script of a subject that has several."""
-        script = fanout.scripts[index]
-        result = self.dispatcher.run_one(script, fanout.call)
-        try:
-            if fanout.envelope is None:  # each result is its own reply, named
-                headers = {"Msgscript-Name": script.name}
-                if result.error:
-                    headers.update(error_headers(result))
-                self._post(fanout.msg, result.payload, headers)
-        finally:
-            last = fanout.done(index, result)
-        if last:
-            try:
-                if fanout.envelope is not None and not fanout.envelope.get("async"):
-                    self._post(fanout.msg, envelope_reply(fanout.scripts, fanout.results))
-            finally:
-                self.dispatcher.release()
+    def _answer(self, msg, envelope: dict | None, scripts: list[Script], call: Call) -> tuple:
+        """(on_result, on_done) for a message: what goes back to its requester, and when."""
+        def done(results):
+            if call.trace is not None:
+                call.trace.end_message(results)
 
-    def _post(self, msg, data: bytes, headers: dict | None = None) -> None:
-        """Send a reply from any thread.
+        if self.compat_go or (envelope is not None and not envelope.get("async")):
+            def reply_envelope(results):
+                done(results)
+                self.reply(msg, envelope_reply(scripts, results, self.compat_go))
+            return None, reply_envelope
+        if envelope is not None:  # async: answered already
+            return None, done
+        if len(scripts) == 1:  # one script: its string as is
+            return None, lambda results: (done(results), self.reply(msg, *nats_reply(results[0])))
+        return (lambda script, result: self.reply(msg, *nats_reply(result, script.name))), done
 
-        A worker publishes on its own publish-only connection, saving a hop through the
-        event loop; the loop thread (or a worker whose connection failed) queues the reply
-        for the loop's connection, which publishes queued replies in batches.
-        """
+    def reply(self, msg, data: bytes, headers: dict | None = None) -> None:
+        """Queue a reply; it is published from the loop, in order, as soon as the loop is free."""
         if not msg.reply:
-            if headers and "Nats-Service-Error" in headers:
-                log.warning("%s: %s (no reply subject)", msg.subject, headers["Nats-Service-Error"])
+            if headers and HEADER_ERROR in headers:
+                self._no_reply.warning("%s: %s (no reply subject)", msg.subject, headers[HEADER_ERROR])
             return
         limit = self.nc.max_payload if self.nc else 0
         if limit and len(data) > limit:
             log.error("%s: reply of %d bytes is over the NATS max_payload of %d", msg.subject, len(data), limit)
-            data, headers = b"", {"Nats-Service-Error": f"reply of {len(data)} bytes is over NATS max_payload {limit}",
-                                  "Nats-Service-Error-Code": "500"}
-        url = self.nc.connected_url if self.nc else None
-        if threading.get_ident() != self._loop_thread and self.direct_replies and url is not None:
-            publisher = getattr(self._publishers, "conn", None)
-            if publisher is None or publisher.generation != self._generation:  # first use, or reconnected
-                if publisher is not None:
-                    publisher.close()
-                publisher = self._publishers.conn = SyncPublisher(url, self._generation)
-            try:
-                return publisher.publish(msg.reply, data, headers)
-            except ValueError as e:  # TLS or authentication this connection cannot do
-                log.info("replies go through the main NATS connection: %s", e)
-                self.direct_replies = False
-                publisher.close()
-            except OSError as e:
-                log.debug("direct reply failed (%s); using the main connection", e)
-                publisher.close()
+            data, headers = b"", {HEADER_ERROR: f"reply of {len(data)} bytes is over NATS max_payload {limit}",
+                                  HEADER_ERROR_CODE: "500"}
         self._outbox.append((msg.reply, data, headers))
-        with self._outbox_lock:
-            if self._wake_pending:
-                return
-            self._wake_pending = True
-        self.loop.call_soon_threadsafe(self._flush_outbox)
+        if not self._flushing and not self._in_message and self.loop is not None:
+            self._flushing = True
+            self._spawn(self._flush())
 
-    def _flush_outbox(self) -> None:
-        with self._outbox_lock:
-            self._wake_pending = False
-        batch = []
-        while self._outbox:
-            batch.append(self._outbox.popleft())
-        if batch:
-            self._spawn(self._publish(batch))
-
-    async def _publish(self, batch: list) -> None:
-        for reply, data, headers in batch:
-            try:
-                await self.nc.publish(reply, data, headers=headers)
-            except Exception as e:  # noqa: BLE001 - a lost connection must not kill the loop
-                log.warning("reply to %s lost: %s", reply, first_line(str(e)) or type(e).__name__)
+    async def _flush(self) -> None:
+        self._flushing = True
+        try:
+            while self._outbox:
+                subject, data, headers = self._outbox.popleft()
+                try:
+                    await self.nc.publish(subject, data, headers=headers)
+                except Exception as e:  # noqa: BLE001 - a lost connection must not kill the loop
+                    self._lost.warning("reply to %s lost: %s", subject, error_text(e))
+        finally:
+            self._flushing = False
 
     async def _discovery(self, msg) -> None:
         kind = msg.subject.split(".")[1].lower()
         doc: dict[str, Any] = {"type": f"io.nats.micro.v1.{kind}_response", "name": "msgscript",
                                "id": self.service_id, "version": __version__, "metadata": {}}
-        subjects = self.dispatcher.store.subjects()
+        subjects = self.store.subjects()
         if kind == "info":
             doc["description"] = "msgscript function server"
             doc["endpoints"] = [{"name": s, "subject": s, "queue_group": self.queue} for s in subjects]
         elif kind == "stats":
             doc["started"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started))
             doc["endpoints"] = [self._endpoint_stats(s) for s in subjects]
-        self._post(msg, json.dumps(doc).encode())
+            if self.extra_stats is not None:
+                doc["durable"] = self.extra_stats()
+        self.reply(msg, json.dumps(doc).encode())
 
     def _endpoint_stats(self, subject: str) -> dict:
-        st = self.dispatcher.stats.get(subject, EndpointStats())
-        return {"name": subject, "subject": subject, "queue_group": self.queue, "num_requests": st.num_requests,
-                "num_errors": st.num_errors, "last_error": st.last_error, "processing_time": st.processing_time,
-                "average_processing_time": st.processing_time // st.num_requests if st.num_requests else 0}
+        stats = [self.scheduler.stats.get(s.key) or ScriptStats() for s in self.store.scripts(subject)]
+        calls = sum(st.calls for st in stats)
+        nanos = int(sum(st.seconds for st in stats) * 1e9)
+        last = next((st.last_error for st in stats if st.last_error), "")
+        return {"name": subject, "subject": subject, "queue_group": self.queue, "num_requests": calls,
+                "num_errors": sum(sum(st.errors.values()) for st in stats), "last_error": last,
+                "processing_time": nanos, "average_processing_time": nanos // calls if calls else 0}
 
     async def stop_taking(self, deadline: float) -> None:
         """Stop taking messages; the ones already received still run."""
@@ -3442,153 +3522,20 @@ class NatsFront:
     async def close(self, deadline: float) -> None:
         """Send the queued replies, then close the connection."""
         while (self._tasks or self._outbox) and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+            if self._outbox and not self._flushing:
+                await self._flush()
+            await asyncio.sleep(0.01)
+        if self.nc is None:
+            return
         try:
-            await asyncio.wait_for(self.nc.flush(timeout=2), 3)
+            if self.nc.is_connected:
+                await asyncio.wait_for(self.nc.flush(timeout=2), 3)
         except Exception:  # noqa: BLE001 - replies are lost only if NATS itself is gone
             pass
         try:
             await asyncio.wait_for(self.nc.close(), 3)
         except Exception:  # noqa: BLE001
             pass
-
-
-class _Fanout:
-    """The scripts of one message running on several workers; the last one to finish wraps up."""
-
-    def __init__(self, msg, envelope: dict | None, scripts: list[Script], call: Call):
-        self.msg, self.envelope, self.scripts, self.call = msg, envelope, scripts, call
-        self.results: list[Result] = [Result()] * len(scripts)
-        self._left = len(scripts)
-        self._lock = threading.Lock()
-
-    def done(self, index: int, result: Result) -> bool:
-        with self._lock:
-            self.results[index] = result
-            self._left -= 1
-            return self._left == 0
-
-
-def envelope_reply(scripts: list[Script], results: list[Result]) -> bytes:
-    """The Go original's reply to an envelope message."""
-    errors = [r.error for r in results if r.error]
-    return json.dumps({
-        "script_result": [r.to_json() for r in results],
-        "is_html": any(s.http for s in scripts),
-        "error": errors[0] if errors and len(errors) == len(results) else "",
-    }).encode()
-
-
-class SyncPublisher:
-    """A blocking, publish-only NATS connection owned by one worker thread.
-
-    Replies go straight from the worker that produced them to the NATS server (any
-    connection may publish to a requester's inbox).  It answers the server's PINGs before
-    each publish and reconnects after an idle minute, so a reply is never written into a
-    connection the server already dropped.  What it cannot do (TLS, authentication other than
-    a URL's user/password or token) raises ValueError: the caller then uses the loop's
-    connection for good.
-    """
-
-    idle_reconnect = 60.0
-
-    def __init__(self, url, generation: int = 0):
-        self.url = url  # urllib.parse.ParseResult from nats-py's connected_url
-        self.generation = generation
-        self._verified = False
-        self.sock: socket.socket | None = None
-        self.last_used = self.last_check = 0.0
-
-    def _connect(self) -> None:
-        u = self.url
-        if u.scheme == "tls":
-            raise ValueError("TLS connection")
-        sock = socket.create_connection((u.hostname, u.port or 4222), 0.5)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        reader = sock.makefile("rb")
-        info = json.loads(reader.readline().split(b" ", 1)[1])
-        if info.get("tls_required"):
-            sock.close()
-            raise ValueError("server requires TLS")
-        opts: dict[str, Any] = {"verbose": False, "pedantic": False, "headers": True, "protocol": 1,
-                                "name": "msgscript-replies", "lang": "python", "version": __version__}
-        if u.username and u.password:
-            opts.update(user=urllib.parse.unquote(u.username), **{"pass": urllib.parse.unquote(u.password)})
-        elif u.username:
-            opts["auth_token"] = urllib.parse.unquote(u.username)
-        sock.sendall(b"CONNECT " + json.dumps(opts).encode() + b"\r\nPING\r\n")
-        line = reader.readline()
-        while line.startswith(b"INFO"):
-            line = reader.readline()
-        reader.close()
-        if not line.startswith(b"PONG"):
-            sock.close()
-            raise ValueError(f"NATS refused the reply connection: {line.decode(errors='replace').strip()}")
-        # Blocking mode (no poll before every send) with a kernel-side send timeout instead.
-        sock.settimeout(None)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 2, 0))
-        self.sock = sock
-        self.last_check = self.last_used = time.monotonic()
-
-    def _check(self, now: float) -> None:
-        """Answer pending PINGs; drop the connection if the server closed it or it sat idle."""
-        self.last_check = now
-        if now - self.last_used > self.idle_reconnect:
-            return self.close()
-        try:
-            data = self.sock.recv(65536, socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):  # nothing from the server
-            return
-        if not data or b"-ERR" in data:
-            return self.close()
-        if b"PING" in data:
-            self.sock.sendall(b"PONG\r\n" * data.count(b"PING"))
-
-    def publish(self, subject: str, data: bytes, headers: dict | None = None) -> None:
-        now = time.monotonic()
-        if self.sock is not None and now - self.last_check > 1.0:
-            self._check(now)
-        if self.sock is None:
-            self._connect()
-        subj = subject.encode()
-        if headers:
-            head = b"NATS/1.0\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode() + b"\r\n"
-            cmd = b"HPUB %s %d %d\r\n%s%s\r\n" % (subj, len(head), len(head) + len(data), head, data)
-        else:
-            cmd = b"PUB %s %d\r\n%s\r\n" % (subj, len(data), data)
-        if self._verified:
-            self.sock.sendall(cmd)
-        else:
-            self._verify(cmd)
-        self.last_used = time.monotonic()
-
-    def _verify(self, cmd: bytes) -> None:
-        """Send the first reply with a PING: permissions (`allow_responses`) may refuse replies
-        from a connection that received no request, and this tells before relying on it."""
-        self.sock.settimeout(2)
-        try:
-            self.sock.sendall(cmd + b"PING\r\n")
-            answer = b""
-            while b"PONG" not in answer and b"-ERR" not in answer:
-                chunk = self.sock.recv(4096)
-                if not chunk:
-                    raise OSError("connection closed by the NATS server")
-                answer += chunk
-        finally:
-            if self.sock is not None:
-                self.sock.settimeout(None)
-        if b"-ERR" in answer:
-            self.close()
-            raise ValueError(f"NATS refused a direct reply: {answer.decode(errors='replace').strip()[:200]}")
-        self._verified = True
-
-    def close(self) -> None:
-        self._verified = False
-        if self.sock is not None:
-            try:
-                self.sock.close()
-            finally:
-                self.sock = None
 
 
 class NatsBridge:
@@ -3605,11 +3552,11 @@ class NatsBridge:
             future.cancel()
             raise TimeoutError("nats: timeout") from None
 
-    def publish(self, subject: str, payload: bytes, timeout: float) -> None:
-        self._wait(self.nc.publish(subject, payload), timeout)
+    def publish(self, subject: str, payload: bytes, timeout: float, headers: dict | None = None) -> None:
+        self._wait(self.nc.publish(subject, payload, headers=headers), timeout)
 
-    def request(self, subject: str, payload: bytes, timeout: float):
-        return self._wait(self.nc.request(subject, payload, timeout=timeout), timeout + 0.5)
+    def request(self, subject: str, payload: bytes, timeout: float, headers: dict | None = None):
+        return self._wait(self.nc.request(subject, payload, timeout=timeout, headers=headers), timeout + 0.5)
 
 
 ###############################################################################
@@ -3644,19 +3591,35 @@ def free_port(preferred: int = 0, host: str = "127.0.0.1") -> int:
     raise ConfigError("no free port")
 
 
-class EmbeddedNats:
-    """A private nats-server on 127.0.0.1, stopped with the server."""
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the parent dies, even by SIGKILL (Linux)."""
+    try:
+        import ctypes
 
-    def __init__(self, port: int = 4222):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+class EmbeddedNats:
+    """A private nats-server with JetStream on 127.0.0.1, stopped with the server (and killed with it)."""
+
+    def __init__(self, data_dir: str, port: int = 4222):
         self.binary = find_nats_server()
         self.port = free_port(port)
         if self.port != port:
             log.info("port %d is taken; the embedded NATS server uses port %d", port, self.port)
-        self.proc = subprocess.Popen([self.binary, "-a", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        store_dir = os.path.join(data_dir, "jetstream")
+        try:
+            os.makedirs(store_dir, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"data directory {data_dir}: {error_text(e)}") from None
+        self.proc = subprocess.Popen([self.binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", store_dir],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                                     preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         self.url = f"nats://127.0.0.1:{self.port}"
         wait_for_port("127.0.0.1", self.port, 10, self.proc)
-        log.info("started embedded NATS server at %s", self.url)
+        log.info("started embedded NATS server at %s (JetStream in %s)", self.url, store_dir)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -3684,17 +3647,39 @@ def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen |
 # HTTP ########################################################################
 ###############################################################################
 
-_STATUS_TEXT = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 413: "Payload Too Large",
-                414: "URI Too Long", 429: "Too Many Requests", 431: "Request Header Fields Too Large",
-                500: "Internal Server Error", 503: "Service Unavailable", 504: "Gateway Timeout"}
+# The HTTP front runs on the event loop: asyncio connections parsed by httptools (llhttp, the
+# parser of Node.js), which follows RFC 9112 strictly (no bare LF, no obs-fold, one
+# Content-Length and never with Transfer-Encoding, hex-only chunk sizes), so a proxy in front
+# and this server always agree on where a request ends. Requests of one connection are answered
+# in order; a connection whose request runs on a worker stops being read until it is answered.
+
+HTTP_MAX_HEADERS = 100
+HTTP_MAX_HEADER_BYTES = 64 * 2**10
+HTTP_MAX_URL = 8 * 2**10
+HTTP_HEADER_TIMEOUT = 30.0  # a request's headers must arrive within this (slow clients)
+HTTP_IDLE_TIMEOUT = 300.0  # an idle keep-alive connection is closed after this
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 @dataclasses.dataclass
 class HttpConfig:
-    """Limits of the HTTP front."""
+    """Limits and access rules of the HTTP front."""
 
     max_body: int = DEFAULT_MAX_BODY
     timeout: float = DEFAULT_HTTP_TIMEOUT
+    max_connections: int = 1024
+    admin: str = "local"  # local | public | off
+    metrics: str = "local"
+    compat_go: bool = False
+
+
+class HttpError(MsgscriptError):
+    """A request the server refuses before any script runs; the connection is closed after it."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
 
 
 @functools.lru_cache(maxsize=2048)
@@ -3708,7 +3693,7 @@ def split_target(target: str) -> tuple[str, str, dict[str, list[str]]]:
     segments = [urllib.parse.unquote(s) for s in rest.split("/")]
     if not valid_subject(subject):
         raise BadRequest(f"{subject!r} is not a valid subject")
-    if any(s in ("..", ".") or "/" in s or "\\" in s for s in segments) or "\x00" in path:
+    if any(s in ("..", ".") or "/" in s or "\\" in s for s in segments) or "\x00" in urllib.parse.unquote(path):
         raise BadRequest("path segments may not be '.', '..' or contain an encoded slash")
     params = urllib.parse.parse_qs(query, keep_blank_values=True)
     if "_timeout" in params:
@@ -3717,210 +3702,428 @@ def split_target(target: str) -> tuple[str, str, dict[str, list[str]]]:
     return subject, url, params
 
 
-class _Headers(dict):
-    """Request headers by lower-cased name (the last one wins)."""
+def status_line(status: int) -> str:
+    try:
+        phrase = http.HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Unknown"
+    return f"HTTP/1.1 {status} {phrase}\r\n"
 
-    def get(self, name: str, default=None):
-        return dict.get(self, name.lower(), default)
+
+def response_bytes(status: int, body: bytes, headers: dict[str, str], close: bool, head: bool = False) -> bytes:
+    """Status line, headers and body in one buffer. Header names and values were checked."""
+    if status < 200 or status in (204, 304):
+        body = b""
+    lines = [status_line(status), f"Server: msgscript/{__version__}\r\nContent-Length: {len(body)}\r\n"]
+    for name, value in headers.items():
+        if name.lower() not in ("content-length", "transfer-encoding", "connection", "server"):
+            lines.append(f"{name}: {value}\r\n")
+    if close:
+        lines.append("Connection: close\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("latin-1", "replace") + (b"" if head else body)
 
 
-class HttpHandler(BaseHTTPRequestHandler):
-    """`<METHOD> /<subject>[/rest]` runs the subject's scripts; `/_/` serves the admin pages."""
+def check_headers(headers: dict[str, str], who: str) -> dict[str, str]:
+    """A script's response headers, or ScriptError when one could split or smuggle a response."""
+    for name, value in headers.items():
+        if not _TOKEN.match(name):
+            raise ScriptError(f"{who} returned an invalid HTTP header name {name[:60]!r}")
+        if _BAD_VALUE.search(value):
+            raise ScriptError(f"{who} returned a control character in the value of HTTP header {name!r}")
+    return headers
 
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # headers and body go out in one write anyway
-    server_version = f"msgscript/{__version__}"
-    dispatcher: Dispatcher
-    config: HttpConfig
-    timeout = 300  # idle keep-alive connections
 
-    def parse_request(self) -> bool:
-        """http.server's request parsing, with a small header parser instead of the email package."""
-        self.command = None
-        self.request_version = self.default_request_version
-        self.close_connection = True
-        self.requestline = requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
-        words = requestline.split()
-        if len(words) != 3 or not words[2].startswith("HTTP/1.") or not words[1].startswith("/"):
-            self.send_error(400, f"Bad request line {requestline[:100]!r}")
+def text_response(status: int, message: str) -> tuple[int, bytes, dict[str, str]]:
+    body = (first_line(message) + "\n").encode("utf-8", "replace")
+    return status, body, {"Content-Type": "text/plain; charset=utf-8"}
+
+
+class HttpRequest:
+    __slots__ = ("method", "target", "headers", "body", "version", "keep_alive", "peer")
+
+    def __init__(self, method: str, target: str, headers: dict[str, str], body: bytes, version: str,
+                 keep_alive: bool, peer: str):
+        self.method, self.target, self.headers, self.body = method, target, headers, body
+        self.version, self.keep_alive, self.peer = version, keep_alive, peer
+
+
+class HttpConnection(asyncio.Protocol):
+    """One client connection: bytes in through httptools, responses out in request order."""
+
+    def __init__(self, front: HttpFront):
+        import httptools
+
+        self.front = front
+        self.parser = httptools.HttpRequestParser(self)
+        self._errors = (httptools.HttpParserError, httptools.HttpParserUpgrade)
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self.busy = False  # a request is being answered
+        self.waiting: collections.deque[HttpRequest] = collections.deque()
+        self.refused: HttpError | None = None  # a later request that failed, answered after the busy one
+        self._reset()
+        self._timer: asyncio.TimerHandle | None = None
+        self._paused = self._write_paused = False
+
+    def _reset(self) -> None:
+        self.url = bytearray()
+        self.headers: dict[str, str] = {}
+        self.header_count = self.header_bytes = 0
+        self.body: list[bytes] = []
+        self.body_size = 0
+
+    # asyncio.Protocol
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = peer[0] if isinstance(peer, tuple) else ""
+        if not self.front.open_connection(self):
+            transport.write(response_bytes(*text_response(503, "too many connections"), close=True))
+            transport.close()
+            return
+        self._arm(HTTP_IDLE_TIMEOUT)
+
+    def connection_lost(self, exc) -> None:
+        self.front.close_connection(self)
+        if self._timer is not None:
+            self._timer.cancel()
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        try:
+            self.parser.feed_data(data)
+        except self._errors as e:
+            cause = e.__context__  # an exception raised by one of the callbacks below
+            if isinstance(cause, HttpError):
+                self.fail(cause)
+            elif cause is not None and not isinstance(cause, self._errors):
+                log.error("HTTP request from %s: %s", self.peer, error_text(cause), exc_info=cause)
+                self.fail(HttpError(500, "internal server error"))
+            else:
+                self.fail(HttpError(400, f"malformed request ({error_text(e) or 'unparsable'})"))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if not self._paused:
+            self.transport.resume_reading()
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self._reset()
+        self._arm(HTTP_HEADER_TIMEOUT)
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        if len(self.url) > HTTP_MAX_URL:
+            raise HttpError(414, "request target too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.header_count += 1
+        self.header_bytes += len(name) + len(value)
+        if self.header_count > HTTP_MAX_HEADERS or self.header_bytes > HTTP_MAX_HEADER_BYTES:
+            raise HttpError(431, "request headers too large")
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        self.headers[key] = f"{self.headers[key]}, {text}" if key in self.headers else text
+
+    def on_headers_complete(self) -> None:
+        coding = self.headers.get("transfer-encoding")
+        if coding is not None and coding.strip().lower() != "chunked":
+            raise HttpError(501, f"transfer coding {coding!r} is not supported")
+        length = self.headers.get("content-length")
+        if length is not None and int(length) > self.front.config.max_body:
+            raise HttpError(413, f"request body of {length} bytes is over the {self.front.config.max_body} byte limit")
+        if self.headers.get("expect", "").lower() == "100-continue":
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._arm(self.front.config.timeout + HTTP_HEADER_TIMEOUT)
+
+    def on_body(self, chunk: bytes) -> None:
+        self.body_size += len(chunk)
+        if self.body_size > self.front.config.max_body:
+            raise HttpError(413, f"request body is over the {self.front.config.max_body} byte limit")
+        self.body.append(chunk)
+
+    def on_message_complete(self) -> None:
+        request = HttpRequest(self.parser.get_method().decode("latin-1"), self.url.decode("latin-1"),
+                              self.headers, b"".join(self.body), self.parser.get_http_version(),
+                              self.parser.should_keep_alive(), self.peer)
+        self._reset()
+        if self.busy:
+            self.waiting.append(request)
+            if len(self.waiting) >= 8:
+                self._pause()
+            return
+        self._start(request)
+
+    # answering
+    def _start(self, request: HttpRequest) -> None:
+        self.busy = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.front.handle(self, request)
+
+    def respond(self, request: HttpRequest, status: int, body: bytes, headers: dict[str, str]) -> None:
+        """Write one response; then the next pipelined request, or back to reading."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        close = not request.keep_alive or self.front.stopping
+        self.transport.write(response_bytes(status, body, headers, close, request.method == "HEAD"))
+        self.front.count_response(status)
+        self.busy = False
+        if close:
+            self.transport.close()
+            return
+        if self.waiting:
+            return self._start(self.waiting.popleft())
+        if self.refused is not None:
+            return self.fail(self.refused)
+        if self._paused:
+            self._paused = False
+            if not self._write_paused:
+                self.transport.resume_reading()
+        self._arm(HTTP_IDLE_TIMEOUT)
+
+    def fail(self, error: HttpError) -> None:
+        """A request that cannot be parsed or is refused: answer it (after those before it), then close."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.busy:
+            self.refused = error
+            self._pause()
+            return
+        self.transport.write(response_bytes(*text_response(error.status, str(error)), close=True))
+        self.front.count_response(error.status)
+        self.transport.close()
+
+    def _pause(self) -> None:
+        if not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def _arm(self, seconds: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.front.loop.call_later(seconds, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        if self.busy or self.transport is None:
+            return
+        if self.url or self.headers or self.body:  # a request is half-sent
+            return self.fail(HttpError(408, "request not received in time"))
+        self.transport.close()
+
+
+class HttpFront:
+    """Answers HTTP requests: scripts by subject, health, metrics and the admin pages."""
+
+    def __init__(self, scheduler: Scheduler, config: HttpConfig, health: Callable[[], str] | None = None,
+                 metrics: Callable[[], bytes] | None = None, tracing: Any = None, dev: bool = False):
+        self.scheduler = scheduler
+        self.store = scheduler.store
+        self.config = config
+        self.health = health or (lambda: "")  # "" when ready, else why not
+        self.metrics = metrics
+        self.tracing = tracing
+        self.dev = dev  # cli devhttp: a normal-mode script answers with its payload as text
+        self.connections: set[HttpConnection] = set()
+        self.stopping = False
+        self.responses: dict[int, int] = {}
+        self.server: asyncio.AbstractServer | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        self.loop = asyncio.get_running_loop()
+        try:
+            self.server = await self.loop.create_server(lambda: HttpConnection(self), host or None, port,
+                                                        reuse_address=True, backlog=1024)
+        except OSError as e:
+            raise ConfigError(f"cannot listen on port {port}: {e.strerror or e}") from None
+
+    def open_connection(self, conn: HttpConnection) -> bool:
+        if len(self.connections) >= self.config.max_connections or self.stopping:
             return False
-        self.command, self.path, self.request_version = words
-        headers = _Headers()
-        for _ in range(101):
-            line = self.rfile.readline(65537)
-            if line in (b"\r\n", b"\n", b""):
-                break
-            name, sep, value = line.decode("iso-8859-1").partition(":")
-            if not sep or len(line) > 65536 or not name.strip():
-                self.send_error(400, "Malformed header line")
-                return False
-            headers[name.strip().lower()] = value.strip()
-        else:
-            self.send_error(431, "Too many headers")
-            return False
-        self.headers = headers
-        connection = headers.get("connection", "").lower()
-        self.close_connection = connection == "close" or (
-            self.request_version == "HTTP/1.0" and connection != "keep-alive")
-        if headers.get("expect", "").lower() == "100-continue":
-            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        self.server.count_request(1)
-        self._counted = True
+        self.connections.add(conn)
         return True
 
-    def handle_one_request(self):
-        self._counted = False
-        try:
-            super().handle_one_request()
-        except (ConnectionError, TimeoutError):
-            self.close_connection = True
-        finally:
-            if self._counted:
-                self.server.count_request(-1)
+    def close_connection(self, conn: HttpConnection) -> None:
+        self.connections.discard(conn)
 
-    def __getattr__(self, name):
-        if name.startswith("do_"):
-            return self.serve
-        raise AttributeError(name)
+    def count_response(self, status: int) -> None:
+        self.responses[status] = self.responses.get(status, 0) + 1
 
-    def serve(self) -> None:
+    @property
+    def active(self) -> int:
+        return sum(1 for c in self.connections if c.busy)
+
+    async def stop_listening(self) -> None:
+        """No new connections; open ones finish the request they are on and close."""
+        self.stopping = True
+        if self.server is not None:
+            self.server.close()
+        for conn in list(self.connections):
+            if not conn.busy and conn.transport is not None:
+                conn.transport.close()
+
+    def close_all(self) -> None:
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+
+    def handle(self, conn: HttpConnection, request: HttpRequest) -> None:
+        """Answer one request (now, or when its scripts finish)."""
+        answer = functools.partial(conn.respond, request)
+        path = request.target.partition("?")[0]
         try:
-            body = self.read_body()  # first, so that an error reply leaves the connection usable
-            if self.path.startswith("/_/") or self.path in ("/_", "/"):
-                return self.admin()
-            subject, url, params = split_target(self.path)
-            timeout = self.config.timeout
-            if "_timeout" in params:
-                timeout = min(timeout, parse_duration(params["_timeout"][-1]))
-            call = Call(subject, body, self.command, url, time.monotonic() + timeout)
-            scripts = self.dispatcher.scripts(subject)
-            self.dispatcher.admit()
-            try:
-                results = self.dispatcher.run_all(scripts, call)
-            finally:
-                self.dispatcher.release()
-            self.respond_results(results)
+            if path == "/healthz":
+                return answer(*text_response(200, "ok"))
+            if path == "/readyz":
+                reason = self.health()
+                return answer(*text_response(503 if reason else 200, reason or "ready"))
+            if path == "/metrics" and self.metrics is not None:
+                self._allow(request, self.config.metrics, "metrics")
+                return answer(200, self.metrics(), {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+            if path.startswith("/_/") or path in ("/_", "/"):
+                self._allow(request, self.config.admin, "admin pages")
+                return answer(*AdminPages(self.scheduler).page(path))
+            self._run(request, answer)
         except MsgscriptError as e:
-            self.send(e.status, (first_line(str(e)) + "\n").encode(), {"Content-Type": "text/plain; charset=utf-8"})
-        except (ConnectionError, TimeoutError):
-            self.close_connection = True
+            answer(*text_response(e.status, str(e)))
         except Exception:  # noqa: BLE001 - never a traceback to the client
-            log.exception("HTTP %s %s failed", self.command, self.path)
-            self.send(500, b"internal server error\n", {"Content-Type": "text/plain"})
+            log.exception("HTTP %s %s failed", request.method, request.target)
+            answer(*text_response(500, "internal server error"))
 
-    def read_body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            return self._read_chunked()
+    def _allow(self, request: HttpRequest, rule: str, what: str) -> None:
+        if rule == "off":
+            raise NotFound(f"the {what} are switched off on this server")
+        if rule != "public" and not _is_loopback(request.peer):
+            raise HttpError(403, f"the {what} answer local clients only (start the server with "
+                                 f"-{'metrics' if what == 'metrics' else 'admin'} public to open them)")
+
+    def _run(self, request: HttpRequest, answer: Callable) -> None:
+        subject, url, params = split_target(request.target)
+        timeout = self.config.timeout
+        if "_timeout" in params:
+            asked = parse_duration(params["_timeout"][-1])
+            timeout = asked if self.config.compat_go else min(timeout, asked)
+        scripts = self.scheduler.scripts(subject)
+        call = Call(subject, request.body, request.method, url, time.monotonic() + timeout)
+        if self.tracing:
+            call.trace = self.tracing.http_span(request, subject, scripts)
+        answered = [False]
+
+        def done(results):
+            if answered[0]:
+                return
+            answered[0] = True
+            timer.cancel()
+            if call.trace is not None:
+                call.trace.end_message(results)
+            answer(*self.response(scripts, results))
+
+        def late():  # a script still running well after the deadline (a long C call): 504 now
+            if not answered[0]:
+                answered[0] = True
+                answer(*text_response(504, f"no answer from {subject} within {timeout:g}s"))
+
+        timer = self.loop.call_later(timeout + 1.0, late)
         try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            raise BadRequest("invalid Content-Length") from None
-        if length < 0:
-            raise BadRequest("invalid Content-Length")
-        if length > self.config.max_body:
-            self.close_connection = True
-            raise TooLarge(f"request body of {length} bytes is over the {self.config.max_body} byte limit")
-        return self.rfile.read(length) if length else b""
+            self.scheduler.dispatch(scripts, call, None, done)
+        except BaseException:
+            timer.cancel()
+            raise
 
-    def _read_chunked(self) -> bytes:
-        parts, total = [], 0
-        while True:
-            line = self.rfile.readline(1024)
-            try:
-                size = int(line.split(b";")[0].strip(), 16)
-            except ValueError:
-                self.close_connection = True
-                raise BadRequest("malformed chunked body") from None
-            if size == 0:
-                while self.rfile.readline(1024).strip():
-                    pass
-                return b"".join(parts)
-            total += size
-            if total > self.config.max_body:
-                self.close_connection = True
-                raise TooLarge(f"request body is over the {self.config.max_body} byte limit")
-            parts.append(self.rfile.read(size))
-            self.rfile.readline(8)
-
-    def respond_results(self, results: list[tuple[Script, Result]]) -> None:
-        for script, result in results:
+    def response(self, scripts: list[Script], results: list[Result]) -> tuple[int, bytes, dict[str, str]]:
+        """(status, body, headers) for a subject's results."""
+        for script, result in zip(scripts, results, strict=True):
             if script.http:  # an HTTP-mode result is the response
                 if result.error:
-                    return self.send(result.status, (result.error + "\n").encode(),
-                                     {"Content-Type": "text/plain; charset=utf-8"})
-                headers = {"Content-Type": "text/html"}
-                headers.update(result.headers)
-                return self.send(result.http_code, result.payload, headers)
+                    return text_response(result.status, result.error)
+                try:
+                    headers = {"Content-Type": "text/html", **check_headers(result.headers, f"script {script.name}")}
+                except ScriptError as e:
+                    return text_response(500, str(e))
+                return result.http_code, result.payload, headers
+        if self.dev and len(results) == 1:
+            if results[0].error:
+                return text_response(results[0].status, results[0].error)
+            return 200, results[0].payload, {"Content-Type": "text/plain; charset=utf-8"}
+        if self.config.compat_go:
+            body = json.dumps([r.to_json(go=True) for r in results], separators=(",", ":")).encode()
+            return 200, body, {"Content-Type": "application/json"}
         status = 200
-        if all(r.error for _, r in results):
-            status = 504 if all(r.status == 504 for _, r in results) else 500
-        body = json.dumps({s.name: r.to_json() for s, r in results}).encode()
-        self.send(status, body, {"Content-Type": "application/json"})
+        if all(r.error for r in results):
+            status = 504 if all(r.status == 504 for r in results) else 500
+        body = json.dumps({s.name: r.to_json() for s, r in zip(scripts, results, strict=True)}).encode()
+        return status, body, {"Content-Type": "application/json"}
 
-    def send(self, status: int, body: bytes, headers: dict[str, str]) -> None:
-        """Status line, headers and body in one write."""
-        if status < 200 or status in (204, 304):
-            body = b""
-        head = [f"HTTP/1.1 {status} {_STATUS_TEXT.get(status, 'Status')}\r\nServer: {self.server_version}\r\n"
-                f"Content-Length: {len(body)}\r\n"]
-        for name, value in headers.items():
-            if "\n" in name or "\r" in name or name.lower() in ("content-length", "transfer-encoding", "connection"):
-                continue
-            if "\n" in value or "\r" in value:
-                value = _header_safe(value)
-            head.append(f"{name}: {value}\r\n")
-        if self.server.stopping:
-            self.close_connection = True
-        if self.close_connection:  # also set by the request's own "Connection: close"
-            head.append("Connection: close\r\n")
-        head.append("\r\n")
-        self.wfile.write("".join(head).encode("latin-1", "replace") + (b"" if self.command == "HEAD" else body))
-        if log.isEnabledFor(logging.DEBUG):
-            self.log_request(status, len(body))
 
-    def send_error(self, code, message=None, explain=None):
-        """Malformed requests (bad request line, headers): a one-line error, then close."""
-        self.close_connection = True
-        self.send(code, f"{message or _STATUS_TEXT.get(code, 'error')}\n".encode(), {"Content-Type": "text/plain"})
+def _is_loopback(address: str) -> bool:
+    import ipaddress
 
-    def log_request(self, code="-", size="-"):
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s %s %s %s", self.client_address[0], self.command, self.path, code)
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return False
+    return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)
 
-    def log_message(self, format, *args):
-        log.debug("http: " + format, *args)
 
-    # Admin pages ------------------------------------------------------------
-    def admin(self) -> None:
-        store = self.dispatcher.store
-        parts = [urllib.parse.unquote(p) for p in self.path.split("?")[0].split("/")[2:] if p]
+class AdminPages:
+    """The `/_/` pages: the README, the subjects, a subject's scripts, a script's headers and source."""
+
+    def __init__(self, scheduler: Scheduler):
+        self.scheduler, self.store = scheduler, scheduler.store
+
+    def page(self, path: str) -> tuple[int, bytes, dict[str, str]]:
+        parts = [urllib.parse.unquote(p) for p in path.split("/")[2:] if p]
         if not parts:
-            return self.page("msgscript", render_markdown(readme_text()))
+            return self.html("msgscript", render_markdown(readme_text()))
         if parts[0] == "list":
             items = "".join(f'<li><a href="/_/subject/{html.escape(s)}">{html.escape(s)}</a></li>'
-                            for s in store.subjects())
-            return self.page("Subjects", f"<ul>{items}</ul>")
+                            for s in self.store.subjects())
+            return self.html("Subjects", f"<ul>{items}</ul>")
         if parts[0] == "subject" and len(parts) == 2:
-            scripts = self.dispatcher.scripts(parts[1])
+            scripts = self.scheduler.scripts(parts[1])
             items = "".join(f'<li><a href="/_/info/{html.escape(s.subject)}/{html.escape(s.name)}">'
                             f"{html.escape(s.name)}</a></li>" for s in scripts)
-            return self.page(f"Scripts on {html.escape(parts[1])}", f"<ul>{items}</ul>")
+            return self.html(f"Scripts on {html.escape(parts[1])}", f"<ul>{items}</ul>")
         if parts[0] == "info" and len(parts) == 3:
-            script = next((s for s in self.dispatcher.scripts(parts[1]) if s.name == parts[2]), None)
+            script = next((s for s in self.scheduler.scripts(parts[1]) if s.name == parts[2]), None)
             if script is None:
                 raise NotFound(f"no script {parts[2]!r} on subject {parts[1]!r}")
-            rows = "".join(f"<tr><th>{k}</th><td>{html.escape(str(v))}</td></tr>" for k, v in (
-                ("subject", script.subject), ("name", script.name), ("executor", script.executor),
-                ("http", script.http), ("require", ", ".join(script.libraries)), ("timeout", script.timeout),
-                ("memory", script.memory), ("lock", script.lock), ("path", script.path)))
-            return self.page(f"{html.escape(script.subject)} / {html.escape(script.name)}",
+            rows = "".join(f"<tr><th>{k}</th><td>{html.escape(str(v))}</td></tr>" for k, v in self.fields(script))
+            return self.html(f"{html.escape(script.subject)} / {html.escape(script.name)}",
                              f"<table>{rows}</table><pre><code>{html.escape(script.content)}</code></pre>")
         raise NotFound("no such admin page (try /_/list)")
 
-    def page(self, title: str, body: str) -> None:
+    def fields(self, script: Script) -> list[tuple[str, Any]]:
+        stats = self.scheduler.stats.get(script.key) or ScriptStats()
+        rows = [("subject", script.subject), ("name", script.name), ("executor", script.executor),
+                ("http", script.http), ("require", ", ".join(script.libraries)), ("timeout", script.timeout),
+                ("memory", script.memory), ("lock", script.lock), ("path", script.path),
+                ("calls", stats.calls), ("errors", sum(stats.errors.values()))]
+        if script.stream:
+            rows += [("stream", script.stream), ("retry", script.retry_text), ("deadletter", script.dead_letter)]
+        if script.cron:
+            rows += [("cron", script.cron), ("timezone", script.timezone or "UTC")]
+        durable = getattr(self.scheduler, "durable_info", None)
+        if durable is not None and (script.stream or script.cron):
+            rows += list(durable(script).items())
+        return rows
+
+    @staticmethod
+    def html(title: str, body: str) -> tuple[int, bytes, dict[str, str]]:
         doc = (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title></head>"
                f"<body><nav><a href='/_/'>readme</a> | <a href='/_/list'>subjects</a></nav>{body}</body></html>")
-        self.send(200, doc.encode(), {"Content-Type": "text/html; charset=utf-8"})
+        return 200, doc.encode(), {"Content-Type": "text/html; charset=utf-8"}
 
 
 def readme_text() -> str:
@@ -3935,109 +4138,618 @@ def readme_text() -> str:
         return "# msgscript\n\nThe README is not installed."
 
 
+@functools.lru_cache(maxsize=4)
 def render_markdown(text: str) -> str:
-    """Just enough Markdown for the README: headings, code blocks, lists, paragraphs."""
-    out, in_code, in_list = [], False, False
+    """Markdown as HTML through markdown-it-py (CommonMark and tables), with GitHub-style heading ids."""
+    from markdown_it import MarkdownIt
 
-    def inline(s: str) -> str:
-        return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(s))
-
-    for line in text.split("\n"):
-        is_item = not in_code and line.startswith(("- ", "* "))
-        if in_list and not is_item:
-            out.append("</ul>")
-            in_list = False
-        if line.startswith("```"):
-            out.append("</code></pre>" if in_code else "<pre><code>")
-            in_code = not in_code
-        elif in_code:
-            out.append(html.escape(line))
-        elif is_item:
-            out.append(("" if in_list else "<ul>") + f"<li>{inline(line[2:])}</li>")
-            in_list = True
-        elif m := re.match(r"^(#{1,6}) (.*)", line):
-            out.append(f"<h{len(m.group(1))}>{inline(m.group(2))}</h{len(m.group(1))}>")
-        elif line.strip():
-            out.append(f"<p>{inline(line)}</p>")
-    return "\n".join(out + (["</ul>"] if in_list else []) + (["</code></pre>"] if in_code else []))
+    md = MarkdownIt("commonmark", {"html": False}).enable("table")
+    tokens = md.parse(text)
+    seen: dict[str, int] = {}
+    for i, token in enumerate(tokens):
+        if token.type == "heading_open":
+            title = "".join(t.content for t in tokens[i + 1].children or [] if t.type in ("text", "code_inline"))
+            slug = re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+            n = seen.get(slug, 0)
+            seen[slug] = n + 1
+            token.attrSet("id", slug if n == 0 else f"{slug}-{n}")
+    return md.renderer.render(tokens, md.options, {})
 
 
-class HttpServer(ThreadingHTTPServer):
-    """One thread per connection, reused for later connections.
+###############################################################################
+# Metrics and traces ##########################################################
+###############################################################################
 
-    Lua runtimes are cached per thread, so a thread that outlives its connection serves the
-    next client's scripts warm instead of building new runtimes (a client that opens a
-    connection per request would otherwise pay for that every time).
+class Metrics:
+    """GET /metrics in the Prometheus text format, through prometheus-client.
+
+    The hot path only bumps plain counters (ScriptStats); this collector turns them into
+    metric families when Prometheus scrapes, so metrics cost nothing per call beyond that.
     """
 
-    daemon_threads = True
-    request_queue_size = 256
-    allow_reuse_address = True
-    idle_seconds = 60.0
+    def __init__(self, server: Server):
+        from prometheus_client import CollectorRegistry
 
-    def __init__(self, *args, **kwargs):
-        self._handoff: queue.SimpleQueue = queue.SimpleQueue()
-        self._idle = 0  # threads waiting for a connection and not yet promised one
-        self._idle_lock = threading.Lock()
-        self.stopping = False  # set at shutdown: answers say Connection: close
-        self.active = 0  # requests read and not yet answered
-        super().__init__(*args, **kwargs)
+        self.server = server
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
 
-    def count_request(self, delta: int) -> None:
-        with self._idle_lock:
-            self.active += delta
+    def text(self) -> bytes:
+        from prometheus_client import generate_latest
 
-    def stop_listening(self) -> None:
-        """No new connections (refused, not left hanging); open ones finish their request."""
-        self.shutdown()
-        self.socket.close()
+        return generate_latest(self.registry)
 
-    def process_request(self, request, client_address):
-        with self._idle_lock:
-            if self._idle:
-                self._idle -= 1
-                self._handoff.put((request, client_address))
-                return
-        threading.Thread(target=self._serve_connections, args=(request, client_address), daemon=True,
-                         name="http").start()
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-    def _serve_connections(self, request, client_address) -> None:
-        while True:
-            self.process_request_thread(request, client_address)
-            with self._idle_lock:
-                self._idle += 1
-            try:
-                request, client_address = self._handoff.get(timeout=self.idle_seconds)
-            except queue.Empty:
-                with self._idle_lock:
-                    if self._idle:  # nobody promised this thread a connection: leave
-                        self._idle -= 1
-                        return
-                request, client_address = self._handoff.get()  # one is on its way
+        server, scheduler = self.server, self.server.scheduler
+        labels = ["subject", "script"]
+        calls = CounterMetricFamily("msgscript_calls", "Script calls", labels=labels)
+        errors = CounterMetricFamily("msgscript_errors", "Failed script calls by status code", labels=labels + ["code"])
+        timeouts = CounterMetricFamily("msgscript_timeouts", "Script calls stopped at their deadline", labels=labels)
+        moved = CounterMetricFamily("msgscript_inline_moves", "Inline calls moved to a worker thread", labels=labels)
+        durations = HistogramMetricFamily("msgscript_call_duration_seconds", "Script call duration", labels=labels)
+        for (subject, name), st in sorted(scheduler.stats.items()):
+            calls.add_metric([subject, name], st.calls)
+            timeouts.add_metric([subject, name], st.errors.get(504, 0))
+            moved.add_metric([subject, name], st.moved)
+            for code, n in sorted(st.errors.items()):
+                errors.add_metric([subject, name, str(code)], n)
+            cumulative, buckets = 0, []
+            for bound, n in zip(DURATION_BUCKETS + (math.inf,), st.buckets, strict=True):
+                cumulative += n
+                buckets.append(("+Inf" if bound == math.inf else repr(bound), cumulative))
+            durations.add_metric([subject, name], buckets, st.seconds)
+        yield from (calls, errors, timeouts, moved, durations)
+
+        def gauge(name, text, value):
+            return GaugeMetricFamily(name, text, value=value)
+
+        lua = scheduler.executors.get("lua")
+        yield gauge("msgscript_inflight_calls", "Messages and requests being handled", scheduler.inflight)
+        yield gauge("msgscript_worker_threads", "Threads of the worker pool", scheduler.pool.size)
+        yield gauge("msgscript_lua_runtimes", "Lua runtimes alive", getattr(lua, "runtimes", 0))
+        yield gauge("msgscript_scripts", "Scripts loaded", len(server.store.all_scripts()))
+        nats = server.nats
+        yield gauge("msgscript_nats_connected", "1 while connected to NATS", int(bool(nats and nats.connected)))
+        yield CounterMetricFamily("msgscript_nats_reconnects", "Reconnections to NATS",
+                                  value=nats.reconnects if nats else 0)
+        yield CounterMetricFamily("msgscript_store_reloads", "Scripts and libraries (re)loaded from the store",
+                                  value=server.store.reloads)
+        yield CounterMetricFamily("msgscript_store_load_errors", "Scripts and libraries that failed to load",
+                                  value=server.store.load_errors)
+        if server.http is not None:
+            yield gauge("msgscript_http_connections", "Open HTTP connections", len(server.http.connections))
+            responses = CounterMetricFamily("msgscript_http_responses", "HTTP responses by status", labels=["code"])
+            for code, n in sorted(server.http.responses.items()):
+                responses.add_metric([str(code)], n)
+            yield responses
+        if server.durable is not None:
+            yield from server.durable.metric_families()
 
 
-def make_http_server(port: int, dispatcher: Dispatcher, config: HttpConfig, host: str = "") -> HttpServer:
-    handler = type("Handler", (HttpHandler,), {"dispatcher": dispatcher, "config": config})
+def _otlp_endpoint(value: str) -> str:
+    """OTEL_ENDPOINT as the Go original takes it (host:port or a URL) -> the OTLP/HTTP traces URL."""
+    url = value if "://" in value else f"http://{value}"
+    parts = urllib.parse.urlsplit(url)
+    return url if parts.path not in ("", "/") else urllib.parse.urlunsplit(parts._replace(path="/v1/traces"))
+
+
+class Tracing:
+    """OpenTelemetry traces: off unless TELEMETRY_TRACES=1.
+
+    A span per HTTP request and NATS message (its parent read from a W3C `traceparent` header),
+    children for the store look-up, each script call and the reply; scripts' outgoing
+    nats.request/publish and http calls carry the script span's `traceparent`.
+    """
+
+    def __init__(self, environ: dict[str, str]):
+        from opentelemetry import trace
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        endpoint = environ.get("OTEL_ENDPOINT")
+        exporter = OTLPSpanExporter(endpoint=_otlp_endpoint(endpoint)) if endpoint else OTLPSpanExporter()
+        resource = Resource.create({"service.name": environ.get("OTEL_SERVICE_NAME") or "msgscript",
+                                    "service.version": __version__})
+        self.provider = TracerProvider(resource=resource)
+        self.provider.add_span_processor(BatchSpanProcessor(exporter))
+        self.tracer = self.provider.get_tracer("msgscript", __version__)
+        self.trace = trace
+        self.kinds = trace.SpanKind
+        self.propagator = TraceContextTextMapPropagator()
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str]) -> Tracing | None:
+        if environ.get("TELEMETRY_TRACES", "").lower() not in ("1", "true", "yes", "on"):
+            return None
+        return cls(environ)
+
+    def _start(self, name: str, kind, parent, attributes: dict) -> _Span:
+        context = self.trace.set_span_in_context(parent) if parent is not None else None
+        return _Span(self, self.tracer.start_span(name, context=context, kind=kind, attributes=attributes))
+
+    def _root(self, name: str, kind, carrier: dict | None, attributes: dict, scripts: list[Script]) -> _Span:
+        context = self.propagator.extract(carrier or {})
+        span = _Span(self, self.tracer.start_span(name, context=context, kind=kind, attributes=attributes))
+        span.child("store lookup", {"msgscript.scripts": len(scripts)}).end_plain()
+        return span
+
+    def http_span(self, request: HttpRequest, subject: str, scripts: list[Script]) -> _Span:
+        return self._root(f"{request.method} /{subject}", self.kinds.SERVER, request.headers, {
+            "http.request.method": request.method, "url.path": request.target.partition("?")[0],
+            "client.address": request.peer, "msgscript.subject": subject}, scripts)
+
+    def message_span(self, msg, scripts: list[Script]) -> _Span:
+        return self._root(f"process {msg.subject}", self.kinds.CONSUMER, msg.headers, {
+            "messaging.system": "nats", "messaging.destination.name": msg.subject,
+            "messaging.operation.type": "process", "messaging.message.body.size": len(msg.data)}, scripts)
+
+    def script_span(self, script: Script, call: Call) -> _Span:
+        return call.trace.child(f"script {script.name}", {
+            "msgscript.subject": script.subject, "msgscript.script": script.name,
+            "msgscript.executor": script.executor})
+
+    def shutdown(self) -> None:
+        self.provider.shutdown()
+
+
+class _Span:
+    """One OpenTelemetry span of a call, with what msgscript needs of it."""
+
+    def __init__(self, tracing: Tracing, span):
+        self.tracing, self.span = tracing, span
+
+    def child(self, name: str, attributes: dict, kind=None) -> _Span:
+        return self.tracing._start(name, kind or self.tracing.kinds.INTERNAL, self.span, attributes)
+
+    def headers(self) -> dict[str, str]:
+        carrier: dict[str, str] = {}
+        self.tracing.propagator.inject(carrier, context=self.tracing.trace.set_span_in_context(self.span))
+        return carrier
+
+    def end_plain(self) -> None:
+        self.span.end()
+
+    def end(self, result: Result) -> None:
+        from opentelemetry.trace import Status, StatusCode
+
+        self.span.set_attribute("msgscript.status", result.status if result.error else result.http_code)
+        if result.error:
+            self.span.set_status(Status(StatusCode.ERROR, result.error))
+        self.span.end()
+
+    def cancel(self) -> None:
+        self.span.set_attribute("msgscript.moved_to_worker", True)
+        self.span.end()
+
+    def end_message(self, results: list[Result], status: int | None = None) -> None:
+        self.child("reply", {}).end_plain()
+        if status is not None:
+            self.span.set_attribute("http.response.status_code", status)
+        if results and all(r.error for r in results):
+            from opentelemetry.trace import Status, StatusCode
+
+            self.span.set_status(Status(StatusCode.ERROR, results[0].error))
+        self.span.end()
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd (Type=notify) how the service is doing: READY=1, STOPPING=1."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
     try:
-        return HttpServer((host, port), handler)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(state.encode(), address)
     except OSError as e:
-        raise ConfigError(f"cannot listen on port {port}: {e.strerror or e}") from None
+        log.debug("sd_notify %s failed: %s", state, e)
+
+
+###############################################################################
+# Durable and scheduled scripts ###############################################
+###############################################################################
+
+# `--* stream: NAME`: the script's subject is consumed from the JetStream stream NAME through a
+# durable pull consumer that every server of the cluster shares, so each message runs on one
+# server and survives every server being down. A success is acked; a failure or a timeout is
+# naked with the script's back-off (`--* retry:`, default 1s, 5s, 30s); after the last attempt
+# the message goes to the dead-letter subject with its error, then is terminated. A long call is
+# kept alive with in-progress acks. Delivery is at least once: a server killed mid-call has its
+# message redelivered to another after the ack wait.
+#
+# `--* cron: ...`: at each tick every server publishes the tick into the stream MSGSCRIPT_CRON
+# with the message id <subject>/<name>/<tick time>; JetStream keeps one message per id within its
+# duplicate window, and the same kind of shared durable consumer runs it once. As long as one
+# server is up at tick time the tick is recorded, and a server dying mid-run only delays it.
+
+CRON_STREAM = "MSGSCRIPT_CRON"
+CRON_PREFIX = "msgscript.cron."
+CRON_MACROS = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
+               "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@hourly": "0 * * * *"}
+DURABLE_BATCH = 64  # messages one consumer has in progress at most
+ACK_WAIT = 30.0  # seconds before JetStream redelivers an unacknowledged message
+
+
+def check_schedule(expr: str, tz: str = "") -> None:
+    """ConfigError unless `expr` is a 5-field cron line, a macro (@hourly...) or `@every <duration>`."""
+    next_tick(expr, tz, time.time())
+
+
+def next_tick(expr: str, tz: str, after: float) -> float:
+    """The first tick of a schedule strictly after `after` (Unix seconds); all servers agree on it."""
+    expr = expr.strip()
+    if expr.startswith("@every"):
+        every = parse_duration(expr[len("@every"):].strip() or "x")
+        if every < 1:
+            raise ConfigError("@every needs at least 1s")
+        return (math.floor(after / every) + 1) * every
+    from datetime import datetime
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    from cronsim import CronSim, CronSimError
+
+    try:
+        zone = ZoneInfo(tz or "UTC")
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"unknown time zone {tz!r} (use an IANA name such as Europe/Paris)") from None
+    try:
+        start = datetime.fromtimestamp(math.floor(after), zone)
+        return next(iter(CronSim(CRON_MACROS.get(expr, expr), start))).timestamp()
+    except (CronSimError, StopIteration) as e:
+        raise ConfigError(f"invalid cron schedule {expr!r} ({error_text(e)}; use 5 fields, @hourly or @every 30s)") \
+            from None
+
+
+def consumer_name(script: Script) -> str:
+    """The durable consumer a script's servers share (stable across restarts and servers)."""
+    return "msgscript_" + re.sub(r"[^A-Za-z0-9_-]", "_", f"{script.subject}__{script.name}")
+
+
+class Durable:
+    """The JetStream consumers and schedules of the durable and cron scripts."""
+
+    def __init__(self, nats: NatsFront, scheduler: Scheduler, create_streams: bool = False,
+                 ack_wait: float = ACK_WAIT):
+        self.nats, self.scheduler, self.store = nats, scheduler, scheduler.store
+        self.create_streams = create_streams
+        self.ack_wait = ack_wait
+        self.js = None
+        self.consumers: dict[tuple[str, str], _Consumer] = {}
+        self.problems: dict[tuple[str, str], str] = {}  # scripts that cannot run, and why
+        self._sync_lock = asyncio.Lock()
+        self._taking = True
+
+    def scripts(self) -> list[Script]:
+        return [s for s in self.store.all_scripts() if s.stream or s.cron]
+
+    async def start(self) -> None:
+        self.store.on_change(lambda: self.nats.loop.call_soon_threadsafe(self.nats._spawn, self.sync()))
+        await self.sync()
+
+    async def sync(self) -> None:
+        """Start consumers for new durable scripts, stop those of removed or edited ones."""
+        async with self._sync_lock:
+            if not self._taking:
+                return
+            wanted = {s.key: s for s in self.scripts()}
+            for key, consumer in list(self.consumers.items()):
+                if key not in wanted or wanted[key].version != consumer.script.version:
+                    await consumer.stop()
+                    del self.consumers[key]
+            for key in set(self.problems) - set(wanted):
+                del self.problems[key]
+            for key, script in wanted.items():
+                if key not in self.consumers:
+                    await self._start(script)
+
+    async def _start(self, script: Script) -> None:
+        try:
+            if self.js is None:
+                self.js = self.nats.nc.jetstream(timeout=5)
+            stream = script.stream or await self._cron_stream()
+            subject = script.subject if script.stream else f"{CRON_PREFIX}{script.subject}.{script.name}"
+            await self._ensure_stream(stream, subject, script)
+            consumer = _Consumer(self, script, stream, subject)
+            await consumer.start()
+        except MsgscriptError as e:
+            self.problems[script.key] = str(e)
+            log.error("script %s/%s cannot run: %s", script.subject, script.name, e)
+            return
+        except Exception as e:  # noqa: BLE001 - JetStream errors are one script's problem
+            self.problems[script.key] = error_text(e)
+            log.error("script %s/%s cannot run: %s", script.subject, script.name, error_text(e))
+            return
+        self.problems.pop(script.key, None)
+        self.consumers[script.key] = consumer
+        what = f"stream {stream}" if script.stream else f"schedule {script.cron!r}"
+        log.info("script %s/%s runs from %s (consumer %s)", script.subject, script.name, what, consumer.name)
+
+    async def _cron_stream(self) -> str:
+        import nats.js.errors
+
+        try:
+            await self.js.stream_info(CRON_STREAM)
+        except nats.js.errors.NotFoundError:
+            await self.js.add_stream(name=CRON_STREAM, subjects=[f"{CRON_PREFIX}>"], max_age=86400.0,
+                                     duplicate_window=120.0)
+        return CRON_STREAM
+
+    async def _ensure_stream(self, stream: str, subject: str, script: Script) -> None:
+        import nats.js.errors
+
+        try:
+            info = await self.js.stream_info(stream)
+        except nats.js.errors.ServiceUnavailableError:
+            raise MsgscriptError("JetStream is not enabled on this NATS server (start it with -js)") from None
+        except nats.js.errors.NotFoundError:
+            if not self.create_streams:
+                raise MsgscriptError(f"stream {stream} does not exist (create it, or start the server with "
+                                     f"-create-streams)") from None
+            await self.js.add_stream(name=stream, subjects=[subject])
+            log.info("created stream %s for %s", stream, subject)
+            return
+        subjects = info.config.subjects or []
+        if not any(_subject_matches(pattern, subject) for pattern in subjects):
+            raise MsgscriptError(f"stream {stream} does not take subject {subject} (its subjects: "
+                                 f"{', '.join(subjects) or 'none'})")
+
+    async def stop_taking(self) -> None:
+        """Stop fetching; messages in progress finish and are acknowledged."""
+        self._taking = False
+        for consumer in self.consumers.values():
+            consumer.taking = False
+
+    async def close(self) -> None:
+        for consumer in list(self.consumers.values()):
+            await consumer.stop()
+        self.consumers.clear()
+
+    def stats(self) -> list[dict]:
+        """$SRV.STATS entries of the durable scripts."""
+        out = []
+        for script in self.scripts():
+            entry = {"subject": script.subject, "name": script.name, **self.info(script)}
+            out.append(entry)
+        return out
+
+    def info(self, script: Script) -> dict:
+        """What the admin page and $SRV.STATS show of a durable script."""
+        if script.key in self.problems:
+            return {"problem": self.problems[script.key]}
+        consumer = self.consumers.get(script.key)
+        if consumer is None:
+            return {"problem": "not started"}
+        return {"stream": consumer.stream, "consumer": consumer.name, "pending": consumer.pending,
+                "redelivered": consumer.redelivered, "in_progress": len(consumer.running),
+                "acked": consumer.acked, "dead_lettered": consumer.dead}
+
+    def metric_families(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        pending = GaugeMetricFamily("msgscript_durable_pending", "Messages waiting in a durable script's consumer",
+                                    labels=["subject", "script"])
+        redelivered = GaugeMetricFamily("msgscript_durable_redelivered", "Messages redelivered to a durable script",
+                                        labels=["subject", "script"])
+        for consumer in self.consumers.values():
+            labels = [consumer.script.subject, consumer.script.name]
+            pending.add_metric(labels, consumer.pending)
+            redelivered.add_metric(labels, consumer.redelivered)
+        return [pending, redelivered]
+
+
+def _subject_matches(pattern: str, subject: str) -> bool:
+    """Whether a NATS subject pattern (with * and >) covers a literal subject."""
+    p, s = pattern.split("."), subject.split(".")
+    for i, token in enumerate(p):
+        if token == ">":
+            return len(s) > i
+        if i >= len(s) or (token != "*" and token != s[i]):
+            return False
+    return len(p) == len(s)
+
+
+class _Consumer:
+    """One durable script's pull consumer: fetch, run, then ack, nak with back-off, or dead-letter."""
+
+    def __init__(self, durable: Durable, script: Script, stream: str, subject: str):
+        self.durable, self.script, self.stream, self.subject = durable, script, stream, subject
+        self.name = consumer_name(script)
+        self.sub = None
+        self.taking = True
+        self.running: dict[int, tuple[Any, float]] = {}  # id(msg) -> (msg, started)
+        self.pending = self.redelivered = self.acked = self.dead = 0
+        self._settle: asyncio.Queue = asyncio.Queue()
+        self._tasks: list[asyncio.Task] = []
+        self._room = asyncio.Event()
+
+    async def start(self) -> None:
+        from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+        js = self.durable.js
+        attempts = len(self.script.retry) + 1
+        config = ConsumerConfig(durable_name=self.name, ack_policy=AckPolicy.EXPLICIT,
+                                deliver_policy=DeliverPolicy.ALL, ack_wait=self.durable.ack_wait,
+                                max_deliver=attempts + 1, max_ack_pending=DURABLE_BATCH * 4,
+                                filter_subject=self.subject)
+        self.sub = await js.pull_subscribe(self.subject, durable=self.name, stream=self.stream, config=config)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._fetch()), loop.create_task(self._settle_results()),
+                       loop.create_task(self._keep_alive())]
+        if self.script.cron:
+            self._tasks.append(loop.create_task(self._tick()))
+
+    async def stop(self) -> None:
+        self.taking = False
+        deadline = time.monotonic() + 5
+        while self.running and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0)  # let the last results be settled
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            if self.sub is not None:
+                await self.sub.unsubscribe()
+        except Exception:  # noqa: BLE001 - the connection may be gone
+            pass
+
+    async def _fetch(self) -> None:
+        import nats.errors
+
+        while self.taking:
+            room = DURABLE_BATCH - len(self.running)
+            if room <= 0:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            try:
+                msgs = await self.sub.fetch(room, timeout=1.0)
+            except (TimeoutError, nats.errors.TimeoutError):
+                await self._refresh()
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - NATS away: try again shortly
+                log.debug("fetch for %s failed: %s", self.name, error_text(e))
+                await asyncio.sleep(0.5)
+                continue
+            for msg in msgs:
+                self._run(msg)
+
+    def _run(self, msg) -> None:
+        if not self.taking:  # fetched while stopping: give it back at once
+            self._settle.put_nowait((msg, None))
+            return
+        self.running[id(msg)] = (msg, time.monotonic())
+        call = Call(self.script.subject, b"" if self.script.cron else msg.data)
+        try:
+            self.durable.scheduler.dispatch([self.script], call, None,
+                                            lambda results: self._settle.put_nowait((msg, results[0])))
+        except Busy:
+            self._settle.put_nowait((msg, Result.failure(Busy("server busy"))))
+
+    async def _settle_results(self) -> None:
+        while True:
+            msg, result = await self._settle.get()
+            self.running.pop(id(msg), None)
+            self._room.set()
+            try:
+                await self._settle_one(msg, result)
+            except Exception as e:  # noqa: BLE001 - NATS away: the message is redelivered later
+                log.warning("acknowledging a message of %s failed: %s", self.name, error_text(e))
+
+    async def _settle_one(self, msg, result: Result | None) -> None:
+        if result is None:
+            return await msg.nak()
+        if not result.error:
+            self.acked += 1
+            return await msg.ack()
+        attempt = msg.metadata.num_delivered
+        retry = self.script.retry
+        if result.status == 429 or attempt <= len(retry):
+            delay = 1.0 if result.status == 429 else retry[attempt - 1]
+            log.info("%s/%s failed (attempt %d of %d), retrying in %gs: %s", self.script.subject, self.script.name,
+                     attempt, len(retry) + 1, delay, result.error)
+            return await msg.nak(delay=delay)
+        await self._dead_letter(msg, result, attempt)
+
+    async def _dead_letter(self, msg, result: Result, attempt: int) -> None:
+        headers = {"Msgscript-Script": f"{self.script.subject}/{self.script.name}",
+                   "Msgscript-Attempts": str(attempt), "Msgscript-Error": _header_safe(result.error),
+                   "Msgscript-Stream": self.stream, "Msgscript-Sequence": str(msg.metadata.sequence.stream),
+                   "Msgscript-Subject": msg.subject}
+        await self.durable.nats.nc.publish(self.script.dead_letter, msg.data, headers=headers)
+        await self.durable.nats.nc.flush(timeout=5)
+        log.warning("%s/%s failed %d times; message %d sent to %s: %s", self.script.subject, self.script.name,
+                    attempt, msg.metadata.sequence.stream, self.script.dead_letter, result.error)
+        self.dead += 1
+        await msg.term()
+
+    async def _keep_alive(self) -> None:
+        """In-progress acks for long calls, so JetStream does not redeliver them meanwhile."""
+        every = max(0.5, self.durable.ack_wait / 3)
+        while True:
+            await asyncio.sleep(every)
+            now = time.monotonic()
+            for msg, started in list(self.running.values()):
+                if now - started >= every:
+                    try:
+                        await msg.in_progress()
+                    except Exception:  # noqa: BLE001 - redelivered later if NATS is away
+                        pass
+
+    async def _refresh(self) -> None:
+        try:
+            info = await self.sub.consumer_info()
+            self.pending, self.redelivered = info.num_pending, info.num_redelivered
+        except Exception:  # noqa: BLE001 - only statistics
+            pass
+
+    async def _tick(self) -> None:
+        """Publish this schedule's ticks; JetStream keeps one per tick whichever servers publish it."""
+        js, script = self.durable.js, self.script
+        now = time.time()
+        while True:
+            tick = next_tick(script.cron, script.timezone, now)
+            await asyncio.sleep(max(0.0, tick - time.time()))
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(tick))
+            try:
+                headers = {"Nats-Msg-Id": f"{script.subject}/{script.name}/{tick:.0f}", "Msgscript-Tick": stamp}
+                await js.publish(self.subject, b"", headers=headers)
+            except Exception as e:  # noqa: BLE001 - another server may record this tick
+                log.warning("cron %s/%s: recording the tick of %s failed: %s", script.subject, script.name, stamp,
+                            error_text(e))
+            now = tick
 
 
 ###############################################################################
 # Server ######################################################################
 ###############################################################################
 
+def default_data_dir(environ: dict[str, str]) -> str:
+    """Where the embedded NATS keeps JetStream: $STATE_DIRECTORY (systemd), else ~/.local/state/msgscript."""
+    if environ.get("STATE_DIRECTORY"):
+        return environ["STATE_DIRECTORY"].split(":")[0]
+    base = environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "msgscript")
+
+
 @dataclasses.dataclass
-class ServerConfig:
-    """Everything `msgscript server` needs, validated at start-up."""
+class StoreConfig:
+    """Which store holds the scripts, and where; shared by the server and the CLI."""
 
     backend: str = "file"
     script_dir: str = "."
     library_dir: str | None = None
-    plugin_dirs: list[str] = dataclasses.field(default_factory=list)
     etcd_endpoints: list[str] = dataclasses.field(default_factory=lambda: ["localhost:2379"])
-    nats_url: str | None = None
+
+    @classmethod
+    def from_flags(cls, backend: str, script_dir: str, library_dir: str | None, etcdurl: str,
+                   environ: dict[str, str]) -> StoreConfig:
+        if backend not in ("file", "etcd"):
+            raise ConfigError(f"unknown backend {backend!r} (use file or etcd)")
+        etcd = environ.get("ETCD_ENDPOINTS") or etcdurl
+        return cls(backend, script_dir, library_dir or None, [e.strip() for e in etcd.split(",") if e.strip()])
+
+    def open(self) -> Store:
+        if self.backend == "etcd":
+            return EtcdStore(self.etcd_endpoints)
+        return FileStore(self.script_dir, self.library_dir)
+
+
+@dataclasses.dataclass
+class ServerConfig:
+    """Everything `msgscript server` needs, validated at start-up."""
+
+    store: StoreConfig = dataclasses.field(default_factory=StoreConfig)
+    plugin_dirs: list[str] = dataclasses.field(default_factory=list)
+    nats: NatsOptions = dataclasses.field(default_factory=NatsOptions)
     port: int = DEFAULT_PORT
     host: str = ""
     log_level: str = "info"
@@ -4049,111 +4761,175 @@ class ServerConfig:
     max_inflight: int = 1024
     queue: str = DEFAULT_QUEUE_GROUP
     drain_timeout: float = 30.0
+    data_dir: str = ""
+    create_streams: bool = False
+    compat_go: bool = False
+    environ: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def _log_level(flag: str, environ: dict[str, str]) -> str:
+    level = "debug" if environ.get("DEBUG") in ("1", "true") else flag.lower()
+    if level not in ("debug", "info", "warn", "warning", "error"):
+        raise ConfigError(f"unknown log level {flag!r} (use debug, info, warn or error)")
+    return level
+
+
+def _choice(value: str, flag: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ConfigError(f"-{flag} must be one of {', '.join(choices)} (got {value!r})")
+    return value
 
 
 def server_config(args: argparse.Namespace, environ: dict[str, str]) -> ServerConfig:
     """A ServerConfig from parsed flags and an environment, or ConfigError."""
-    if args.backend not in STORES:
-        raise ConfigError(f"unknown backend {args.backend!r} (use file or etcd)")
-    level = "debug" if environ.get("DEBUG") in ("1", "true") else args.log.lower()
-    if level not in ("debug", "info", "warn", "warning", "error"):
-        raise ConfigError(f"unknown log level {args.log!r} (use debug, info, warn or error)")
     if not 0 < args.port < 65536:
         raise ConfigError(f"invalid port {args.port}")
-    etcd = environ.get("ETCD_ENDPOINTS") or args.etcdurl
+    compat = _choice(args.compat, "compat", ("", "go"))
     cfg = ServerConfig(
-        backend=args.backend, script_dir=args.script, library_dir=args.library or None,
+        store=StoreConfig.from_flags(args.backend, args.script, args.library, args.etcdurl, environ),
         plugin_dirs=[d for p in args.plugin for d in p.split(",") if d],
-        etcd_endpoints=[e.strip() for e in etcd.split(",") if e.strip()],
-        nats_url=args.natsurl or environ.get("NATS_URL") or None, port=args.port, host=args.host,
-        log_level=level, timeout=parse_duration(args.timeout),
-        http=HttpConfig(max_body=parse_size(args.max_body), timeout=parse_duration(args.http_timeout)),
+        nats=NatsOptions.from_flags(args.natsurl or environ.get("NATS_URL") or "", args, environ),
+        port=args.port, host=args.host, log_level=_log_level(args.log, environ), timeout=parse_duration(args.timeout),
+        http=HttpConfig(max_body=parse_size(args.max_body), timeout=parse_duration(args.http_timeout),
+                        max_connections=args.max_connections, compat_go=compat == "go",
+                        admin=_choice(args.admin, "admin", ("local", "public", "off")),
+                        metrics=_choice(args.metrics, "metrics", ("local", "public", "off"))),
         memory=parse_size(args.memory), workers=args.workers, max_workers=args.max_workers,
-        max_inflight=args.max_inflight, queue=args.queue,
-        drain_timeout=parse_duration(args.drain_timeout))
+        max_inflight=args.max_inflight, queue=args.queue, drain_timeout=parse_duration(args.drain_timeout),
+        data_dir=args.data or default_data_dir(environ), create_streams=args.create_streams,
+        compat_go=compat == "go", environ=environ)
     for d in cfg.plugin_dirs:
         if not os.path.isdir(d):
             raise ConfigError(f"plugin directory {d} does not exist")
-    if cfg.timeout <= 0 or cfg.http.timeout <= 0 or cfg.workers < 1 or cfg.max_inflight < 1:
-        raise ConfigError("timeouts, -workers and -max-inflight must be positive")
+    if cfg.timeout <= 0 or cfg.http.timeout <= 0 or cfg.workers < 1 or cfg.max_inflight < 1 \
+            or cfg.http.max_connections < 1:
+        raise ConfigError("timeouts, -workers, -max-inflight and -max-connections must be positive")
     return cfg
 
 
-STORES: dict[str, Callable[[ServerConfig], Store]] = {
-    "file": lambda cfg: FileStore(cfg.script_dir, cfg.library_dir),
-    "etcd": lambda cfg: EtcdStore(cfg.etcd_endpoints),
-}
+def make_services(plugin_dirs: list[str], library_dir: str | None = None,
+                  etcd_endpoints: list[str] | None = None) -> Services:
+    """Services with the bundled and the user's plugins loaded (the server and the dev commands)."""
+    services = Services(library_dir=library_dir)
+    if etcd_endpoints:
+        services.etcd_endpoints = list(etcd_endpoints)
+    load_plugins(plugin_dirs, services.modules)
+    return services
+
+
+def make_executors(services: Services, memory: int = DEFAULT_MEMORY) -> dict[str, Executor]:
+    return {name: cls(services, memory) for name, cls in EXECUTORS.items()}
 
 
 class Server:
-    """The whole server: store, executors, dispatcher, NATS and HTTP fronts."""
+    """The whole server: store, executors, scheduler, NATS and HTTP fronts, durable triggers."""
 
     def __init__(self, cfg: ServerConfig):
         self.cfg = cfg
-        self.services = Services(etcd_endpoints=cfg.etcd_endpoints)
-        load_plugins([str(BUNDLED_PLUGINS)] + cfg.plugin_dirs, self.services.modules)
-        self.store = STORES[cfg.backend](cfg)
+        self.services = make_services(cfg.plugin_dirs, cfg.store.library_dir, cfg.store.etcd_endpoints)
+        self.services.nats_options = cfg.nats
+        self.store = cfg.store.open()
         self.services.store = self.store
-        executors = {name: cls(self.services, cfg.memory) for name, cls in EXECUTORS.items()}
+        self.tracing = Tracing.from_env(cfg.environ)
         locks = self.store.locks() if hasattr(self.store, "locks") else None
-        self.dispatcher = Dispatcher(self.store, executors, cfg.workers, cfg.max_inflight, cfg.timeout, locks,
-                                     cfg.max_workers)
+        self.scheduler = Scheduler(self.store, make_executors(self.services, cfg.memory), cfg.timeout,
+                                   cfg.max_inflight, cfg.workers, cfg.max_workers, locks, self.tracing)
+        self.metrics = Metrics(self)
         self.embedded: EmbeddedNats | None = None
-        self.http: HttpServer | None = None
+        self.http: HttpFront | None = None
         self.nats: NatsFront | None = None
+        self.durable: Durable | None = None
+        self.draining = False
         self._stopping: asyncio.Event | None = None
 
     def run(self) -> None:
+        try:
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # scripts' io.read sees end of file, never blocks
+        except OSError:
+            pass
         asyncio.run(self._main())
+
+    def not_ready(self) -> str:
+        """Why the server should not get traffic ("" when it should): /readyz."""
+        if self.draining:
+            return "draining: the server is stopping"
+        if not getattr(self.store, "ready", True):
+            return "scripts not loaded yet (the store is unreachable)"
+        if self.nats is None or not self.nats.connected:
+            return "not connected to NATS"
+        return ""
+
+    async def _until_stopped(self, coro):
+        """Await `coro` unless a stop signal comes first (then SystemExit)."""
+        task = asyncio.ensure_future(coro)
+        stop = asyncio.ensure_future(self._stopping.wait())
+        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            task.cancel()
+            stop.cancel()
+            raise ConfigError("stopped before start-up finished")
+        stop.cancel()
+        return task.result()
 
     async def _main(self) -> None:
         loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
+        self.scheduler.attach(loop)
         try:
             self.store.start()
-            url = self.cfg.nats_url
-            if not url:
-                self.embedded = EmbeddedNats()
-                url = self.embedded.url
-            self.http = make_http_server(self.cfg.port, self.dispatcher, self.cfg.http, self.cfg.host)
-            self.nats = NatsFront(url, self.dispatcher, self.services, self.cfg.queue)
-            try:
-                await self.nats.start()
-            except Exception as e:  # noqa: BLE001
-                reason = first_line(str(e)) or type(e).__name__
-                raise ConfigError(f"cannot connect to NATS at {url}: {reason}") from None
-            threading.Thread(target=self.http.serve_forever, kwargs={"poll_interval": 0.2}, name="http",
-                             daemon=True).start()
-            log.info("msgscript %s serving %d scripts on %d subjects; HTTP on port %d; timeout %gs, "
+            options = self.cfg.nats
+            if not options.url:
+                self.embedded = EmbeddedNats(self.cfg.data_dir)
+                options = dataclasses.replace(options, url=self.embedded.url)
+            self.nats = NatsFront(options, self.scheduler, self.services, self.cfg.queue, self.cfg.compat_go,
+                                  self.tracing)
+            await self._until_stopped(self.nats.start())
+            self.http = HttpFront(self.scheduler, self.cfg.http, self.not_ready, self.metrics.text, self.tracing)
+            await self.http.start(self.cfg.host, self.cfg.port)
+            self.durable = Durable(self.nats, self.scheduler, self.cfg.create_streams)
+            self.nats.extra_stats = self.durable.stats
+            self.scheduler.durable_info = self.durable.info
+            await self.durable.start()
+            log.info("msgscript %s serving %d scripts on %d subjects; NATS %s; HTTP on port %d; timeout %gs, "
                      "HTTP timeout %gs, memory %d MiB per Lua runtime, %d-%d workers, %d calls in flight at most",
-                     __version__, len(self.store.all_scripts()), len(self.store.subjects()), self.cfg.port,
-                     self.cfg.timeout, self.cfg.http.timeout, self.cfg.memory // 2**20, self.cfg.workers,
-                     self.cfg.max_workers, self.cfg.max_inflight)
+                     __version__, len(self.store.all_scripts()), len(self.store.subjects()), self.nats.connected_url,
+                     self.cfg.port, self.cfg.timeout, self.cfg.http.timeout, self.cfg.memory // 2**20,
+                     self.cfg.workers, self.cfg.max_workers, self.cfg.max_inflight)
+            sd_notify("READY=1")
             await self._stopping.wait()
+            sd_notify("STOPPING=1")
             log.info("stopping: draining in-flight calls")
             await self._shutdown()
         finally:
             self.store.stop()
             if self.embedded:
                 self.embedded.stop()
+            if self.tracing:
+                self.tracing.shutdown()
 
     async def _shutdown(self) -> None:
         """Stop taking work, let calls in flight finish until the drain deadline, then stop."""
+        self.draining = True
         deadline = time.monotonic() + self.cfg.drain_timeout
         if self.http:
-            self.http.stopping = True
-            threading.Thread(target=self.http.stop_listening, daemon=True).start()
+            await self.http.stop_listening()
+        if self.durable:
+            await self.durable.stop_taking()
         if self.nats and self.nats.nc:
             await self.nats.stop_taking(deadline)
-        while (self.dispatcher.inflight or (self.http and self.http.active)) and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
+        while (self.scheduler.inflight or (self.http and self.http.active)) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         # What still runs is stopped (containers killed) while NATS is open for the error replies.
-        await asyncio.to_thread(self.dispatcher.close, False)
+        await asyncio.to_thread(self.scheduler.close, False)
         settle = time.monotonic() + 1
-        while self.dispatcher.inflight and time.monotonic() < settle:
-            await asyncio.sleep(0.02)
+        while self.scheduler.inflight and time.monotonic() < settle:
+            await asyncio.sleep(0.01)
+        if self.durable:
+            await self.durable.close()
+        if self.http:
+            self.http.close_all()
         if self.nats and self.nats.nc:
             await self.nats.close(time.monotonic() + 3)
         log.info("stopped")
@@ -4170,6 +4946,13 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(f"{self.prog}: {message} (see --help)")
 
 
+_NATS_SECURITY_FLAGS = (("natscreds", "NATS credentials file (.creds: user JWT and seed); env NATS_CREDS"),
+                        ("natsnkey", "file with an nkey seed (SU...); env NATS_NKEY"),
+                        ("natstls-ca", "CA certificate(s) that sign the NATS server's; env NATS_TLS_CA"),
+                        ("natstls-cert", "client certificate for NATS TLS; env NATS_TLS_CERT"),
+                        ("natstls-key", "key of the client certificate; env NATS_TLS_KEY"))
+
+
 def _server_parser(prog: str = "msgscript server") -> argparse.ArgumentParser:
     p = _Parser(prog=prog, description="Run scripts for NATS messages and HTTP requests.", allow_abbrev=False)
 
@@ -4178,9 +4961,11 @@ def _server_parser(prog: str = "msgscript server") -> argparse.ArgumentParser:
 
     flag("backend", default="file", help="script store: file or etcd (default file)")
     flag("etcdurl", default="localhost:2379", help="etcd endpoints, comma-separated (env ETCD_ENDPOINTS wins)")
-    flag("library", default="", help="directory of Lua libraries for --* require:")
+    flag("library", default="", help="directory of Lua libraries for --* require: (and require('name'))")
     flag("log", default="info", help="debug, info, warn or error (DEBUG=1 means debug)")
-    flag("natsurl", default="", help="NATS URL (env NATS_URL); none: start an embedded nats-server")
+    flag("natsurl", default="", help="NATS URL(s), comma-separated (env NATS_URL); none: start an embedded nats-server")
+    for name, help in _NATS_SECURITY_FLAGS:
+        flag(name, default="", help=help)
     flag("plugin", default=[], action="append", help="directory of extra Lua plugins (*.py); repeatable")
     flag("port", default=DEFAULT_PORT, type=int, help=f"HTTP port (default {DEFAULT_PORT})")
     flag("host", default="", help="HTTP listen address (default all interfaces)")
@@ -4190,10 +4975,16 @@ def _server_parser(prog: str = "msgscript server") -> argparse.ArgumentParser:
     flag("memory", default="64MiB", help="memory limit of each Lua runtime (default 64MiB)")
     flag("max-body", default="8MiB", help="largest HTTP request body (default 8MiB)")
     flag("max-inflight", default=1024, type=int, help="calls in progress before 429 (default 1024)")
+    flag("max-connections", default=1024, type=int, help="open HTTP connections at most (default 1024)")
     flag("workers", default=4, type=int, help="worker threads always running (default 4)")
     flag("max-workers", default=64, type=int, help="worker threads at most, while scripts wait on I/O (default 64)")
     flag("queue", default=DEFAULT_QUEUE_GROUP, help="NATS queue group (default msgscript)")
     flag("drain-timeout", default="30s", help="how long SIGTERM waits for in-flight calls (default 30s)")
+    flag("admin", default="local", help="the /_/ pages: local (loopback clients only), public or off (default local)")
+    flag("metrics", default="local", help="GET /metrics: local, public or off (default local)")
+    flag("compat", default="", help="go: the Go original's HEAD wire formats (NATS replies, HTTP JSON)")
+    flag("data", default="", help="data directory of the embedded NATS (JetStream) (default ~/.local/state/msgscript)")
+    flag("create-streams", action="store_true", help="create a missing JetStream stream named by --* stream:")
     return p
 
 
@@ -4201,10 +4992,13 @@ def _cli_parser(prog: str = "msgscript cli") -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
     common.add_argument("-b", "--backend", default=argparse.SUPPRESS, help="store: etcd or file (default etcd)")
     common.add_argument("-e", "--etcdurls", default=argparse.SUPPRESS, help="etcd endpoints (default localhost:2379)")
-    common.add_argument("-u", "--natsurl", default=argparse.SUPPRESS, help="NATS URL")
+    common.add_argument("-u", "--natsurl", default=argparse.SUPPRESS, help="NATS URL (dev, devhttp)")
+    for name, help in _NATS_SECURITY_FLAGS:
+        common.add_argument(f"--{name}", default=argparse.SUPPRESS, help=help)
     common.add_argument("-x", "--executor", default=argparse.SUPPRESS, help="lua, wasm or podman (default lua)")
-    common.add_argument("-L", "--log", default=argparse.SUPPRESS, help="log level (default info)")
-    common.add_argument("--script-dir", default=argparse.SUPPRESS, help="script directory for -b file")
+    common.add_argument("-L", "--log", default=argparse.SUPPRESS, help="log level (default warn)")
+    common.add_argument("--script-dir", default=argparse.SUPPRESS, help="script directory for -b file (default .)")
+    common.add_argument("--library", default=argparse.SUPPRESS, help="library directory for -b file")
     p = _Parser(prog=prog, description="Manage msgscript scripts and develop them locally.", parents=[common],
                 allow_abbrev=False)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -4236,11 +5030,12 @@ def _cli_parser(prog: str = "msgscript cli") -> argparse.ArgumentParser:
         c.add_argument("file")
         c.add_argument("-s", "--subject", default="")
         c.add_argument("-n", "--name", default="")
-        c.add_argument("-l", "--library", default="", help="library directory")
+        c.add_argument("-l", "--libdir", "--library-dir", dest="libdir", default="", help="library directory")
         c.add_argument("-p", "--plugin", default=[], action="append", help="plugin directory")
         if name == "dev":
             c.add_argument("-i", "--input", required=True, help="payload: a file path, else the literal text")
             c.add_argument("-m", "--method", default="GET", help="HTTP verb for HTTP-mode scripts (default GET)")
+            c.add_argument("-U", "--url", default="/", help="URL path for HTTP-mode scripts (default /)")
             c.add_argument("-t", "--timeout", default="2m", help="script timeout (default 2m)")
         else:
             c.add_argument("--port", type=int, default=DEVHTTP_PORT, help=f"port (default {DEVHTTP_PORT})")
@@ -4250,13 +5045,15 @@ def _cli_parser(prog: str = "msgscript cli") -> argparse.ArgumentParser:
 
 
 def _parse_args(argv: list[str]) -> argparse.Namespace:
-    """`server ...` or `cli ...` into a Namespace with `.mode`; ConfigError on bad usage."""
+    """`server ...`, `cli ...` or server flags alone (as the Go server binary) into a Namespace with `.mode`."""
     if not argv:
         raise SystemExit(_usage())
     if argv[0] in ("-h", "--help", "help", "-v", "--version", "version"):
         print(_usage() if argv[0] in ("-h", "--help", "help") else f"msgscript {__version__}")
         raise SystemExit(0)
     mode, rest = argv[0], argv[1:]
+    if mode.startswith("-"):  # `msgscript -script DIR -port N`: the Go server binary's command line
+        mode, rest = "server", argv
     if mode == "server":
         args = _server_parser().parse_args(rest)
     elif mode == "cli":
@@ -4270,13 +5067,14 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-CLI_DEFAULTS = {"backend": "etcd", "etcdurls": "localhost:2379", "natsurl": "", "executor": "lua", "log": "info",
-                "script_dir": "."}
+CLI_DEFAULTS = {"backend": "etcd", "etcdurls": "localhost:2379", "natsurl": "", "executor": "lua", "log": "warn",
+                "script_dir": ".", "library": "", **{name.replace("-", "_"): "" for name, _ in _NATS_SECURITY_FLAGS}}
 
 
 def _usage() -> str:
     return ("usage: msgscript server [flags]   run the function server (msgscript server --help)\n"
-            "       msgscript cli COMMAND ...  manage and develop scripts (msgscript cli --help)")
+            "       msgscript cli COMMAND ...  manage and develop scripts (msgscript cli --help)\n"
+            "       msgscript -script DIR ...  the same as msgscript server -script DIR ...")
 
 
 def setup_logging(level: str) -> None:
@@ -4295,8 +5093,9 @@ def main(argv: list[str] | None = None) -> int:
             setup_logging(cfg.log_level)
             Server(cfg).run()
             return 0
-        setup_logging("debug" if os.environ.get("DEBUG") == "1" else args.log)
-        return run_cli(args)
+        cfg = cli_config(args, dict(os.environ))
+        setup_logging(cfg.log_level)
+        return CLI_COMMANDS[args.command](args, cfg)
     except MsgscriptError as e:
         print(f"error: {first_line(str(e))}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
@@ -4309,79 +5108,66 @@ def cli_main(argv: list[str] | None = None) -> int:
     return main(["cli"] + (sys.argv[1:] if argv is None else argv))
 
 
-def run_cli(args: argparse.Namespace) -> int:
-    return CLI_COMMANDS[args.command](args)
+@dataclasses.dataclass
+class CliConfig:
+    """What every `msgscript cli` command shares, validated once."""
+
+    store: StoreConfig
+    nats: NatsOptions
+    executor: str = "lua"
+    log_level: str = "warn"
 
 
-def _cli_dev(args: argparse.Namespace) -> int:
-    services, store = _dev_services(args)
-    script = _dev_script(args, store)
-    dispatcher = Dispatcher(store, _LazyExecutors(services), 2, 8, parse_duration(args.timeout))
-    payload = Path(args.input).read_bytes() if os.path.isfile(args.input) else args.input.encode()
-    method = args.method.upper() if script.http else ""
-    call = Call(script.subject, payload, method, "/")
-    try:
-        result = dispatcher.run_one(script, call)
-    finally:
-        dispatcher.close()
-    if result.error:
-        print(f"error: {result.error}", file=sys.stderr)
-        return 1
-    sys.stdout.buffer.write(result.payload + (b"" if result.payload.endswith(b"\n") else b"\n"))
-    return 0
+def cli_config(args: argparse.Namespace, environ: dict[str, str]) -> CliConfig:
+    if args.executor not in EXECUTOR_NAMES:
+        raise ConfigError(f"unknown executor {args.executor!r} (use lua, wasm or podman)")
+    return CliConfig(StoreConfig.from_flags(args.backend, args.script_dir, args.library, args.etcdurls, environ),
+                     NatsOptions.from_flags(args.natsurl or environ.get("NATS_URL") or "", args, environ),
+                     args.executor, _log_level(args.log, environ))
 
 
-def _dev_services(args) -> tuple[Services, Store]:
-    services = Services()
+class DevStore(Store):
+    """The dev commands' store: one script file (and a library directory), read again on request."""
+
+    def __init__(self, args: argparse.Namespace, executor: str):
+        super().__init__()
+        self.args, self.executor = args, executor
+        self.reload()
+
+    def reload(self) -> Script:
+        try:
+            text = Path(self.args.file).read_text(encoding="utf-8", errors="surrogateescape")
+        except OSError as e:
+            raise ConfigError(f"cannot read {self.args.file}: {e.strerror}") from None
+        script = parse_script(text, self.args.file, self.args.subject, self.args.name)
+        if "executor" not in parse_headers(text)[0] and self.executor != "lua":
+            script.executor = self.executor
+        self._publish([script], read_libraries(self.args.libdir))
+        self.script = Store.scripts(self, script.subject)[0]
+        return self.script
+
+
+def _dev_services(args, cfg: CliConfig, store: Store) -> Services:
     for d in args.plugin:
         if not os.path.isdir(d):
             raise ConfigError(f"plugin directory {d} does not exist")
-    load_plugins([str(BUNDLED_PLUGINS)] + args.plugin, services.modules)
-    if args.natsurl or os.environ.get("NATS_URL"):  # optional: lets nats.* work while developing
-        services.nats = _dev_nats(args.natsurl or os.environ["NATS_URL"])
-    store = Store()
-    services.store = store
-    return services, store
+    services = make_services(args.plugin, args.libdir or None, cfg.store.etcd_endpoints)
+    services.store, services.nats_options = store, cfg.nats
+    if cfg.nats.url:  # optional: lets nats.* work while developing
+        services.nats = _dev_nats(cfg.nats)
+    return services
 
 
-def _dev_nats(url: str) -> NatsBridge:
+def _dev_nats(options: NatsOptions) -> NatsBridge:
     """A NATS connection on a background loop, for scripts run by `cli dev` / `devhttp`."""
-    import nats
-
-    async def quiet(_error):
-        pass
-
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, name="nats", daemon=True).start()
+    connect = options.connect(name="msgscript-dev", max_reconnect_attempts=0, allow_reconnect=False)
     try:
-        connect = nats.connect(url, connect_timeout=2, max_reconnect_attempts=0, allow_reconnect=False,
-                               error_cb=quiet)
-        nc = asyncio.run_coroutine_threadsafe(asyncio.wait_for(connect, 3), loop).result(5)
-    except TimeoutError:
-        raise ConfigError(f"cannot connect to NATS at {url}: no answer within 3s") from None
-    except Exception as e:  # noqa: BLE001 - one line for the CLI
-        raise ConfigError(f"cannot connect to NATS at {url}: {first_line(str(e)) or type(e).__name__}") from None
+        nc = asyncio.run_coroutine_threadsafe(connect, loop).result(NATS_CONNECT_TIMEOUT + 2)
+    except concurrent.futures.TimeoutError:
+        raise ConfigError(f"cannot connect to NATS at {options.url}: no answer") from None
     return NatsBridge(nc, loop)
-
-
-def _dev_script(args, store: Store) -> Script:
-    """Read the script (and its libraries) from disk into the store, as the server would."""
-    try:
-        text = Path(args.file).read_text(encoding="utf-8", errors="surrogateescape")
-    except OSError as e:
-        raise ConfigError(f"cannot read {args.file}: {e.strerror}") from None
-    script = parse_script(text, args.file, args.subject, args.name)
-    if "executor" not in parse_headers(text)[0] and getattr(args, "executor", "lua") != "lua":
-        script.executor = args.executor
-    libraries = {}
-    if args.library:
-        if not os.path.isdir(args.library):
-            raise ConfigError(f"library directory {args.library} does not exist")
-        for path in _lua_files(Path(args.library)):
-            name, content = _parse_library(path, path.read_text(encoding="utf-8", errors="surrogateescape"))
-            libraries[name] = content
-    store._publish([script], libraries)
-    return Store.scripts(store, script.subject)[0]
 
 
 class _LazyExecutors(dict):
@@ -4397,62 +5183,65 @@ class _LazyExecutors(dict):
         return dict.get(self, name, default)
 
 
-class _DevStore(Store):
-    """devhttp: re-reads the script and its libraries on every request."""
+def _cli_dev(args, cfg: CliConfig) -> int:
+    store = DevStore(args, cfg.executor)
+    script = store.script
+    scheduler = Scheduler(store, _LazyExecutors(_dev_services(args, cfg, store)), parse_duration(args.timeout))
+    payload = Path(args.input).read_bytes() if os.path.isfile(args.input) else args.input.encode()
+    url = args.url if args.url.startswith("/") else "/" + args.url
+    call = Call(script.subject, payload, args.method.upper() if script.http else "", url)
+    try:
+        result = scheduler.run_blocking(script, call)
+    finally:
+        scheduler.close()
+    return cli_report(script, result)
 
-    def __init__(self, args):
-        super().__init__()
-        self.args = args
+
+def cli_report(script: Script, result: Result) -> int:
+    """A dev run's result on stdout (its error on stderr) and the exit status: 1 for any failure."""
+    if result.error:
+        print(f"error: {result.error}", file=sys.stderr)
+        return 1
+    if script.http:
+        print(status_line(result.http_code).strip(), file=sys.stderr)
+    sys.stdout.buffer.write(result.payload + (b"" if result.payload.endswith(b"\n") else b"\n"))
+    return 1 if script.http and result.http_code >= 400 else 0
+
+
+class _DevHttpStore(DevStore):
+    """devhttp: the script and its libraries are read again for every request."""
 
     def scripts(self, subject: str) -> list[Script]:
-        script = _dev_script(self.args, self)
+        script = self.reload()
         return [script] if subject == script.subject else []
 
 
-class _DevHttpHandler(HttpHandler):
-    def respond_results(self, results):
-        script, result = results[0]
-        if script.http:
-            return super().respond_results(results)
-        if result.error:
-            return self.send(result.status, (result.error + "\n").encode(), {"Content-Type": "text/plain"})
-        self.send(200, result.payload, {"Content-Type": "text/plain; charset=utf-8"})
+def _cli_devhttp(args, cfg: CliConfig) -> int:
+    store = _DevHttpStore(args, cfg.executor)
+    scheduler = Scheduler(store, _LazyExecutors(_dev_services(args, cfg, store)), max_inflight=64)
 
+    async def serve():
+        loop = asyncio.get_running_loop()
+        scheduler.attach(loop)
+        front = HttpFront(scheduler, HttpConfig(admin="off", metrics="off"), dev=True)
+        await front.start("127.0.0.1", args.port)
+        print(f"serving {args.file} at http://127.0.0.1:{args.port}/{store.script.subject}/ (Ctrl-C to stop)",
+              flush=True)
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await front.stop_listening()
 
-def _cli_devhttp(args: argparse.Namespace) -> int:
-    services, _ = _dev_services(args)
-    store = _DevStore(args)
-    services.store = store
-    script = _dev_script(args, store)
-    dispatcher = Dispatcher(store, _LazyExecutors(services), 4, 64)
-    handler = type("Handler", (_DevHttpHandler,), {"dispatcher": dispatcher, "config": HttpConfig()})
     try:
-        server = HttpServer(("127.0.0.1", args.port), handler)
-    except OSError as e:
-        raise ConfigError(f"cannot listen on port {args.port}: {e.strerror or e}") from None
-    print(f"serving {args.file} at http://127.0.0.1:{args.port}/{script.subject}/ (Ctrl-C to stop)", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
-    try:
-        server.serve_forever(poll_interval=0.2)
-    except KeyboardInterrupt:
-        pass
+        asyncio.run(serve())
     finally:
-        dispatcher.close(wait=False)
+        scheduler.close(wait=False)
     return 0
 
 
-def open_store(args: argparse.Namespace) -> Store:
-    """The store the CLI manages (`-b etcd` by default)."""
-    if args.backend == "file":
-        return FileStore(args.script_dir)
-    if args.backend != "etcd":
-        raise ConfigError(f"unknown backend {args.backend!r} (use etcd or file)")
-    endpoints = os.environ.get("ETCD_ENDPOINTS") or args.etcdurls
-    return EtcdStore([e.strip() for e in endpoints.split(",") if e.strip()])
-
-
-def _cli_add(args) -> int:
-    store = open_store(args)
+def _cli_add(args, cfg: CliConfig) -> int:
+    store = cfg.store.open()
     if store.kind == "file":
         store.add_script(None)
     try:
@@ -4461,14 +5250,14 @@ def _cli_add(args) -> int:
         raise ConfigError(f"cannot read {args.file}: {e.strerror}") from None
     script = parse_script(text, args.file, args.subject, args.name)
     if "executor" not in parse_headers(text)[0]:
-        script.executor = args.executor
+        script.executor = cfg.executor
     store.add_script(script)
     print(f"added {script.subject}/{script.name}")
     return 0
 
 
-def _cli_list(args) -> int:
-    store = open_store(args)
+def _cli_list(args, cfg: CliConfig) -> int:
+    store = cfg.store.open()
     store.load()
     rows = [("Subject", "Name")] + [(s.subject, s.name) for s in store.all_scripts()]
     width = max(len(r[0]) for r in rows)
@@ -4477,14 +5266,14 @@ def _cli_list(args) -> int:
     return 0
 
 
-def _cli_rm(args) -> int:
-    open_store(args).remove_script(args.subject, args.name)
+def _cli_rm(args, cfg: CliConfig) -> int:
+    cfg.store.open().remove_script(args.subject, args.name)
     print(f"removed {args.subject}/{args.name}")
     return 0
 
 
-def _cli_lib(args) -> int:
-    store = open_store(args)
+def _cli_lib(args, cfg: CliConfig) -> int:
+    store = cfg.store.open()
     if args.lib_command in ("list", "ls"):
         store.load()
         for name in store.libraries():
@@ -4515,14 +5304,14 @@ def _library_files(paths: list[str], recursive: bool) -> list[Path]:
     return files
 
 
-def _cli_completion(args) -> int:
+def _cli_completion(args, cfg: CliConfig) -> int:
     print(completion_script(args.shell))
     return 0
 
 
 def _parser_words(parser: argparse.ArgumentParser) -> tuple[list[str], dict[str, list[str]]]:
     """(top-level flags, {command: its words}) of a parser."""
-    flags = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    flags = sorted({o for a in parser._actions for o in a.option_strings if o.startswith("--")})
     commands: dict[str, list[str]] = {}
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):

@@ -55,7 +55,7 @@ def wait_port(port: int, timeout: float = 15, proc: subprocess.Popen | None = No
     raise RuntimeError(f"port {port} never opened")
 
 
-def run_lua(src, *args, plugin_dirs=(msgscript.BUNDLED_PLUGINS,), fname="OnMessage", timeout=5, python=False):
+def run_lua(src, *args, plugin_dirs=(), fname="OnMessage", timeout=5, python=False):
     """Run a Lua source's `fname(*args)` with the bundled plugins, as the server would.
 
     Returns the results as a list: Lua values (strings as bytes), or, with `python`,

@@ -408,7 +408,7 @@ local time = require("time")
 function OnMessage(subject, payload)
   local started = time.unix_nano()
   time.sleep(0.02)
-  return (os.getenv("MARKER") or "-") .. " " .. started .. " " .. time.unix_nano()
+  return (os.getenv("MARKER") or "-") .. " " .. string.format("%.0f %.0f", started, time.unix_nano())
 end
 """
 

@@ -73,7 +73,7 @@ def test_json_example(examples_server, nats_client):
 def test_failing_example_reports_lua_error(examples_server, nats_client):
     r = requests.get(f"{examples_server.base}/example.failing")
     assert r.status_code == 500
-    assert "attempt to call a nil value (global 'someUndefinedFunction')" in r.json()["failing"]["error"]
+    assert "attempt to call global 'someUndefinedFunction' (a nil value)" in r.json()["failing"]["error"]
     text, code = error_of(nats_client.request("example.failing", b"x"))
     assert code == "500" and "someUndefinedFunction" in text
     assert nats_client.request("funcs.hello", b"still").data.endswith(b"still")

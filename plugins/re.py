@@ -1,0 +1,432 @@
+"""`re` (yuin/gluare): regular expressions in Go's RE2 syntax, run by the RE2 engine (google-re2).
+
+Matching is linear in the input, whatever the pattern. It works on the bytes of the Lua strings,
+so positions are byte offsets. It reads them as Go's regexp package does: as UTF-8 (`.` is one
+character), with each byte that is not part of valid UTF-8 taken as one U+FFFD character.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import re as pyre  # only for the fixed, linear pattern in _Subject; user patterns go to RE2
+import time
+from array import array
+
+import re2
+from re2 import _re2
+
+from msgscript import ArgError, LuaError, check_string, is_table, lua_number_text, lua_type, opt_integer, pure, truthy
+
+_OPTIONS = re2.Options()
+_OPTIONS.encoding = re2.Options.Encoding.UTF8  # Go: the pattern and the text are UTF-8
+_OPTIONS.log_errors = False  # RE2 would print every invalid pattern to stderr
+# Other options keep RE2's defaults, which are Go's: leftmost-first, Perl classes, `$` = end of
+# text, `.` not matching \n, and max_mem 8 MiB per pattern (larger programs are "too large").
+_UNANCHORED = _re2.RE2.Anchor.UNANCHORED
+_CACHE_SIZE = 128  # compiled patterns kept (each takes at most max_mem)
+_CHECK_EVERY = 256  # matches between two looks at the clock and the memory cap
+_INLINE_SLICE = 0.002  # seconds a loop may hold the event loop (an inline call) before moving
+
+# RE2's error texts -> Go's (regexp/syntax ErrorCode strings)
+_GO_ERRORS = {
+    "missing )": "missing closing )",
+    "missing ]": "missing closing ]",
+    "unexpected )": "unexpected )",
+    "trailing \\": "trailing backslash at end of expression",
+    "no argument for repetition operator": "missing argument to repetition operator",
+    "invalid repetition size": "invalid repeat count",
+    "bad repetition operator": "invalid nested repetition operator",
+    "invalid perl operator": "invalid or unsupported Perl syntax",
+    "invalid named capture group": "invalid named capture",
+    "invalid escape sequence": "invalid escape sequence",
+    "invalid character class range": "invalid character class range",
+    "invalid character class": "invalid character class",
+    "invalid UTF-8": "invalid UTF-8",
+    "pattern too large - compile failed": "expression too large",
+    "unexpected error": "regexp/syntax: internal error",
+}
+_FFFD = "\ufffd".encode()
+_INVALID_RUNS = pyre.compile("([\udc80-\udcff]+)")  # undecodable bytes, as surrogateescape gives them
+_QUOTE = str.maketrans({c: "\\" + c for c in "\\.+*?()|[]{}^$"})  # Go regexp.QuoteMeta
+
+
+def _bytes(s: str) -> bytes:
+    return s.encode("utf-8", "surrogateescape")
+
+
+def _text(b: bytes) -> str:
+    return b.decode("utf-8", "surrogateescape")
+
+
+###############################################################################
+# Patterns and subjects #######################################################
+###############################################################################
+
+
+class _Regexp:
+    """A compiled pattern: RE2's matcher, its group count and its group names."""
+
+    __slots__ = ("match", "groups", "names")
+
+    def __init__(self, pattern: bytes):
+        if _has_byte_escape(pattern):  # RE2's \C (any byte) is not Go syntax, and splits characters
+            raise LuaError(r"error parsing regexp: invalid escape sequence: `\C`")
+        rx = _re2.RE2(pattern, _OPTIONS)
+        if not rx.ok():
+            raise LuaError(_go_error(rx.error(), pattern))
+        self.match = rx.Match
+        self.groups = rx.NumberOfCapturingGroups()
+        self.names = {}
+        for name, index in sorted(rx.NamedCapturingGroups(), key=lambda item: item[1]):
+            self.names.setdefault(name, index)  # Go's Expand takes the first group of a name
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _compile(pattern: bytes) -> _Regexp:
+    return _Regexp(pattern)
+
+
+def _regexp(pattern: str) -> _Regexp:
+    return _compile(_bytes(pattern))
+
+
+def _has_byte_escape(pattern: bytes) -> bool:
+    """Whether the pattern uses \\C (outside \\Q...\\E, where it is literal text)."""
+    i = pattern.find(b"\\")
+    while 0 <= i < len(pattern) - 1:
+        c = pattern[i + 1:i + 2]
+        if c == b"C":
+            return True
+        if c == b"Q":
+            end = pattern.find(b"\\E", i + 2)
+            if end < 0:
+                return False
+            i = end
+        i = pattern.find(b"\\", i + 2)
+    return False
+
+
+def _go_error(message: bytes | str, pattern: bytes) -> str:
+    """RE2's "missing ): (a" as Go words it: error parsing regexp: missing closing ): `(a`."""
+    text = _text(message) if isinstance(message, bytes) else str(message)
+    for code, go_code in _GO_ERRORS.items():
+        if text == code or text.startswith(code + ": "):
+            arg = text[len(code) + 2:] or _text(pattern)
+            return f"error parsing regexp: {go_code}: `{arg}`"
+    return f"error parsing regexp: {text}: `{_text(pattern)}`"
+
+
+class _Subject:
+    """A string as Go's regexp reads it.
+
+    `text` is what RE2 searches: the string itself when it is valid UTF-8, else a copy with each
+    invalid byte replaced by U+FFFD (Go decodes such a byte as U+FFFD, width 1), so `.` and `[^a]`
+    match it as in Go. `pos` maps an offset in `text` back to one in `raw`.
+    """
+
+    __slots__ = ("raw", "text", "_fffd")
+
+    def __init__(self, raw: bytes):
+        self.raw = self.text = raw
+        self._fffd = None  # offsets in text of the U+FFFD that stand for invalid bytes
+        if raw.isascii():
+            return
+        try:
+            raw.decode("utf-8")
+            return
+        except UnicodeDecodeError:
+            pass
+        out, fffd, size = [], [], 0
+        for i, piece in enumerate(_INVALID_RUNS.split(_text(raw))):
+            if i % 2:
+                fffd.extend(range(size, size + 3 * len(piece), 3))
+                out.append(_FFFD * len(piece))
+                size += 3 * len(piece)
+            elif piece:
+                out.append(piece.encode("utf-8"))
+                size += len(out[-1])
+        self.text, self._fffd = b"".join(out), fffd
+
+    def pos(self, i: int) -> int:
+        if self._fffd is None:
+            return i
+        return i - 2 * bisect.bisect_left(self._fffd, i)
+
+    def group(self, span: tuple[int, int]) -> bytes:
+        """The text of a group's span; "" for a group that took no part in the match."""
+        if span[0] < 0:
+            return b""
+        if self._fffd is None:
+            return self.raw[span[0]:span[1]]
+        return self.raw[self.pos(span[0]):self.pos(span[1])]
+
+
+def _search(rx: _Regexp, text: bytes, pos: int) -> list | None:
+    """The leftmost match starting at or after `pos`, as RE2 spans (text offsets), or None.
+
+    Go tries only character boundaries as starts; RE2 tries every byte, so an empty-width
+    match (`\\B`) may fall inside a multi-byte character: then the search goes on after it.
+    """
+    end = len(text)
+    while True:
+        spans = rx.match(_UNANCHORED, text, pos, end)
+        start = spans[0][0]
+        if start < 0:
+            return None
+        if start == end or not 0x80 <= text[start] < 0xC0:
+            return spans
+        pos = start + 1
+        while pos < end and 0x80 <= text[pos] < 0xC0:
+            pos += 1
+
+
+def _find_all(rx: _Regexp, text: bytes, limit: int, work: _Work):
+    """Successive matches by Go's FindAll rule: an empty match right after a match is skipped."""
+    pos, prev_end, count, end = 0, -1, 0, len(text)
+    while pos <= end and count != limit:
+        spans = _search(rx, text, pos)
+        if spans is None:
+            return
+        stop = spans[0][1]
+        accept = True
+        if stop == pos:  # an empty match at pos: step over one character
+            accept = pos != prev_end
+            pos += _char_width(text[pos]) if pos < end else 1
+        else:
+            pos = stop
+        prev_end = stop
+        if accept:
+            count += 1
+            work.step()
+            yield spans
+
+
+def _char_width(lead: int) -> int:
+    """The length of the UTF-8 character starting with byte `lead` (text is valid UTF-8)."""
+    return 1 if lead < 0xC0 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+
+
+def _start(length: int, init: int) -> int:
+    """gluare's luaIndex2StringIndex(init, start=true): 0-based, negative from the end, >= 0."""
+    i = init - 1 if init else 0
+    if i < 0:
+        i += length + 1
+    return max(i, 0)
+
+
+class _Work:
+    """Bounds a loop over matches: the call's deadline, the memory cap, and for a call running
+    inline on the event loop its slice of it (past which the call moves to a worker thread)."""
+
+    __slots__ = ("ctx", "started", "count", "size", "limit", "what")
+
+    def __init__(self, ctx, what: str):
+        self.ctx, self.what = ctx, what
+        self.started = time.monotonic()
+        self.count = self.size = 0
+        self.limit = ctx.max_bytes()
+
+    def add(self, size: int) -> None:
+        """Count `size` more bytes of the result against the script's memory."""
+        self.size += size
+        if self.size > self.limit:
+            self.ctx.fits(self.size, self.what)  # raises unless a collection made room
+            self.limit = self.ctx.max_bytes()
+
+    def step(self) -> None:
+        self.count += 1
+        if self.count % _CHECK_EVERY:
+            return
+        now = time.monotonic()
+        if now > self.ctx.deadline:
+            raise LuaError("script timed out")
+        if self.ctx.inline and now - self.started > _INLINE_SLICE:
+            self.ctx.moved = True  # re-run on a worker thread: these functions have no effects
+            raise LuaError("moved to a worker")
+
+
+###############################################################################
+# Replacements ################################################################
+###############################################################################
+
+
+@functools.lru_cache(maxsize=256)
+def _template(repl: str) -> tuple:
+    """A Go Regexp.Expand template -> literal bytes and group references (a number or a name)."""
+    parts, i, n = [], 0, len(repl)
+    while (j := repl.find("$", i)) >= 0:
+        parts.append(_bytes(repl[i:j]))
+        if repl.startswith("$", j + 1):  # $$
+            parts.append(b"$")
+            i = j + 2
+            continue
+        k, brace = j + 1, repl.startswith("{", j + 1)
+        k += brace
+        start = k
+        while k < n and (repl[k].isalpha() or repl[k].isdecimal() or repl[k] == "_"):
+            k += 1
+        name = repl[start:k]
+        if not name or (brace and not repl.startswith("}", k)):  # malformed: a plain "$"
+            parts.append(b"$")
+            i = j + 1
+            continue
+        i = k + brace
+        number = name.isascii() and name.isdigit() and len(name) <= 9 and (name == "0" or name[0] != "0")
+        parts.append(int(name) if number else name)
+    parts.append(_bytes(repl[i:]))
+    return tuple(p for p in parts if p != b"")
+
+
+def _expander(rx: _Regexp, repl: str):
+    """A function (subject, spans) -> the replacement text, for a string `repl`."""
+    parts = []
+    for part in _template(repl):
+        if isinstance(part, bytes):
+            parts.append(part)
+            continue
+        index = part if isinstance(part, int) else rx.names.get(_bytes(part))
+        if index is not None and index <= rx.groups:
+            parts.append(index)
+    if all(isinstance(p, bytes) for p in parts):
+        constant = b"".join(parts)
+        return lambda subject, spans: constant
+    return lambda subject, spans: b"".join(p if isinstance(p, bytes) else subject.group(spans[p]) for p in parts)
+
+
+def _replacement(value) -> bytes | None:
+    """A table's or function's result as gopher-lua's LVAsString: None keeps the match."""
+    if value is None or value is False:
+        return None
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return _bytes(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return lua_number_text(value).encode()
+    return b""  # true, a table, a function: replaced by nothing, as in the original
+
+
+def _captures(rx: _Regexp, subject: _Subject, spans) -> tuple:
+    """All groups, or the whole match for a pattern without groups."""
+    if not rx.groups:
+        return (subject.group(spans[0]),)
+    return tuple(subject.group(spans[i]) for i in range(1, rx.groups + 1))
+
+
+###############################################################################
+# The module ##################################################################
+###############################################################################
+
+
+def _loader(ctx):
+    @pure
+    def find(*args):
+        args += (None,) * (2 - len(args))
+        s, pattern = check_string(args[0], 1), check_string(args[1], 2)
+        if not s and not pattern:
+            return 1, 0
+        raw = _bytes(s)
+        init = _start(len(raw), opt_integer(args[2] if len(args) > 2 else None, 3, 1))
+        if len(args) == 4 and truthy(args[3]):  # plain, read only when exactly 4 arguments are passed
+            if init > len(raw):
+                return None
+            needle = _bytes(pattern)
+            at = raw.find(needle, init)
+            return None if at < 0 else (at + 1, at + len(needle))
+        rx = _regexp(pattern)
+        if init > len(raw):
+            return None
+        subject = _Subject(raw[init:])
+        spans = _search(rx, subject.text, 0)
+        if spans is None or (rx.groups and spans[1][0] < 0):
+            return None
+        end = spans[-1][1] if spans[-1][0] >= 0 else spans[0][1]  # quirk: the end of the last group
+        caps = tuple(subject.group(span) for span in spans[1:])
+        return (init + subject.pos(spans[0][0]) + 1, init + subject.pos(end), *caps)
+
+    @pure
+    def match(s=None, pattern=None, init=None):
+        s, pattern = check_string(s, 1), check_string(pattern, 2)
+        raw = _bytes(s)
+        offset = opt_integer(init, 3, 1)
+        offset = max((len(raw) + offset + 1 if offset < 0 else offset) - 1, 0)
+        rx = _regexp(pattern)
+        if offset > len(raw):
+            return None
+        subject = _Subject(raw[offset:])
+        spans = _search(rx, subject.text, 0)
+        return None if spans is None else _captures(rx, subject, spans)
+
+    @pure
+    def gmatch(s=None, pattern=None):
+        s, pattern = check_string(s, 1), check_string(pattern, 2)
+        rx = _regexp(pattern)
+        subject = _Subject(_bytes(s))
+        first = 1 if rx.groups else 0
+        last = rx.groups if rx.groups else 0
+        width = 2 * (last - first + 1)
+        work = _Work(ctx, "gmatch results")
+        found = array("q")  # (start, end) of each yielded group of each match, in raw offsets
+        for spans in _find_all(rx, subject.text, -1, work):
+            for i in range(first, last + 1):
+                start, end = spans[i]
+                found.extend((subject.pos(start), subject.pos(end)) if start >= 0 else (-1, -1))
+            work.add(8 * width)
+        raw, index = subject.raw, 0
+
+        @pure
+        def gmatch_iterator(*_):
+            nonlocal index
+            if index >= len(found):
+                return None
+            at, index = index, index + width
+            return tuple(raw[found[i]:found[i + 1]] if found[i] >= 0 else b"" for i in range(at, at + width, 2))
+
+        return gmatch_iterator
+
+    @pure
+    def gsub(s=None, pattern=None, repl=None, n=None):
+        s, pattern = check_string(s, 1), check_string(pattern, 2)
+        if not isinstance(repl, str) and not is_table(repl) and lua_type(repl) != "function":
+            raise ArgError(3, f"string/table/function expected, got {lua_type(repl)}")
+        limit = opt_integer(n, 4, -1)
+        rx = _regexp(pattern)
+        subject = _Subject(_bytes(s))
+        if isinstance(repl, str):
+            replace = _expander(rx, repl)
+        elif is_table(repl):
+            key = 1 if rx.groups else 0
+            replace = lambda subject, spans: _replacement(repl[subject.group(spans[key])])  # noqa: E731
+        else:
+            def replace(subject, spans):
+                out = repl(*_captures(rx, subject, spans))
+                return _replacement(out[0] if out else None) if isinstance(out, tuple) else _replacement(out)
+        raw, pos = subject.raw, subject.pos
+        work = _Work(ctx, "gsub result")
+        out, last, count = [], 0, 0
+        for spans in _find_all(rx, subject.text, limit, work):
+            count += 1
+            start, end = pos(spans[0][0]), pos(spans[0][1])
+            text = replace(subject, spans)
+            if text is None:
+                continue
+            out.append(raw[last:start])
+            out.append(text)
+            work.add(start - last + len(text))
+            last = end
+        if not count:
+            return raw, 0
+        out.append(raw[last:])
+        work.add(len(raw) - last)
+        return b"".join(out), count
+
+    @pure
+    def quote(s=None):
+        return _bytes(check_string(s, 1).translate(_QUOTE))
+
+    return {"find": find, "match": match, "gmatch": gmatch, "gsub": gsub, "quote": quote}
+
+
+def lua_modules():
+    return {"re": _loader}
