@@ -353,12 +353,17 @@ class Store:
         self._libraries: dict[str, tuple[str, int]] = {}
         self._listeners: list[Callable[[], None]] = []
         self._lock = threading.Lock()
+        self._triggered: dict[str, list[Script]] = {}
         self.reloads = 0  # scripts and libraries (re)loaded, for the metrics
         self.load_errors = 0
         self.ready = True  # scripts loaded (the etcd store is not while etcd has never answered)
 
     def scripts(self, subject: str) -> list[Script]:
         return list(self._scripts.get(subject, {}).values())
+
+    def triggered(self, subject: str) -> list[Script]:
+        """The scripts of a subject that its messages run: not those fed by a stream or a schedule."""
+        return self._triggered.get(subject, [])
 
     def subjects(self) -> list[str]:
         return sorted(self._scripts)
@@ -400,6 +405,8 @@ class Store:
                 libs[name] = old_lib if old_lib and old_lib[0] == content else (content, next(_versions))
             changed = new != self._scripts or libs != self._libraries
             self._scripts, self._libraries = new, libs
+            self._triggered = {subject: [s for s in by_name.values() if not (s.stream or s.cron)]
+                               for subject, by_name in new.items()}
         if changed:
             for callback in self._listeners:
                 callback()
@@ -522,7 +529,8 @@ class FileStore(Store):
                 log.debug("loaded %s", path)
         except (OSError, MsgscriptError) as e:
             self.load_errors += 1
-            log.error("skipping %s: %s", path, e)
+            text = error_text(e)
+            log.error("skipping %s", text if text.startswith(str(path)) else f"{path}: {text}")
             parsed = last_good
         self._seen[path] = (stamp, parsed)
         return parsed
@@ -568,7 +576,8 @@ def check_lua_syntax(source: str, where: str) -> None:
             _syntax_lua.append(lua.eval("function(src, name) local f, err = loadstring(src, name) return err end"))
         err = _syntax_lua[0](source.encode("utf-8", "surrogateescape"), b"=" + os.path.basename(where).encode())
     if err is not None:
-        raise ConfigError(f"{where}: Lua syntax error: {err.decode('utf-8', 'replace')}")
+        hint = " (goto is not supported: scripts run on Lua 5.1)" if re.search(r"\bgoto\b", source) else ""
+        raise ConfigError(f"{where}: Lua syntax error: {err.decode('utf-8', 'replace')}{hint}")
 
 
 ###############################################################################
@@ -876,7 +885,7 @@ class EtcdStore(Store):
                 self.reloads += 1
             except ConfigError as e:
                 self.load_errors += 1
-                log.error("skipping %s: %s", key, e)
+                log.error("skipping %s", e)
                 if name in old_libs:
                     self._libs[name] = old_libs[name]
                 return
@@ -902,7 +911,8 @@ class EtcdStore(Store):
                 check_lua_syntax(script.content, key)
         except MsgscriptError as e:
             self.load_errors += 1
-            log.error("skipping %s: %s", key, first_line(str(e)))
+            text = first_line(str(e))
+            log.error("skipping %s", text if text.startswith(key) else f"{key}: {text}")
             return None
         self.reloads += 1
         script.subject, script.name = where  # the key decides where a script serves
@@ -1065,7 +1075,7 @@ class _EtcdHeld:
 # Calls and results ###########################################################
 ###############################################################################
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class Call:
     """One invocation: what arrived, and by when it must be answered."""
 
@@ -1080,7 +1090,7 @@ class Call:
         return self.deadline - time.monotonic()
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class Result:
     """What one script produced; serialised as the Go original's ScriptResult."""
 
@@ -1278,8 +1288,8 @@ def _raise(exc):
 
 def error_text(exc: BaseException) -> str:
     """An exception as a one-line message in Go's words ("no such file or directory")."""
-    if isinstance(exc, OSError) and exc.strerror:
-        text = exc.strerror
+    if isinstance(exc, OSError) and (exc.strerror or exc.errno):
+        text = os.strerror(exc.errno) if exc.errno else exc.strerror
         if exc.filename:
             return f"{exc.filename}: {text[:1].lower() + text[1:]}"
         return text[:1].lower() + text[1:]
@@ -1854,26 +1864,32 @@ class LuaRunner:
             command, self.ctx.remaining(), self.ctx.max_bytes(), stdin=data.encode("utf-8", "surrogateescape"),
             capture=False).status, "close"))
 
-    def call(self, fname: str, deadline: float, *args, inline: bool = False) -> tuple:
+    def call(self, fname: bytes, deadline: float, *args: bytes, inline: bool = False) -> tuple:
         """Run the script's chunk in fresh globals, then `fname(*args)`: (found, results...).
 
         With `inline`, the call raises _MoveToPool instead of doing anything that blocks.
         """
+        if type(fname) is str:
+            fname = fname.encode()
         ctx = self.ctx
-        ctx.fits(sum(len(a) for a in args if isinstance(a, bytes)), "payload")
+        size = sum(map(len, args))
+        if ctx._max_memory and size + LUA_MEMORY_MARGIN > ctx._max_memory - self.lua.get_memory_used():
+            ctx.fits(size, "payload")
         ctx.deadline, ctx.inline, ctx.moved = deadline, inline, False
-        self.inline_deadline = time.monotonic() + INLINE_BUDGET if inline else float("inf")
+        if inline:
+            self.inline_deadline = time.monotonic() + INLINE_BUDGET
         try:
-            out = self._run(self.main, fname.encode(), inline, *args)
+            out = self._run(self.main, fname, inline, *args)
         except self.lupa.LuaError:
             if ctx.moved:
                 raise _MoveToPool() from None
             raise
         finally:
-            ctx.inline = False
+            if inline:
+                ctx.inline, self.inline_deadline = False, math.inf
         if ctx.moved:
             raise _MoveToPool()
-        return out if isinstance(out, tuple) else (out,)
+        return out if type(out) is tuple else (out,)
 
 
 _POPEN_LUA = r"""
@@ -2117,11 +2133,14 @@ class LuaExecutor(Executor):
         self.runtimes = 0  # Lua runtimes alive, for the metrics
 
     def _runner(self, script: Script) -> LuaRunner:
-        cache = self._local.__dict__.setdefault("runners", {})
+        try:
+            cache = self._local.runners
+        except AttributeError:
+            cache = self._local.runners = {}
         store = self.services.store
-        stamp = (script.version, store.library_stamp(script) if store else ())
+        stamp = (script.version, store.library_stamp(script)) if script.libraries and store else script.version
         entry = cache.get(script.key)
-        if entry and entry[0] == stamp:
+        if entry is not None and entry[0] == stamp:
             return entry[1]
         source = store.source(script) if store else script.content
         runner = LuaRunner(script, source, self.services, script.memory or self.memory)
@@ -2134,7 +2153,7 @@ class LuaExecutor(Executor):
         return runner
 
     def _forget(self, script: Script) -> None:
-        if self._local.__dict__.get("runners", {}).pop(script.key, None) is not None:
+        if getattr(self._local, "runners", {}).pop(script.key, None) is not None:
             self.runtimes -= 1
 
     def run(self, script: Script, call: Call, inline: bool = False) -> Result:
@@ -2143,13 +2162,13 @@ class LuaExecutor(Executor):
                 f"script {script.name} is an HTTP-mode script: call it over HTTP or with an envelope that has a method"
             )
         if script.http:
-            fname, args = call.method.upper(), (call.url.encode(), call.payload)
+            fname, first = call.method.upper().encode(), call.url.encode()
         else:
-            fname, args = "OnMessage", (call.subject.encode(), call.payload)
+            fname, first = b"OnMessage", call.subject.encode()
         runner = self._runner(script)
         runner.ctx.trace = call.trace
         try:
-            found, *values = runner.call(fname, call.deadline, *args, inline=inline)
+            found, *values = runner.call(fname, call.deadline, first, call.payload, inline=inline)
         except runner.lupa.LuaMemoryError:
             self._forget(script)
             raise self._memory_error(script) from None
@@ -2168,7 +2187,7 @@ class LuaExecutor(Executor):
             raise ScriptTimeout(f"script {script.name} timed out")
         if not found:
             if script.http:
-                raise MethodNotAllowed(f"script {script.name} does not handle {fname} requests")
+                raise MethodNotAllowed(f"script {script.name} does not handle {fname.decode()} requests")
             raise ScriptError(f"script {script.name} defines no OnMessage function")
         return self._result(script, values)
 
@@ -2614,6 +2633,11 @@ def container_spec(script: Script, call: Call) -> dict:
     return spec
 
 
+# conmon's complaint when a container exits without reading all of its stdin: not the script's stderr
+_PODMAN_STDIN_NOISE = re.compile(
+    rb"(?m)^Error: (?:read|write) unixpacket [^\n]*(?:connection reset by peer|broken pipe)[^\n]*\n?")
+
+
 class _Attach:
     """A hijacked attach connection: payload in, demultiplexed stdout/stderr out."""
 
@@ -2636,6 +2660,7 @@ class _Attach:
             raise MsgscriptError(f"podman attach failed: {status}")
         self.streams = {1: [], 2: []}
         self.size = 0
+        self.broken = False  # the connection broke: its output may be incomplete
 
     def exchange(self, payload: bytes, deadline: float) -> bool:
         """Send the payload then EOF, collect output until the container closes; False at the deadline."""
@@ -2654,7 +2679,11 @@ class _Attach:
                         if not writing:
                             sel.modify(self.sock, selectors.EVENT_READ)
                     if events & selectors.EVENT_READ:
-                        chunk = self.sock.recv(65536)
+                        try:
+                            chunk = self.sock.recv(65536)
+                        except (ConnectionResetError, BrokenPipeError):  # podman hung up: the container ended
+                            self.broken = True
+                            return True
                         if not chunk:
                             return True
                         self.buffer += chunk
@@ -2690,7 +2719,8 @@ class _Attach:
             self.buffer = self.buffer[8 + size :]
 
     def output(self) -> tuple[bytes, bytes]:
-        return b"".join(self.streams[1]), b"".join(self.streams[2])
+        """stdout and stderr, without the lines podman adds when a container does not read its stdin."""
+        return b"".join(self.streams[1]), _PODMAN_STDIN_NOISE.sub(b"", b"".join(self.streams[2]))
 
     def close(self):
         self.sock.close()
@@ -2706,6 +2736,7 @@ class PodmanExecutor(Executor):
         self._warned = False
         self._local = threading.local()
         self._running: set[str] = set()
+        self._orphans: set[str] = set()
         self._lock = threading.Lock()
         self._closed = False
 
@@ -2742,13 +2773,19 @@ class PodmanExecutor(Executor):
         spec = container_spec(script, call)
         client = self._client()
         errors = _need("podman.errors", "podman", "the podman executor")
+        self._remove_orphans(client)
         try:
             self._ensure_image(client, spec["image"], call)
             return self._run_container(client, spec, call)
-        except errors.APIError as e:
-            raise MsgscriptError("server is shutting down" if self._closed else f"podman: {_api_text(e)}") from None
-        except (OSError, errors.PodmanError) as e:
-            raise MsgscriptError(f"podman: {first_line(str(e)) or type(e).__name__}") from None
+        except (OSError, errors.APIError, errors.PodmanError) as e:
+            if self._closed:
+                raise MsgscriptError("server is shutting down") from None
+            gone = self._probe()
+            if gone:  # the service went away during the call
+                self.unavailable = gone
+                raise MsgscriptError(f"{gone} (it stopped answering during the call)") from None
+            text = _api_text(e) if isinstance(e, errors.APIError) else error_text(e)
+            raise MsgscriptError(f"podman: {text}") from None
 
     def _ensure_image(self, client, image: str, call: Call):
         """Pull `image` unless it is present, within the call's time."""
@@ -2789,9 +2826,22 @@ class PodmanExecutor(Executor):
                 attach.close()
             code = self._exit_code(client, container_id, call)
             exited = True
+            if attach.broken:  # what the broken attach stream lost is in the container's logs
+                stdout, stderr = self._logs(client, container_id, call)
         finally:
             self._remove(client, container_id, kill=not exited)
         return self._result(stdout, stderr, code)
+
+    def _logs(self, client, container_id: str, call: Call) -> tuple[bytes, bytes]:
+        response = client.api.get(f"/containers/{container_id}/logs", params={"stdout": True, "stderr": True},
+                                  timeout=_wait_time(call, 30), stream=True)
+        response.raise_for_status()
+        frames = _Attach.__new__(_Attach)
+        frames.buffer, frames.streams, frames.size = b"", {1: [], 2: []}, 0
+        for chunk in response.iter_content(65536):
+            frames.buffer += chunk
+            frames._demux()
+        return frames.output()
 
     def _exit_code(self, client, container_id: str, call: Call) -> int:
         response = client.api.post(f"/containers/{container_id}/wait", timeout=max(1.0, _wait_time(call, 3600)))
@@ -2808,9 +2858,19 @@ class PodmanExecutor(Executor):
             if not response.ok and response.status_code != 404:
                 log.warning("podman: could not remove container %s: %s", container_id[:12], response.text.strip())
         except Exception as e:  # noqa: BLE001 - cleanup must not mask the call's own result
-            log.warning("podman: could not remove container %s: %s", container_id[:12], first_line(str(e)))
+            log.warning("podman: could not remove container %s (%s); retrying when podman answers again",
+                        container_id[:12], first_line(str(e)))
+            with self._lock:
+                self._orphans.add(container_id)
         with self._lock:
             self._running.discard(container_id)
+
+    def _remove_orphans(self, client) -> None:
+        """Containers whose removal failed (the service was away) are removed once it answers."""
+        with self._lock:
+            orphans, self._orphans = self._orphans, set()
+        for container_id in orphans:
+            self._remove(client, container_id)
 
     def _result(self, stdout: bytes, stderr: bytes, code: int) -> Result:
         if self._closed:
@@ -2935,7 +2995,22 @@ class Scheduler:
         if self.inflight >= self.max_inflight:
             self._refused.warning("over the in-flight limit (%d)", self.max_inflight)
             raise Busy(f"server busy: {self.inflight} calls in flight (limit {self.max_inflight})")
+        if call.deadline == math.inf:  # the server's -timeout, unless the front set a shorter one
+            call.deadline = time.monotonic() + self.timeout
         self.inflight += 1
+        if len(scripts) == 1 and on_result is None:  # the common case, without the bookkeeping of a _Job
+            script = scripts[0]
+            if self._pooled.get(script.key) != script.version and self._inline_capable(script):
+                try:
+                    result = self._execute(script, call, inline=True)
+                except _MoveToPool:
+                    self._pooled[script.key] = script.version
+                    self._stats(script).moved += 1
+                else:
+                    self.inflight -= 1
+                    if on_done is not None:
+                        on_done([result])
+                    return
         job = _Job(self, scripts, call, on_result, on_done)
         for index, script in enumerate(scripts):
             if self._pooled.get(script.key) != script.version and self._inline_capable(script):
@@ -2980,10 +3055,8 @@ class Scheduler:
     def _execute(self, script: Script, call: Call, inline: bool = False) -> Result:
         """Run one script within its deadline; every failure becomes a Result (except _MoveToPool)."""
         started = time.perf_counter()
-        limit = script.timeout if script.timeout is not None else self.timeout
-        deadline = time.monotonic() + limit
-        if deadline < call.deadline:
-            call = dataclasses.replace(call, deadline=deadline)
+        if script.timeout is not None and time.monotonic() + script.timeout < call.deadline:
+            call = dataclasses.replace(call, deadline=time.monotonic() + script.timeout)
         span = self.tracing.script_span(script, call) if self.tracing and call.trace is not None else None
         if span is not None:
             call = dataclasses.replace(call, trace=span)
@@ -3023,6 +3096,8 @@ class Scheduler:
 
     def run_blocking(self, script: Script, call: Call) -> Result:
         """Run one call on the caller's thread (the cli dev command)."""
+        if call.deadline == math.inf:
+            call.deadline = time.monotonic() + self.timeout
         return self._execute(script, call)
 
     def close(self, wait: bool = True) -> None:
@@ -3293,18 +3368,19 @@ class NatsOptions:
         import nats
 
         errors: list[BaseException] = []
+        refusals: list[BaseException] = []  # the server said no: retrying will not help
         fatal = asyncio.Event()
         callback = options.pop("error_cb", None)
 
         async def on_error(e):
-            errors.append(e)
-            text = str(e).lower()
-            if any(w in text for w in ("authorization", "authentication", "permissions", "certificate", "ssl",
-                                       "tls", "nkey", "credentials", "jwt", "expired")):
-                fatal.set()
-            if callback is not None and not connecting.done():
-                return
-            if callback is not None:
+            if not connecting.done():
+                errors.append(e)
+                text = str(e).lower()
+                if any(w in text for w in ("authorization", "authentication", "permissions", "certificate", "ssl",
+                                           "tls", "nkey", "credentials", "jwt", "expired")):
+                    refusals.append(e)
+                    fatal.set()
+            elif callback is not None:
                 await callback(e)
 
         try:
@@ -3324,8 +3400,11 @@ class NatsOptions:
             await connecting
         except BaseException as e:  # noqa: BLE001 - the reason is reported below
             errors.append(e)
-        reasons = [error_text(e) for e in errors if not isinstance(e, asyncio.CancelledError) and error_text(e)]
-        reason = reasons[-1] if reasons else f"no answer within {NATS_CONNECT_TIMEOUT:g}s"
+        reasons = [error_text(e) for e in refusals or errors
+                   if not isinstance(e, asyncio.CancelledError) and error_text(e)]
+        reason = (reasons[0] if refusals else reasons[-1]) if reasons else f"no answer within {NATS_CONNECT_TIMEOUT:g}s"
+        if self.tls_ca and not self.tls_cert and not refusals:
+            reason += " (does the server require a client certificate? see -natstls-cert)"
         if connecting not in done and not fatal.is_set() and reasons:
             reason = f"{reason} (no connection within {NATS_CONNECT_TIMEOUT:g}s)"
         raise ConfigError(f"cannot connect to NATS at {self.url}: {reason}")
@@ -3397,16 +3476,11 @@ class NatsFront:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def durable(self, script: Script) -> bool:
-        """Scripts fed by a JetStream stream or a schedule get no core subscription."""
-        return bool(script.stream or script.cron)
-
     async def sync(self) -> None:
         """Subscribe to new subjects and unsubscribe from removed ones."""
         if self.draining:
             return
-        wanted = {subject for subject in self.store.subjects()
-                  if any(not self.durable(s) for s in self.store.scripts(subject))}
+        wanted = {subject for subject in self.store.subjects() if self.store.triggered(subject)}
         for subject in sorted(wanted - set(self.subs)):
             self.subs[subject] = await self.nc.subscribe(
                 subject, queue=self.queue, cb=self._on_message, pending_msgs_limit=65536,
@@ -3420,7 +3494,9 @@ class NatsFront:
         # Callbacks of one subscription run one at a time: run inline or hand over, never wait.
         self._in_message = True  # replies made while handling it are published below, not by a task
         try:
-            scripts = [s for s in self.scheduler.scripts(msg.subject) if not self.durable(s)]
+            scripts = self.store.triggered(msg.subject)
+            if not scripts:
+                raise NotFound(f"no script for subject {msg.subject!r}")
             envelope = parse_envelope(msg.data)
             if envelope is None:
                 call = Call(msg.subject, msg.data)
@@ -3453,9 +3529,14 @@ class NatsFront:
             return None, reply_envelope
         if envelope is not None:  # async: answered already
             return None, done
-        if len(scripts) == 1:  # one script: its string as is
+        if len(scripts) == 1 and call.trace is None:  # the common case: one script, its string as is
+            return None, functools.partial(self._reply_first, msg)
+        if len(scripts) == 1:
             return None, lambda results: (done(results), self.reply(msg, *nats_reply(results[0])))
         return (lambda script, result: self.reply(msg, *nats_reply(result, script.name))), done
+
+    def _reply_first(self, msg, results: list[Result]) -> None:
+        self.reply(msg, *nats_reply(results[0]))
 
     def reply(self, msg, data: bytes, headers: dict | None = None) -> None:
         """Queue a reply; it is published from the loop, in order, as soon as the loop is free."""
@@ -4600,8 +4681,10 @@ class _Consumer:
             pass
 
     async def _fetch(self) -> None:
+        """Long-poll for one message while idle (so it runs at once), then take what is there in batches."""
         import nats.errors
 
+        idle = True
         while self.taking:
             room = DURABLE_BATCH - len(self.running)
             if room <= 0:
@@ -4609,9 +4692,11 @@ class _Consumer:
                 await self._room.wait()
                 continue
             try:
-                msgs = await self.sub.fetch(room, timeout=1.0)
+                msgs = await (self.sub.fetch(1, timeout=5.0) if idle else self.sub.fetch(room, timeout=0.05))
             except (TimeoutError, nats.errors.TimeoutError):
-                await self._refresh()
+                if idle:
+                    await self._refresh()
+                idle = True
                 continue
             except asyncio.CancelledError:
                 raise
@@ -4619,6 +4704,7 @@ class _Consumer:
                 log.debug("fetch for %s failed: %s", self.name, error_text(e))
                 await asyncio.sleep(0.5)
                 continue
+            idle = False
             for msg in msgs:
                 self._run(msg)
 
@@ -4763,6 +4849,7 @@ class ServerConfig:
     drain_timeout: float = 30.0
     data_dir: str = ""
     create_streams: bool = False
+    ack_wait: float = ACK_WAIT
     compat_go: bool = False
     environ: dict[str, str] = dataclasses.field(default_factory=dict)
 
@@ -4797,6 +4884,7 @@ def server_config(args: argparse.Namespace, environ: dict[str, str]) -> ServerCo
         memory=parse_size(args.memory), workers=args.workers, max_workers=args.max_workers,
         max_inflight=args.max_inflight, queue=args.queue, drain_timeout=parse_duration(args.drain_timeout),
         data_dir=args.data or default_data_dir(environ), create_streams=args.create_streams,
+        ack_wait=parse_duration(args.ack_wait),
         compat_go=compat == "go", environ=environ)
     for d in cfg.plugin_dirs:
         if not os.path.isdir(d):
@@ -4888,7 +4976,7 @@ class Server:
             await self._until_stopped(self.nats.start())
             self.http = HttpFront(self.scheduler, self.cfg.http, self.not_ready, self.metrics.text, self.tracing)
             await self.http.start(self.cfg.host, self.cfg.port)
-            self.durable = Durable(self.nats, self.scheduler, self.cfg.create_streams)
+            self.durable = Durable(self.nats, self.scheduler, self.cfg.create_streams, self.cfg.ack_wait)
             self.nats.extra_stats = self.durable.stats
             self.scheduler.durable_info = self.durable.info
             await self.durable.start()
@@ -4985,6 +5073,8 @@ def _server_parser(prog: str = "msgscript server") -> argparse.ArgumentParser:
     flag("compat", default="", help="go: the Go original's HEAD wire formats (NATS replies, HTTP JSON)")
     flag("data", default="", help="data directory of the embedded NATS (JetStream) (default ~/.local/state/msgscript)")
     flag("create-streams", action="store_true", help="create a missing JetStream stream named by --* stream:")
+    flag("ack-wait", default="30s", help="JetStream: redeliver a message whose server went silent after this "
+                                         "(default 30s)")
     return p
 
 

@@ -12,6 +12,7 @@ import functools
 import re as pyre  # only for the fixed, linear pattern in _Subject; user patterns go to RE2
 import time
 from array import array
+from itertools import chain
 
 import re2
 from re2 import _re2
@@ -25,7 +26,7 @@ _OPTIONS.log_errors = False  # RE2 would print every invalid pattern to stderr
 # text, `.` not matching \n, and max_mem 8 MiB per pattern (larger programs are "too large").
 _UNANCHORED = _re2.RE2.Anchor.UNANCHORED
 _CACHE_SIZE = 128  # compiled patterns kept (each takes at most max_mem)
-_CHECK_EVERY = 256  # matches between two looks at the clock and the memory cap
+_CHECK_EVERY = 256  # matches between two looks at the clock
 _INLINE_SLICE = 0.002  # seconds a loop may hold the event loop (an inline call) before moving
 
 # RE2's error texts -> Go's (regexp/syntax ErrorCode strings)
@@ -122,7 +123,7 @@ class _Subject:
 
     `text` is what RE2 searches: the string itself when it is valid UTF-8, else a copy with each
     invalid byte replaced by U+FFFD (Go decodes such a byte as U+FFFD, width 1), so `.` and `[^a]`
-    match it as in Go. `pos` maps an offset in `text` back to one in `raw`.
+    match it as in Go. `search` and `find_all` give spans in offsets of `raw`, the string itself.
     """
 
     __slots__ = ("raw", "text", "_fffd")
@@ -148,22 +149,46 @@ class _Subject:
                 size += len(out[-1])
         self.text, self._fffd = b"".join(out), fffd
 
-    def pos(self, i: int) -> int:
-        if self._fffd is None:
-            return i
-        return i - 2 * bisect.bisect_left(self._fffd, i)
+    def _raw_spans(self, spans: list) -> list:
+        """Spans in `text` -> spans in `raw` ((-1, -1), a group that took no part, stays)."""
+        fffd, left = self._fffd, bisect.bisect_left
+        return [(a - 2 * left(fffd, a), b - 2 * left(fffd, b)) if a >= 0 else (a, b) for a, b in spans]
 
-    def group(self, span: tuple[int, int]) -> bytes:
-        """The text of a group's span; "" for a group that took no part in the match."""
-        if span[0] < 0:
-            return b""
-        if self._fffd is None:
-            return self.raw[span[0]:span[1]]
-        return self.raw[self.pos(span[0]):self.pos(span[1])]
+    def search(self, rx: _Regexp) -> list | None:
+        """The first match: (start, end) of the match and of each group, or None."""
+        spans = _search(rx, self.text, 0)
+        return spans if spans is None or self._fffd is None else self._raw_spans(spans)
+
+    def find_all(self, rx: _Regexp, limit: int, work: _Work):
+        """Successive matches by Go's FindAll rule: an empty match right after a match is skipped."""
+        text, match, mapped = self.text, rx.match, self._fffd is not None
+        pos, prev_end, count, end = 0, -1, 0, len(text)
+        while pos <= end and count != limit:
+            spans = match(_UNANCHORED, text, pos, end)
+            start, stop = spans[0]
+            if start < 0:
+                return
+            if start < end and 0x80 <= text[start] < 0xC0:  # inside a character: see _search
+                spans = _search(rx, text, start)
+                if spans is None:
+                    return
+                start, stop = spans[0]
+            accept = True
+            if stop == pos:  # an empty match at pos: step over one character
+                accept = pos != prev_end
+                pos += _char_width(text[pos]) if pos < end else 1
+            else:
+                pos = stop
+            prev_end = stop
+            if accept:
+                count += 1
+                if not count % _CHECK_EVERY:
+                    work.check()
+                yield self._raw_spans(spans) if mapped else spans
 
 
 def _search(rx: _Regexp, text: bytes, pos: int) -> list | None:
-    """The leftmost match starting at or after `pos`, as RE2 spans (text offsets), or None.
+    """The leftmost match starting at or after `pos`, as RE2 spans, or None.
 
     Go tries only character boundaries as starts; RE2 tries every byte, so an empty-width
     match (`\\B`) may fall inside a multi-byte character: then the search goes on after it.
@@ -179,27 +204,6 @@ def _search(rx: _Regexp, text: bytes, pos: int) -> list | None:
         pos = start + 1
         while pos < end and 0x80 <= text[pos] < 0xC0:
             pos += 1
-
-
-def _find_all(rx: _Regexp, text: bytes, limit: int, work: _Work):
-    """Successive matches by Go's FindAll rule: an empty match right after a match is skipped."""
-    pos, prev_end, count, end = 0, -1, 0, len(text)
-    while pos <= end and count != limit:
-        spans = _search(rx, text, pos)
-        if spans is None:
-            return
-        stop = spans[0][1]
-        accept = True
-        if stop == pos:  # an empty match at pos: step over one character
-            accept = pos != prev_end
-            pos += _char_width(text[pos]) if pos < end else 1
-        else:
-            pos = stop
-        prev_end = stop
-        if accept:
-            count += 1
-            work.step()
-            yield spans
 
 
 def _char_width(lead: int) -> int:
@@ -219,25 +223,19 @@ class _Work:
     """Bounds a loop over matches: the call's deadline, the memory cap, and for a call running
     inline on the event loop its slice of it (past which the call moves to a worker thread)."""
 
-    __slots__ = ("ctx", "started", "count", "size", "limit", "what")
+    __slots__ = ("ctx", "started", "limit", "what")
 
     def __init__(self, ctx, what: str):
         self.ctx, self.what = ctx, what
         self.started = time.monotonic()
-        self.count = self.size = 0
-        self.limit = ctx.max_bytes()
+        self.limit = ctx.max_bytes()  # a result up to this size fits: no need to ask again
 
-    def add(self, size: int) -> None:
-        """Count `size` more bytes of the result against the script's memory."""
-        self.size += size
-        if self.size > self.limit:
-            self.ctx.fits(self.size, self.what)  # raises unless a collection made room
-            self.limit = self.ctx.max_bytes()
+    def fits(self, size: int) -> None:
+        """Raise unless `size` bytes of results fit in the script's memory."""
+        self.ctx.fits(size, self.what)  # collects garbage first; raises if still too big
+        self.limit = self.ctx.max_bytes()
 
-    def step(self) -> None:
-        self.count += 1
-        if self.count % _CHECK_EVERY:
-            return
+    def check(self) -> None:
         now = time.monotonic()
         if now > self.ctx.deadline:
             raise LuaError("script timed out")
@@ -251,9 +249,17 @@ class _Work:
 ###############################################################################
 
 
-@functools.lru_cache(maxsize=256)
 def _template(repl: str) -> tuple:
     """A Go Regexp.Expand template -> literal bytes and group references (a number or a name)."""
+    return _short_template(repl) if len(repl) <= 1024 else _parse_template(repl)
+
+
+@functools.lru_cache(maxsize=256)
+def _short_template(repl: str) -> tuple:
+    return _parse_template(repl)
+
+
+def _parse_template(repl: str) -> tuple:
     parts, i, n = [], 0, len(repl)
     while (j := repl.find("$", i)) >= 0:
         parts.append(_bytes(repl[i:j]))
@@ -279,7 +285,7 @@ def _template(repl: str) -> tuple:
 
 
 def _expander(rx: _Regexp, repl: str):
-    """A function (subject, spans) -> the replacement text, for a string `repl`."""
+    """A function (raw, spans) -> the replacement text, for a string `repl`."""
     parts = []
     for part in _template(repl):
         if isinstance(part, bytes):
@@ -290,8 +296,9 @@ def _expander(rx: _Regexp, repl: str):
             parts.append(index)
     if all(isinstance(p, bytes) for p in parts):
         constant = b"".join(parts)
-        return lambda subject, spans: constant
-    return lambda subject, spans: b"".join(p if isinstance(p, bytes) else subject.group(spans[p]) for p in parts)
+        return lambda raw, spans: constant
+    # a group that took no part has the span (-1, -1): raw[-1:-1] is ""
+    return lambda raw, spans: b"".join([p if p.__class__ is bytes else raw[spans[p][0]:spans[p][1]] for p in parts])
 
 
 def _replacement(value) -> bytes | None:
@@ -307,11 +314,11 @@ def _replacement(value) -> bytes | None:
     return b""  # true, a table, a function: replaced by nothing, as in the original
 
 
-def _captures(rx: _Regexp, subject: _Subject, spans) -> tuple:
-    """All groups, or the whole match for a pattern without groups."""
+def _captures(rx: _Regexp, raw: bytes, spans: list) -> tuple:
+    """All groups ("" for one that took no part), or the whole match for a pattern without groups."""
     if not rx.groups:
-        return (subject.group(spans[0]),)
-    return tuple(subject.group(spans[i]) for i in range(1, rx.groups + 1))
+        return (raw[spans[0][0]:spans[0][1]],)
+    return tuple([raw[a:b] for a, b in spans[1:]])
 
 
 ###############################################################################
@@ -337,13 +344,12 @@ def _loader(ctx):
         rx = _regexp(pattern)
         if init > len(raw):
             return None
-        subject = _Subject(raw[init:])
-        spans = _search(rx, subject.text, 0)
+        raw = raw[init:]
+        spans = _Subject(raw).search(rx)
         if spans is None or (rx.groups and spans[1][0] < 0):
             return None
         end = spans[-1][1] if spans[-1][0] >= 0 else spans[0][1]  # quirk: the end of the last group
-        caps = tuple(subject.group(span) for span in spans[1:])
-        return (init + subject.pos(spans[0][0]) + 1, init + subject.pos(end), *caps)
+        return (init + spans[0][0] + 1, init + end, *[raw[a:b] for a, b in spans[1:]])
 
     @pure
     def match(s=None, pattern=None, init=None):
@@ -354,25 +360,25 @@ def _loader(ctx):
         rx = _regexp(pattern)
         if offset > len(raw):
             return None
-        subject = _Subject(raw[offset:])
-        spans = _search(rx, subject.text, 0)
-        return None if spans is None else _captures(rx, subject, spans)
+        raw = raw[offset:]
+        spans = _Subject(raw).search(rx)
+        return None if spans is None else _captures(rx, raw, spans)
 
     @pure
     def gmatch(s=None, pattern=None):
         s, pattern = check_string(s, 1), check_string(pattern, 2)
         rx = _regexp(pattern)
         subject = _Subject(_bytes(s))
-        first = 1 if rx.groups else 0
-        last = rx.groups if rx.groups else 0
-        width = 2 * (last - first + 1)
+        first = 1 if rx.groups else 0  # the groups, or the whole match
+        width = 2 * (rx.groups or 1)
         work = _Work(ctx, "gmatch results")
-        found = array("q")  # (start, end) of each yielded group of each match, in raw offsets
-        for spans in _find_all(rx, subject.text, -1, work):
-            for i in range(first, last + 1):
-                start, end = spans[i]
-                found.extend((subject.pos(start), subject.pos(end)) if start >= 0 else (-1, -1))
-            work.add(8 * width)
+        found = array("q")  # (start, end) of each yielded group of each match
+        size, step = 0, 8 * width
+        for spans in subject.find_all(rx, -1, work):
+            found.extend(chain.from_iterable(spans[first:]))
+            size += step
+            if size > work.limit:
+                work.fits(size)
         raw, index = subject.raw, 0
 
         @pure
@@ -381,7 +387,7 @@ def _loader(ctx):
             if index >= len(found):
                 return None
             at, index = index, index + width
-            return tuple(raw[found[i]:found[i + 1]] if found[i] >= 0 else b"" for i in range(at, at + width, 2))
+            return tuple([raw[found[i]:found[i + 1]] for i in range(at, at + width, 2)])
 
         return gmatch_iterator
 
@@ -397,28 +403,30 @@ def _loader(ctx):
             replace = _expander(rx, repl)
         elif is_table(repl):
             key = 1 if rx.groups else 0
-            replace = lambda subject, spans: _replacement(repl[subject.group(spans[key])])  # noqa: E731
+            replace = lambda raw, spans: _replacement(repl[raw[spans[key][0]:spans[key][1]]])  # noqa: E731
         else:
-            def replace(subject, spans):
-                out = repl(*_captures(rx, subject, spans))
+            def replace(raw, spans):
+                out = repl(*_captures(rx, raw, spans))
                 return _replacement(out[0] if out else None) if isinstance(out, tuple) else _replacement(out)
-        raw, pos = subject.raw, subject.pos
+        raw = subject.raw
         work = _Work(ctx, "gsub result")
-        out, last, count = [], 0, 0
-        for spans in _find_all(rx, subject.text, limit, work):
+        out, last, count, size = [], 0, 0, 0
+        for spans in subject.find_all(rx, limit, work):
             count += 1
-            start, end = pos(spans[0][0]), pos(spans[0][1])
-            text = replace(subject, spans)
+            text = replace(raw, spans)
             if text is None:
                 continue
+            start = spans[0][0]
             out.append(raw[last:start])
             out.append(text)
-            work.add(start - last + len(text))
-            last = end
+            size += start - last + len(text)
+            if size > work.limit:
+                work.fits(size)
+            last = spans[0][1]
         if not count:
             return raw, 0
         out.append(raw[last:])
-        work.add(len(raw) - last)
+        work.fits(size + len(raw) - last)
         return b"".join(out), count
 
     @pure

@@ -389,3 +389,14 @@ def test_bad_podman_content_is_a_clear_error(podman):
         podman.run(bad, call())
     with pytest.raises(msgscript.MsgscriptError, match="needs an \"image\""):
         podman.run(msgscript.Script("pod.test", "pod", "{}", executor="podman"), call())
+
+
+def test_podman_container_that_ignores_its_stdin(podman, podman_service):
+    """A payload the container never reads is no error: podman's complaint about it is not the script's stderr."""
+    script = podman_script(podman_service[1], ["/bin/echo", "ok"])
+    results = [outcome(podman, script, call(b"x")) for _ in range(20)]
+    assert [(r.error, r.payload) for r in results] == [("", b"ok\n")] * 20
+    big = [outcome(podman, script, call(b"y" * 2**20)) for _ in range(3)]
+    assert [(r.error, r.payload) for r in big] == [("", b"ok\n")] * 3
+    failing = outcome(podman, podman_script(podman_service[1], ["sh", "-c", "echo bad >&2; exit 7"]), call(b"z" * 2**20))
+    assert failing.error == "exit status 7: bad"
