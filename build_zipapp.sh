@@ -50,7 +50,7 @@ import tomllib
 
 with open(sys.argv[1], "rb") as f:
     groups = tomllib.load(f)["project"].get("optional-dependencies", {})
-print(",".join(sorted(g for g in groups if g not in {"dev", "test", "tests", "lint", "docs", "all"})))
+print(",".join(sorted(g for g in groups if g not in {"dev", "test", "tests", "lint", "docs", "all", "wasm-build"})))
 EOF
 )"
 

@@ -1085,6 +1085,7 @@ class Call:
     url: str = "/"
     deadline: float = float("inf")  # time.monotonic() seconds
     trace: Any = None  # the message's span (Tracing) when traced
+    meta: dict | None = None  # a durable message's id, stream, sequence, attempt (OnMessage's third argument)
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
@@ -1173,9 +1174,7 @@ def lua_type(value: Any) -> str:
         return "number"
     if isinstance(value, (str, bytes)):
         return "string"
-    import lupa.lua51 as lupa
-
-    return lupa.lua_type(value) or "userdata"
+    return _lupa_type(value) or "userdata"
 
 
 def is_table(value: Any) -> bool:
@@ -1738,8 +1737,10 @@ try:
     import lupa.lua51 as _lupa51
 
     _LUPA_ERRORS: tuple = (_lupa51.LuaError,)
+    _lupa_type = _lupa51.lua_type
 except ImportError:  # reported when a script first runs
     _LUPA_ERRORS = ()
+    _lupa_type = lambda value: None  # noqa: E731
 
 
 def _lua_size(value: Any, budget: list | None = None) -> int:
@@ -1872,7 +1873,10 @@ class LuaRunner:
         if type(fname) is str:
             fname = fname.encode()
         ctx = self.ctx
-        size = sum(map(len, args))
+        size = 0
+        for arg in args:
+            if type(arg) is bytes:
+                size += len(arg)
         if ctx._max_memory and size + LUA_MEMORY_MARGIN > ctx._max_memory - self.lua.get_memory_used():
             ctx.fits(size, "payload")
         ctx.deadline, ctx.inline, ctx.moved = deadline, inline, False
@@ -2139,8 +2143,11 @@ class LuaExecutor(Executor):
             cache = self._local.runners = {}
         store = self.services.store
         stamp = (script.version, store.library_stamp(script)) if script.libraries and store else script.version
-        entry = cache.get(script.key)
+        key = script.key
+        entry = cache.get(key)
         if entry is not None and entry[0] == stamp:
+            if len(cache) >= self.max_cached // 2:  # least recently used last out: keep the hot ones
+                cache[key] = cache.pop(key)
             return entry[1]
         source = store.source(script) if store else script.content
         runner = LuaRunner(script, source, self.services, script.memory or self.memory)
@@ -2155,6 +2162,7 @@ class LuaExecutor(Executor):
     def _forget(self, script: Script) -> None:
         if getattr(self._local, "runners", {}).pop(script.key, None) is not None:
             self.runtimes -= 1
+            _glibc("malloc_trim", 0)  # a runtime dropped at its memory cap: give its pages back
 
     def run(self, script: Script, call: Call, inline: bool = False) -> Result:
         if script.http and not call.method:
@@ -2168,7 +2176,11 @@ class LuaExecutor(Executor):
         runner = self._runner(script)
         runner.ctx.trace = call.trace
         try:
-            found, *values = runner.call(fname, call.deadline, first, call.payload, inline=inline)
+            if call.meta is None:
+                found, *values = runner.call(fname, call.deadline, first, call.payload, inline=inline)
+            else:
+                found, *values = runner.call(fname, call.deadline, first, call.payload, runner.ctx.table(call.meta),
+                                             inline=inline)
         except runner.lupa.LuaMemoryError:
             self._forget(script)
             raise self._memory_error(script) from None
@@ -3739,6 +3751,7 @@ HTTP_MAX_HEADER_BYTES = 64 * 2**10
 HTTP_MAX_URL = 8 * 2**10
 HTTP_HEADER_TIMEOUT = 30.0  # a request's headers must arrive within this (slow clients)
 HTTP_IDLE_TIMEOUT = 300.0  # an idle keep-alive connection is closed after this
+HTTP_SWEEP = 1.0  # seconds between looks for connections past their time
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
@@ -3844,7 +3857,8 @@ class HttpConnection(asyncio.Protocol):
         self.waiting: collections.deque[HttpRequest] = collections.deque()
         self.refused: HttpError | None = None  # a later request that failed, answered after the busy one
         self._reset()
-        self._timer: asyncio.TimerHandle | None = None
+        self.expires = math.inf  # when the sweeper (HttpFront) times this connection out
+        self.on_late: Callable[[], None] | None = None  # answers a request still running at `expires`
         self._paused = self._write_paused = False
 
     def _reset(self) -> None:
@@ -3867,9 +3881,7 @@ class HttpConnection(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.front.close_connection(self)
-        if self._timer is not None:
-            self._timer.cancel()
-        self.transport = None
+        self.transport = self.on_late = None
 
     def data_received(self, data: bytes) -> None:
         if self.transport is None or self.transport.is_closing():
@@ -3946,9 +3958,7 @@ class HttpConnection(asyncio.Protocol):
     # answering
     def _start(self, request: HttpRequest) -> None:
         self.busy = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.expires = math.inf
         self.front.handle(self, request)
 
     def respond(self, request: HttpRequest, status: int, body: bytes, headers: dict[str, str]) -> None:
@@ -3958,7 +3968,7 @@ class HttpConnection(asyncio.Protocol):
         close = not request.keep_alive or self.front.stopping
         self.transport.write(response_bytes(status, body, headers, close, request.method == "HEAD"))
         self.front.count_response(status)
-        self.busy = False
+        self.busy, self.on_late = False, None
         if close:
             self.transport.close()
             return
@@ -3990,13 +4000,16 @@ class HttpConnection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def _arm(self, seconds: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self.front.loop.call_later(seconds, self._expire)
+        self.expires = time.monotonic() + seconds
 
-    def _expire(self) -> None:
-        self._timer = None
-        if self.busy or self.transport is None:
+    def expire(self) -> None:
+        """Called by HttpFront's sweeper once `expires` has passed."""
+        self.expires = math.inf
+        if self.busy:
+            if self.on_late is not None:
+                self.on_late()
+            return
+        if self.transport is None:
             return
         if self.url or self.headers or self.body:  # a request is half-sent
             return self.fail(HttpError(408, "request not received in time"))
@@ -4020,6 +4033,7 @@ class HttpFront:
         self.responses: dict[int, int] = {}
         self.server: asyncio.AbstractServer | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._sweeper: asyncio.Task | None = None
 
     async def start(self, host: str, port: int) -> None:
         self.loop = asyncio.get_running_loop()
@@ -4028,6 +4042,15 @@ class HttpFront:
                                                         reuse_address=True, backlog=1024)
         except OSError as e:
             raise ConfigError(f"cannot listen on port {port}: {e.strerror or e}") from None
+        self._sweeper = self.loop.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Time connections out, once a second: one task instead of timers re-armed on every request."""
+        while True:
+            await asyncio.sleep(HTTP_SWEEP)
+            now = time.monotonic()
+            for conn in [c for c in self.connections if c.expires < now]:
+                conn.expire()
 
     def open_connection(self, conn: HttpConnection) -> bool:
         if len(self.connections) >= self.config.max_connections or self.stopping:
@@ -4055,6 +4078,8 @@ class HttpFront:
                 conn.transport.close()
 
     def close_all(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
@@ -4075,7 +4100,7 @@ class HttpFront:
             if path.startswith("/_/") or path in ("/_", "/"):
                 self._allow(request, self.config.admin, "admin pages")
                 return answer(*AdminPages(self.scheduler).page(path))
-            self._run(request, answer)
+            self._run(conn, request, answer)
         except MsgscriptError as e:
             answer(*text_response(e.status, str(e)))
         except Exception:  # noqa: BLE001 - never a traceback to the client
@@ -4089,7 +4114,7 @@ class HttpFront:
             raise HttpError(403, f"the {what} answer local clients only (start the server with "
                                  f"-{'metrics' if what == 'metrics' else 'admin'} public to open them)")
 
-    def _run(self, request: HttpRequest, answer: Callable) -> None:
+    def _run(self, conn: HttpConnection, request: HttpRequest, answer: Callable) -> None:
         subject, url, params = split_target(request.target)
         timeout = self.config.timeout
         if "_timeout" in params:
@@ -4105,7 +4130,6 @@ class HttpFront:
             if answered[0]:
                 return
             answered[0] = True
-            timer.cancel()
             if call.trace is not None:
                 call.trace.end_message(results)
             answer(*self.response(scripts, results))
@@ -4115,12 +4139,8 @@ class HttpFront:
                 answered[0] = True
                 answer(*text_response(504, f"no answer from {subject} within {timeout:g}s"))
 
-        timer = self.loop.call_later(timeout + 1.0, late)
-        try:
-            self.scheduler.dispatch(scripts, call, None, done)
-        except BaseException:
-            timer.cancel()
-            raise
+        conn.expires, conn.on_late = time.monotonic() + timeout + 1.0, late
+        self.scheduler.dispatch(scripts, call, None, done)
 
     def response(self, scripts: list[Script], results: list[Result]) -> tuple[int, bytes, dict[str, str]]:
         """(status, body, headers) for a subject's results."""
@@ -4404,8 +4424,8 @@ class _Span:
         self.span.end()
 
     def cancel(self) -> None:
-        self.span.set_attribute("msgscript.moved_to_worker", True)
-        self.span.end()
+        """An inline attempt that moved to a worker: the span is dropped (never ended, never exported)."""
+        self.span = None
 
     def end_message(self, results: list[Result], status: int | None = None) -> None:
         self.child("reply", {}).end_plain()
@@ -4416,6 +4436,16 @@ class _Span:
 
             self.span.set_status(Status(StatusCode.ERROR, results[0].error))
         self.span.end()
+
+
+def _glibc(function: str, *args) -> None:
+    """Call a glibc function when there is one (malloc tuning on Linux), else nothing."""
+    try:
+        import ctypes
+
+        getattr(ctypes.CDLL("libc.so.6"), function)(*args)
+    except (OSError, AttributeError):
+        pass
 
 
 def sd_notify(state: str) -> None:
@@ -4658,10 +4688,13 @@ class _Consumer:
                                 deliver_policy=DeliverPolicy.ALL, ack_wait=self.durable.ack_wait,
                                 max_deliver=attempts + 1, max_ack_pending=DURABLE_BATCH * 4,
                                 filter_subject=self.subject)
-        self.sub = await js.pull_subscribe(self.subject, durable=self.name, stream=self.stream, config=config)
+        config.name = self.name
+        # created, or updated when the script's retry header or the server's -ack-wait changed
+        await js.add_consumer(self.stream, config=config)
+        self.sub = await js.pull_subscribe_bind(durable=self.name, stream=self.stream)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._fetch()), loop.create_task(self._settle_results()),
-                       loop.create_task(self._keep_alive())]
+                       loop.create_task(self._keep_alive()), loop.create_task(self._watch_counts())]
         if self.script.cron:
             self._tasks.append(loop.create_task(self._tick()))
 
@@ -4694,8 +4727,6 @@ class _Consumer:
             try:
                 msgs = await (self.sub.fetch(1, timeout=5.0) if idle else self.sub.fetch(room, timeout=0.05))
             except (TimeoutError, nats.errors.TimeoutError):
-                if idle:
-                    await self._refresh()
                 idle = True
                 continue
             except asyncio.CancelledError:
@@ -4713,7 +4744,13 @@ class _Consumer:
             self._settle.put_nowait((msg, None))
             return
         self.running[id(msg)] = (msg, time.monotonic())
-        call = Call(self.script.subject, b"" if self.script.cron else msg.data)
+        meta = msg.metadata
+        headers = msg.headers or {}
+        info = {"stream": meta.stream, "sequence": meta.sequence.stream, "attempt": meta.num_delivered,
+                "id": headers.get("Nats-Msg-Id") or f"{meta.stream}:{meta.sequence.stream}", "subject": msg.subject}
+        if self.script.cron:
+            info["tick"] = headers.get("Msgscript-Tick", "")
+        call = Call(self.script.subject, b"" if self.script.cron else msg.data, meta=info)
         try:
             self.durable.scheduler.dispatch([self.script], call, None,
                                             lambda results: self._settle.put_nowait((msg, results[0])))
@@ -4770,12 +4807,15 @@ class _Consumer:
                     except Exception:  # noqa: BLE001 - redelivered later if NATS is away
                         pass
 
-    async def _refresh(self) -> None:
-        try:
-            info = await self.sub.consumer_info()
-            self.pending, self.redelivered = info.num_pending, info.num_redelivered
-        except Exception:  # noqa: BLE001 - only statistics
-            pass
+    async def _watch_counts(self) -> None:
+        """Pending and redelivered counts for $SRV.STATS, the admin page and the metrics."""
+        while True:
+            try:
+                info = await self.sub.consumer_info()
+                self.pending, self.redelivered = info.num_pending, info.num_redelivered
+            except Exception:  # noqa: BLE001 - only statistics
+                pass
+            await asyncio.sleep(1.0)
 
     async def _tick(self) -> None:
         """Publish this schedule's ticks; JetStream keeps one per tick whichever servers publish it."""
@@ -4935,6 +4975,7 @@ class Server:
             os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # scripts' io.read sees end of file, never blocks
         except OSError:
             pass
+        _glibc("mallopt", -8, 2)  # M_ARENA_MAX: threads share two malloc arenas, so freed memory is reused
         asyncio.run(self._main())
 
     def not_ready(self) -> str:
@@ -5425,7 +5466,7 @@ def completion_script(shell: str) -> str:
                 lines += [f"complete -c {prog} -n '__fish_seen_subcommand_from {name}' -l {w[2:]}"
                           for w in words if w.startswith("--")]
         return "\n".join(lines)
-    cases = "\n".join(f"    {name}) words=\"{' '.join(words)} {' '.join(cli_flags)}\";;"
+    cases = "\n".join(f"    {name}) words=\"{' '.join(sorted(set(words) | set(cli_flags)))}\";;"
                       for name, words in commands.items())
     body = f"""_msgscript_complete() {{
   local cur words i cmd=""

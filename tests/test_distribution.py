@@ -47,6 +47,7 @@ let
   lib = {
     inherit (builtins) concatStringsSep filter;
     optionals = cond: list: if cond then list else [ ];
+    optionalAttrs = cond: attrs: if cond then attrs else { };
     mkOption = option: option;
     mkEnableOption = description: { default = false; inherit description; };
     mkIf = cond: content: if cond then content else { };
@@ -70,7 +71,11 @@ let
     utils.escapeSystemdExecArgs = builtins.toJSON;
   };
   options = module.options.services.msgscript;
-  cfg = builtins.mapAttrs (name: option: option.default) options // { enable = true; } // overrides;
+  isOption = o: o ? default && o ? description;
+  defaults = opts: builtins.mapAttrs (name: o: if isOption o then o.default else defaults o) opts;
+  merge = a: b: a // builtins.mapAttrs (k: v: if builtins.isAttrs v && builtins.isAttrs (a.${k} or null)
+    then merge a.${k} v else v) b;
+  cfg = merge (defaults options // { enable = true; }) overrides;
 in
 {
   inherit (module) config;
@@ -111,26 +116,40 @@ def test_module_defaults_give_a_command_line_the_server_accepts(tmp_path):
     argv = exec_start_args(eval_module(tmp_path))
     args, cfg = server_config_for(argv)
     assert argv[0] == "server"
-    assert (cfg.backend, cfg.port, cfg.nats_url) == ("file", 7643, None)
-    assert cfg.script_dir == "/var/lib/msgscript/scripts"
-    assert cfg.library_dir == "/var/lib/msgscript/libs"
-    assert cfg.etcd_endpoints == ["http://127.0.0.1:2379"]
+    assert (cfg.store.backend, cfg.port, cfg.nats.url) == ("file", 7643, "")
+    assert cfg.store.script_dir == "/var/lib/msgscript/scripts"
+    assert cfg.store.library_dir == "/var/lib/msgscript/libs"
+    assert cfg.store.etcd_endpoints == ["http://127.0.0.1:2379"]
+    assert cfg.data_dir == "/var/lib/msgscript/nats"  # the embedded NATS keeps JetStream under the data directory
+    assert (cfg.http.admin, cfg.http.metrics) == ("local", "local")
 
 
 @needs_nix
 def test_every_module_option_reaches_the_server(tmp_path):
     plugins = tmp_path / "plugins"
     plugins.mkdir()
+    secrets = {name: tmp_path / name for name in ("user.creds", "ca.pem", "cert.pem", "key.pem")}
+    for path in secrets.values():
+        path.write_text("x")
     overrides = (f'backend = "etcd"; etcdEndpoints = [ "http://10.0.0.1:2379" "http://10.0.0.2:2379" ]; '
                  f'natsUrl = "nats://10.0.0.3:4222"; plugins = "{plugins}"; dataDir = "/srv/ms"; port = 8080; '
-                 'logLevel = "debug"; extraFlags = [ "-workers" "4" ];')
-    args, cfg = server_config_for(exec_start_args(eval_module(tmp_path, overrides)))
-    assert cfg.backend == "etcd"
-    assert cfg.etcd_endpoints == ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
-    assert cfg.nats_url == "nats://10.0.0.3:4222"
+                 f'nats = {{ credsFile = "{secrets["user.creds"]}"; tls = {{ caFile = "{secrets["ca.pem"]}"; '
+                 f'certFile = "{secrets["cert.pem"]}"; keyFile = "{secrets["key.pem"]}"; }}; }}; '
+                 'admin = "off"; metrics = "public"; logLevel = "debug"; extraFlags = [ "-workers" "4" ];')
+    evaluated = eval_module(tmp_path, overrides)
+    args, cfg = server_config_for(exec_start_args(evaluated))
+    assert cfg.store.backend == "etcd"
+    assert cfg.store.etcd_endpoints == ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
+    assert cfg.nats.url == "nats://10.0.0.3:4222"
+    assert (cfg.nats.creds, cfg.nats.tls_ca) == (str(secrets["user.creds"]), str(secrets["ca.pem"]))
+    assert (cfg.nats.tls_cert, cfg.nats.tls_key) == (str(secrets["cert.pem"]), str(secrets["key.pem"]))
+    assert (cfg.http.admin, cfg.http.metrics) == ("off", "public")
     assert cfg.plugin_dirs == [str(plugins)]
-    assert (cfg.script_dir, cfg.library_dir) == ("/srv/ms/scripts", "/srv/ms/libs")
+    assert (cfg.store.script_dir, cfg.store.library_dir) == ("/srv/ms/scripts", "/srv/ms/libs")
     assert (cfg.port, cfg.log_level, cfg.workers) == (8080, "debug", 4)
+    traced = eval_module(tmp_path, 'traces = { enable = true; endpoint = "http://10.0.0.9:4318"; };')
+    env = traced["config"]["systemd"]["services"]["msgscript"]["environment"]
+    assert env == {"TELEMETRY_TRACES": "1", "OTEL_ENDPOINT": "http://10.0.0.9:4318"}
 
 
 @needs_nix
@@ -139,7 +158,7 @@ def test_every_backend_and_log_level_the_module_offers_is_accepted(tmp_path):
     assert set(evaluated["backends"]) == {"file", "etcd"}
     for backend in evaluated["backends"]:
         _, cfg = server_config_for(exec_start_args(eval_module(tmp_path, f'backend = "{backend}";')))
-        assert cfg.backend == backend
+        assert cfg.store.backend == backend
     for level in evaluated["logLevels"]:
         _, cfg = server_config_for(exec_start_args(eval_module(tmp_path, f'logLevel = "{level}";')))
         assert cfg.log_level == level
@@ -149,6 +168,7 @@ def test_every_backend_and_log_level_the_module_offers_is_accepted(tmp_path):
 def test_the_unit_is_hardened_and_restarts(tmp_path):
     service = eval_module(tmp_path)["config"]["systemd"]["services"]["msgscript"]
     unit = service["serviceConfig"]
+    assert (unit["Type"], unit["NotifyAccess"]) == ("notify", "main")  # the server sends READY=1 and STOPPING=1
     assert unit["Restart"] == "on-failure"
     assert unit["NoNewPrivileges"] is True
     assert unit["ProtectSystem"] == "strict"
@@ -177,15 +197,20 @@ def test_flags_written_in_the_module_source_are_server_flags(tmp_path):
     """Without Nix: read the flags out of the module's serverArgs list and hand them to the parser."""
     block = re.search(r"serverArgs\s*=\s*\[(.*?)\+\+\s*cfg\.extraFlags;", MODULE.read_text(), re.S)
     assert block, "nix/module.nix has no `serverArgs = [ ... ] ++ cfg.extraFlags;`"
-    words = re.findall(r'"([^"$]*)"', block.group(1))
+    words = [w for w in re.findall(r'"([^"]*)"', block.group(1)) if "$" not in w]
     flags = [w for w in words if w.startswith("-")]
     assert words[0] == "server"
+    secret = tmp_path / "secret"
+    secret.write_text("x")
     samples = {"-backend": "file", "-etcdurl": "http://127.0.0.1:2379,http://10.0.0.2:2379", "-script": str(tmp_path),
                "-library": str(tmp_path), "-port": "7643", "-log": "info", "-natsurl": "nats://127.0.0.1:4222",
-               "-plugin": str(tmp_path)}
+               "-plugin": str(tmp_path), "-data": str(tmp_path), "-natscreds": str(secret), "-natsnkey": str(secret),
+               "-natstls-ca": str(secret), "-natstls-cert": str(secret), "-natstls-key": str(secret),
+               "-admin": "local", "-metrics": "local"}
     assert set(flags) <= set(samples), f"give the new module flags a sample value here: {set(flags) - set(samples)}"
     assert {"-backend", "-etcdurl", "-natsurl", "-plugin", "-script", "-library", "-port"} <= set(flags)
-    argv = ["server"] + [part for flag in flags for part in (flag, samples[flag])]
+    exclusive = {"-natsnkey"}  # with -natscreds: the module offers both, a server takes one
+    argv = ["server"] + [part for flag in flags if flag not in exclusive for part in (flag, samples[flag])]
     args, cfg = server_config_for(argv)
     assert cfg.port == 7643 and cfg.plugin_dirs == [str(tmp_path)]
 

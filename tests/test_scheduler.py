@@ -1,0 +1,129 @@
+"""Where calls run: quick scripts inline on the event loop, anything that blocks on workers,
+and neither ever holds up the other (functional guarantees with generous margins, not timings)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import requests
+from conftest import MsgscriptProcess, write_script
+
+SCRIPTS = {
+    "hello.lua": """--* subject: sched.hello
+--* name: hello
+function OnMessage(subject, payload) return "hello " .. payload end
+""",
+    "sleepy.lua": """--* subject: sched.sleepy
+--* name: sleepy
+local time = require("time")
+function OnMessage(subject, payload) time.sleep(3) return "slept" end
+""",
+    # quick (and run inline) until asked to sleep: the server must move it off the event loop
+    "turns.lua": """--* subject: sched.turns
+--* name: turns
+function OnMessage(subject, payload)
+  if payload == "slow" then require("time").sleep(2) return "slow" end
+  return "quick"
+end
+""",
+    "count.lua": """--* subject: sched.count
+--* name: count
+function OnMessage(subject, payload)
+  local n = 0
+  for i = 1, 1000 do n = n + i end
+  return tostring(n)
+end
+""",
+    "loop.lua": """--* subject: sched.loop
+--* name: loop
+--* timeout: 500ms
+function OnMessage() local ok = pcall(function() while true do end end) while true do end end
+""",
+}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, nats_server):
+    d = tmp_path_factory.mktemp("sched")
+    for name, text in SCRIPTS.items():
+        write_script(d, name, text)
+    proc = MsgscriptProcess(["-script", str(d), "-natsurl", nats_server.url, "-workers", "2"], d)
+    yield proc
+    proc.stop()
+
+
+async def _gather_requests(nc, subject: str, n: int, payload: bytes = b"", timeout: float = 10):
+    return await asyncio.gather(*[nc.request(subject, payload, timeout=timeout) for _ in range(n)],
+                                return_exceptions=True)
+
+
+def test_hello_answers_at_once_while_twenty_slow_calls_run(server, nats_client):
+    """20 calls of a 3 s sleeping script in flight: a hello on another subject is still answered within 1 s."""
+    loop, nc = nats_client.loop, nats_client.nc
+    slow = loop.create_task(_gather_requests(nc, "sched.sleepy", 20, timeout=20))
+    loop.run_until_complete(asyncio.sleep(0.5))  # the slow calls are running now
+    for _ in range(5):
+        started = time.monotonic()
+        assert nats_client.request("sched.hello", b"B", timeout=1).data == b"hello B"
+        assert time.monotonic() - started < 1.0
+    answered = requests.post(f"{server.base}/sched.hello", data=b"H", timeout=1)
+    assert answered.status_code == 200
+    replies = loop.run_until_complete(slow)
+    assert [r.data for r in replies] == [b"slept"] * 20
+
+
+def test_script_that_turns_blocking_never_stalls_the_loop(server, nats_client):
+    """100 quick calls (run inline), then the same script starts sleeping: other subjects keep answering."""
+    for _ in range(100):
+        assert nats_client.request("sched.turns", b"quick").data == b"quick"
+    metrics = requests.get(f"{server.base}/metrics", timeout=5).text
+    assert 'msgscript_inline_moves_total{script="turns",subject="sched.turns"} 0.0' in metrics
+    loop, nc = nats_client.loop, nats_client.nc
+    slow = loop.create_task(_gather_requests(nc, "sched.turns", 5, b"slow", timeout=10))
+    loop.run_until_complete(asyncio.sleep(0.2))
+    for _ in range(5):
+        started = time.monotonic()
+        assert nats_client.request("sched.hello", b"x", timeout=1).data == b"hello x"
+        assert time.monotonic() - started < 1.0
+    assert [r.data for r in loop.run_until_complete(slow)] == [b"slow"] * 5
+    metrics = requests.get(f"{server.base}/metrics", timeout=5).text
+    assert 'msgscript_inline_moves_total{script="turns",subject="sched.turns"} 1.0' in metrics
+
+
+def test_timeout_of_a_loop_started_inline_still_fires(server, nats_client):
+    """A loop inside pcall, then outside it, in a script that starts inline: 504 at its 500 ms limit."""
+    started = time.monotonic()
+    msg = nats_client.request("sched.loop", b"", timeout=5)
+    assert msg.headers["Nats-Service-Error-Code"] == "504"
+    assert time.monotonic() - started < 3
+    assert nats_client.request("sched.hello", b"after").data == b"hello after"
+
+
+def test_quick_scripts_run_inline_and_stay_there(server, nats_client):
+    for _ in range(50):
+        assert nats_client.request("sched.count", b"").data == b"500500"
+    metrics = requests.get(f"{server.base}/metrics", timeout=5).text
+    assert 'msgscript_inline_moves_total{script="count",subject="sched.count"} 0.0' in metrics
+    assert 'msgscript_calls_total{script="count",subject="sched.count"}' in metrics
+
+
+def test_over_the_inflight_limit_is_refused_at_once(nats_server, tmp_path, nats_client):
+    write_script(tmp_path, "sleepy.lua", SCRIPTS["sleepy.lua"].replace("sched.sleepy", "sched.limit.sleepy"))
+    write_script(tmp_path, "hello.lua", SCRIPTS["hello.lua"].replace("sched.hello", "sched.limit"))
+    proc = MsgscriptProcess(["-script", str(tmp_path), "-natsurl", nats_server.url, "-max-inflight", "3"], tmp_path)
+    try:
+        loop, nc = nats_client.loop, nats_client.nc
+        slow = loop.create_task(_gather_requests(nc, "sched.limit.sleepy", 3, timeout=20))
+        loop.run_until_complete(asyncio.sleep(0.5))
+        started = time.monotonic()
+        refused = nats_client.request("sched.limit", b"x", timeout=2)
+        assert refused.headers["Nats-Service-Error-Code"] == "429"
+        r = requests.post(f"{proc.base}/sched.limit", data=b"x", timeout=2)
+        assert r.status_code == 429
+        assert time.monotonic() - started < 1.5
+        loop.run_until_complete(slow)
+        assert nats_client.request("sched.limit", b"y").data == b"hello y"
+    finally:
+        proc.stop()
