@@ -288,6 +288,31 @@ end
         assert (info.num_pending, info.num_ack_pending) == (0, 0), name
 
 
+def test_editing_the_retry_header_reaches_the_shared_consumer(pair, js, tmp_path):
+    """The consumer is updated when a script's retry header changes (JetStream keeps its old config otherwise)."""
+    js.add_stream("T2E", "t2e.work")
+    attempts = tmp_path / "attempts"
+    body = recorder(attempts) + """
+function OnMessage(subject, payload)
+  record(payload)
+  error("no")
+end
+"""
+    dead = js.subscribe("msgscript.deadletter.t2e.work")
+    path = pair.add("edited.lua", lua_script("t2e.work", "edited", body, stream="T2E", retry="none"),
+                    wait=("t2e.work", "edited"))
+    js.publish("t2e.work", b"before")
+    wait_until(lambda: dead, 15)
+    assert dead[0].headers["Msgscript-Attempts"] == "1"
+    path.write_text(path.read_text().replace("retry: none", "retry: 200ms, 200ms, 200ms"))
+    for server in pair.servers:
+        wait_until(lambda server=server: server.log.count("script t2e.work/edited runs from") == 2, 15)
+    js.publish("t2e.work", b"after")
+    wait_until(lambda: len(dead) == 2, 20)
+    assert (dead[1].data, dead[1].headers["Msgscript-Attempts"]) == (b"after", "4")
+    assert collections.Counter(first_column(attempts)) == {"before": 1, "after": 4}
+
+
 # --- several servers -------------------------------------------------------------------------
 
 def test_two_servers_share_a_stream_each_message_once(pair, js, tmp_path):

@@ -398,5 +398,6 @@ def test_podman_container_that_ignores_its_stdin(podman, podman_service):
     assert [(r.error, r.payload) for r in results] == [("", b"ok\n")] * 20
     big = [outcome(podman, script, call(b"y" * 2**20)) for _ in range(3)]
     assert [(r.error, r.payload) for r in big] == [("", b"ok\n")] * 3
-    failing = outcome(podman, podman_script(podman_service[1], ["sh", "-c", "echo bad >&2; exit 7"]), call(b"z" * 2**20))
+    fails = podman_script(podman_service[1], ["sh", "-c", "echo bad >&2; exit 7"])
+    failing = outcome(podman, fails, call(b"z" * 2**20))
     assert failing.error == "exit status 7: bad"
