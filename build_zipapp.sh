@@ -65,14 +65,27 @@ req="$wheel${extras:+[$extras]}"
 
 step "installing $(basename "$wheel")${extras:+ [$extras]} for Python $host"
 "$py" -m pip install --quiet --target "$work/site" "$req" || die "pip install for Python $host failed"
-"$py" -m pip list --path "$work/site" --format=freeze >"$work/constraints.txt"
 
-# Same versions for the other interpreters; only files not already present are added.
+# The packages with native code (their wheels are not pure Python), at the installed versions.
+"$py" - "$work/site" >"$work/native.txt" <<'EOF'
+import re
+import sys
+from pathlib import Path
+
+for info in sorted(Path(sys.argv[1]).glob("*.dist-info")):
+    if "Root-Is-Purelib: false" in (info / "WHEEL").read_text():
+        meta = (info / "METADATA").read_text()
+        name = re.search(r"^Name: (.+)$", meta, re.M).group(1).strip()
+        version = re.search(r"^Version: (.+)$", meta, re.M).group(1).strip()
+        print(f"{name}=={version}")
+EOF
+
+# Those same versions for the other interpreters; only files not already present are added.
 for v in "${pythons[@]}"; do
   [ "$v" = "$host" ] && continue
   step "adding native wheels for Python $v"
   "$py" -m pip install --quiet --target "$work/site-$v" --python-version "$v" --implementation cp \
-    --only-binary=:all: "${platforms[@]}" -c "$work/constraints.txt" "$req" \
+    --only-binary=:all: "${platforms[@]}" --no-deps -r "$work/native.txt" \
     || die "no complete wheel set for Python $v (drop it from PYZ_PYTHONS)"
   cp -Rn "$work/site-$v/." "$work/site/"
 done

@@ -476,6 +476,7 @@ class FileStore(Store):
 
             self.watching = "notify"
             for _changes in watchfiles.watch(*dirs, stop_event=self._stop, debounce=50, step=25,
+                                             watch_filter=lambda _change, path: path.endswith(".lua"),
                                              rust_timeout=1000, yield_on_timeout=False, recursive=False,
                                              raise_interrupt=False):
                 self._scan_safely()
@@ -1304,7 +1305,7 @@ def error_text(exc: BaseException) -> str:
 _SANDBOX_LUA = r"""
 local expired, blocking, module_names, py = ...
 local G = _G
-local sethook, raw_getinfo = debug.sethook, debug.getinfo
+local sethook, raw_getinfo, module_metatable = debug.sethook, debug.getinfo, debug.getmetatable
 local raw_getfenv, raw_setfenv, raw_loadstring = getfenv, setfenv, loadstring
 local raw_getmetatable, raw_setmetatable = getmetatable, setmetatable
 local cocreate, coresume = coroutine.create, coroutine.resume
@@ -1481,7 +1482,7 @@ function S.require(name)
   elseif module_names[name] then
     local mod = MODULES[name]
     if mod == nil then mod = load_module(name); MODULES[name] = mod end
-    v = type(mod) == "table" and copy(mod) or mod
+    v = type(mod) == "table" and raw_setmetatable(copy(mod), module_metatable(mod)) or mod
   else
     local path, src = find_module(name)
     if not path then error(src, 2) end
@@ -1527,7 +1528,7 @@ newproxy, gcinfo, python = nil, nil, nil  -- newproxy: userdata finalizers run w
 package.loaded._G, package.loaded.debug = nil, nil
 package.loadlib, package.seeall, package.cpath = nil, nil, ""  -- no C code; seeall exposes the real globals
 EtcdKV = {}
-EtcdKV.__index = EtcdKV
+EtcdKV.__index, EtcdKV.__metatable = EtcdKV, false
 function EtcdKV.new(key, value) return setmetatable({key = key, value = value}, EtcdKV) end
 function EtcdKV:getKey() return self.key end
 function EtcdKV:getValue() return self.value end
@@ -1597,12 +1598,13 @@ class LuaContext:
         self.moved = False
         self.trace = None  # the running call's trace context (Tracing), if traced
         self._wrap = None  # the sandbox's Lua wrapper for Python functions
+        self._state: dict[str, Any] = {}
         self._max_memory = lua.get_max_memory() or 0
 
     def remaining(self, cap: float | None = None) -> float:
-        """Seconds left for the current call (at least a millisecond), capped at `cap`."""
+        """Seconds left for the current call (at least a millisecond), capped at `cap` (None: no cap)."""
         left = max(0.001, self.deadline - time.monotonic())
-        return min(left, cap) if cap else left
+        return left if cap is None else max(0.001, min(left, cap))
 
     def max_bytes(self) -> int:
         """How many bytes a value handed to this script may take (what its memory cap leaves)."""
@@ -1662,9 +1664,20 @@ class LuaContext:
         """A Lua string (or number) as str."""
         return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else lua_tostring(value)
 
-    def execute(self, source: str, *args):
-        """Run Lua source (a module written in Lua) with the libraries of the sandbox."""
-        return self.lua.execute(source, *args)
+    def execute(self, source: str, *args, name: str | None = None):
+        """Run Lua source (a module written in Lua) with the libraries of the sandbox; `name` names it in errors."""
+        return self.lua.execute(source, *args, name=f"={name}" if name else None)
+
+    def move_to_worker(self) -> None:
+        """From a pure function whose work turns out big: an inline call moves to a worker (no-op elsewhere)."""
+        if self.inline:
+            raise _MoveToPool()
+
+    def state(self, key: str, make: Callable[[], Any]) -> Any:
+        """Per-runtime state shared by a plugin's loaders and functions (made on first use)."""
+        if key not in self._state:
+            self._state[key] = make()
+        return self._state[key]
 
     def trace_headers(self) -> dict[str, str] | None:
         """W3C trace context headers for an outgoing request of the running call (None if untraced)."""
@@ -1747,8 +1760,10 @@ def _lua_size(value: Any, budget: list | None = None) -> int:
     """About how many bytes of Lua memory a Python value takes once converted."""
     if value is None or isinstance(value, (bool, int, float)):
         return 0
-    if isinstance(value, (str, bytes)):
+    if isinstance(value, bytes):
         return len(value) + 32
+    if isinstance(value, str):  # its UTF-8 length: up to 4 bytes a character
+        return (len(value) if value.isascii() else len(value.encode("utf-8", "surrogateescape"))) + 32
     if isinstance(value, (dict, list, tuple)):
         budget = budget or [2_000_000]
         budget[0] -= len(value)
@@ -1822,7 +1837,7 @@ class LuaRunner:
         finally:
             self.ctx.inline = inline
         if isinstance(value, str):
-            return self.lua.execute(value)
+            return self.lua.execute(value, name=f"={name}")
         return self.ctx.module(value) if isinstance(value, dict) else value
 
     def _find_module(self, name: bytes):
@@ -1963,6 +1978,11 @@ class CommandResult:
     stdout: bytes = b""
     stderr: bytes = b""
     timed_out: bool = False
+    signal: int = 0  # the signal that killed the command, 0 when it exited
+
+
+class CommandTimeout(LuaError):
+    """run_command reached its timeout (the command was killed)."""
 
 
 def run_command(command: str, timeout: float, max_output: int, stdin: bytes | None = None,
@@ -1983,12 +2003,12 @@ def run_command(command: str, timeout: float, max_output: int, stdin: bytes | No
         stdout, stderr = out.communicate(stdin, timeout)
     except subprocess.TimeoutExpired:
         _kill_group(proc)
-        raise LuaError("script timed out") from None
+        raise CommandTimeout("script timed out") from None
     except LuaError:
         _kill_group(proc)
         raise
     status = proc.returncode
-    return CommandResult(128 - status if status < 0 else status, stdout, stderr)
+    return CommandResult(128 - status if status < 0 else status, stdout, stderr, signal=max(0, -status))
 
 
 class _ProcessOutput:
@@ -4759,13 +4779,16 @@ class _Consumer:
 
     async def _settle_results(self) -> None:
         while True:
-            msg, result = await self._settle.get()
-            self.running.pop(id(msg), None)
+            batch = [await self._settle.get()]
+            while not self._settle.empty():  # one wake-up for all the results that are in
+                batch.append(self._settle.get_nowait())
+            for msg, result in batch:
+                self.running.pop(id(msg), None)
+                try:
+                    await self._settle_one(msg, result)
+                except Exception as e:  # noqa: BLE001 - NATS away: the message is redelivered later
+                    log.warning("acknowledging a message of %s failed: %s", self.name, error_text(e))
             self._room.set()
-            try:
-                await self._settle_one(msg, result)
-            except Exception as e:  # noqa: BLE001 - NATS away: the message is redelivered later
-                log.warning("acknowledging a message of %s failed: %s", self.name, error_text(e))
 
     async def _settle_one(self, msg, result: Result | None) -> None:
         if result is None:

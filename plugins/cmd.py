@@ -1,55 +1,28 @@
-"""`cmd`: cmd.exec(command [, timeout]) running `sh -c`, bounded by the script's deadline."""
+"""`cmd`: cmd.exec(command [, timeout]) running `sh -c`, bounded by the script's deadline and memory cap."""
 
-import os
-import signal
-import subprocess
+from msgscript import LuaError, check_string, opt_number, run_command
 
 DEFAULT_TIMEOUT = 10
-
-
-def _kill_group(proc):
-    """Kill the shell and everything it started (it leads its own process group)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-    for pipe in (proc.stdout, proc.stderr):
-        pipe.close()
-
-
-def execute(command, timeout, limit):
-    """Run `sh -c command`; a result dict, or (None, err). `limit` caps the timeout (script deadline)."""
-    try:
-        proc = subprocess.Popen(
-            ["sh", "-c", command], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, start_new_session=True,
-        )
-    except OSError as e:
-        return None, str(e)
-    try:
-        out, err = proc.communicate(timeout=max(0.0, min(timeout, limit)))
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        return None, "execute timeout"
-    except BaseException:
-        _kill_group(proc)
-        raise
-    status = proc.returncode if proc.returncode >= 0 else -1
-    return {"status": status, "stdout": out, "stderr": err}
+_TIMED_OUT = "script timed out"  # how run_command reports that its time ran out
 
 
 def _load(ctx):
-    def exec_(command, timeout=None):
-        if isinstance(command, (int, float)) and not isinstance(command, bool):
-            command = str(command)
-        if not isinstance(command, str):
-            raise TypeError(f"bad argument #1 to exec (string expected, got {type(command).__name__})")
-        if timeout is None:
-            timeout = DEFAULT_TIMEOUT
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-            raise TypeError(f"bad argument #2 to exec (number expected, got {type(timeout).__name__})")
-        return execute(command, timeout, ctx.remaining())
+    def exec_(command=None, timeout=None):
+        """{status, stdout, stderr}, or nil, err ("execute timeout" when `timeout` seconds pass)."""
+        command = check_string(command, 1)
+        timeout = opt_number(timeout, 2, DEFAULT_TIMEOUT)
+        left = ctx.remaining()
+        try:
+            # the whole process group is killed at the limit; stdout + stderr may not exceed the memory cap
+            result = run_command(command, max(0.0, min(timeout, left)), ctx.max_bytes())
+        except LuaError as e:
+            if str(e) != _TIMED_OUT:
+                return None, str(e)  # could not start, or too much output
+            if timeout < left:
+                return None, "execute timeout"
+            raise  # the script's own deadline: the call fails as a timeout
+        status = -1 if getattr(result, "signal", 0) else result.status  # Go: -1 when a signal killed it
+        return {"status": status, "stdout": result.stdout, "stderr": result.stderr}
 
     return {"exec": exec_}
 

@@ -2,25 +2,28 @@
 
 import hashlib
 
+from msgscript import check_string, pure
 
-def _data(value):
-    if isinstance(value, str):
-        return value.encode("utf-8", "surrogateescape")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value).encode()
-    raise TypeError(f"bad argument #1 (string expected, got {type(value).__name__})")
+from plugins._lua import move_off_the_loop
+
+INLINE_SIZE = 2**20  # longer strings are not hashed on the event loop
 
 
-def md5(s):
-    """Lowercase hex MD5 of the string's bytes."""
-    return hashlib.md5(_data(s)).hexdigest()
+def _load(ctx):
+    def digest(name: str):
+        @pure
+        def hexdigest(s=None):
+            """Lowercase hex digest of the string's bytes."""
+            data = check_string(s, 1).encode("utf-8", "surrogateescape")
+            if len(data) > INLINE_SIZE:
+                move_off_the_loop(ctx)
+            return hashlib.new(name, data).hexdigest()
 
+        return hexdigest
 
-def sha256(s):
-    """Lowercase hex SHA-256 of the string's bytes."""
-    return hashlib.sha256(_data(s)).hexdigest()
+    return {"md5": digest("md5"), "sha256": digest("sha256")}
 
 
 def lua_modules():
     """Modules this plugin provides."""
-    return {"crypto": lambda ctx: {"md5": md5, "sha256": sha256}}
+    return {"crypto": _load}

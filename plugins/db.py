@@ -20,9 +20,11 @@ import urllib.parse
 import weakref
 
 import msgscript
+from msgscript import ArgError, LuaError, check_string, is_table, lua_type, opt_number, pure
 
 _ESCAPES = {"\r": "\\r", "\n": "\\n", "\\": "\\\\", "'": "\\'", '"': '\\"', "\032": "\\Z"}
 _SQLITE_URI_KEYS = ("cache", "mode", "immutable", "vfs", "nolock")
+_ROW_QUERY = re.compile(r"\s*\(*\s*(select|with|values|table|show)\b", re.I)  # streamed on PostgreSQL
 _INT64 = range(-(2**63), 2**63)
 
 
@@ -63,15 +65,56 @@ def bind_value(value):
     """A Lua bind argument as a driver parameter."""
     if value is None or isinstance(value, (str, int, float)):
         return value
-    raise DbError(f"cannot bind a value of type {type(value).__name__} (use strings, numbers, booleans or nil)")
+    raise DbError(f"cannot bind a {lua_type(value)} value (use strings, numbers, booleans or nil)")
+
+
+def prepare(sql: str, binds: tuple, backslash_escapes: bool) -> tuple[str, list | None]:
+    """(sql, parameters) for a format-style driver: `?` placeholders bound to `binds` (none: the SQL as is)."""
+    if binds:
+        return format_placeholders(sql, len(binds), backslash_escapes), [bind_value(b) for b in binds]
+    return sql, None
 
 
 def execute(cursor, sql: str, binds: tuple, backslash_escapes: bool) -> None:
-    """Run `sql`, its `?` placeholders bound to `binds` (none: the SQL as is)."""
-    if binds:
-        cursor.execute(format_placeholders(sql, len(binds), backslash_escapes), [bind_value(b) for b in binds])
-    else:
-        cursor.execute(sql)
+    """Run `sql` with its `?` placeholders bound to `binds`."""
+    query, params = prepare(sql, binds, backslash_escapes)
+    cursor.execute(query) if params is None else cursor.execute(query, params)
+
+
+class ResultTooLarge(DbError):
+    def __init__(self, limit: int):
+        super().__init__(f"query result larger than the script's memory limit allows ({limit} bytes)")
+
+
+def _text_size(value) -> int:
+    """Bytes a column value takes as a Lua string (its UTF-8 length), 0 for numbers and booleans."""
+    if not isinstance(value, str):
+        return 0
+    return (len(value) if value.isascii() else len(value.encode("utf-8", "surrogateescape"))) + 32
+
+
+class Rows:
+    """Result rows for Lua, collected up to `limit` bytes (about what they take as Lua tables)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.size, self.rows = limit, 64, []
+
+    def add(self, names: list[str], values) -> None:
+        row = lua_row(names, values)
+        self.size += 64 + sum(40 + len(k) + _text_size(v) for k, v in row.items())
+        if self.size > self.limit:
+            raise ResultTooLarge(self.limit)
+        self.rows.append(row)
+
+    def read(self, cursor) -> list[dict]:
+        """Every row of the cursor's result ({} for a statement without one)."""
+        if cursor.description is None:
+            return []
+        names = [d[0] for d in cursor.description]
+        while batch := cursor.fetchmany(256):
+            for values in batch:
+                self.add(names, values)
+        return self.rows
 
 
 def format_placeholders(sql: str, count: int, backslash_escapes: bool) -> str:
@@ -137,32 +180,38 @@ def _dsn_param(args: dict, key: str, value: str) -> None:
 
 
 def options_table(ctx, value) -> dict:
-    """A connect options table as a dict, or the original's error for anything else."""
-    options = ctx.to_python(value) if _is_table(value) else None
+    """A connect options table as a dict, or the original's error (raised) for anything else."""
+    options = ctx.to_python(value) if is_table(value) else None
     if not options or not isinstance(options, dict):
-        raise ValueError("options or connection string excepted")
+        raise LuaError("options or connection string excepted")
     return options
 
 
-def _is_table(value) -> bool:
-    return type(value).__name__ == "_LuaTable"
+def _port(value, default: int) -> int:
+    try:
+        return int(value or default)
+    except (TypeError, ValueError):
+        raise DbError(f"invalid port {value}") from None
 
 
 def _error_text(exc: BaseException) -> str:
+    """A driver error on one line: "Error 1146: Table 'test.x' doesn't exist", libpq's or SQLite's text."""
     args = getattr(exc, "args", ())
     if len(args) == 2 and isinstance(args[0], int):  # pymysql: (code, message)
-        return f"Error {args[0]}: {args[1]}"
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+        text = f"Error {args[0]}: {args[1]}"
+    else:
+        text = msgscript.error_text(exc) if isinstance(exc, OSError) else str(exc).strip()
+    text = re.sub(r"\[Errno -?\d+\] ", "", text)  # socket errors inside driver messages
+    return text.splitlines()[0] if text else "database error"
 
 
 # Backends: one open connection each ##########################################
 
 
 class Backend:
-    """A driver connection: `query(sql, binds, timeout)` -> rows, `close()`."""
+    """A driver connection: `query(sql, binds, timeout, limit)` -> rows (at most `limit` bytes), `close()`."""
 
-    def query(self, sql: str, binds: list, timeout: float) -> list[dict]:
+    def query(self, sql: str, binds: list, timeout: float, limit: int) -> list[dict]:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -171,13 +220,6 @@ class Backend:
     @property
     def closed(self) -> bool:
         return False
-
-    @staticmethod
-    def rows(cursor) -> list[dict]:
-        if cursor.description is None:
-            return []
-        names = [d[0] for d in cursor.description]
-        return [lua_row(names, r) for r in cursor.fetchall()]
 
 
 class MysqlBackend(Backend):
@@ -198,13 +240,24 @@ class MysqlBackend(Backend):
         self.conn = pymysql.connect(**args, conv=conv, autocommit=True,
                                     connect_timeout=min(timeout, self.caps.get("connect_cap", timeout)))
 
-    def query(self, sql, binds, timeout):
+    def query(self, sql, binds, timeout, limit):
+        import pymysql
+
         # pymysql re-reads these before every socket read/write, so they bound this query only.
         self.conn._read_timeout = min(timeout, self.caps.get("read_cap", timeout))
         self.conn._write_timeout = min(timeout, self.caps.get("write_cap", timeout))
-        with self.conn.cursor() as cursor:
+        with self.conn.cursor(pymysql.cursors.SSCursor) as cursor:  # unbuffered: rows are counted as they come
             execute(cursor, sql, binds, backslash_escapes=True)
-            return self.rows(cursor)
+            try:
+                return Rows(limit).read(cursor)
+            except ResultTooLarge:
+                # Dropping the connection is quicker than reading the rest of the result, which closing
+                # the cursor (or collecting the result) would do; the next query reconnects.
+                if cursor._result is not None:
+                    cursor._result.unbuffered_active = False
+                cursor.connection = None
+                self.conn.close()
+                raise
 
     def close(self):
         self.conn.close()
@@ -245,12 +298,27 @@ class PostgresBackend(Backend):
             cls._context = context
         return cls._context
 
-    def query(self, sql, binds, timeout):
+    def query(self, sql, binds, timeout, limit):
         with self.conn.cursor() as cursor:
             # A server-side limit: the statement is cancelled when the script's time is up.
             cursor.execute(f"SET statement_timeout = {max(1, int(timeout * 1000))}")
-            execute(cursor, sql, binds, backslash_escapes=False)
-            return self.rows(cursor)
+            if not _ROW_QUERY.match(sql) or ";" in sql.strip().rstrip(";"):
+                execute(cursor, sql, binds, backslash_escapes=False)
+                return Rows(limit).read(cursor)
+            # One query that returns rows: streamed, so a huge result is never held in memory.
+            query, params = prepare(sql, binds, backslash_escapes=False)
+            rows, stream = Rows(limit), cursor.stream(query, params)
+            try:
+                for values in stream:
+                    rows.add([d.name for d in cursor.description], values)
+            except ResultTooLarge:
+                self.conn.cancel()  # else closing the stream reads the rest of the result
+                try:
+                    stream.close()
+                except Exception:  # noqa: BLE001, S110 - the cancelled query's error
+                    pass
+                raise
+            return rows.rows
 
     def close(self):
         self.conn.close()
@@ -270,13 +338,13 @@ class SqliteBackend(Backend):
         uri = "file:" + urllib.parse.quote(path, safe="/:") + ("?" + query if query else "")
         self.conn = sqlite3.connect(uri, uri=True, timeout=timeout, isolation_level=None, check_same_thread=False)
 
-    def query(self, sql, binds, timeout):
+    def query(self, sql, binds, timeout, limit):
         deadline = time.monotonic() + timeout
         self.conn.set_progress_handler(lambda: time.monotonic() > deadline, 1000)
         self.conn.execute(f"PRAGMA busy_timeout = {max(1, int(timeout * 1000))}")
         cursor = self.conn.execute(sql, [bind_value(b) for b in binds])
         try:
-            return self.rows(cursor)
+            return Rows(limit).read(cursor)
         finally:
             cursor.close()
 
@@ -319,14 +387,14 @@ class Client:
 
     def query(self, sql, binds):
         """Rows, or nil, err; nothing at all when not connected (as the original)."""
-        if not isinstance(sql, str) or not sql:
-            raise ValueError("query: SQL string expected")
+        if not check_string(sql, 1):
+            raise ArgError(1, "SQL string expected, got an empty string")
         if self.backend is None:
             return ()
         try:
             if self.backend.closed:
                 self.backend = self.opener(self.timeout())
-            return self.backend.query(sql, list(binds), self.timeout())
+            return self.backend.query(sql, list(binds), self.timeout(), self.ctx.max_bytes())
         except Exception as e:  # noqa: BLE001 - driver, binding and timeout errors are all `nil, err`
             return None, _error_text(e)
 
@@ -343,7 +411,7 @@ class Client:
     def lua_methods(self, extra: dict) -> dict:
         """The methods of the Lua client object (each takes the object itself first)."""
         return {
-            "set_timeout": lambda _self, ms=None: setattr(self, "timeout_ms", float(ms) if ms else None),
+            "set_timeout": lambda _self, ms=None: setattr(self, "timeout_ms", opt_number(ms, 1) or None),
             "query": lambda _self, sql=None, *binds: self.query(sql, binds),
             "close": lambda _self=None: self.close(),
             **extra,
@@ -382,7 +450,7 @@ def mysql_opener(ctx, arg):
             raise DbError(f'sql: unknown driver "{driver}" (use mysql or postgres)')
         return _mysql_from_dsn(rest)
     options = options_table(ctx, arg)
-    args = {"host": str(options.get("host") or "127.0.0.1"), "port": int(options.get("port") or 3306),
+    args = {"host": str(options.get("host") or "127.0.0.1"), "port": _port(options.get("port"), 3306),
             "user": options.get("user"), "password": options.get("password") or "",
             "database": options.get("database")}
     if options.get("charset"):
@@ -400,7 +468,7 @@ def postgres_opener(ctx, arg):
     if isinstance(arg, str) and arg:
         return lambda timeout: PostgresBackend(arg, {}, timeout)
     options = options_table(ctx, arg)
-    params = {"host": str(options.get("host") or "127.0.0.1"), "port": int(options.get("port") or 5432)}
+    params = {"host": str(options.get("host") or "127.0.0.1"), "port": _port(options.get("port"), 5432)}
     for key, name in (("database", "dbname"), ("dbname", "dbname"), ("user", "user"), ("password", "password"),
                       ("sslmode", "sslmode")):
         if options.get(key) not in (None, ""):
@@ -423,9 +491,10 @@ def _connector(ctx, client: Client, make_opener):
 # Modules ######################################################################
 
 
-def escape(text) -> str:
+@pure
+def escape(text=None) -> str:
     """`mysql.escape`: backslash-escape \\r \\n \\\\ ' " and \\032."""
-    return "".join(_ESCAPES.get(c, c) for c in str(text))
+    return "".join(_ESCAPES.get(c, c) for c in check_string(text, 1))
 
 
 def _server_module(make_opener, with_escape: bool):
@@ -452,11 +521,11 @@ def _sqlite_loader(ctx):
         client = Client(ctx, None)
 
         def open_(_self, path=None, options=None):
-            if not isinstance(path, str) or not path:
-                raise ValueError("open: a database path is required")
-            opts = ctx.to_python(options) if _is_table(options) else {}
+            if not check_string(path, 1):
+                raise ArgError(1, "a database path is required")
+            opts = ctx.to_python(options) if is_table(options) else {}
             if not isinstance(opts, dict):
-                raise ValueError("options excepted")
+                raise ArgError(2, "options excepted")
             return client.connect(lambda timeout: SqliteBackend(path, opts, timeout))
 
         return ctx.module(client.lua_methods({"open": open_}))

@@ -3,6 +3,8 @@
 import os
 import re
 
+from msgscript import check_string, pure
+
 # join() passes each argument through Lua's tostring, as the original does.
 _LUA_JOIN = """
 local join = ...
@@ -21,17 +23,10 @@ class BadPattern(ValueError):
         super().__init__("syntax error in pattern")
 
 
-def _text(value):
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    raise TypeError(f"bad argument (string expected, got {type(value).__name__})")
+# Lexical functions on str #####################################################
 
-
-def clean(path):
+def clean(path: str) -> str:
     """Go filepath.Clean: the shortest lexically equivalent path."""
-    path = _text(path)
     if path == "":
         return "."
     rooted = path.startswith("/")
@@ -49,24 +44,21 @@ def clean(path):
     return "/" + joined if rooted else joined or "."
 
 
-def basename(path):
+def basename(path: str) -> str:
     """Go filepath.Base: the last element."""
-    path = _text(path)
     if path == "":
         return "."
     path = path.rstrip("/")
     return path.rsplit("/", 1)[-1] if path else "/"
 
 
-def dir_(path):
+def dirname(path: str) -> str:
     """Go filepath.Dir: all but the last element, cleaned."""
-    path = _text(path)
     return clean(path[:path.rfind("/") + 1])
 
 
-def ext(path):
+def ext(path: str) -> str:
     """Go filepath.Ext: the extension of the last element, with its dot."""
-    path = _text(path)
     i = len(path) - 1
     while i >= 0 and path[i] != "/":
         if path[i] == ".":
@@ -75,26 +67,39 @@ def ext(path):
     return ""
 
 
-def split(path):
+def split(path: str) -> tuple[str, str]:
     """Go filepath.Split: (dir, file), dir keeping its trailing slash."""
-    path = _text(path)
     i = path.rfind("/") + 1
     return path[:i], path[i:]
 
 
-def split_list(path):
-    """Go filepath.SplitList: split a PATH-style list on ':'."""
-    path = _text(path)
-    return path.split(":") if path else []
-
-
-def join_list(parts):
+def join_list(parts) -> str:
     """Go filepath.Join: empty elements are ignored; "" if all are empty."""
     for i, part in enumerate(parts):
         if part:
             return clean("/".join(parts[i:]))
     return ""
 
+
+def rel(basepath: str, targpath: str):
+    """Go filepath.Rel (purely lexical); err as a 2nd value when impossible."""
+    base, targ = clean(basepath), clean(targpath)
+    if base == targ:
+        return "."
+    failure = "", f"Rel: can't make {targpath} relative to {basepath}"
+    if base.startswith("/") != targ.startswith("/"):
+        return failure
+    base_parts = [] if base in (".", "/") else base.strip("/").split("/")
+    targ_parts = [] if targ in (".", "/") else targ.strip("/").split("/")
+    common = 0
+    while common < min(len(base_parts), len(targ_parts)) and base_parts[common] == targ_parts[common]:
+        common += 1
+    if ".." in base_parts[common:common + 1]:
+        return failure
+    return "/".join([".."] * (len(base_parts) - common) + targ_parts[common:])
+
+
+# Patterns #####################################################################
 
 def _class_char(pattern, i):
     if i >= len(pattern) or pattern[i] in "-]":
@@ -152,14 +157,6 @@ def _pattern_regex(pattern):
     return re.compile("".join(out) + r"\Z", re.S)
 
 
-def match(pattern, name):
-    """Go filepath.Match: bool, plus err for a malformed pattern."""
-    try:
-        return _pattern_regex(_text(pattern)).match(_text(name)) is not None
-    except BadPattern as e:
-        return False, str(e)
-
-
 def _has_meta(path):
     return any(c in path for c in "*?[\\")
 
@@ -175,7 +172,8 @@ def _glob_dir(directory, pattern, matches):
     matches.extend(join_list([directory, n]) for n in names if regex.match(n))
 
 
-def _glob(pattern, depth=0):
+def glob(pattern: str, depth: int = 0) -> list[str]:
+    """Go filepath.Glob: the sorted matches; raises BadPattern."""
     _pattern_regex(pattern)
     if not _has_meta(pattern):
         return [pattern] if os.path.lexists(pattern) else []
@@ -188,27 +186,39 @@ def _glob(pattern, depth=0):
     if directory == pattern or depth > 10000:
         raise BadPattern()
     matches = []
-    for d in _glob(directory, depth + 1):
+    for d in glob(directory, depth + 1):
         _glob_dir(d, file, matches)
     return matches
 
 
-def glob(pattern):
+# The Lua module ###############################################################
+
+def _lexical(func):
+    """A Lua function of one path string."""
+    return pure(lambda path=None: func(check_string(path, 1)))
+
+
+@pure
+def _match(pattern=None, name=None):
+    """Go filepath.Match: bool, plus err for a malformed pattern."""
+    pattern, name = check_string(pattern, 1), check_string(name, 2)
+    try:
+        return _pattern_regex(pattern).match(name) is not None
+    except BadPattern as e:
+        return False, str(e)
+
+
+def _glob(pattern=None):
     """Go filepath.Glob: sorted matches ({} if none), or nil, err for a bad pattern."""
     try:
-        return _glob(_text(pattern))
+        return glob(check_string(pattern, 1))
     except BadPattern as e:
         return None, str(e)
 
 
-def is_abs(path):
-    """True for an absolute path."""
-    return _text(path).startswith("/")
-
-
-def abs_(path):
+def _abs(path=None):
     """Go filepath.Abs: the path made absolute and cleaned; err as a 2nd value on failure."""
-    path = _text(path)
+    path = check_string(path, 1)
     if path.startswith("/"):
         return clean(path)
     try:
@@ -217,9 +227,9 @@ def abs_(path):
         return "", f"getwd: {e.strerror}"
 
 
-def eval_symlinks(path):
+def _eval_symlinks(path=None):
     """Go filepath.EvalSymlinks; a relative path stays relative when it resolves inside the cwd."""
-    path = _text(path)
+    path = check_string(path, 1)
     try:
         resolved = os.path.realpath(path, strict=True)
     except OSError as e:
@@ -231,35 +241,23 @@ def eval_symlinks(path):
     return resolved
 
 
-def rel(basepath, targpath):
-    """Go filepath.Rel (purely lexical); err as a 2nd value when impossible."""
-    basepath, targpath = _text(basepath), _text(targpath)
-    base, targ = clean(basepath), clean(targpath)
-    if base == targ:
-        return "."
-    failure = "", f"Rel: can't make {targpath} relative to {basepath}"
-    if base.startswith("/") != targ.startswith("/"):
-        return failure
-    base_parts = [] if base in (".", "/") else base.strip("/").split("/")
-    targ_parts = [] if targ in (".", "/") else targ.strip("/").split("/")
-    common = 0
-    while common < min(len(base_parts), len(targ_parts)) and base_parts[common] == targ_parts[common]:
-        common += 1
-    if ".." in base_parts[common:common + 1]:
-        return failure
-    return "/".join([".."] * (len(base_parts) - common) + targ_parts[common:])
+@pure
+def _rel(basepath=None, targpath=None):
+    return rel(check_string(basepath, 1), check_string(targpath, 2))
 
 
 def _load(ctx):
     members = {
-        "basename": basename, "clean": clean, "dir": dir_, "ext": ext,
-        "from_slash": _text, "to_slash": _text, "volume_name": lambda path: "",
-        "is_abs": is_abs, "separator": lambda: "/", "list_separator": lambda: ":",
-        "split": split, "split_list": split_list, "glob": glob, "match": match,
-        "abs": abs_, "eval_symlinks": eval_symlinks, "rel": rel,
+        "basename": _lexical(basename), "clean": _lexical(clean), "dir": _lexical(dirname),
+        "ext": _lexical(ext), "from_slash": _lexical(str), "to_slash": _lexical(str),
+        "volume_name": _lexical(lambda path: ""), "is_abs": _lexical(lambda path: path.startswith("/")),
+        "split": _lexical(split), "split_list": _lexical(lambda path: path.split(":") if path else []),
+        "separator": pure(lambda: "/"), "list_separator": pure(lambda: ":"),
+        "glob": _glob, "match": _match, "abs": _abs, "eval_symlinks": _eval_symlinks, "rel": _rel,
     }
     module = ctx.module(members)
-    module[b"join"] = ctx.lua.execute(_LUA_JOIN, ctx.fn(lambda parts: join_list(ctx.to_python(parts) or [])))
+    join = pure(lambda parts=None: join_list(ctx.to_python(parts) or []))
+    module[b"join"] = ctx.lua.execute(_LUA_JOIN, ctx.fn(join, "join"), name="=filepath")
     return module
 
 

@@ -6,8 +6,10 @@ Written from scratch for msgscript (pure Lua); only the output format follows in
 _LUA = r"""
 local inspect = {_VERSION = "inspect.lua 3.1.0 (msgscript)"}
 
+-- KEY and METATABLE (and the module's metatable) are shared by every call: kept unchangeable
 local function marker(name)
-  return setmetatable({}, {__tostring = function() return name end})
+  local function change() error("attempt to change " .. name, 2) end
+  return setmetatable({}, {__tostring = function() return name end, __newindex = change, __metatable = false})
 end
 inspect.KEY = marker("inspect.KEY")
 inspect.METATABLE = marker("inspect.METATABLE")
@@ -53,7 +55,7 @@ end
 local function other_keys(t, seq_len)
   local keys = {}
   for k in next, t do
-    local in_sequence = math.type(k) ~= nil and k >= 1 and k <= seq_len and math.floor(k) == k
+    local in_sequence = type(k) == "number" and k >= 1 and k <= seq_len and math.floor(k) == k
     if not in_sequence then keys[#keys + 1] = k end
   end
   table.sort(keys, key_before)
@@ -62,7 +64,7 @@ end
 
 -- the process option ---------------------------------------------------------------
 local function extend(path, ...)
-  local out = {table.unpack(path)}
+  local out = {unpack(path)}
   for i = 1, select("#", ...) do out[#out + 1] = (select(i, ...)) end
   return out
 end
@@ -191,10 +193,11 @@ function inspect.inspect(root, options)
   return render(root, options.depth or math.huge, options.newline or "\n", options.indent or "  ")
 end
 
-return setmetatable(inspect, {__call = function(_, root, options) return inspect.inspect(root, options) end})
+return setmetatable(inspect, {__call = function(_, root, options) return inspect.inspect(root, options) end,
+                              __metatable = false})
 """
 
 
 def lua_modules():
-    """Modules this plugin provides (pure Lua: the loader returns source)."""
-    return {"inspect": lambda ctx: _LUA}
+    """Modules this plugin provides (pure Lua, run under its own chunk name)."""
+    return {"inspect": lambda ctx: ctx.lua.execute(_LUA, name="=inspect")}

@@ -13,8 +13,11 @@ from __future__ import annotations
 import json
 import math
 import re
+import secrets
 
-from msgscript import ArgError, check_string, is_table, lua_type, pure
+from msgscript import ArgError, LuaError, check_string, is_table, lua_type, pure
+
+from plugins._lua import move_off_the_loop
 
 # The arrays decode made with holes, and their lengths (for encode), in a weak table.
 _HOLES = """
@@ -25,6 +28,7 @@ return holey, holey_len
 """
 _HTML_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
 _HTML_RE = re.compile("[<>&\u2028\u2029]")
+INLINE_SIZE = 256 * 2**10  # JSON text this long is not "quick": a call on the event loop moves to a worker
 
 
 def go_json_float(f: float) -> str:
@@ -47,19 +51,35 @@ def go_json_float(f: float) -> str:
 
 
 class _Encoder:
-    """Lua value -> plain Python value, with the original's table rules."""
+    """Lua value -> plain Python value, with the original's table rules.
 
-    def __init__(self, holey_len):
-        self.holey_len = holey_len
+    `grow` counts about how long the JSON text gets: past `limit` the encoding stops with a
+    LuaError, and past INLINE_SIZE `on_big()` is called once (a call on the event loop moves).
+    """
+
+    def __init__(self, holey_len, limit: int = 2**62, on_big=None):
+        self.holey_len, self.limit, self.on_big = holey_len, limit, on_big
         self.active: set[str] = set()
-        self.floats: dict[str, str] = {}
+        self.floats: list[str] = []
+        self.marker = f"\0{secrets.token_hex(8)}:"  # for floats json.dumps would print otherwise
+        self.size = 0
+
+    def grow(self, n: int) -> None:
+        self.size += n
+        if self.on_big is not None and self.size > INLINE_SIZE:
+            on_big, self.on_big = self.on_big, None
+            on_big()
+        if self.size > self.limit:
+            raise LuaError(f"encoded JSON of more than {self.limit} bytes does not fit in the script's memory limit")
 
     def plain(self, v):
         t = type(v)
         if t is bytes:
+            self.grow(len(v) + 2)
             return v.decode("utf-8", "replace")
         if t is float:
             return self.number(v)
+        self.grow(8)
         if v is None or t is bool or t is int or t is str:
             return v
         if is_table(v):
@@ -68,13 +88,13 @@ class _Encoder:
 
     def number(self, f: float):
         text = go_json_float(f)
+        self.grow(len(text))
         if text == repr(f):  # json.dumps writes floats with repr
             return f
         if text.lstrip("-").isdigit():
             return int(text)
-        marker = f"\0{id(self)}:{len(self.floats)}\0"  # swapped for the Go text after json.dumps
-        self.floats[json.dumps(marker)] = text
-        return marker
+        self.floats.append(text)  # swapped for the Go text after json.dumps
+        return f"{self.marker}{len(self.floats) - 1}\0"
 
     def table(self, t):
         ident = repr(t)  # the table's address, whatever its __tostring says
@@ -82,50 +102,57 @@ class _Encoder:
             raise ValueError("cannot encode recursively nested tables to JSON")
         self.active.add(ident)
         try:
-            items = list(t.items())
-            if not items:
+            keys = list(t.keys())  # the values are read one at a time below
+            if not keys:
                 return []
-            if type(items[0][0]) is bytes:
-                return self.object(items)
-            if type(items[0][0]) in (int, float):
-                return self.array(t, items)
+            if type(keys[0]) is bytes:
+                return self.object(t, keys)
+            if type(keys[0]) in (int, float):
+                return self.array(t, keys)
             raise ValueError("cannot encode mixed or invalid key types")
         finally:
             self.active.discard(ident)
 
-    def object(self, items) -> dict:
+    def object(self, t, keys) -> dict:
+        if any(type(k) is not bytes for k in keys):
+            raise ValueError("cannot encode mixed or invalid key types")
         out = {}
-        for k, v in items:
-            if type(k) is not bytes:
-                raise ValueError("cannot encode mixed or invalid key types")
+        for k, v in t.items():
+            self.grow(len(k) + 4)
             out[k.decode("utf-8", "replace")] = self.plain(v)
         return out
 
-    def array(self, t, items) -> list:
-        n = len(items)
-        if any(type(k) not in (int, float) for k, _ in items):
+    def array(self, t, keys) -> list:
+        n = len(keys)
+        if any(type(k) not in (int, float) for k in keys):
             raise ValueError("cannot encode mixed or invalid key types")
-        if any(type(k) is not int or not 0 < k <= n for k, _ in items):
+        if any(type(k) is not int or not 0 < k <= n for k in keys):
             n = self.holey_len(t) or 0
-            if any(type(k) is not int or not 0 < k <= n for k, _ in items):
+            if any(type(k) is not int or not 0 < k <= n for k in keys):
                 raise ValueError("cannot encode sparse array")
         out = [None] * n
-        for k, v in items:
+        self.grow(n)
+        for k, v in t.items():
             out[k - 1] = self.plain(v)
         return out
 
 
-def lua_to_json(value, holey_len=lambda t: None) -> str:
-    """A Lua value as JSON text by gopher-json's rules; ValueError if it cannot be encoded."""
-    enc = _Encoder(holey_len)
+def lua_to_json(value, holey_len=lambda t: None, limit: int = 2**62, on_big=None) -> str:
+    """A Lua value as JSON text by gopher-json's rules; ValueError if it cannot be encoded.
+
+    Text longer than about `limit` bytes is a LuaError; `on_big()` is called once the text
+    passes INLINE_SIZE (see _Encoder).
+    """
+    enc = _Encoder(holey_len, limit, on_big)
     try:
         value = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace") if isinstance(value, str) \
             else enc.plain(value)
     except RecursionError:
         raise ValueError("cannot encode tables nested this deeply to JSON") from None
     text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
-    for marker, number in enc.floats.items():
-        text = text.replace(marker, number)
+    if enc.floats:
+        marker = re.escape(json.dumps(enc.marker)[:-1])
+        text = re.sub(marker + r'(\d+)\\u0000"', lambda m: enc.floats[int(m.group(1))], text)
     return _HTML_RE.sub(lambda m: _HTML_ESCAPES[m.group()], text)
 
 
@@ -222,9 +249,7 @@ class _Decoder:
 
 def holes(ctx):
     """(holey, holey_len) of this Lua runtime, shared by the modules that read or write JSON."""
-    if getattr(ctx, "_json_holes", None) is None:
-        ctx._json_holes = ctx.execute(_HOLES)
-    return ctx._json_holes
+    return ctx.state("json.holes", lambda: ctx.execute(_HOLES, name="json"))
 
 
 def _loader(ctx):
@@ -236,7 +261,7 @@ def _loader(ctx):
         if not args:
             raise ArgError(1, "value expected")
         try:
-            return lua_to_json(args[0], holey_len).encode("utf-8")
+            return lua_to_json(args[0], holey_len, ctx.max_bytes(), lambda: move_off_the_loop(ctx)).encode("utf-8")
         except ValueError as e:
             return None, str(e)
 
@@ -244,6 +269,8 @@ def _loader(ctx):
     def decode(text=None):
         """json.decode(text) -> value | nil, err"""
         text = check_string(text, 1)
+        if len(text) > INLINE_SIZE:
+            move_off_the_loop(ctx)
         if len(text) > ctx.max_bytes():
             return None, "JSON text larger than the script's memory limit allows"
         try:

@@ -1,22 +1,25 @@
 """`log` and `loglevel`: Go-style loggers as gopher-lua-libs v0.5.0 exposes them."""
 
 import datetime
-import decimal
 import json
-import math
 import os
 import re
 import sys
 import threading
 
-_LUA = r"""
+from msgscript import ArgError, check_string, check_table, error_text, lua_type
+
+from plugins._lua import PRELUDE
+from plugins.template import go_float
+
+_LUA = PRELUDE + r"""
 local M, py = ...
 local state = setmetatable({}, {__mode = "k"})
 local getinfo = debug.getinfo
 
-local function check(self)
+local function check(self, fname)
   local st = state[self]
-  if st == nil then error("logger_ud expected", 3) end
+  if st == nil then error("bad argument #1 to '" .. fname .. "' (logger_ud expected, got " .. type(self) .. ")", 3) end
   return st
 end
 
@@ -29,19 +32,19 @@ local function where()
   return ""
 end
 
-local Logger = {__name = "logger_ud", __index = {
-  print = function(self, ...) py.print(check(self), where(), ...) end,
-  println = function(self, ...) py.println(check(self), where(), ...) end,
-  printf = function(self, fmt, ...) py.printf(check(self), where(), fmt, ...) end,
-  set_prefix = function(self, prefix) py.set_prefix(check(self), prefix) end,
-  set_flags = function(self, flags) py.set_flags(check(self), flags) end,
-  set_output = function(self, output) return py.set_output(check(self), output) end,
-  close = function(self) return py.close(check(self)) end,
-}}
-M.Logger = Logger
+local Logger
+Logger, M.Logger = class({
+  print = function(self, ...) call(py.print, check(self, "print"), where(), ...) end,
+  println = function(self, ...) call(py.println, check(self, "println"), where(), ...) end,
+  printf = function(self, fmt, ...) call(py.printf, check(self, "printf"), where(), fmt, ...) end,
+  set_prefix = function(self, prefix) call(py.set_prefix, check(self, "set_prefix"), prefix) end,
+  set_flags = function(self, flags) call(py.set_flags, check(self, "set_flags"), flags) end,
+  set_output = function(self, output) return call(py.set_output, check(self, "set_output"), output) end,
+  close = function(self) return call(py.close, check(self, "close")) end,
+}, {__newindex = readonly_error})  -- loglevel's loggers are shared by every call: not to be changed
 
 function M.new(...)
-  local st = py.new_logger(...)
+  local st = call(py.new, ...)
   local logger = setmetatable({}, Logger)
   state[logger] = st
   return logger
@@ -50,30 +53,32 @@ return M
 """
 
 # loglevel: one logger per level, those below the current level write to /dev/null.
-_LOGLEVEL_LUA = r"""
+_LOGLEVEL_LUA = PRELUDE + r"""
 local log = require("log")
-local loglevel = setmetatable({
-  levels = {DEBUG = 0, INFO = 1, WARN = 2, ERROR = 3},
+local LEVELS = {DEBUG = 0, INFO = 1, WARN = 2, ERROR = 3}
+local loglevel = {
+  levels = readonly(LEVELS),
   defaultOutput = "STDERR",
   _level = "INFO",
-}, {__index = log})
+}
+for k, v in pairs(log) do loglevel[k] = v end  -- log's functions are reachable too (the original's __index)
 
 local function level_name(level)
   local name = type(level) == "string" and level:upper() or nil
-  if name == nil or loglevel.levels[name] == nil then error("illegal level " .. tostring(level), 3) end
+  if name == nil or LEVELS[name] == nil then error("illegal level " .. tostring(level), 3) end
   return name
 end
 
 local function output_for(level)
-  if loglevel.levels[level] >= loglevel.levels[loglevel._level] then return loglevel.defaultOutput end
+  if LEVELS[level] >= LEVELS[loglevel._level] then return loglevel.defaultOutput end
   return "/dev/null"
 end
 
 local function apply()
-  for level in pairs(loglevel.levels) do loglevel[level]:set_output(output_for(level)) end
+  for level in pairs(LEVELS) do loglevel[level]:set_output(output_for(level)) end
 end
 
-for level in pairs(loglevel.levels) do
+for level in pairs(LEVELS) do
   loglevel[level] = log.new(output_for(level), "[" .. level .. "] ", {date = true})
 end
 
@@ -97,24 +102,6 @@ _VERB = re.compile(r"%([-+# 0]*)(\d+|\*)?(?:\.(\d*|\*))?(.)", re.S)
 ###############################################################################
 # Go's fmt over Lua values ####################################################
 ###############################################################################
-
-def go_float(value):
-    """Go's %v for a float64: shortest digits, exponent form below 1e-4 or from 1e6 up (as Go's %g)."""
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    if value == 0:
-        return "0" if math.copysign(1, value) > 0 else "-0"
-    sign, digits, exp = decimal.Decimal(repr(value)).normalize().as_tuple()
-    digits = "".join(map(str, digits))
-    point = len(digits) + exp - 1
-    prefix = "-" if sign else ""
-    if point < -4 or point >= 6:
-        mantissa = digits[0] + ("." + digits[1:] if len(digits) > 1 else "")
-        return f"{prefix}{mantissa}e{'-' if point < 0 else '+'}{abs(point):02d}"
-    return prefix + format(decimal.Decimal(repr(abs(value))).normalize(), "f")
-
 
 def go_number(value):
     """A Lua number as gopher-lua prints it: whole numbers without a fraction."""
@@ -250,7 +237,7 @@ class Logger:
             try:
                 self._close()
             except OSError as e:
-                return str(e)
+                return error_text(e)
         return None
 
     def header(self):
@@ -288,38 +275,28 @@ def _write_stream(stream, data):
         stream.flush()
 
 
-def _string_arg(value, name):
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return go_number(value)
-    raise TypeError(f"bad argument {name} (string expected, got {type(value).__name__})")
-
-
 def _load_log(ctx):
-    fmt = GoFormatter(ctx.lua.execute("return tostring"))
+    fmt = GoFormatter(ctx.execute("return tostring"))
 
-    def set_flags(logger, table):
-        if type(table).__name__ != "_LuaTable":
-            raise TypeError("bad argument #1 to set_flags (table expected)")
-        config = ctx.to_python(table)
-        config = config if isinstance(config, dict) else {}
-        flags = {}
+    # The functions below get the logger (a Python object the Lua side keeps) first; argument
+    # numbers in errors count from the method's first argument, as Lua does for methods.
+    def set_flags(logger, table=None):
+        table, flags = check_table(table, 1), {}
         for name in _FLAGS:
-            value = config.get(name, False)
-            if not isinstance(value, bool):
-                raise TypeError(f"bad argument #1 to set_flags ({name} must be a boolean)")
-            flags[name] = value
+            value = table[name.encode()]
+            if value is not None and not isinstance(value, bool):
+                raise ArgError(1, f"{name} must be a boolean, got {lua_type(value)}")
+            flags[name] = bool(value)
         logger.flags = flags
 
-    def new_logger(*args):
+    def new_logger(output=None, prefix=None, flags=None):
         logger = Logger()
-        if len(args) > 0:
-            logger.set_output(_string_arg(args[0], "#1 to new"))
-        if len(args) > 1:
-            logger.prefix = _string_arg(args[1], "#2 to new")
-        if len(args) > 2:
-            set_flags(logger, args[2])
+        if output is not None:
+            logger.set_output(check_string(output, 1))
+        if prefix is not None:
+            logger.prefix = check_string(prefix, 2)
+        if flags is not None:
+            set_flags(logger, flags)
         return logger
 
     def location(logger, where, sep):
@@ -331,23 +308,23 @@ def _load_log(ctx):
     def println(logger, where, *args):
         logger.output(fmt.sprintln(location(logger, where, "") + list(args)))
 
-    def printf(logger, where, form, *args):
-        form = _string_arg(form, "#1 to printf")
+    def printf(logger, where, form=None, *args):
+        form = check_string(form, 1)
         prefix = "".join(location(logger, where, " ")).replace("%", "%%")
         logger.output(fmt.sprintf(prefix + form, list(args)))
 
-    def set_prefix(logger, prefix):
-        logger.prefix = _string_arg(prefix, "#1 to set_prefix")
+    def set_prefix(logger, prefix=None):
+        logger.prefix = check_string(prefix, 1)
 
     py = ctx.module({
-        "new_logger": new_logger, "print": print_, "println": println, "printf": printf,
+        "new": new_logger, "print": print_, "println": println, "printf": printf,
         "set_prefix": set_prefix, "set_flags": set_flags,
-        "set_output": lambda logger, output: logger.set_output(_string_arg(output, "#1 to set_output")),
+        "set_output": lambda logger, output=None: logger.set_output(check_string(output, 1)),
         "close": lambda logger: logger.close(),
     })
-    return ctx.lua.execute(_LUA, ctx.lua.table(), py)
+    return ctx.lua.execute(_LUA, ctx.table(), py, name="=log")
 
 
 def lua_modules():
     """Modules this plugin provides: `log`, and `loglevel` built on it."""
-    return {"log": _load_log, "loglevel": lambda ctx: _LOGLEVEL_LUA}
+    return {"log": _load_log, "loglevel": lambda ctx: ctx.lua.execute(_LOGLEVEL_LUA, name="=loglevel")}

@@ -240,8 +240,7 @@ class _Work:
         if now > self.ctx.deadline:
             raise LuaError("script timed out")
         if self.ctx.inline and now - self.started > _INLINE_SLICE:
-            self.ctx.moved = True  # re-run on a worker thread: these functions have no effects
-            raise LuaError("moved to a worker")
+            self.ctx.move_to_worker()  # re-run on a worker thread: these functions have no effects
 
 
 ###############################################################################

@@ -3,6 +3,8 @@
 import platform
 import sys
 
+from msgscript import pure
+
 _GOARCH = {
     "x86_64": "amd64", "amd64": "amd64", "i386": "386", "i686": "386", "x86": "386",
     "aarch64": "arm64", "arm64": "arm64", "armv6l": "arm", "armv7l": "arm", "armv8l": "arm",
@@ -11,6 +13,7 @@ _GOARCH = {
 }
 
 
+@pure
 def goos():
     """The operating system as Go's runtime.GOOS names it."""
     if sys.platform.startswith("win"):
@@ -21,6 +24,7 @@ def goos():
     return sys.platform
 
 
+@pure
 def goarch():
     """The CPU architecture as Go's runtime.GOARCH names it."""
     machine = platform.machine()

@@ -9,7 +9,10 @@ matches text nodes.
 
 from __future__ import annotations
 
+import time
 from html.parser import HTMLParser
+
+from msgscript import ArgError, LuaError, check_integer, check_string
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param", "source", "track",
         "wbr", "keygen", "command", "basefont", "bgsound", "frame"}
@@ -97,10 +100,16 @@ class _TreeBuilder(HTMLParser):
                 return
 
 
-def parse(document: str) -> Node:
-    """Parse HTML into a tree with html, head and body elements, like an HTML5 parser would."""
+def parse(document: str, deadline: float = float("inf")) -> Node:
+    """Parse HTML into a tree with html, head and body elements, like an HTML5 parser would.
+
+    The text is fed in pieces; past `deadline` (time.monotonic()) parsing stops with a LuaError.
+    """
     builder = _TreeBuilder()
-    builder.feed(document)
+    for start in range(0, len(document), 65536):
+        if time.monotonic() > deadline:
+            raise LuaError("script timed out")
+        builder.feed(document[start:start + 65536])
     builder.close()
     return _complete(builder.root)
 
@@ -162,46 +171,44 @@ def by_tag(tag: str):
 # The Lua module ###############################################################
 
 
-def _matches(document, matcher) -> list[Node]:
-    if not isinstance(document, str):
-        raise TypeError("bad argument #1 (string expected)")
-    return find_all(parse(document), matcher)
-
-
-def _attr_finder(make_matcher):
-    def find(document, attr, query):
-        """The attribute `attr` of every matching node ("" where missing)."""
-        return [n.attr(str(attr).lower()) for n in _matches(document, make_matcher(str(query)))], None
-
-    return find
-
-
-def _attrs_finder(make_matcher):
-    def find(document, count, *rest):
-        """`{attr = value}` maps for every match; the count of attribute names comes first, the query last."""
-        count = int(count)
-        if count < 0 or len(rest) < count + 1 or not all(isinstance(a, str) for a in rest[: count + 1]):
-            raise TypeError(f"expected {count} attribute names and then the query string")
-        names, query = rest[:count], rest[count]
-        return [{a: n.attr(a.lower()) for a in names} for n in _matches(document, make_matcher(query))], None
-
-    return find
-
-
-def _text_finder(make_matcher):
-    def find(document, query):
-        """The text of every matching node."""
-        return [text_of(n) for n in _matches(document, make_matcher(str(query)))], None
-
-    return find
-
-
 def _loader(ctx):
+    def matches(document, matcher) -> list[Node]:
+        return find_all(parse(check_string(document, 1), time.monotonic() + ctx.remaining()), matcher)
+
+    def attr_finder(make_matcher):
+        def find(document=None, attr=None, query=None):
+            """The attribute `attr` of every matching node ("" where missing)."""
+            attr, query = check_string(attr, 2).lower(), check_string(query, 3)
+            return [n.attr(attr) for n in matches(document, make_matcher(query))], None
+
+        return find
+
+    def attrs_finder(make_matcher):
+        def find(document=None, count=None, *rest):
+            """`{attr = value}` maps for every match; the count of attribute names comes first, the query last."""
+            count = check_integer(count, 2)
+            if count < 0:
+                raise ArgError(2, "the count of attribute names cannot be negative")
+            rest = rest + (None,) * (count + 1 - len(rest))
+            names = [check_string(rest[i], 3 + i) for i in range(count)]
+            query = check_string(rest[count], 3 + count)
+            return [{a: n.attr(a.lower()) for a in names} for n in matches(document, make_matcher(query))], None
+
+        return find
+
+    def text_finder(make_matcher):
+        def find(document=None, query=None):
+            """The text of every matching node."""
+            query = check_string(query, 2)
+            return [text_of(n) for n in matches(document, make_matcher(query))], None
+
+        return find
+
     members = {}
     for suffix, matcher in (("class", by_class), ("id", by_id), ("tag", by_tag)):
-        members[f"find_attr_by_{suffix}"] = _attr_finder(matcher)
-        members[f"find_attrs_by_{suffix}"] = _attrs_finder(matcher)
-        members[f"find_text_by_{suffix}"] = _text_finder(matcher)
+        members[f"find_attr_by_{suffix}"] = attr_finder(matcher)
+        members[f"find_attrs_by_{suffix}"] = attrs_finder(matcher)
+        members[f"find_text_by_{suffix}"] = text_finder(matcher)
     return members
 
 

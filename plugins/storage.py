@@ -6,15 +6,18 @@ File format (compatible with the original):
 
 import atexit
 import base64
-import decimal
 import json
 import logging
-import math
 import os
 import sys
 import threading
 import time
 import types
+
+from msgscript import ArgError, check_string, error_text, lua_type, opt_string
+
+from plugins._lua import PRELUDE
+from plugins.json import holes, json_to_lua, lua_to_json, parse
 
 log = logging.getLogger("msgscript.storage")
 
@@ -22,129 +25,35 @@ SYNC_INTERVAL = 60.0
 FOREVER_SECONDS = 10_000_000_000_000  # the original's "no ttl"
 _INT64_MAX = 2**63 - 1
 
-_LUA = r"""
+_LUA = PRELUDE + r"""
 local M, py = ...
 local state = setmetatable({}, {__mode = "k"})
-local function check(self)
+local function check(self, name)
   local st = state[self]
-  if st == nil then error("storage_ud expected", 3) end
+  if st == nil then error("bad argument #1 to '" .. name .. "' (storage_ud expected, got " .. type(self) .. ")", 3) end
   return st
 end
-local Storage = {__name = "storage_ud", __index = {}}
+local methods = {}
 for _, name in ipairs({"set", "get", "keys", "dump", "sync", "close"}) do
   local f = py[name]
-  Storage.__index[name] = function(self, ...) return f(check(self), ...) end
+  methods[name] = function(self, ...) return call(f, check(self, name), ...) end
 end
-M.Storage = Storage
--- Lua objects for this runtime, by store, so one path gives one object
-local objects = setmetatable({}, {__mode = "v"})
+-- Every open gives a new object (nothing a call does to it outlives the call); objects of one
+-- store are equal.
+local Storage
+Storage, M.Storage = class(methods, {
+  __newindex = readonly_error,
+  __eq = function(a, b) return py.identity(state[a]) == py.identity(state[b]) end,
+})
 function M.open(path, driver)
-  local store, err = py.open(path, driver)
+  local store, err = call(py.open, path, driver)
   if store == nil then return nil, err end
-  local key = py.identity(store)
-  local obj = objects[key]
-  if obj == nil or py.identity(state[obj]) ~= key then
-    obj = setmetatable({}, Storage)
-    state[obj] = store
-    objects[key] = obj
-  end
+  local obj = setmetatable({}, Storage)
+  state[obj] = store
   return obj
 end
 return M
 """
-
-
-###############################################################################
-# JSON with gopher-json's rules ###############################################
-###############################################################################
-
-class EncodeError(ValueError):
-    """A Lua value that gopher-json refuses to encode."""
-
-
-def _json_float(value):
-    if not math.isfinite(value):
-        raise EncodeError(f"json: unsupported value: {value}")
-    if value.is_integer() and abs(value) < 1e21:
-        return str(int(value))
-    if value != 0 and (abs(value) < 1e-6 or abs(value) >= 1e21):
-        return repr(value).replace("e-0", "e-")
-    return format(decimal.Decimal(repr(value)), "f")
-
-
-def _json_string(value):
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
-    else:
-        value = value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    text = json.dumps(value, ensure_ascii=False)
-    for char, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"),
-                         ("\u2029", "\\u2029")):
-        text = text.replace(char, escape)
-    return text
-
-
-class LuaJson:
-    """Encode a Lua value as JSON the way layeh/gopher-json does (empty table -> [], sorted keys)."""
-
-    def __init__(self, identity):
-        self.identity = identity
-        self.seen = set()
-
-    def encode(self, value):
-        if value is None:
-            return "null"
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        if isinstance(value, int):
-            return str(value)
-        if isinstance(value, float):
-            return _json_float(value)
-        if isinstance(value, (str, bytes)):
-            return _json_string(value)
-        if type(value).__name__ == "_LuaTable":
-            return self.table(value)
-        kind = type(value).__name__.removeprefix("_Lua").lower()
-        raise EncodeError(f"cannot encode {kind} to JSON")
-
-    def table(self, t):
-        address = self.identity(t)
-        if address in self.seen:
-            raise EncodeError("cannot encode recursively nested tables to JSON")
-        self.seen.add(address)
-        items = list(t.items())
-        if not items:
-            return "[]"
-        if isinstance(items[0][0], (int, float)) and not isinstance(items[0][0], bool):
-            return self.array(items)
-        if not all(isinstance(k, bytes) for k, _ in items):
-            raise EncodeError("cannot encode mixed or invalid key types")
-        items.sort(key=lambda kv: kv[0])
-        return "{" + ",".join(_json_string(k) + ":" + self.encode(v) for k, v in items) + "}"
-
-    def array(self, items):
-        for i, (k, _) in enumerate(items, 1):
-            if not isinstance(k, (int, float)) or isinstance(k, bool):
-                raise EncodeError("cannot encode mixed or invalid key types")
-            if k != i:
-                raise EncodeError("cannot encode sparse array")
-        return "[" + ",".join(self.encode(v) for _, v in items) + "]"
-
-
-def _lua_ready(value):
-    """Decoded JSON -> values for ctx.to_lua: nulls dropped (arrays renumbered), huge ints as floats."""
-    if isinstance(value, dict):
-        return {k: _lua_ready(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_lua_ready(v) for v in value if v is not None]
-    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value <= _INT64_MAX:
-        return float(value)
-    return value
-
-
-def json_decode(data):
-    """JSON bytes -> Lua-ready Python value."""
-    return _lua_ready(json.loads(data))
 
 
 ###############################################################################
@@ -277,49 +186,50 @@ def _start_syncer():
 # The Lua module ##############################################################
 ###############################################################################
 
-def _key(key):
-    if isinstance(key, str):
-        return key
-    if isinstance(key, (int, float)) and not isinstance(key, bool):
-        return str(key)
-    raise TypeError(f"bad argument #1 (string expected, got {type(key).__name__})")
-
-
 def _load(ctx):
-    table_address = ctx.lua.execute('return function(t) return string.format("%p", t) end')
+    holey_len = holes(ctx)[1]  # so that a json.decode result with null holes can be stored
 
-    def open_(path, driver=None):
-        if not isinstance(path, str):
-            raise TypeError(f"bad argument #1 to open (string expected, got {type(path).__name__})")
-        if driver not in (None, "memory"):
+    def decoded(data: bytes):
+        """A stored value for Lua; nulls in arrays are dropped, as in the original. ValueError if corrupt."""
+        return json_to_lua(ctx, parse(data.decode("utf-8", "replace")), keep_nulls=False)
+
+    def open_(path=None, driver=None):
+        path, driver = check_string(path, 1), opt_string(driver, 2, "memory")
+        if driver != "memory":
             return None, "driver not found"
         try:
             return Store.open(os.path.abspath(path))
-        except (OSError, ValueError) as e:
-            return None, str(e)
+        except OSError as e:
+            return None, error_text(e)
+        except ValueError as e:
+            return None, f"storage {path}: {e}"
 
-    def set_(store, key, value=None, ttl=None):
+    # The methods get the store (a Python object the Lua side keeps) first; argument numbers
+    # count from the method's first argument, as Lua does for methods.
+    def set_(store, key=None, value=None, ttl=None):
+        key = check_string(key, 1)
         if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float))):
-            raise TypeError(f"bad argument #3 to set (number expected, got {type(ttl).__name__})")
+            raise ArgError(3, f"number expected, got {lua_type(ttl)}")
         try:
-            data = LuaJson(table_address).encode(value).encode()
-        except EncodeError as e:
+            data = lua_to_json(value, holey_len, ctx.max_bytes()).encode()
+        except ValueError as e:
             return str(e)
-        store.set(_key(key), data, ttl)
+        store.set(key, data, ttl)
         return None
 
-    def get(store, key):
-        data = store.get(_key(key))
+    def get(store, key=None):
+        data = store.get(check_string(key, 1))
         if data is None:
             return None, False
         try:
-            return json_decode(data), True
+            return decoded(data), True
         except ValueError as e:
             return None, None, str(e)
 
     def dump(store):
         try:
-            return {k: json_decode(v) for k, v in store.live().items()}
+            values = {k: parse(v.decode("utf-8", "replace")) for k, v in store.live().items()}
+            return json_to_lua(ctx, values, keep_nulls=False)
         except ValueError as e:
             return None, str(e)
 
@@ -328,7 +238,7 @@ def _load(ctx):
             try:
                 action(store)
             except OSError as e:
-                return str(e)
+                return error_text(e)
             return None
         return run
 
@@ -336,7 +246,7 @@ def _load(ctx):
         "open": open_, "identity": id, "set": set_, "get": get, "keys": lambda store: store.keys(),
         "dump": dump, "sync": sync_or_close(Store.sync), "close": sync_or_close(Store.close),
     })
-    return ctx.lua.execute(_LUA, ctx.lua.table(), py)
+    return ctx.lua.execute(_LUA, ctx.table(), py, name="=storage")
 
 
 def lua_modules():

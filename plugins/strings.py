@@ -2,19 +2,27 @@
 
 import re
 
+from msgscript import check_string, opt_string, pure
+
+from plugins._lua import PRELUDE, move_off_the_loop
+
+INLINE_SIZE = 256 * 2**10  # longer strings are not split on the event loop
+
 # Go's unicode.IsSpace set (Python's str.isspace also counts \x1c-\x1f, Go does not).
 _GO_SPACE = "\t\n\v\f\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a" \
     "\u2028\u2029\u202f\u205f\u3000"
 _FIELDS = re.compile("[" + re.escape(_GO_SPACE) + "]+")
 
 # Reader and Builder live in Lua: their state never needs to cross into Python.
-_LUA = r"""
+_LUA = PRELUDE + r"""
 local M = ...
 local state = setmetatable({}, {__mode = "k"})
 
-local function check(self, kind)
+local function check(self, kind, fname)
   local st = state[self]
-  if st == nil or st.kind ~= kind then error("strings." .. kind .. " expected", 3) end
+  if st == nil or st.kind ~= kind then
+    error(string.format("bad argument #1 to '%s' (strings.%s expected, got %s)", fname, kind, type(self)), 3)
+  end
   return st
 end
 
@@ -22,7 +30,7 @@ local function str_arg(v, i, fname)
   local t = type(v)
   if t == "string" then return v end
   if t == "number" then return tostring(v) end
-  error(string.format("bad argument #%d to %s (string expected, got %s)", i, fname, t), 3)
+  error(string.format("bad argument #%d to '%s' (string expected, got %s)", i, fname, t), 3)
 end
 
 local function read_number(st)
@@ -47,7 +55,7 @@ local function read_one(st, fmt)
     st.pos = pos + #chunk
     return chunk
   end
-  -- Lua 5.4 spells the formats without "*"; accept both
+  -- the Lua 5.2+ spellings without "*" are accepted too
   local f = type(fmt) == "string" and fmt:gsub("^%*", ""):sub(1, 1) or ""
   if f == "a" then
     st.pos = #s + 1
@@ -65,40 +73,38 @@ local function read_one(st, fmt)
   error("unknown fmt string", 3)
 end
 
-local Reader = {__name = "strings.Reader"}
-Reader.__index = {
+local Reader, Builder
+Reader, M.Reader = class({
   read = function(self, ...)
-    local st = check(self, "Reader")
+    local st = check(self, "Reader", "read")
     local n = select("#", ...)
     if n == 0 then return read_one(st, "*l") end
     local out = {}
     for i = 1, n do
       out[i] = read_one(st, (select(i, ...)))
-      if out[i] == nil then return table.unpack(out, 1, i) end
+      if out[i] == nil then return unpack(out, 1, i) end
     end
-    return table.unpack(out, 1, n)
+    return unpack(out, 1, n)
   end,
-  close = function(self) check(self, "Reader") end,
-}
+  close = function(self) check(self, "Reader", "close") end,
+})
 
-local Builder = {__name = "strings.Builder"}
-Builder.__index = {
+Builder, M.Builder = class({
   write = function(self, ...)
-    local st = check(self, "Builder")
+    local st = check(self, "Builder", "write")
     for i = 1, select("#", ...) do
       st.parts[#st.parts + 1] = str_arg((select(i, ...)), i, "write")
     end
   end,
   string = function(self)
-    local st = check(self, "Builder")
+    local st = check(self, "Builder", "string")
     local s = table.concat(st.parts)
     st.parts = {s}
     return s
   end,
-  close = function(self) check(self, "Builder") end,
-}
+  close = function(self) check(self, "Builder", "close") end,
+})
 
-M.Reader, M.Builder = Reader, Builder
 function M.new_reader(s)
   local r = setmetatable({}, Reader)
   state[r] = {kind = "Reader", s = str_arg(s, 1, "new_reader"), pos = 1}
@@ -113,68 +119,82 @@ return M
 """
 
 
-def _text(value, name="argument"):
-    """A Lua string argument (numbers accepted, like gopher-lua's CheckString)."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)
-    raise TypeError(f"bad {name} (string expected, got {type(value).__name__})")
-
-
-def split(s, sep=""):
+@pure
+def split(s=None, sep=None):
     """Go strings.Split: an empty separator splits into characters."""
-    s, sep = _text(s), _text(sep)
+    s, sep = check_string(s, 1), opt_string(sep, 2, "")
     return list(s) if sep == "" else s.split(sep)
 
 
-def fields(s):
+@pure
+def fields(s=None):
     """Go strings.Fields: split around runs of white space."""
-    return [f for f in _FIELDS.split(_text(s)) if f]
+    return [f for f in _FIELDS.split(check_string(s, 1)) if f]
 
 
-def has_prefix(s, prefix):
+@pure
+def has_prefix(s=None, prefix=None):
     """True if s starts with prefix."""
-    return _text(s).startswith(_text(prefix))
+    return check_string(s, 1).startswith(check_string(prefix, 2))
 
 
-def has_suffix(s, suffix):
+@pure
+def has_suffix(s=None, suffix=None):
     """True if s ends with suffix."""
-    return _text(s).endswith(_text(suffix))
+    return check_string(s, 1).endswith(check_string(suffix, 2))
 
 
-def contains(s, sub):
+@pure
+def contains(s=None, sub=None):
     """True if sub is within s."""
-    return _text(sub) in _text(s)
+    return check_string(sub, 2) in check_string(s, 1)
 
 
-def trim(s, cutset):
+@pure
+def trim(s=None, cutset=None):
     """Remove any of the characters in cutset from both ends."""
-    return _text(s).strip(_text(cutset))
+    return check_string(s, 1).strip(check_string(cutset, 2))
 
 
-def trim_space(s):
+@pure
+def trim_space(s=None):
     """Remove leading and trailing white space."""
-    return _text(s).strip(_GO_SPACE)
+    return check_string(s, 1).strip(_GO_SPACE)
 
 
-def trim_prefix(s, prefix):
+@pure
+def trim_prefix(s=None, prefix=None):
     """s without the leading prefix, if present."""
-    return _text(s).removeprefix(_text(prefix))
+    return check_string(s, 1).removeprefix(check_string(prefix, 2))
 
 
-def trim_suffix(s, suffix):
+@pure
+def trim_suffix(s=None, suffix=None):
     """s without the trailing suffix, if present."""
-    return _text(s).removesuffix(_text(suffix))
+    return check_string(s, 1).removesuffix(check_string(suffix, 2))
 
 
 def _load(ctx):
+    def big(s) -> None:
+        if isinstance(s, str) and len(s) > INLINE_SIZE:
+            move_off_the_loop(ctx)
+
+    @pure
+    def split_(s=None, sep=None):
+        big(s)
+        return split(s, sep)
+
+    @pure
+    def fields_(s=None):
+        big(s)
+        return fields(s)
+
     members = {
-        "split": split, "fields": fields, "has_prefix": has_prefix, "has_suffix": has_suffix,
+        "split": split_, "fields": fields_, "has_prefix": has_prefix, "has_suffix": has_suffix,
         "contains": contains, "trim": trim, "trim_space": trim_space, "trim_prefix": trim_prefix,
         "trim_suffix": trim_suffix,
     }
-    return ctx.lua.execute(_LUA, ctx.module(members))
+    return ctx.lua.execute(_LUA, ctx.module(members), name="=strings")
 
 
 def lua_modules():

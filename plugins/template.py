@@ -8,21 +8,31 @@ Values follow the original's conversion: every number is a float64 printed like 
 `fmt.Sprint` (1000000 -> "1e+06"), a table with t[1] set is a list of t[1..n] (hash keys
 dropped), other tables are maps keyed by tostring(key). Deliberate difference: a nested empty
 table is an empty list (falsy in a section) where Go would see an empty map (truthy).
+
+Bounds: rendering stops at the script's deadline (a Lua error) and fails with `nil, err` once
+the text outgrows what the script's memory cap leaves; `{{> name}}` partials are read only
+from the script's directory and the library directory.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import time
 from decimal import Decimal
 
-from lupa import lua54
+from msgscript import ArgError, LuaError, check_string, error_text, is_table, lua_tostring, lua_type, pure
+
+from plugins._lua import PRELUDE, move_off_the_loop
 
 MAX_DEPTH = 100  # nesting of values and of partials
+INLINE_STEPS = 4096  # a rendering this long is not "quick": a call on the event loop moves to a worker
+PARTIAL_EXTENSIONS = ("", ".mustache", ".stache")
 
 _ESCAPES = {"&": "&amp;", "<": "&lt;", ">": "&gt;", "'": "&#39;", '"': "&#34;", "\0": "\ufffd"}
 _ESCAPE_RE = re.compile("[&<>'\"\0]")
 _STANDALONE_KINDS = "#^/!>="
+_TOO_LARGE = "rendered text larger than the script's memory limit allows"
 
 
 class TemplateError(Exception):
@@ -56,9 +66,10 @@ def go_float(x: float) -> str:
 
 
 def _border(table) -> int:
-    """Lua's MaxN: the count of consecutive non-nil values from t[1]."""
+    """The count of consecutive values from t[1], read raw (an __index cannot make it endless)."""
+    keys = {k for k, _ in table.items() if type(k) is int}
     n = 0
-    while table[n + 1] is not None:
+    while n + 1 in keys:
         n += 1
     return n
 
@@ -73,8 +84,12 @@ def _key_text(key) -> str:
     return str(key)
 
 
-def to_value(value, depth: int = 0):
-    """A Lua value as the renderer sees it: str, float, bool, None, list or dict."""
+def to_value(value, depth: int = 0, done: dict | None = None):
+    """A Lua value as the renderer sees it: str, float, bool, None, list or dict.
+
+    A table reachable twice is converted once (`done`, keyed by its address), so a table
+    shared many times over stays one Python object instead of growing exponentially.
+    """
     if depth > MAX_DEPTH:
         raise TemplateError("values nested too deeply")
     if isinstance(value, bytes):
@@ -83,37 +98,57 @@ def to_value(value, depth: int = 0):
         return value
     if isinstance(value, (int, float)):
         return float(value)
-    if lua54.lua_type(value) == "table":
+    if not is_table(value):
+        return None  # functions, userdata, threads render as nothing
+    done = {} if done is None else done
+    key = repr(value)  # the table's address
+    if key not in done:
         n = _border(value)
         if n:
-            return [to_value(value[i], depth + 1) for i in range(1, n + 1)]
-        items = {_key_text(k): to_value(v, depth + 1) for k, v in value.items()}
-        return items or []
-    return None  # functions, userdata, threads render as nothing
+            items = dict(value.items())
+            done[key] = [to_value(items[i], depth + 1, done) for i in range(1, n + 1)]
+        else:
+            done[key] = {_key_text(k): to_value(v, depth + 1, done) for k, v in value.items()} or []
+    return done[key]
 
 
-def top_values(values):
-    """The top-level `values` argument: a map, or the original's error for an array."""
-    if lua54.lua_type(values) != "table":
-        raise TypeError(f"bad argument #2 to render (table expected, got {lua_type(values)})")
+def top_values(values, n: int = 2):
+    """The top-level `values` argument (argument `n`): a map, or the original's error for an array."""
+    if not is_table(values):
+        raise ArgError(n, f"table expected, got {lua_type(values)}")
     if _border(values):
         raise TemplateError("arguments #1 must be a table, but got an array")
-    return {_key_text(k): to_value(v, 1) for k, v in values.items()}
+    done: dict = {}
+    return {_key_text(k): to_value(v, 1, done) for k, v in values.items()}
 
 
-def as_text(value) -> str:
-    """A value as Go's fmt.Sprint prints it."""
+def as_text(value, limit: int = 2**62, done: dict | None = None) -> str:
+    """A value as Go's fmt.Sprint prints it ([a b], map[k:v]); TemplateError past `limit` characters.
+
+    The text of a list or map met again (a shared table) is reused from `done`.
+    """
     if value is None:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float):
         return go_float(value)
-    if isinstance(value, list):
-        return "[" + " ".join(as_text(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "map[" + " ".join(f"{k}:{as_text(value[k])}" for k in sorted(value)) + "]"
-    return str(value)
+    if isinstance(value, str):
+        return value
+    done = {} if done is None else done
+    if id(value) not in done:
+        if isinstance(value, list):
+            head, pieces = "[", (as_text(v, limit, done) for v in value)
+        else:
+            head, pieces = "map[", (f"{k}:{as_text(value[k], limit, done)}" for k in sorted(value))
+        parts, size = [], len(head) + 1
+        for piece in pieces:
+            size += len(piece) + 1
+            if size > limit:
+                raise TemplateError(_TOO_LARGE)
+            parts.append(piece)
+        done[id(value)] = head + " ".join(parts) + "]"
+    return done[id(value)]
 
 
 def html_escape(text: str) -> str:
@@ -240,112 +275,157 @@ def falsy(value) -> bool:
     return isinstance(value, str) and not value.strip()
 
 
-def read_partial(name: str) -> str:
-    """A partial's text from the working directory (or $CWD): name, name.mustache, name.stache."""
-    dirs = [os.getcwd()] + ([os.environ["CWD"]] if os.environ.get("CWD") else [])
+def partial_path(name: str, dirs: list[str]) -> str | None:
+    """The file of partial `name`: name, name.mustache or name.stache in one of `dirs`.
+
+    Only names inside those directories count: an absolute name, a `..` step or a symlink that
+    leads out of the directory finds nothing.
+    """
+    if not name or os.path.isabs(name) or ".." in name.split("/"):
+        return None
     for directory in dirs:
-        for ext in ("", ".mustache", ".stache"):
-            path = os.path.join(directory, name + ext)
-            if os.path.isfile(path):
-                with open(path, encoding="utf-8", errors="surrogateescape") as f:
-                    return f.read()
-    return ""
+        root = os.path.realpath(directory)
+        for ext in PARTIAL_EXTENSIONS:
+            path = os.path.realpath(os.path.join(root, name + ext))
+            if path.startswith(root.rstrip(os.sep) + os.sep) and os.path.isfile(path):
+                return path
+    return None
 
 
-def render_nodes(nodes: list, stack: list, out: list, depth: int = 0) -> None:
-    """Append the rendering of `nodes` in the context `stack` to `out`."""
-    for node in nodes:
-        if isinstance(node, str):
-            out.append(node)
-        elif node[0] == "var":
-            text = as_text(lookup(node[1], stack))
-            out.append(html_escape(text) if node[2] else text)
-        elif node[0] == "section":
-            _render_section(node, stack, out, depth)
-        else:
-            _render_partial(node, stack, out, depth)
+def read_text(path: str, limit: int) -> str:
+    """A template file's text; TemplateError if it is larger than `limit` bytes."""
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise TemplateError(f"{path}: {_TOO_LARGE}")
+    return data.decode("utf-8", "surrogateescape")
 
 
-def _render_section(node: tuple, stack: list, out: list, depth: int) -> None:
-    _, name, inverted, children = node
-    value = lookup(name, stack)
-    if inverted:
-        if falsy(value):
-            render_nodes(children, stack, out, depth)
-    elif not falsy(value):
-        for item in value if isinstance(value, list) else [value]:
-            render_nodes(children, stack + [item], out, depth)
+class Renderer:
+    """Renders parsed nodes into `out`, within a deadline and an output size."""
+
+    def __init__(self, deadline: float = float("inf"), limit: int = 2**62, partial_dirs: list[str] = (),
+                 on_big=None):
+        self.deadline, self.left, self.partial_dirs = deadline, limit, list(partial_dirs)
+        self.on_big = on_big  # called once the rendering takes INLINE_STEPS steps
+        self.out: list[str] = []
+        self.steps = 0
+
+    def emit(self, text: str) -> None:
+        self.left -= len(text)
+        if self.left < 0:
+            raise TemplateError(_TOO_LARGE)
+        self.out.append(text)
+
+    def tick(self) -> None:
+        """Called for every node and section item: stops at the deadline."""
+        self.steps += 1
+        if self.steps % 256 == 0:
+            if time.monotonic() > self.deadline:
+                raise LuaError("script timed out")
+            if self.steps >= INLINE_STEPS and self.on_big is not None:
+                on_big, self.on_big = self.on_big, None
+                on_big()
+
+    def nodes(self, nodes: list, stack: list, depth: int = 0) -> None:
+        for node in nodes:
+            self.tick()
+            if isinstance(node, str):
+                self.emit(node)
+            elif node[0] == "var":
+                text = as_text(lookup(node[1], stack), self.left)
+                self.emit(html_escape(text) if node[2] else text)
+            elif node[0] == "section":
+                self.section(node, stack, depth)
+            else:
+                self.partial(node, stack, depth)
+
+    def section(self, node: tuple, stack: list, depth: int) -> None:
+        _, name, inverted, children = node
+        value = lookup(name, stack)
+        if inverted:
+            if falsy(value):
+                self.nodes(children, stack, depth)
+        elif not falsy(value):
+            for item in value if isinstance(value, list) else [value]:
+                self.tick()
+                self.nodes(children, stack + [item], depth)
+
+    def partial(self, node: tuple, stack: list, depth: int) -> None:
+        if depth >= MAX_DEPTH:
+            raise TemplateError(f"partials nested more than {MAX_DEPTH} deep (recursive partial {node[1]!r}?)")
+        path = partial_path(node[1], self.partial_dirs)
+        if path is None:
+            return  # a missing partial renders as nothing
+        text, indent = read_text(path, max(self.left, 0)), node[2]
+        if indent:
+            text = re.sub(r"^(?=.)", lambda _: indent, text, flags=re.M)
+        self.nodes(parse(text), stack, depth + 1)
 
 
-def _render_partial(node: tuple, stack: list, out: list, depth: int) -> None:
-    if depth >= MAX_DEPTH:
-        raise TemplateError(f"partials nested more than {MAX_DEPTH} deep (recursive partial {node[1]!r}?)")
-    text, indent = read_partial(node[1]), node[2]
-    if indent:
-        text = re.sub(r"^(?=.)", lambda _: indent, text, flags=re.M)
-    render_nodes(parse(text), stack, out, depth + 1)
-
-
-def render(text: str, values: dict) -> str:
+def render(text: str, values: dict, renderer: Renderer | None = None) -> str:
     """Render mustache `text` with the converted `values`."""
-    out: list[str] = []
-    render_nodes(parse(text), [values], out)
-    return "".join(out)
+    renderer = renderer or Renderer()
+    renderer.nodes(parse(text), [values])
+    return "".join(renderer.out)
 
 
 # The Lua module ###############################################################
 
 
-def lua_type(value) -> str:
-    """The Lua type name of a value as it arrives from Lua."""
-    if value is None:
-        return "nil"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, (str, bytes)):
-        return "string"
-    return lua54.lua_type(value) or type(value).__name__
-
-
-def _string_arg(value, what: str) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return go_float(float(value))
-    raise TypeError(f"bad argument to {what} (string expected, got {lua_type(value)})")
-
-
-def _render_lua(_engine, text, values):
-    text = _string_arg(text, "render")
-    try:
-        return render(text, top_values(values))  # a non-table raises TypeError, like the original
-    except (TemplateError, RecursionError) as e:
-        return None, str(e)
-
-
-def _render_file_lua(_engine, path, values):
-    path = _string_arg(path, "render_file")
-    try:
-        data = top_values(values)
-        with open(path, encoding="utf-8", errors="surrogateescape") as f:
-            text = f.read()
-        return render(text, data)
-    except (OSError, TemplateError, RecursionError) as e:
-        return None, str(e)
-
-
 def _loader(ctx):
-    engine = ctx.module({"render": _render_lua, "render_file": _render_file_lua})
+    def renderer() -> Renderer:
+        dirs = [ctx.script.base_dir] + ([ctx.services.library_dir] if ctx.services.library_dir else [])
+        return Renderer(time.monotonic() + ctx.remaining(), ctx.max_bytes(), dirs, lambda: move_off_the_loop(ctx))
 
-    def choose(name):
+    def finish(text: str) -> bytes:
+        return text.encode("utf-8", "surrogateescape")  # bytes: the size check sees the real length
+
+    @pure
+    def render_(_engine, text=None, values=None):
+        """engine:render(text, values) -> string | nil, err"""
+        text = check_string(text, 1)
+        try:
+            return finish(render(text, top_values(values), renderer()))
+        except (TemplateError, RecursionError) as e:
+            return None, _error(e)
+
+    def render_file(_engine, path=None, values=None):
+        """engine:render_file(path, values) -> string | nil, err"""
+        path = check_string(path, 1)
+        try:
+            data = top_values(values)
+            r = renderer()
+            return finish(render(read_text(path, r.left), data, r))
+        except OSError as e:
+            return None, error_text(e)
+        except (TemplateError, RecursionError) as e:
+            return None, _error(e)
+
+    engine = ctx.lua.execute(_ENGINE_LUA, ctx.module({"render": render_, "render_file": render_file}),
+                             name="=template")
+
+    @pure
+    def choose(name=None):
         """The engine called `name` (only "mustache"), or nil, err."""
         if name == "mustache":
-            return engine
-        return None, f"unknown template engine: {ctx.text(name) if name is not None else 'nil'}"
+            return engine()
+        return None, f"unknown template engine: {lua_tostring(name)}"
 
     return {"choose": choose}
+
+
+# The engine has no state: each choose() gives a new read-only object (so nothing one call does
+# to it reaches another), and they are all equal, as the original's one shared engine.
+_ENGINE_LUA = PRELUDE + r"""
+local methods = ...
+local Engine = class(methods, {__newindex = readonly_error, __eq = function() return true end})
+return function() return setmetatable({}, Engine) end
+"""
+
+
+def _error(exc: Exception) -> str:
+    return "template nested too deeply" if isinstance(exc, RecursionError) else str(exc)
 
 
 def lua_modules() -> dict:

@@ -7,6 +7,8 @@ import os
 import time
 import zoneinfo
 
+from msgscript import ArgError, LuaError, check_number, check_string, opt_string, pure
+
 DEFAULT_LAYOUT = "Mon Jan 2 15:04:05 -0700 MST 2006"
 _MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
            "November", "December"]
@@ -400,7 +402,7 @@ def go_parse(value, layout, default=datetime.UTC, local=None):
             out = _parse_zone_token(tok, rest, f)
         rest = out
     if rest:
-        raise ParseError(f"extra text: {rest!r}")
+        raise ParseError(f'extra text: "{rest}"')
     if f.pm and f.hour < 12:
         f.hour += 12
     elif f.am and f.hour == 12:
@@ -442,47 +444,52 @@ def load_location(name):
         raise ValueError(f"unknown time zone {name}") from None
 
 
-def _number(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"bad argument {name} (number expected, got {type(value).__name__})")
-    return value
-
-
 def _load(ctx):
-    def sleep(seconds):
-        seconds = _number(seconds, "#1 to sleep")
+    def sleep(seconds=None):
+        """Sleep, but never past the script's deadline (that is a timeout)."""
+        seconds = check_number(seconds, 1)
         if seconds <= 0:
             return None
         left = ctx.remaining()
         if seconds <= left:
             time.sleep(seconds)
             return None
-        time.sleep(left + 0.005)  # just past the deadline, so the caller sees a timeout, not an error
-        raise TimeoutError("script timed out (in time.sleep)")
+        time.sleep(left + 0.005)  # just past the deadline, so the call fails as a timeout
+        raise LuaError("script timed out (in time.sleep)")
 
-    def parse(value, layout, location=None):
+    @pure
+    def parse(value=None, layout=None, location=None):
+        value, layout, location = check_string(value, 1), check_string(layout, 2), opt_string(location, 3)
         try:
-            loc = load_location(location) if location is not None else None
-            if loc is None:
-                return go_parse(ctx.text(value), ctx.text(layout))
-            return go_parse(ctx.text(value), ctx.text(layout), default=loc, local=loc)
+            if location is None:
+                return go_parse(value, layout)
+            loc = load_location(location)
+            return go_parse(value, layout, default=loc, local=loc)
         except ValueError as e:
-            return None, f'parsing time "{ctx.text(value)}" as "{ctx.text(layout)}": {e}'
+            return None, f'parsing time "{value}" as "{layout}": {e}'
+        except OverflowError:
+            return None, f'parsing time "{value}" as "{layout}": year out of range'
 
-    def format_(ts, layout=None, location=None):
-        ts = _number(ts, "#1 to format")
+    @pure
+    def format_(ts=None, layout=None, location=None):
+        ts, layout, location = check_number(ts, 1), opt_string(layout, 2, DEFAULT_LAYOUT), opt_string(location, 3)
         try:
             tz = load_location(location) if location is not None else local_zone()
         except ValueError as e:
             return None, str(e)
+        if not math.isfinite(ts):
+            raise ArgError(1, "time value out of range")
         sec = math.floor(ts)
-        nsec = int(round((ts - sec) * 1e9)) if isinstance(ts, float) else 0
-        dt = datetime.datetime.fromtimestamp(sec, tz)
-        return go_format(dt, min(nsec, 999_999_999), DEFAULT_LAYOUT if layout is None else ctx.text(layout))
+        nsec = int(round((ts - sec) * 1e9))
+        try:
+            dt = datetime.datetime.fromtimestamp(sec, tz)
+        except (OverflowError, OSError, ValueError):
+            raise ArgError(1, "time value out of range") from None
+        return go_format(dt, min(nsec, 999_999_999), layout)
 
     return {
-        "unix": time.time,
-        "unix_nano": time.time_ns,
+        "unix": pure(lambda: time.time()),
+        "unix_nano": pure(lambda: time.time_ns()),
         "sleep": sleep,
         "parse": parse,
         "format": format_,

@@ -1,22 +1,35 @@
-"""`yaml`: decode/encode (and stream decoders/encoders) like gopher-lua-libs v0.5.0, on PyYAML."""
+"""`yaml`: decode/encode (and stream decoders/encoders) like gopher-lua-libs v0.5.0, on PyYAML.
+
+A decoded document is bounded by the script's memory cap as the tree it becomes: PyYAML shares
+the object of an anchor among its aliases, so a "billion laughs" document is small as a graph
+and huge as Lua tables; it gives `nil, err` before anything is expanded.
+"""
 
 import functools
-import math
+
+from msgscript import ArgError, LuaError, check_string, is_table, pure
+
+from plugins._lua import PRELUDE, move_off_the_loop
+
+INLINE_SIZE = 256 * 2**10  # YAML this long is not "quick": a call on the event loop moves to a worker
 
 # The decoder and encoder objects read from / write to any Lua object with :read / :write.
-_LUA = r"""
+_LUA = PRELUDE + r"""
 local M, py = ...
 local state = setmetatable({}, {__mode = "k"})
 
-local function get(self, kind)
+local function get(self, kind, fname)
   local st = state[self]
-  if st == nil or st.kind ~= kind then error("yaml." .. kind .. " expected", 3) end
+  if st == nil or st.kind ~= kind then
+    error("bad argument #1 to '" .. fname .. "' (yaml." .. kind .. " expected, got " .. type(self) .. ")", 3)
+  end
   return st
 end
 
-M.Decoder = {__name = "yaml.Decoder", __index = {
+local Decoder, Encoder
+Decoder, M.Decoder = class({
   decode = function(self)
-    local st = get(self, "Decoder")
+    local st = get(self, "Decoder", "decode")
     if not st.loaded then
       local ok, data = pcall(st.reader.read, st.reader, "*a")
       st.loaded = true
@@ -26,13 +39,13 @@ M.Decoder = {__name = "yaml.Decoder", __index = {
     return py.next_document(st.py)
   end,
   set_strict = function(self, strict)
-    py.set_strict(get(self, "Decoder").py, strict)
+    py.set_strict(get(self, "Decoder", "set_strict").py, strict)
   end,
-}}
+})
 
-M.Encoder = {__name = "yaml.Encoder", __index = {
+Encoder, M.Encoder = class({
   encode = function(self, value)
-    local st = get(self, "Encoder")
+    local st = get(self, "Encoder", "encode")
     local text, err = py.encode(value)
     if text == nil then return err end
     if st.count > 0 then text = "---\n" .. text end
@@ -40,16 +53,16 @@ M.Encoder = {__name = "yaml.Encoder", __index = {
     if ok == nil and werr ~= nil then return tostring(werr) end
     st.count = st.count + 1
   end,
-}}
+})
 
 function M.new_decoder(reader)
-  local d = setmetatable({}, M.Decoder)
+  local d = setmetatable({}, Decoder)
   state[d] = {kind = "Decoder", reader = reader, py = py.new_stream()}
   return d
 end
 
 function M.new_encoder(writer)
-  local e = setmetatable({}, M.Encoder)
+  local e = setmetatable({}, Encoder)
   state[e] = {kind = "Encoder", writer = writer, count = 0}
   return e
 end
@@ -86,7 +99,7 @@ def _loaders():
                 key = self.construct_object(key_node, deep=True)
                 if key in keys:
                     raise yaml.constructor.ConstructorError(
-                        None, None, f"key {key!r} already set in map", key_node.start_mark)
+                        None, None, f"key {key} already set in map", key_node.start_mark)
                 keys.add(key)
             return super().construct_mapping(node, deep)
 
@@ -130,11 +143,67 @@ def to_lua_value(value):
     return value
 
 
-def decode_text(text, strict=False):
+class DecodeError(ValueError):
+    """A document that cannot be handed to Lua."""
+
+
+def tree_size(value, limit: int) -> int:
+    """About how many bytes `value` takes as Lua values with every alias expanded; DecodeError past `limit`.
+
+    Each shared object is measured once (by id) and counted at every place it appears, so the
+    cost is the size of the graph, however large the tree it stands for.
+    """
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(v) -> int:
+        if isinstance(v, bytes):
+            return len(v) + 32
+        if isinstance(v, str):
+            return (len(v) if v.isascii() else len(v.encode("utf-8", "surrogateescape"))) + 32
+        if not isinstance(v, (dict, list, tuple, set)):
+            return 0
+        key = id(v)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise DecodeError("yaml: anchor value contains itself")
+        active.add(key)
+        total = 64
+        for k, x in (v.items() if isinstance(v, dict) else ((None, x) for x in v)):
+            total += 40 + size(k) + size(x)
+            if total > limit:
+                raise DecodeError(f"yaml: the decoded document is larger than the script's memory limit allows "
+                                  f"({limit} bytes)")
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    return size(value)
+
+
+def yaml_error(exc) -> str:
+    """A PyYAML error on one line, as yaml.v2 words it: "yaml: line 2: did not find expected key"."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    if mark is not None and problem:
+        return f"yaml: line {mark.line + 1}: {problem}"
+    return f"yaml: {str(exc).splitlines()[0] if str(exc) else 'invalid document'}"
+
+
+def lua_document(document, limit: int):
+    """A decoded document as values for Lua, checked against `limit` as an expanded tree first."""
+    try:
+        tree_size(document, limit)
+        return to_lua_value(document)
+    except RecursionError:
+        raise DecodeError("yaml: document nested too deeply") from None
+
+
+def decode_text(text, limit: int, strict=False):
     """The first YAML document of text (None if there is none)."""
     loader = _loaders()[1 if strict else 0]
     for document in _yaml().load_all(text, Loader=loader):
-        return to_lua_value(document)
+        return lua_document(document, limit)
     return None
 
 
@@ -183,13 +252,26 @@ def _key_compare(a, b):
 
 
 class LuaToYaml:
-    """Convert a Lua value to plain Python for PyYAML, with the original's encoding rules."""
+    """Convert a Lua value to plain Python for PyYAML, with the original's encoding rules.
 
-    def __init__(self, identity):
-        self.identity = identity  # Lua function giving a table's address
-        self.seen = set()
+    `grow` counts about how long the text gets: past `limit` the encoding stops with a LuaError,
+    and past INLINE_SIZE `on_big()` is called once.
+    """
+
+    def __init__(self, limit: int = 2**62, on_big=None):
+        self.seen = set()  # addresses of the tables met so far
+        self.limit, self.on_big, self.size = limit, on_big, 0
+
+    def grow(self, n: int) -> None:
+        self.size += n
+        if self.on_big is not None and self.size > INLINE_SIZE:
+            on_big, self.on_big = self.on_big, None
+            on_big()
+        if self.size > self.limit:
+            raise LuaError(f"encoded YAML of more than {self.limit} bytes does not fit in the script's memory limit")
 
     def convert(self, value):
+        self.grow(len(value) if isinstance(value, (bytes, str)) else 8)
         if value is None or isinstance(value, (bool, str)):
             return value
         if isinstance(value, bytes):
@@ -197,27 +279,32 @@ class LuaToYaml:
         if isinstance(value, int):
             return value
         if isinstance(value, float):
-            return int(value) if math.isfinite(value) and value.is_integer() else value
-        if type(value).__name__ == "_LuaTable":
+            return int(value) if value.is_integer() and abs(value) < 2**63 else value  # as Go: int64 when whole
+        if is_table(value):
             return self.table(value)
         raise EncodeError("cannot encode values with function in them")
 
     def table(self, t):
-        address = self.identity(t)
+        address = repr(t)  # the table's address, whatever its __tostring says
         if address in self.seen:
-            raise EncodeError(f"nested table {address.decode()} is shared or cyclic")
+            raise EncodeError("nested table is shared or cyclic")
         self.seen.add(address)
         items = list(t.items())
         if [k for k, _ in items] == list(range(1, len(items) + 1)):
             return [self.convert(v) for _, v in items]
+        if any(is_table(k) for k, _ in items):
+            raise EncodeError("cannot encode tables as mapping keys")
         pairs = [(self.convert(k), self.convert(v)) for k, v in items]
         pairs.sort(key=functools.cmp_to_key(lambda x, y: _key_compare(x[0], y[0])))
         return dict(pairs)
 
 
-def encode_value(value, identity):
-    """YAML text for a Lua value (one document, no '---')."""
-    data = LuaToYaml(identity).convert(value)
+def encode_value(value, limit: int = 2**62, on_big=None):
+    """YAML text for a Lua value (one document, no '---'); see LuaToYaml for `limit` and `on_big`."""
+    try:
+        data = LuaToYaml(limit, on_big).convert(value)
+    except RecursionError:
+        raise EncodeError("nested table is too deep") from None
     text = _yaml().dump(data, Dumper=_dumper(), default_flow_style=False, allow_unicode=True, sort_keys=False)
     if not isinstance(data, (list, dict)) and text.endswith("\n...\n"):
         text = text[:-4]  # PyYAML closes a bare scalar document with "...", yaml.v2 does not
@@ -229,49 +316,72 @@ class _Stream:
 
     def __init__(self):
         self.strict = False
-        self.documents = None
+        self.documents = iter(())
 
     def feed(self, text):
         loader = _loaders()[1 if self.strict else 0]
         self.documents = _yaml().load_all(text, Loader=loader)
 
-    def next_document(self):
+    def next_document(self, limit: int):
         try:
-            return to_lua_value(next(self.documents)), None
+            return lua_document(next(self.documents), limit), None
         except StopIteration:
             return None, "EOF"
-        except _yaml().YAMLError as e:
+        except (_yaml().YAMLError, ValueError, RecursionError) as e:
             self.documents = iter(())
-            return None, str(e)
+            return None, _decode_error(e)
+
+
+def _decode_error(exc) -> str:
+    if isinstance(exc, RecursionError):
+        return "yaml: document nested too deeply"
+    if isinstance(exc, DecodeError):
+        return str(exc)
+    if isinstance(exc, ValueError):  # e.g. an integer of more digits than Python converts
+        return "yaml: a value cannot be decoded (number too large?)"
+    return yaml_error(exc)
 
 
 def _load(ctx):
-    identity = ctx.lua.execute('return function(t) return string.format("%p", t) end')
-    yaml_error = _yaml().YAMLError
+    yaml_errors = (_yaml().YAMLError, ValueError, RecursionError)
 
+    @pure
     def decode(text=None):
-        if not isinstance(text, (str, int, float)) or isinstance(text, bool):
-            raise TypeError(f"bad argument #1 to decode (string expected, got {type(text).__name__})")
+        """yaml.decode(text) -> value | nil, err"""
+        text = check_string(text, 1)
+        if len(text) > INLINE_SIZE:
+            move_off_the_loop(ctx)
         try:
-            return decode_text(str(text))
-        except yaml_error as e:
-            return None, str(e)
+            return decode_text(text, ctx.max_bytes())
+        except yaml_errors as e:
+            return None, _decode_error(e)
 
+    @pure
     def encode(*args):
+        """yaml.encode(value) -> text | nil, err"""
         if not args:
-            raise TypeError("bad argument #1 to encode (value expected)")
+            raise ArgError(1, "value expected")
         try:
-            return encode_value(args[0], identity)
-        except (EncodeError, yaml_error) as e:
+            return encode_value(args[0], ctx.max_bytes(), lambda: move_off_the_loop(ctx)).encode(
+                "utf-8", "surrogateescape")
+        except EncodeError as e:
             return None, str(e)
+        except _yaml().YAMLError as e:
+            return None, yaml_error(e)
+
+    def feed(stream, text=None):
+        text = check_string(text, 1)
+        if len(text) > INLINE_SIZE:
+            move_off_the_loop(ctx)
+        stream.feed(text)
 
     py = ctx.module({
-        "new_stream": _Stream, "encode": encode,
-        "feed": lambda st, text: st.feed(ctx.text(text)),
-        "next_document": lambda st: st.next_document(),
-        "set_strict": lambda st, strict: setattr(st, "strict", bool(strict)),
+        "new_stream": pure(lambda: _Stream()), "encode": encode,
+        "feed": pure(lambda st, text=None: feed(st, text)),
+        "next_document": pure(lambda st: st.next_document(ctx.max_bytes())),
+        "set_strict": pure(lambda st, strict=None: setattr(st, "strict", bool(strict))),
     })
-    return ctx.lua.execute(_LUA, ctx.module({"decode": decode, "encode": encode}), py)
+    return ctx.lua.execute(_LUA, ctx.module({"decode": decode, "encode": encode}), py, name="=yaml")
 
 
 def lua_modules():

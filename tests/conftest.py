@@ -55,7 +55,7 @@ def wait_port(port: int, timeout: float = 15, proc: subprocess.Popen | None = No
     raise RuntimeError(f"port {port} never opened")
 
 
-def run_lua(src, *args, plugin_dirs=(), fname="OnMessage", timeout=5, python=False):
+def run_lua(src, *args, plugin_dirs=(), fname="OnMessage", timeout=5, python=False, memory=64 * 2**20):
     """Run a Lua source's `fname(*args)` with the bundled plugins, as the server would.
 
     Returns the results as a list: Lua values (strings as bytes), or, with `python`,
@@ -64,7 +64,7 @@ def run_lua(src, *args, plugin_dirs=(), fname="OnMessage", timeout=5, python=Fal
     services = msgscript.Services()
     msgscript.load_plugins([str(d) for d in plugin_dirs], services.modules)
     script = msgscript.Script("t.sub", "t", src)
-    runner = msgscript.LuaRunner(script, src, services, 64 * 2**20)
+    runner = msgscript.LuaRunner(script, src, services, memory)
     _found, *values = runner.call(fname, time.monotonic() + timeout, *args)
     return [runner.ctx.to_python(v) for v in values] if python else values
 

@@ -286,3 +286,37 @@ def test_sqlite_in_memory_without_options():
     end
     """
     assert lua(src) == [True, [{"two": 2}]]
+
+
+# A result larger than the script's memory cap is `nil, err`; the rows are counted as they arrive.
+BIG_RESULT = """
+local db = require(MODULE)
+function OnMessage(_, target)
+  local c = db.new()
+  assert(CONNECT)
+  local rows, err = c:query(SQL)
+  local after = c:query("SELECT 1 AS one")
+  c:close()
+  return rows, err, after
+end
+"""
+
+
+@pytest.mark.parametrize("module, connect, sql", [
+    pytest.param("mysql", "c:connect(target)",
+                 "SELECT REPEAT('x', 1000) AS s FROM information_schema.columns a, information_schema.columns b",
+                 marks=needs_mariadb, id="mysql"),
+    pytest.param("postgres", "c:connect(target)", "SELECT repeat('x', 1000) AS s FROM generate_series(1, 10000000)",
+                 marks=needs_postgres, id="postgres"),
+    pytest.param("sqlite3", "c:open(':memory:')",
+                 "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n LIMIT 10000000) "
+                 "SELECT printf('%.1000c', 'x') AS s FROM n", id="sqlite3"),
+])
+def test_results_over_the_memory_cap_are_nil_err(module, connect, sql):
+    target = {"mysql": MYSQL_DSN, "postgres": PG_URL, "sqlite3": ""}[module]
+    src = BIG_RESULT.replace("MODULE", f'"{module}"').replace("CONNECT", connect).replace("SQL", repr(sql))
+    start = time.monotonic()
+    rows, err, after = run_lua(src, b"", target.encode(), timeout=20, python=True, memory=8 * 2**20)
+    assert rows is None and "memory limit" in err
+    assert after == [{"one": 1}]  # the connection still works (reopened if it had to be dropped)
+    assert time.monotonic() - start < 10

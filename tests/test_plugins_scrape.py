@@ -87,3 +87,18 @@ def test_results_are_plain_lists_for_ipairs_and_fragments_work():
     end
     """
     assert lua(src) == ["1=x,2=y"]
+
+
+def test_bad_arguments_raise_lua_errors():
+    src = """
+    local scrape = require("scrape")
+    function OnMessage()
+      local _, e1 = pcall(scrape.find_text_by_tag, nil, "a")
+      local _, e2 = pcall(scrape.find_attrs_by_tag, "<img>", 2, "src")
+      local _, e3 = pcall(scrape.find_attr_by_id, "<p>", "id")
+      return e1, e2, e3
+    end
+    """
+    assert lua(src) == ["bad argument #1 to 'find_text_by_tag' (string expected, got nil)",
+                        "bad argument #4 to 'find_attrs_by_tag' (string expected, got nil)",
+                        "bad argument #3 to 'find_attr_by_id' (string expected, got nil)"]

@@ -4,6 +4,7 @@ import json
 import os
 import platform
 import re
+import socket
 import threading
 import time
 
@@ -15,16 +16,16 @@ import msgscript
 from conftest import run_lua as run  # noqa: E402
 
 
-def lua(body, *args, timeout=5):
+def lua(body, *args, timeout=5, memory=64 * 2**20):
     """Run `body` as the body of OnMessage(...) and return its results."""
-    return run(f"function OnMessage(...)\n{body}\nend", *args, timeout=timeout)
+    return run(f"function OnMessage(...)\n{body}\nend", *args, timeout=timeout, memory=memory)
 
 
 def test_all_bundled_plugins_load():
     modules = {}
     failed = msgscript.load_plugins([str(msgscript.BUNDLED_PLUGINS)], modules)
     mine = ("strings", "time", "filepath", "ioutil", "runtime", "crypto", "cmd", "inspect", "yaml",
-            "log", "storage", "hello")
+            "log", "storage", "hello", "tac", "tcp")
     assert failed == []
     for name in mine + ("loglevel",):
         assert name in modules
@@ -61,10 +62,10 @@ def test_strings_reader_formats():
       local three, rest = r:read(3), r:read("*a")
       local eof_a, eof_l, eof_n, eof_num, zero = r:read("*a"), r:read("*l"), r:read("*n"), r:read(4), r:read(0)
       r:close()
-      return l1, l2, n, math.type(n), three, rest, eof_a, eof_l, eof_n, eof_num, zero,
+      return l1, l2, n, type(n), three, rest, eof_a, eof_l, eof_n, eof_num, zero,
              getmetatable(r) == s.Reader
     """)
-    assert out == [b"line1", b"line2", 42, b"integer", b" re", b"st", b"", None, 0, None, b"", True]
+    assert out == [b"line1", b"line2", 42, b"number", b" re", b"st", b"", None, 0, None, b"", True]
 
 
 def test_strings_reader_unknown_format_raises():
@@ -213,6 +214,16 @@ def test_ioutil_read_write_copy(tmp_path):
     assert oct(os.stat(src).st_mode & 0o777) == "0o644"
 
 
+def test_ioutil_read_file_refuses_files_over_the_memory_cap(tmp_path):
+    big = tmp_path / "big"
+    big.write_bytes(b"x" * (6 * 2**20))
+    value, err = lua("return require('ioutil').read_file(...)", str(big).encode(), memory=4 * 2**20)
+    assert value is None and b"memory limit" in err
+    # files that report no size (/proc) are read, within the same bound
+    status = lua("return require('ioutil').read_file('/proc/self/status')")[0]
+    assert status.startswith(b"Name:")
+
+
 # runtime, crypto ##############################################################
 
 def test_runtime_uses_go_names():
@@ -259,6 +270,12 @@ def test_cmd_exec_timeout_kills_the_process_group(tmp_path):
     while _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(pid)
+
+
+def test_cmd_exec_output_is_bounded_by_the_memory_cap():
+    start = time.monotonic()
+    value, err = lua('return require("cmd").exec("head -c 50000000 /dev/zero")', memory=8 * 2**20)
+    assert value is None and b"memory limit" in err and time.monotonic() - start < 3
 
 
 def test_cmd_exec_is_bounded_by_the_script_deadline():
@@ -323,9 +340,9 @@ def test_yaml_decode():
       local yaml = require("yaml")
       local v = yaml.decode("a: 1\\nb: [1, null, 3]\\nc: 1.5\\nd: 2001-12-14\\n1: one\\ne: ~\\n")
       local bad, err = yaml.decode("a: [")
-      return v.a, math.type(v.a), #v.b, v.b[2], v.c, v.d, v[1], v.e, bad, type(err), yaml.decode("")
+      return v.a, tostring(v.a), #v.b, v.b[2], v.c, v.d, v[1], v.e, bad, type(err), yaml.decode("")
     """)
-    assert out == [1, b"integer", 2, 3, 1.5, b"2001-12-14", b"one", None, None, b"string", None]
+    assert out == [1, b"1", 2, 3, 1.5, b"2001-12-14", b"one", None, None, b"string", None]
 
 
 def test_yaml_stream_decoder_and_encoder():
@@ -344,6 +361,280 @@ def test_yaml_stream_decoder_and_encoder():
       return one.a, two.b, none, eof, dup, type(derr), r1, b:string()
     """)
     assert out == [1, 2, None, b"EOF", None, b"string", None, b"x: 1\n---\n- 2\n"]
+
+
+def test_yaml_alias_bomb_is_nil_err_not_a_crash():
+    levels = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    for prev, name in zip("abcdefgh", "bcdefghi", strict=True):
+        levels.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 9) + "]")
+    bomb = "\n".join(levels) + "\n"  # under 1 KiB of text, 9^9 strings once expanded
+    start = time.monotonic()
+    out = lua("""
+      local yaml, strings = require("yaml"), require("strings")
+      local v, err = yaml.decode(...)
+      local d = yaml.new_decoder(strings.new_reader(...))
+      local v2, err2 = d:decode()
+      local small = yaml.decode("x: &x [1, 2]\\ny: *x\\n")
+      return v, err, v2, err2, small.y[2]
+    """, bomb.encode(), timeout=5)
+    assert out[0] is None and b"memory limit" in out[1] and out[2] is None and b"memory limit" in out[3]
+    assert out[4] == 2  # ordinary aliases still work
+    assert time.monotonic() - start < 3
+
+
+def test_yaml_errors_read_like_go():
+    out = lua("""
+      local yaml = require("yaml")
+      local v, err = yaml.decode("a: [1, 2")
+      local r, rerr = yaml.decode("a: &a [*a]")
+      return v, err, r, rerr, pcall(yaml.decode)
+    """)
+    assert out[0] is None and out[1].startswith(b"yaml: line ") and b"Python" not in out[1]
+    assert out[2] is None and out[3] == b"yaml: anchor value contains itself"
+    assert out[4] is False and out[5] == b"bad argument #1 to 'decode' (string expected, got nil)"
+
+
+# tac ##########################################################################
+
+def test_tac_reads_lines_from_the_end(tmp_path):
+    path = tmp_path / "data.txt"
+    path.write_bytes(b"first\r\n\nthird\n" + b"".join(b"line %d\n" % i for i in range(2000)) + b"last")
+    out = lua("""
+      local tac = require("tac")
+      local scanner, err = tac.open(...)
+      local lines = {}
+      while true do
+        local line = scanner:line()
+        if line == nil then break end
+        lines[#lines + 1] = line
+      end
+      scanner:close()
+      local none, oerr = tac.open(... .. ".missing")
+      return err, #lines, lines[1], lines[2], lines[2001], lines[#lines - 2], lines[#lines - 1], lines[#lines],
+             none, oerr
+    """, str(path).encode())
+    assert out[:8] == [None, 2004, b"last", b"line 1999", b"line 0", b"third", b"", b"first"]
+    assert out[8] is None and b"no such file or directory" in out[9]
+
+
+def test_tac_trailing_newline_empty_file_and_long_lines(tmp_path):
+    (tmp_path / "a").write_bytes(b"1\n2\n3\n")
+    (tmp_path / "empty").write_bytes(b"")
+    (tmp_path / "long").write_bytes(b"top\n" + b"x" * 9000 + b"\nafter\nend\n")
+    out = lua("""
+      local tac, dir = require("tac"), ...
+      local function all(name)
+        local s = tac.open(dir .. "/" .. name)
+        local out = {}
+        for line in function() return s:line() end do out[#out + 1] = line end
+        s:close()
+        return table.concat(out, ",")
+      end
+      return all("a"), all("empty"), all("long")
+    """, str(tmp_path).encode())
+    assert out == [b"3,2,1", b"", b"end,after"]  # a line over 8 KiB ends the scan, as in the original
+
+
+def test_tac_reads_only_the_end_of_a_huge_file(tmp_path):
+    path = tmp_path / "sparse"
+    with open(path, "wb") as f:
+        f.truncate(8 * 2**30)  # 8 GiB of holes: reading it all would take far longer than the deadline
+        f.seek(0, 2)
+        f.write(b"\nthe end\n")
+    start = time.monotonic()
+    assert lua("local s = require('tac').open(...) return s:line(), s:line()", str(path).encode(),
+               memory=8 * 2**20) == [b"the end", None]
+    assert time.monotonic() - start < 2
+
+
+# tcp ##########################################################################
+
+class EchoServer:
+    """A real TCP server on 127.0.0.1: each connection gets back what it sends, per line, in upper case,
+    except "close" (the server closes) and "quiet" (it says nothing and waits)."""
+
+    def __init__(self):
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
+
+    def handle(self, conn):
+        with conn, conn.makefile("rb") as lines:
+            for line in lines:
+                if line.strip() == b"close":
+                    conn.sendall(b"bye 42\n3.5 rest")
+                    return
+                if line.strip() == b"quiet":
+                    time.sleep(5)
+                    return
+                conn.sendall(line.upper())
+
+    def close(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def echo():
+    server = EchoServer()
+    yield server
+    server.close()
+
+
+def test_tcp_write_read_fields_and_close(echo):
+    out = lua("""
+      local tcp = require("tcp")
+      local conn, err = tcp.open(...)
+      local nothing = select("#", conn:write("ping\\n", "pong", 2, "\\n"))
+      local l1, l2 = conn:read("*l"), conn:read("*l")
+      local fields = {conn.dialTimeout, conn.writeTimeout, conn.readTimeout, conn.closeTimeout}
+      conn.readTimeout = 0.5
+      conn.other = "ignored"
+      conn:write("abcdef\\n")
+      local three = conn:read(3)
+      local rest = conn:read()          -- 1024 bytes at most: what has arrived
+      conn:write("close\\n")
+      local word, n = conn:read(4), conn:read("*n")
+      local all = conn:read("*a")
+      local eof = conn:read("*l")
+      conn:close()
+      local ok, cerr = pcall(conn.read, conn, 5)
+      return err, nothing, l1, l2, fields[1], fields[2], fields[3], fields[4], conn.readTimeout, conn.other,
+             three, rest, word, n, all, eof, ok, cerr
+    """, f"127.0.0.1:{echo.port}".encode())
+    assert out[:10] == [None, 0, b"PING", b"PONG2", 5, 1, 1, 1, 0.5, None]
+    assert out[10:16] == [b"ABC", b"DEF\n", b"bye ", 42, b"\n3.5 rest", None]
+    assert out[16] is False and b"use of closed network connection" in out[17]
+
+
+def test_tcp_open_errors_are_nil_err():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once closed
+    out = lua("""
+      local tcp = require("tcp")
+      local c1, e1 = tcp.open(...)
+      local c2, e2 = tcp.open("no-port-here")
+      return c1, e1, c2, e2, pcall(tcp.open)
+    """, f"127.0.0.1:{port}".encode())
+    assert out[0] is None and b"connection refused" in out[1] and out[1].startswith(b"dial tcp ")
+    assert out[2] is None and b"missing port" in out[3]
+    assert out[4] is False and out[5].endswith(b"bad argument #1 to 'open' (string expected, got nil)")
+
+
+def test_tcp_read_timeout_raises(echo):
+    start = time.monotonic()
+    out = lua("""
+      local conn = require("tcp").open(...)
+      conn.readTimeout = 0.3
+      conn:write("quiet\\n")
+      return pcall(conn.read, conn, "*l")
+    """, f"127.0.0.1:{echo.port}".encode())
+    assert out[0] is False and b"i/o timeout" in out[1] and time.monotonic() - start < 2
+
+
+def test_tcp_waits_end_at_the_script_deadline(echo):
+    start = time.monotonic()
+    with pytest.raises(Exception, match="timed out"):
+        lua("""
+          local conn = require("tcp").open(...)
+          conn.readTimeout = 60
+          conn:write("quiet\\n")
+          conn:read("*a")
+          while true do end
+        """, f"127.0.0.1:{echo.port}".encode(), timeout=0.5)
+    assert time.monotonic() - start < 2
+
+
+# error texts ##################################################################
+
+@pytest.mark.parametrize("call, message", [
+    ('require("strings").split()', "bad argument #1 to 'split' (string expected, got nil)"),
+    ('require("strings").new_builder():write({})', "bad argument #1 to 'write' (string expected, got table)"),
+    ('require("crypto").md5(true)', "bad argument #1 to 'md5' (string expected, got boolean)"),
+    ('require("filepath").basename()', "bad argument #1 to 'basename' (string expected, got nil)"),
+    ('require("filepath").rel("a")', "bad argument #2 to 'rel' (string expected, got nil)"),
+    ('require("ioutil").write_file("/tmp/x")', "bad argument #2 to 'write_file' (string expected, got nil)"),
+    ('require("ioutil").copyn(io.stdout, io.stdin, "x")', "bad argument #3 to 'copyn' (number expected, got string)"),
+    ('require("ioutil").copy(print, io.stdin)', "bad argument #1 to 'copy' (writer expected, got function)"),
+    ('require("ioutil").copy(io.stdout, {})', "bad argument #2 to 'copy' (reader expected, got table)"),
+    ('require("time").sleep("x")', "bad argument #1 to 'sleep' (number expected, got string)"),
+    ('require("time").format({})', "bad argument #1 to 'format' (number expected, got table)"),
+    ('require("cmd").exec(nil)', "bad argument #1 to 'exec' (string expected, got nil)"),
+    ('require("cmd").exec("true", "soon")', "bad argument #2 to 'exec' (number expected, got string)"),
+    ('require("yaml").encode()', "bad argument #1 to 'encode' (value expected)"),
+    ('require("log").new():set_flags(1)', "bad argument #1 to 'set_flags' (table expected, got number)"),
+    ('require("log").new():printf()', "bad argument #1 to 'printf' (string expected, got nil)"),
+    ('require("storage").open()', "bad argument #1 to 'open' (string expected, got nil)"),
+    ('require("tac").open({})', "bad argument #1 to 'open' (string expected, got table)"),
+    ('require("strings").new_reader("x").read()', "bad argument #1 to 'read' (strings.Reader expected, got nil)"),
+])
+def test_bad_arguments_read_like_lua(call, message):
+    ok, err = lua(f"return pcall(function() return {call} end)")
+    assert ok is False and err.decode().endswith(message)
+
+
+def test_module_functions_look_like_lua_functions():
+    out = lua("""
+      local names = {}
+      for _, m in ipairs({"json", "strings", "time", "filepath", "ioutil", "crypto", "yaml", "log", "storage",
+                          "tac", "tcp", "cmd", "template", "scrape", "mysql", "sqlite3", "runtime", "hello"}) do
+        for k, v in pairs(require(m)) do
+          if type(v) ~= "function" and type(v) ~= "table" and type(v) ~= "string" and type(v) ~= "boolean" then
+            names[#names + 1] = m .. "." .. k .. ":" .. type(v)
+          elseif type(v) == "function" and not tostring(v):match("^function: ") then
+            names[#names + 1] = m .. "." .. k .. "=" .. tostring(v)
+          end
+        end
+      end
+      return table.concat(names, " "), tostring(require("json").encode)
+    """)
+    assert out[0] == b"" and out[1].startswith(b"function: ")
+
+
+# state shared by calls ########################################################
+
+def test_module_objects_and_their_methods_cannot_be_changed_for_later_calls(tmp_path):
+    src = """
+    function OnMessage(change, path)
+      local storage, template = require("storage"), require("template")
+      local log, inspect = require("log"), require("inspect")
+      local s, e = storage.open(path), template.choose("mustache")
+      if change then
+        for _, f in ipairs({
+          function() s.get = function() return "pwned" end end,
+          function() getmetatable(s).__index.get = function() return "pwned" end end,
+          function() e.render = function() return "pwned" end end,
+          function() getmetatable(e).__index.render = function() return "pwned" end end,
+          function() getmetatable(log.new("/dev/null")).__index.printf = error end,
+          function() require("loglevel").INFO.println = error end,
+          function() inspect.KEY.x = 1 end,
+          function() setmetatable(s, nil) end,
+        }) do pcall(f) end
+        rawset(s, "get", function() return "pwned" end)  -- this object is this call's own
+        return "changed"
+      end
+      s:set("k", "v")
+      return (s:get("k")), e:render("{{x}}", {x = 1}), s == storage.open(path), tostring(inspect.KEY.x),
+             select("#", log.new("/dev/null"):printf("%d", 1))
+    end
+    """
+    services = msgscript.Services()
+    msgscript.load_plugins([], services.modules)
+    runner = msgscript.LuaRunner(msgscript.Script("t.sub", "t", src), src, services, 64 * 2**20)
+    path = str(tmp_path / "s.json").encode()
+    expected = (True, b"v", b"1", True, b"nil", 0)
+    assert runner.call("OnMessage", time.monotonic() + 5, False, path) == expected
+    assert runner.call("OnMessage", time.monotonic() + 5, True, path)[1:] == (b"changed",)
+    assert runner.call("OnMessage", time.monotonic() + 5, False, path) == expected
 
 
 # log / loglevel ###############################################################
@@ -452,6 +743,21 @@ def test_storage_shared_between_scripts_and_reloaded(tmp_path):
                                   "max_valid_at": time.time_ns() + 10**12}}}, f)
     assert lua('local v = require("storage").open(...):get("x") return #v, v[2]', other.encode()) == [2, 2]
     assert lua('return require("storage").open("x", "badger")') == [None, b"driver not found"]
+
+
+def test_storage_stores_json_results_with_holes_and_reports_errors_as_values(tmp_path):
+    out = lua("""
+      local storage, json = require("storage"), require("json")
+      local s = storage.open(...)
+      local err = s:set("holes", json.decode('[1, null, 3]'))
+      local v = s:get("holes")
+      local bad = s:set("f", {print})
+      local none, nerr = storage.open("/nonexistent-dir/x.json")
+      return err, #v, v[2], bad, none, nerr, pcall(s.set, s, "k", 1, "ttl")
+    """, str(tmp_path / "s.json").encode())
+    assert out[:5] == [None, 2, 3, b"cannot encode function to JSON", None]  # nulls dropped on the way back
+    assert b"no such file or directory" in out[5] and b"Errno" not in out[5]
+    assert out[6] is False and out[7].endswith(b"bad argument #3 to 'set' (number expected, got string)")
 
 
 def test_storage_is_one_store_per_path_across_threads(tmp_path):

@@ -1,7 +1,12 @@
 """The `template` plugin: mustache rendering as Lua scripts use it."""
 
+import os
+import time
 
+import pytest
 from conftest import run_lua
+
+import msgscript
 
 
 def lua(src, *args, timeout=5):
@@ -70,12 +75,65 @@ def test_set_delimiter():
     assert render("{{=<% %>=}}<% a %> {{a}} <%={{ }}=%>{{a}}", "{a = 1}")[0] == "1 {{a}} 1"
 
 
-def test_partials_come_from_files_in_the_working_directory(tmp_path, monkeypatch):
-    (tmp_path / "item.mustache").write_text("<b>{{name}}</b>")
-    (tmp_path / "plain").write_text("[{{name}}]")
-    monkeypatch.chdir(tmp_path)
-    values = '{list = {{name = "a"}, {name = "b"}}, name = "top"}'
-    assert render("{{#list}}{{> item}}{{/list}} {{>plain}} ({{> missing}})", values)[0] == "<b>a</b><b>b</b> [top] ()"
+def run_script(script_dir, src, *args, library_dir=None, memory=64 * 2**20, timeout=5):
+    """OnMessage(*args) of a script file in `script_dir`, on a server with `library_dir`."""
+    services = msgscript.Services(library_dir=str(library_dir) if library_dir else None)
+    msgscript.load_plugins([], services.modules)
+    script = msgscript.Script("t.sub", "t", src, path=str(script_dir / "t.lua"))
+    runner = msgscript.LuaRunner(script, src, services, memory)
+    _found, *values = runner.call("OnMessage", time.monotonic() + timeout, *args)
+    return [runner.ctx.to_python(v) for v in values]
+
+
+RENDER = """
+local engine = require("template").choose("mustache")
+function OnMessage(tmpl) return engine:render(tmpl, VALUES) end
+"""
+
+
+def test_partials_come_from_the_script_directory_and_the_library_directory(tmp_path):
+    scripts, libs, outside = tmp_path / "scripts", tmp_path / "libs", tmp_path / "outside"
+    for d in (scripts, libs, outside):
+        d.mkdir()
+    (scripts / "item.mustache").write_text("<b>{{name}}</b>")
+    (scripts / "plain").write_text("[{{name}}]")
+    (libs / "footer.stache").write_text("(c) {{name}}")
+    (outside / "secret").write_text("SECRET")
+    os.symlink(outside / "secret", scripts / "link")
+    src = RENDER.replace("VALUES", '{list = {{name = "a"}, {name = "b"}}, name = "top"}')
+    tmpl = "{{#list}}{{> item}}{{/list}} {{>plain}} {{> footer}} ({{> missing}})"
+    assert run_script(scripts, src, tmpl.encode(), library_dir=libs) == ["<b>a</b><b>b</b> [top] (c) top ()"]
+    # nothing outside those two directories: absolute paths, ../ and symlinks leading out render empty
+    for name in (str(outside / "secret"), "../outside/secret", "link", "/etc/passwd"):
+        assert run_script(scripts, src, f"<{{{{> {name}}}}}>".encode(), library_dir=libs) == ["<>"], name
+
+
+def test_rendering_stops_at_the_deadline():
+    # nested sections over a list: a trillion steps that write nothing
+    src = RENDER.replace("VALUES", "{l = (function() local t = {} for i = 1, 1000 do t[i] = i end return t end)()}")
+    start = time.monotonic()
+    with pytest.raises(Exception, match="timed out"):
+        run_lua(src, b"{{#l}}{{#l}}{{#l}}{{#l}}{{/l}}{{/l}}{{/l}}{{/l}}", timeout=0.5)
+    assert time.monotonic() - start < 2
+
+
+def test_rendered_text_is_bounded_by_the_memory_cap(tmp_path):
+    src = RENDER.replace("VALUES", "{l = (function() local t = {} for i = 1, 300 do t[i] = i end return t end)()}")
+    start = time.monotonic()
+    text, err = run_script(tmp_path, src, b"{{#l}}{{#l}}{{#l}}" + b"0123456789" * 10 + b"{{/l}}{{/l}}{{/l}}",
+                           memory=8 * 2**20)
+    assert text is None and "memory limit" in err
+    assert time.monotonic() - start < 2
+
+
+def test_shared_tables_are_converted_once_and_printing_them_is_bounded(tmp_path):
+    # 2^60 paths through 60 tables: converted as a graph, printed until the size bound stops it
+    dag = '(function() local t = {"x"} for i = 1, 60 do t = {t, t} end return t end)()'
+    src = RENDER.replace("VALUES", "{dag = " + dag + "}")
+    start = time.monotonic()
+    text, err = run_script(tmp_path, src, b"{{dag}}", memory=8 * 2**20)
+    assert text is None and "memory limit" in err
+    assert time.monotonic() - start < 2
 
 
 def test_render_file(tmp_path):
