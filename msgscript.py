@@ -19,6 +19,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
+import gc
 import html
 import http
 import json
@@ -220,7 +221,7 @@ def parse_headers(text: str) -> tuple[dict[str, list[str]], str]:
     headers: dict[str, list[str]] = {}
     body = []
     for line in text.split("\n"):
-        m = _HEADER.match(line.rstrip("\r"))
+        m = _HEADER.match(line.rstrip("\r")) if line.startswith("--*") else None
         if m and m.group(1).lower() in KNOWN_HEADERS:
             headers.setdefault(m.group(1).lower(), []).append(m.group(2).strip())
         else:
@@ -268,6 +269,8 @@ def parse_script(text: str, path: str = "", subject: str = "", name: str = "") -
             raise ConfigError("a script has a stream or a cron schedule, not both")
         if one.get("stream") and not re.fullmatch(r"[A-Za-z0-9_-]+", one["stream"]):
             raise ConfigError(f"stream name {one['stream']!r} may only have letters, digits, _ and -")
+        if one.get("deadletter") and not valid_subject(one["deadletter"]):
+            raise ConfigError(f"deadletter {one['deadletter']!r} is not a valid NATS subject")
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     return Script(
@@ -550,7 +553,8 @@ def read_libraries(library_dir: str | None) -> dict[str, str]:
 
 def _lua_files(directory: Path) -> list[Path]:
     try:
-        return sorted(p for p in directory.glob("*.lua") if p.is_file())
+        with os.scandir(directory) as entries:
+            return sorted(Path(e.path) for e in entries if e.name.endswith(".lua") and e.is_file())
     except OSError:
         return []
 
@@ -1086,7 +1090,7 @@ class Call:
     url: str = "/"
     deadline: float = float("inf")  # time.monotonic() seconds
     trace: Any = None  # the message's span (Tracing) when traced
-    meta: dict | None = None  # a durable message's id, stream, sequence, attempt (OnMessage's third argument)
+    meta: tuple = ()  # a durable message's (id, stream, sequence, attempt, subject, tick): OnMessage's third argument
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
@@ -1582,7 +1586,12 @@ end
 local function compile(source, chunkname)
   return text_chunk(source, chunkname, base)
 end
-return run, compile, wrap
+-- a durable message's description, OnMessage's third argument, made here rather than pushed from Python
+local function run_message(main, fname, in_line, a, b, id, stream, sequence, attempt, subject, tick)
+  return run(main, fname, in_line, a, b,
+             {id = id, stream = stream, sequence = sequence, attempt = attempt, subject = subject, tick = tick})
+end
+return run, compile, wrap, run_message
 """.replace("@CHECK@", str(LUA_INSTRUCTION_CHECK))
 
 
@@ -1814,7 +1823,8 @@ class LuaRunner:
         py = self.lua.table_from({name.encode(): ctx._pycall(func, name) for name, func in (
             ("clock", _lua_clock), ("setenv", _lua_setenv), ("execute", self._execute), ("popen", self._popen),
             ("load_module", self._load_module), ("find_module", self._find_module))})
-        self._run, compile_, ctx._wrap = self.lua.execute(_SANDBOX_LUA, self._expired, self._blocking, names, py)
+        self._run, compile_, ctx._wrap, self._run_message = self.lua.execute(
+            _SANDBOX_LUA, self._expired, self._blocking, names, py, name="=sandbox")
         main = compile_(source.encode("utf-8", "surrogateescape"), f"={script.name}".encode())
         if isinstance(main, tuple):
             raise MsgscriptError(f"syntax error: {self.ctx.text(main[1])}")
@@ -1880,10 +1890,11 @@ class LuaRunner:
             command, self.ctx.remaining(), self.ctx.max_bytes(), stdin=data.encode("utf-8", "surrogateescape"),
             capture=False).status, "close"))
 
-    def call(self, fname: bytes, deadline: float, *args: bytes, inline: bool = False) -> tuple:
+    def call(self, fname: bytes, deadline: float, *args: bytes, inline: bool = False, meta: tuple = ()) -> tuple:
         """Run the script's chunk in fresh globals, then `fname(*args)`: (found, results...).
 
-        With `inline`, the call raises _MoveToPool instead of doing anything that blocks.
+        With `inline`, the call raises _MoveToPool instead of doing anything that blocks. `meta`,
+        a durable message's (id, stream, sequence, attempt, subject, tick), becomes a third argument.
         """
         if type(fname) is str:
             fname = fname.encode()
@@ -1898,7 +1909,10 @@ class LuaRunner:
         if inline:
             self.inline_deadline = time.monotonic() + INLINE_BUDGET
         try:
-            out = self._run(self.main, fname, inline, *args)
+            if meta:
+                out = self._run_message(self.main, fname, inline, *args, *meta)
+            else:
+                out = self._run(self.main, fname, inline, *args)
         except self.lupa.LuaError:
             if ctx.moved:
                 raise _MoveToPool() from None
@@ -2194,13 +2208,10 @@ class LuaExecutor(Executor):
         else:
             fname, first = b"OnMessage", call.subject.encode()
         runner = self._runner(script)
-        runner.ctx.trace = call.trace
+        if call.trace is not None:
+            runner.ctx.trace = call.trace
         try:
-            if call.meta is None:
-                found, *values = runner.call(fname, call.deadline, first, call.payload, inline=inline)
-            else:
-                found, *values = runner.call(fname, call.deadline, first, call.payload, runner.ctx.table(call.meta),
-                                             inline=inline)
+            out = runner.call(fname, call.deadline, first, call.payload, inline=inline, meta=call.meta)
         except runner.lupa.LuaMemoryError:
             self._forget(script)
             raise self._memory_error(script) from None
@@ -2214,14 +2225,17 @@ class LuaExecutor(Executor):
         except LuaError as e:  # raised by the sandbox's own checks (a payload over the memory cap)
             raise ScriptError(f"script {script.name}: {e}") from None
         finally:
-            runner.ctx.trace = None
+            if call.trace is not None:
+                runner.ctx.trace = None
         if time.monotonic() > call.deadline:  # it caught the timeout error and carried on
             raise ScriptTimeout(f"script {script.name} timed out")
-        if not found:
+        if not out[0]:
             if script.http:
                 raise MethodNotAllowed(f"script {script.name} does not handle {fname.decode()} requests")
             raise ScriptError(f"script {script.name} defines no OnMessage function")
-        return self._result(script, values)
+        if not script.http and len(out) > 1 and type(out[1]) is bytes:  # the usual case: a string
+            return Result(payload=out[1])
+        return self._result(script, out[1:])
 
     def _memory_error(self, script: Script) -> ScriptError:
         return ScriptError(f"script {script.name} exceeded its memory limit "
@@ -3024,38 +3038,43 @@ class Scheduler:
         have, both on the loop thread (possibly before dispatch returns). Busy (429) is raised
         at once when the in-flight limit is reached.
         """
+        self._admit(call)
+        job = _Job(self, scripts, call, on_result, on_done)
+        for index, script in enumerate(scripts):
+            result = self._try_inline(script, call)
+            if result is None:
+                self.pool.submit(self._on_worker, job, index)
+            else:
+                job.finish(index, result)
+
+    def run_inline(self, script: Script, call: Call) -> Result | None:
+        """The common case of one script for a message: its Result when it ran inline, or None when
+        it must go to a worker (then nothing of it has run: dispatch it)."""
+        self._admit(call)
+        try:
+            return self._try_inline(script, call)
+        finally:
+            self.inflight -= 1
+
+    def _admit(self, call: Call) -> None:
         if self.inflight >= self.max_inflight:
             self._refused.warning("over the in-flight limit (%d)", self.max_inflight)
             raise Busy(f"server busy: {self.inflight} calls in flight (limit {self.max_inflight})")
         if call.deadline == math.inf:  # the server's -timeout, unless the front set a shorter one
             call.deadline = time.monotonic() + self.timeout
         self.inflight += 1
-        if len(scripts) == 1 and on_result is None:  # the common case, without the bookkeeping of a _Job
-            script = scripts[0]
-            if self._pooled.get(script.key) != script.version and self._inline_capable(script):
-                try:
-                    result = self._execute(script, call, inline=True)
-                except _MoveToPool:
-                    self._pooled[script.key] = script.version
-                    self._stats(script).moved += 1
-                else:
-                    self.inflight -= 1
-                    if on_done is not None:
-                        on_done([result])
-                    return
-        job = _Job(self, scripts, call, on_result, on_done)
-        for index, script in enumerate(scripts):
-            if self._pooled.get(script.key) != script.version and self._inline_capable(script):
-                try:
-                    result = self._execute(script, call, inline=True)
-                except _MoveToPool:
-                    self._pooled[script.key] = script.version
-                    self._stats(script).moved += 1
-                    log.debug("script %s/%s runs on the worker pool from now on", script.subject, script.name)
-                else:
-                    job.finish(index, result)
-                    continue
-            self.pool.submit(self._on_worker, job, index)
+
+    def _try_inline(self, script: Script, call: Call) -> Result | None:
+        """Run `script` inline if it may; None when it must run on a worker (and is marked for it)."""
+        if self._pooled.get(script.key) == script.version or not self._inline_capable(script):
+            return None
+        try:
+            return self._execute(script, call, inline=True)
+        except _MoveToPool:
+            self._pooled[script.key] = script.version
+            self._stats(script).moved += 1
+            log.debug("script %s/%s runs on the worker pool from now on", script.subject, script.name)
+            return None
 
     def _inline_capable(self, script: Script) -> bool:
         executor = self.executors.get(script.executor)
@@ -3471,10 +3490,11 @@ class NatsFront:
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
+        # Subjects are checked where they come from (script headers, the nats module), not on every publish.
         self.nc = await self.options.connect(
             max_reconnect_attempts=-1, reconnect_time_wait=0.5, allow_reconnect=True,
             disconnected_cb=self._disconnected, reconnected_cb=self._reconnected, error_cb=self._error,
-            pending_size=64 * 2**20)
+            pending_size=64 * 2**20, skip_subject_validation=True)
         log.info("connected to NATS at %s", self.connected_url)
         self.services.nats = NatsBridge(self.nc, self.loop)
         for subject in ("$SRV.PING", "$SRV.INFO", "$SRV.STATS"):
@@ -3539,6 +3559,13 @@ class NatsFront:
                     self.reply(msg, b"{}")
             if self.tracing:
                 call.trace = self.tracing.message_span(msg, scripts)
+            elif envelope is None and len(scripts) == 1 and not self.compat_go:
+                result = self.scheduler.run_inline(scripts[0], call)  # the common case, answered right here
+                if result is not None:
+                    self._in_message = False
+                    if msg.reply:
+                        await self._publish(msg.reply, *self._checked(msg, *nats_reply(result)))
+                    return
             self.scheduler.dispatch(scripts, call, *self._answer(msg, envelope, scripts, call))
         except MsgscriptError as e:
             self.reply(msg, *failure_reply(e))
@@ -3576,25 +3603,31 @@ class NatsFront:
             if headers and HEADER_ERROR in headers:
                 self._no_reply.warning("%s: %s (no reply subject)", msg.subject, headers[HEADER_ERROR])
             return
-        limit = self.nc.max_payload if self.nc else 0
-        if limit and len(data) > limit:
-            log.error("%s: reply of %d bytes is over the NATS max_payload of %d", msg.subject, len(data), limit)
-            data, headers = b"", {HEADER_ERROR: f"reply of {len(data)} bytes is over NATS max_payload {limit}",
-                                  HEADER_ERROR_CODE: "500"}
-        self._outbox.append((msg.reply, data, headers))
+        self._outbox.append((msg.reply, *self._checked(msg, data, headers)))
         if not self._flushing and not self._in_message and self.loop is not None:
             self._flushing = True
             self._spawn(self._flush())
+
+    def _checked(self, msg, data: bytes, headers: dict | None) -> tuple[bytes, dict | None]:
+        """A reply NATS will take: one over the server's max_payload becomes an error reply."""
+        limit = self.nc.max_payload if self.nc else 0
+        if limit and len(data) > limit:
+            log.error("%s: reply of %d bytes is over the NATS max_payload of %d", msg.subject, len(data), limit)
+            return b"", {HEADER_ERROR: f"reply of {len(data)} bytes is over NATS max_payload {limit}",
+                         HEADER_ERROR_CODE: "500"}
+        return data, headers
+
+    async def _publish(self, subject: str, data: bytes, headers: dict | None) -> None:
+        try:
+            await self.nc.publish(subject, data, headers=headers)
+        except Exception as e:  # noqa: BLE001 - a lost connection must not kill the loop
+            self._lost.warning("reply to %s lost: %s", subject, error_text(e))
 
     async def _flush(self) -> None:
         self._flushing = True
         try:
             while self._outbox:
-                subject, data, headers = self._outbox.popleft()
-                try:
-                    await self.nc.publish(subject, data, headers=headers)
-                except Exception as e:  # noqa: BLE001 - a lost connection must not kill the loop
-                    self._lost.warning("reply to %s lost: %s", subject, error_text(e))
+                await self._publish(*self._outbox.popleft())
         finally:
             self._flushing = False
 
@@ -4537,6 +4570,11 @@ def next_tick(expr: str, tz: str, after: float) -> float:
             from None
 
 
+def cron_subject(script: Script) -> str:
+    """Where a cron script's ticks are recorded."""
+    return f"{CRON_PREFIX}{script.subject}." + re.sub(r"[^\w-]", "_", script.name)
+
+
 def consumer_name(script: Script) -> str:
     """The durable consumer a script's servers share (stable across restarts and servers)."""
     return "msgscript_" + re.sub(r"[^A-Za-z0-9_-]", "_", f"{script.subject}__{script.name}")
@@ -4584,7 +4622,7 @@ class Durable:
             if self.js is None:
                 self.js = self.nats.nc.jetstream(timeout=5)
             stream = script.stream or await self._cron_stream()
-            subject = script.subject if script.stream else f"{CRON_PREFIX}{script.subject}.{script.name}"
+            subject = script.subject if script.stream else cron_subject(script)
             await self._ensure_stream(stream, subject, script)
             consumer = _Consumer(self, script, stream, subject)
             await consumer.start()
@@ -4672,6 +4710,16 @@ class Durable:
             pending.add_metric(labels, consumer.pending)
             redelivered.add_metric(labels, consumer.redelivered)
         return [pending, redelivered]
+
+
+def _ack_info(reply: str) -> tuple[str, int, int]:
+    """(stream, stream sequence, deliveries) from a JetStream message's ack subject:
+    $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>, or the same
+    with a domain and an account hash after $JS.ACK (and a random token at the end)."""
+    t = reply.split(".")
+    if len(t) >= 11:
+        return t[4], int(t[7]), int(t[6])
+    return t[2], int(t[5]), int(t[4])
 
 
 def _subject_matches(pattern: str, subject: str) -> bool:
@@ -4764,16 +4812,20 @@ class _Consumer:
             self._settle.put_nowait((msg, None))
             return
         self.running[id(msg)] = (msg, time.monotonic())
-        meta = msg.metadata
+        stream, sequence, attempt = _ack_info(msg.reply)
         headers = msg.headers or {}
-        info = {"stream": meta.stream, "sequence": meta.sequence.stream, "attempt": meta.num_delivered,
-                "id": headers.get("Nats-Msg-Id") or f"{meta.stream}:{meta.sequence.stream}", "subject": msg.subject}
-        if self.script.cron:
-            info["tick"] = headers.get("Msgscript-Tick", "")
-        call = Call(self.script.subject, b"" if self.script.cron else msg.data, meta=info)
+        meta = (headers.get("Nats-Msg-Id") or f"{stream}:{sequence}", stream, sequence, attempt, msg.subject,
+                headers.get("Msgscript-Tick", ""))
+        call = Call(self.script.subject, b"" if self.script.cron else msg.data, meta=tuple(
+            v.encode() if type(v) is str else v for v in meta))
+        scheduler = self.durable.scheduler
         try:
-            self.durable.scheduler.dispatch([self.script], call, None,
-                                            lambda results: self._settle.put_nowait((msg, results[0])))
+            result = scheduler.run_inline(self.script, call)
+            if result is None:
+                scheduler.dispatch([self.script], call, None,
+                                   lambda results: self._settle.put_nowait((msg, results[0])))
+            else:
+                self._settle.put_nowait((msg, result))
         except Busy:
             self._settle.put_nowait((msg, Result.failure(Busy("server busy"))))
 
@@ -4796,7 +4848,7 @@ class _Consumer:
         if not result.error:
             self.acked += 1
             return await msg.ack()
-        attempt = msg.metadata.num_delivered
+        attempt = _ack_info(msg.reply)[2]
         retry = self.script.retry
         if result.status == 429 or attempt <= len(retry):
             delay = 1.0 if result.status == 429 else retry[attempt - 1]
@@ -5050,6 +5102,10 @@ class Server:
                      self.cfg.port, self.cfg.timeout, self.cfg.http.timeout, self.cfg.memory // 2**20,
                      self.cfg.workers, self.cfg.max_workers, self.cfg.max_inflight)
             sd_notify("READY=1")
+            # What start-up made lives as long as the server: keep it out of the collector's scans, and
+            # collect young objects less often (a message makes a few dozen short-lived ones).
+            gc.freeze()
+            gc.set_threshold(50_000, 20, 20)
             await self._stopping.wait()
             sd_notify("STOPPING=1")
             log.info("stopping: draining in-flight calls")

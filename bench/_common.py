@@ -101,6 +101,15 @@ def server_script() -> Path:
     return Path(os.environ.get("MSGSCRIPT") or ROOT / "msgscript.py").resolve()
 
 
+def server_command() -> list[str]:
+    """How to start msgscript: as the installed `msgscript` command would (the module, with its
+    bytecode cached), or the file $MSGSCRIPT names."""
+    if os.environ.get("MSGSCRIPT"):
+        return [PYTHON, str(server_script())]
+    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import msgscript; sys.exit(msgscript.main())"
+    return [PYTHON, "-c", code]
+
+
 def server_flags() -> list[str]:
     """Extra msgscript server flags from $MSGSCRIPT_FLAGS, e.g. MSGSCRIPT_FLAGS="-workers 2"."""
     return shlex.split(os.environ.get("MSGSCRIPT_FLAGS", ""))
@@ -165,7 +174,7 @@ class Procs:
         p_port = port or free_port()
         log_path = self.tmp / f"msgscript-{p_port}.log"
         with open(log_path, "wb") as log_file:
-            p = self.spawn([PYTHON, server_script(), "server", "-script", script_dir, "-port", p_port,
+            p = self.spawn([*server_command(), "server", "-script", script_dir, "-port", p_port,
                             "-natsurl", nats_url, "-log", log, *server_flags(), *flags],
                            stdout=log_file, stderr=subprocess.STDOUT)
         p.log, p.port = log_path, p_port

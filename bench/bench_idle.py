@@ -84,7 +84,7 @@ def side(procs, url: str, n: int, seconds: float):
         log = procs.tmp / f"msgscript-{port}.log"
         with open(log, "wb") as f:
             t0 = time.monotonic()
-            p = procs.spawn([c.PYTHON, c.server_script(), "server", "-script", scripts, "-port", port,
+            p = procs.spawn([*c.server_command(), "server", "-script", scripts, "-port", port,
                              "-natsurl", url, "-log", "info", *c.server_flags()], stdout=f, stderr=subprocess.STDOUT)
         p.log, p.port, state = log, port, {}
         c.wait_until(lambda: poll_signals(p, url, n, t0, state), 60, f"msgscript with {n} scripts", p, step=0.01)

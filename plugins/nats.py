@@ -8,7 +8,7 @@ is empty for every other value (tables, booleans, nil).
 
 from __future__ import annotations
 
-from msgscript import error_text, lua_text, opt_number
+from msgscript import error_text, lua_text, opt_number, valid_subject
 
 
 def _loader(ctx):
@@ -19,8 +19,8 @@ def _loader(ctx):
 
     def publish(subject=None, payload=None):
         subject = lua_text(subject)
-        if not subject:
-            return False, "nats.publish needs a subject"
+        if not valid_subject(subject):
+            return False, f"nats.publish: invalid subject {subject!r}" if subject else "nats.publish needs a subject"
         try:
             bridge().publish(subject, lua_text(payload).encode("utf-8", "surrogateescape"), ctx.remaining(5),
                              ctx.trace_headers())
@@ -30,8 +30,8 @@ def _loader(ctx):
 
     def request(subject=None, payload=None, timeout=None):
         subject = lua_text(subject)
-        if not subject:
-            return None, "nats.request needs a subject"
+        if not valid_subject(subject):
+            return None, f"nats.request: invalid subject {subject!r}" if subject else "nats.request needs a subject"
         timeout = opt_number(timeout, 3, 5) or 5
         try:
             msg = bridge().request(subject, lua_text(payload).encode("utf-8", "surrogateescape"),
