@@ -1527,6 +1527,65 @@ for _, name in next, {"close", "flush", "lines", "read", "seek", "setvbuf", "wri
   file_methods[name] = function(...) guard() return f(...) end
 end
 if not math.mod then math.mod = math.fmod end
+
+-- Lua's pattern functions backtrack inside C, where the hook cannot stop them (("a-"):rep(12) .. "b"
+-- on 60 a's runs for days). A call whose worst case is large goes to the same matcher written in
+-- Lua (plugins/_patterns.lua), which the hook stops at the deadline; the others stay in C.
+local cfind, cmatch, cgmatch, cgsub = string.find, string.match, string.gmatch, string.gsub
+local PATTERN_STEPS = 1e8  -- a worst case the C matcher may take (well under a second)
+local quantified, nquantified = {}, 0
+local function quantifiers(p)
+  local q = quantified[p]
+  if q then return q end
+  local bare = cgsub(cgsub(p, "%%[bB]..", "*"), "%%.", "")  -- %bxy backtracks like a quantifier
+  local _
+  _, q = cgsub(cgsub(bare, "%[%^?%]?[^%]]*%]", "x"), "[%*%+%-%?]", "")
+  if cfind(p, "^%^") then q = q - 1 end  -- anchored: no outer loop over the starting positions
+  if nquantified > 256 then quantified, nquantified = {}, 0 end
+  quantified[p], nquantified = q, nquantified + 1
+  return q
+end
+local function slow(s, p)
+  local ts, tp = type(s), type(p)
+  if (ts ~= "string" and ts ~= "number") or (tp ~= "string" and tp ~= "number") then return false end
+  local q = quantifiers(tostring(p))
+  return q >= 0 and (#tostring(s) + 1) ^ (q + 1) > PATTERN_STEPS
+end
+local lua_patterns
+local function patterns()
+  if not lua_patterns then lua_patterns = assert(raw_loadstring(py.pattern_source(), "=patterns"))(1) end
+  return lua_patterns
+end
+-- Called through pcall, the C functions' errors lack the script's position and name: add them back.
+local C_ERRORS = {"^bad argument", "^malformed pattern", "^invalid capture", "^invalid pattern capture",
+                  "^unfinished capture", "^missing '%[' after", "^unbalanced pattern", "^invalid replacement",
+                  "^invalid use of", "^string slice too long"}
+local function c_result(name, ok, ...)
+  if ok then return ... end
+  local e = ...
+  if type(e) == "string" then
+    for i = 1, #C_ERRORS do
+      if cfind(e, C_ERRORS[i]) then error((cgsub(e, "^(bad argument #%d+ to )'%?'", "%1'" .. name .. "'")), 3) end
+    end
+  end
+  error(e, 0)
+end
+function string.find(s, p, init, plain)
+  if plain or not slow(s, p) then return select(1, c_result("find", pcall(cfind, s, p, init, plain))) end
+  return select(1, patterns().find(s, p, init, plain))
+end
+function string.match(s, p, init)
+  if not slow(s, p) then return select(1, c_result("match", pcall(cmatch, s, p, init))) end
+  return select(1, patterns().match(s, p, init))
+end
+function string.gmatch(s, p)
+  if not slow(s, p) then return select(1, c_result("gmatch", pcall(cgmatch, s, p))) end
+  return select(1, patterns().gmatch(s, p))
+end
+function string.gsub(s, p, repl, n)
+  if not slow(s, p) then return select(1, c_result("gsub", pcall(cgsub, s, p, repl, n))) end
+  return select(1, patterns().gsub(s, p, repl, n))
+end
 for name, f in next, S do G[name] = f end
 newproxy, gcinfo, python = nil, nil, nil  -- newproxy: userdata finalizers run with no time limit
 package.loaded._G, package.loaded.debug = nil, nil
@@ -1801,6 +1860,12 @@ def _positional_counts(func: Callable) -> tuple[int | None, int]:
 _START = time.monotonic()
 
 
+@functools.lru_cache(maxsize=1)
+def _pattern_source() -> bytes:
+    """The Lua-written pattern matcher the sandbox falls back to (see _SANDBOX_LUA)."""
+    return (BUNDLED_PLUGINS / "_patterns.lua").read_bytes()
+
+
 class LuaRunner:
     """One Lua runtime for one script on one thread, with its code compiled once."""
 
@@ -1823,6 +1888,7 @@ class LuaRunner:
         py = self.lua.table_from({name.encode(): ctx._pycall(func, name) for name, func in (
             ("clock", _lua_clock), ("setenv", _lua_setenv), ("execute", self._execute), ("popen", self._popen),
             ("load_module", self._load_module), ("find_module", self._find_module))})
+        py[b"pattern_source"] = _pattern_source
         self._run, compile_, ctx._wrap, self._run_message = self.lua.execute(
             _SANDBOX_LUA, self._expired, self._blocking, names, py, name="=sandbox")
         main = compile_(source.encode("utf-8", "surrogateescape"), f"={script.name}".encode())
