@@ -2262,7 +2262,10 @@ class LuaExecutor(Executor):
     def _forget(self, script: Script) -> None:
         if getattr(self._local, "runners", {}).pop(script.key, None) is not None:
             self.runtimes -= 1
-            _glibc("malloc_trim", 0)  # a runtime dropped at its memory cap: give its pages back
+            # A runtime and the Python functions its Lua state holds refer to each other: only the
+            # cycle collector frees them. One dropped at its memory cap may hold all of it: free it now.
+            gc.collect()
+            _glibc("malloc_trim", 0)
 
     def run(self, script: Script, call: Call, inline: bool = False) -> Result:
         if script.http and not call.method:
@@ -5171,7 +5174,7 @@ class Server:
             # What start-up made lives as long as the server: keep it out of the collector's scans, and
             # collect young objects less often (a message makes a few dozen short-lived ones).
             gc.freeze()
-            gc.set_threshold(50_000, 20, 20)
+            gc.set_threshold(10_000, 10, 10)
             await self._stopping.wait()
             sd_notify("STOPPING=1")
             log.info("stopping: draining in-flight calls")
