@@ -57,6 +57,7 @@ DEVHTTP_PORT = 7634
 DEFAULT_TIMEOUT = 120.0  # the Go original's MAX_LUA_RUNNING_TIME
 DEFAULT_HTTP_TIMEOUT = 5.0
 DEFAULT_MEMORY = 64 * 2**20
+MIN_MEMORY = 2**20  # a sandboxed Lua runtime with its libraries takes a few hundred KiB
 DEFAULT_MAX_BODY = 8 * 2**20
 DEFAULT_QUEUE_GROUP = "msgscript"
 ETCD_SCRIPTS = "msgscript/scripts/"
@@ -231,7 +232,6 @@ def parse_headers(text: str) -> tuple[dict[str, list[str]], str]:
 
 KNOWN_HEADERS = {"subject", "name", "http", "html", "require", "executor", "timeout", "memory", "lock", "stream",
                  "retry", "deadletter", "cron", "timezone"}
-EXTRA_HEADERS = ("timeout", "memory", "lock", "stream", "retry", "deadletter", "cron", "timezone")  # not in Go's JSON
 
 
 def parse_retry(text: str) -> tuple[float, ...]:
@@ -262,6 +262,8 @@ def parse_script(text: str, path: str = "", subject: str = "", name: str = "") -
     try:
         timeout = parse_duration(one["timeout"]) if "timeout" in one else None
         memory = parse_size(one["memory"]) if "memory" in one else None
+        if memory is not None and memory < MIN_MEMORY:
+            raise ConfigError(f"memory {one['memory']} is below the {MIN_MEMORY // 2**20} MiB a Lua runtime needs")
         retry = parse_retry(one["retry"]) if "retry" in one else DEFAULT_RETRY
         if "cron" in one:
             check_schedule(one["cron"], one.get("timezone", ""))
@@ -325,11 +327,18 @@ def script_from_json(value: bytes | str, key: str = "", where: tuple[str, str] =
         content = base64.b64decode(doc.get("content") or "").decode("utf-8", "surrogateescape")
     except (ValueError, TypeError, AttributeError) as e:
         raise ConfigError(f"{key}: not a msgscript script value ({e})") from None
+    for field, kind in (("executor", str), ("subject", str), ("name", str), ("libraries", list), ("is_html", bool)):
+        if doc.get(field) is not None and not isinstance(doc[field], kind):
+            raise ConfigError(f"{key}: field {field!r} has the wrong type")
+    if not all(isinstance(lib, str) for lib in doc.get("libraries") or []):
+        raise ConfigError(f"{key}: libraries must be names")
     headers = parse_headers(content)[0]
     subject = doc.get("subject") or (headers.get("subject") or [where[0]])[-1]
     name = doc.get("name") or (headers.get("name") or [where[1]])[-1]
     script = parse_script(content, key, subject, name)
     script.executor = (doc.get("executor") or script.executor).lower()
+    if script.executor not in EXECUTOR_NAMES:
+        raise ConfigError(f"{key}: unknown executor {script.executor!r} (use lua, wasm or podman)")
     script.http = bool(doc.get("is_html")) or script.http
     script.libraries = list(doc.get("libraries") or script.libraries)
     return script
@@ -432,7 +441,8 @@ def _same_script(a: Script, b: Script) -> bool:
 
 
 def _directory(path: str, what: str) -> Path:
-    p = Path(path)
+    """An existing directory as an absolute path (a script's lfs.chdir must not move the store)."""
+    p = Path(path).resolve()
     if p.is_file():
         raise ConfigError(f"{what} {path} is a file: give the directory that holds the .lua files")
     if not p.is_dir():
@@ -1073,10 +1083,6 @@ class _EtcdHeld:
 
 
 ###############################################################################
-# The `etcd` Lua module
-
-
-###############################################################################
 # Calls and results ###########################################################
 ###############################################################################
 
@@ -1307,7 +1313,7 @@ def error_text(exc: BaseException) -> str:
 # reached or changed. Each call gets fresh globals whose library tables (string, table, ...) are
 # copied on first use, so nothing a script changes outlives its call.
 _SANDBOX_LUA = r"""
-local expired, blocking, module_names, py = ...
+local expired, blocking, module_names, py, pattern_source, max_bytes = ...
 local G = _G
 local sethook, raw_getinfo, module_metatable = debug.sethook, debug.getinfo, debug.getmetatable
 local raw_getfenv, raw_setfenv, raw_loadstring = getfenv, setfenv, loadstring
@@ -1318,6 +1324,9 @@ local pcall, error, type, next, rawget, rawset, select, unpack, tostring =
 local concat, maxn, raw_open, raw_collect = table.concat, table.maxn, io.open, collectgarbage
 local CHECK, TIMEOUT = @CHECK@, "script timed out"
 local string_mt, string_lib = raw_getmetatable(""), string
+-- the sandbox calls string functions as locals: a script's string copy (the strings' __index
+-- during its call) must not be able to change what they do here
+local sbyte, sgsub = string.byte, string.gsub
 
 -- Python objects share one metatable (its __call runs the clock check); files share another.
 local python_mt = raw_getmetatable(expired)
@@ -1327,6 +1336,7 @@ python_mt.__index = function() error("attempt to index a userdata value", 2) end
 python_mt.__newindex = python_mt.__index
 local file_mt = raw_getmetatable(io.stdout)
 file_mt.__metatable = false
+local io_input, io_output, stdin, stdout = io.input, io.output, io.stdin, io.stdout
 
 local hook
 function hook()
@@ -1363,7 +1373,7 @@ end
 
 -- Code loaded at run time: text only (crafted bytecode can crash Lua), in the call's globals.
 local function text_chunk(src, name, env)
-  if src:byte(1) == 27 then return nil, "attempt to load a binary chunk" end
+  if sbyte(src, 1) == 27 then return nil, "attempt to load a binary chunk" end
   local f, err = raw_loadstring(src, name)
   if not f then return nil, err end
   raw_setfenv(f, env or current_env)
@@ -1396,7 +1406,7 @@ local function read_source(path)
   if not f then return nil, err end
   local src = f:read("*a")
   f:close()
-  return src:gsub("^#[^\n]*", "")
+  return (sgsub(src, "^#[^\n]*", ""))
 end
 function S.loadfile(path)
   guard()
@@ -1441,6 +1451,14 @@ function S.getmetatable(v)
     return mt
   end
   return raw_getmetatable(v)
+end
+-- a module's read-only views (a metatable hidden behind false, with __newindex) stay read-only
+function S.rawset(t, k, v)
+  local mt = module_metatable(t)
+  if type(mt) == "table" and rawget(mt, "__metatable") == false and rawget(mt, "__newindex") ~= nil then
+    error("attempt to change a read-only table of a module", 2)
+  end
+  return rawset(t, k, v)
 end
 function S.collectgarbage(opt, arg)
   if opt == nil or opt == "collect" or opt == "count" or opt == "step" then return raw_collect(opt, arg) end
@@ -1521,11 +1539,13 @@ end
 for name, f in next, io do
   if type(f) == "function" and name ~= "popen" then io[name] = function(...) guard() return f(...) end end
 end
-local file_methods = file_mt.__index
+-- files' methods through a function: io.stdout.__index would otherwise hand out the shared metatable
+local file_methods = {}
 for _, name in next, {"close", "flush", "lines", "read", "seek", "setvbuf", "write"} do
-  local f = file_methods[name]
+  local f = file_mt[name]
   file_methods[name] = function(...) guard() return f(...) end
 end
+file_mt.__index = function(_, k) return file_methods[k] end
 if not math.mod then math.mod = math.fmod end
 
 -- Lua's pattern functions backtrack inside C, where the hook cannot stop them (("a-"):rep(12) .. "b"
@@ -1545,15 +1565,22 @@ local function quantifiers(p)
   quantified[p], nquantified = q, nquantified + 1
   return q
 end
-local function slow(s, p)
+-- The worst case of a call in steps: (#s + 1) ^ (repetitions + 1) times #p. 0: not a string call.
+local function steps(s, p, plain)
   local ts, tp = type(s), type(p)
-  if (ts ~= "string" and ts ~= "number") or (tp ~= "string" and tp ~= "number") then return false end
-  local q = quantifiers(tostring(p))
-  return q >= 0 and (#tostring(s) + 1) ^ (q + 1) > PATTERN_STEPS
+  if (ts ~= "string" and ts ~= "number") or (tp ~= "string" and tp ~= "number") then return 0 end
+  s, p = tostring(s), tostring(p)
+  local q = plain and 0 or quantifiers(p)
+  return (#s + 1) ^ (q + 1) * (#p + 1)
+end
+local function slow(s, p, plain)
+  local n = steps(s, p, plain)
+  if n > 1e5 then hook() end  -- a long C call ahead: look at the clock first
+  return n > PATTERN_STEPS
 end
 local lua_patterns
 local function patterns()
-  if not lua_patterns then lua_patterns = assert(raw_loadstring(py.pattern_source(), "=patterns"))(1) end
+  if not lua_patterns then lua_patterns = assert(raw_loadstring(pattern_source, "=patterns"))(1) end
   return lua_patterns
 end
 -- Called through pcall, the C functions' errors lack the script's position and name: add them back.
@@ -1570,9 +1597,22 @@ local function c_result(name, ok, ...)
   end
   error(e, 0)
 end
+local plain_find = wrap(py.plain_find)  -- linear, in Python: C's plain search is quadratic at worst
+local raw_rep = string.rep
+function string.rep(s, n)
+  local ts = type(s)
+  if (ts == "string" or ts == "number") and type(n) == "number" and n > 0 then
+    local len = #tostring(s)
+    if len == 0 then return "" end  -- C would loop n times for nothing
+    if len * n > max_bytes then error("resulting string too large", 2) end
+  end
+  return select(1, c_result("rep", pcall(raw_rep, s, n)))
+end
 function string.find(s, p, init, plain)
-  if plain or not slow(s, p) then return select(1, c_result("find", pcall(cfind, s, p, init, plain))) end
-  return select(1, patterns().find(s, p, init, plain))
+  local special = not plain and cfind(tostring(p), "[%^%$%*%+%?%.%(%)%[%]%%%-]")
+  if not slow(s, p, not special) then return select(1, c_result("find", pcall(cfind, s, p, init, plain))) end
+  if special then return select(1, patterns().find(s, p, init, plain)) end
+  return select(1, c_result("find", pcall(plain_find, s, p, init)))
 end
 function string.match(s, p, init)
   if not slow(s, p) then return select(1, c_result("match", pcall(cmatch, s, p, init))) end
@@ -1590,11 +1630,14 @@ for name, f in next, S do G[name] = f end
 newproxy, gcinfo, python = nil, nil, nil  -- newproxy: userdata finalizers run with no time limit
 package.loaded._G, package.loaded.debug = nil, nil
 package.loadlib, package.seeall, package.cpath = nil, nil, ""  -- no C code; seeall exposes the real globals
+local kv_methods = {}
+function kv_methods:getKey() return self.key end
+function kv_methods:getValue() return self.value end
+local kv_mt = {__index = function(_, k) return kv_methods[k] end, __metatable = false}
 EtcdKV = {}
-EtcdKV.__index, EtcdKV.__metatable = EtcdKV, false
-function EtcdKV.new(key, value) return setmetatable({key = key, value = value}, EtcdKV) end
-function EtcdKV:getKey() return self.key end
-function EtcdKV:getValue() return self.value end
+function EtcdKV.new(key, value) return raw_setmetatable({key = key, value = value}, kv_mt) end
+function EtcdKV.getKey(kv) return kv_methods.getKey(kv) end
+function EtcdKV.getValue(kv) return kv_methods.getValue(kv) end
 
 local base = copy(G)
 base._G = nil
@@ -1623,6 +1666,8 @@ local function invoke(main, env, fname, ...)
 end
 local function finish(ok, ...)
   sethook()
+  if io_output() ~= stdout then io_output(stdout) end  -- the default files are the process's
+  if io_input() ~= stdin then io_input(stdin) end
   inline, current_env, current_loaded = false, nil, nil
   string_mt.__index = string_lib
   if not ok then
@@ -1667,6 +1712,7 @@ class LuaContext:
         self.trace = None  # the running call's trace context (Tracing), if traced
         self._wrap = None  # the sandbox's Lua wrapper for Python functions
         self._state: dict[str, Any] = {}
+        self._lifted = False  # headroom() lifted the memory cap for a push
         self._max_memory = lua.get_max_memory() or 0
 
     def remaining(self, cap: float | None = None) -> float:
@@ -1762,14 +1808,26 @@ class LuaContext:
             return func  # already a Lua function
         return self._wrap(self._pycall(func, name))
 
-    def _pycall(self, func: Callable, name: str | None = None) -> Callable:
+    def _pycall(self, func: Callable, name: str | None = None, is_pure: bool | None = None) -> Callable:
         """The Python side of `fn`: answers (True, results...) or (False, message[, stop now])."""
         name = name or getattr(func, "__name__", "function")
-        is_pure = getattr(func, "lua_pure", False) or getattr(getattr(func, "func", None), "lua_pure", False)
+        if is_pure is None:
+            is_pure = getattr(func, "lua_pure", False) or getattr(getattr(func, "func", None), "lua_pure", False)
         most, least = _positional_counts(func)
         ctx = self
 
         def call(*args):
+            if ctx._lifted:  # Lua is back in Python: the pushes of the last answer are done
+                ctx.restore()
+            out = answer(args)
+            size = 0
+            for value in out:
+                if type(value) is bytes:
+                    size += len(value) + 32
+            ctx.headroom(size + 64 * len(out))
+            return out
+
+        def answer(args) -> tuple:
             if ctx.inline and not is_pure:
                 ctx.moved = True
                 return False, b"moved to a worker", True
@@ -1800,13 +1858,37 @@ class LuaContext:
             except Exception as e:  # noqa: BLE001 - a module's bug is the script's error, never a traceback
                 log.warning("Lua function %s (%s/%s) failed", name, ctx.script.subject, ctx.script.name,
                             exc_info=True)
-                return False, f"{name}: {error_text(e)}".encode("utf-8", "surrogateescape")
+                text = error_text(e) if isinstance(e, (OSError, ValueError, RuntimeError)) else \
+                    "internal error (see the server log)"
+                return False, f"{name}: {text}".encode("utf-8", "surrogateescape")
 
         return call
 
     def _results(self, values: tuple) -> tuple:
         self.fits(sum(_lua_size(v) for v in values))
         return tuple(self._to_lua(v) for v in values)
+
+    def headroom(self, size: int) -> None:
+        """Make sure `size` more bytes can be pushed into Lua now, even at the memory cap.
+
+        lupa hangs the process when Lua runs out of memory during a push from Python, which any
+        value returned to Lua is (an error text too). A script at its cap gets the limit lifted
+        by what the push needs, until the next time Lua reaches Python (restore)."""
+        if not self._max_memory:
+            return
+        need = size + LUA_MEMORY_MARGIN
+        if self._max_memory - self.lua.get_memory_used() >= need:
+            return
+        self.lua.gccollect()
+        used = self.lua.get_memory_used()
+        if self._max_memory - used < need:
+            self.lua.set_max_memory(used + need)
+            self._lifted = True
+
+    def restore(self) -> None:
+        """Put the memory cap back after a headroom() lift."""
+        self._lifted = False
+        self.lua.set_max_memory(self._max_memory)
 
     def module(self, members: dict) -> Any:
         """A Lua table of module members; Python callables become Lua functions named after their key."""
@@ -1885,18 +1967,22 @@ class LuaRunner:
         self.inline_deadline = float("inf")
         self.ctx = ctx = LuaContext(self.lua, script, services)
         names = self.lua.table_from({k.encode(): True for k in services.modules})
-        py = self.lua.table_from({name.encode(): ctx._pycall(func, name) for name, func in (
-            ("clock", _lua_clock), ("setenv", _lua_setenv), ("execute", self._execute), ("popen", self._popen),
-            ("load_module", self._load_module), ("find_module", self._find_module))})
-        py[b"pattern_source"] = _pattern_source
+        # loading a module is set-up, once per runtime, so an inline call may do it
+        py = self.lua.table_from({name.encode(): ctx._pycall(func, name, is_pure) for name, func, is_pure in (
+            ("clock", _lua_clock, True), ("setenv", _lua_setenv, False), ("execute", self._execute, False),
+            ("popen", self._popen, False), ("load_module", self._load_module, True),
+            ("find_module", self._find_module, True), ("plain_find", _plain_find, True))})
         self._run, compile_, ctx._wrap, self._run_message = self.lua.execute(
-            _SANDBOX_LUA, self._expired, self._blocking, names, py, name="=sandbox")
+            _SANDBOX_LUA, self._expired, self._blocking, names, py, _pattern_source(), memory or 2**62,
+            name="=sandbox")
         main = compile_(source.encode("utf-8", "surrogateescape"), f"={script.name}".encode())
         if isinstance(main, tuple):
             raise MsgscriptError(f"syntax error: {self.ctx.text(main[1])}")
         self.main = main
 
     def _expired(self) -> bool:
+        if self.ctx._lifted:
+            self.ctx.restore()
         now = time.monotonic()
         if now > self.inline_deadline:
             self.ctx.moved = True
@@ -1907,7 +1993,7 @@ class LuaRunner:
 
     def _load_module(self, name: str):
         loader = self.ctx.services.modules[name]
-        inline, self.ctx.inline = self.ctx.inline, False  # loading is set-up, not the call's effect
+        inline, self.ctx.inline = self.ctx.inline, False  # loading is set-up (once per runtime), not an effect
         try:
             value = loader(self.ctx)
         finally:
@@ -1935,16 +2021,12 @@ class LuaRunner:
         """os.execute, bounded by the call's deadline: the exit status (5.1), 0 without a command."""
         if command is None:
             return 1
-        if self.ctx.inline:
-            raise _MoveToPool()
         result = run_command(check_string(command, 1), self.ctx.remaining(), self.ctx.max_bytes(), capture=False)
         return result.status
 
     def _popen(self, command=None, mode="r"):
         """io.popen, bounded by the call's deadline: the command runs to completion (its output is read
         at once for "r"; for "w" what the script writes is its input when the file is closed)."""
-        if self.ctx.inline:
-            raise _MoveToPool()
         command, mode = check_string(command, 1), check_string(mode, 2)
         if mode not in ("r", "w"):
             raise ArgError(2, "invalid mode")
@@ -1966,7 +2048,7 @@ class LuaRunner:
             fname = fname.encode()
         ctx = self.ctx
         size = 0
-        for arg in args:
+        for arg in args + meta:
             if type(arg) is bytes:
                 size += len(arg)
         if ctx._max_memory and size + LUA_MEMORY_MARGIN > ctx._max_memory - self.lua.get_memory_used():
@@ -1986,6 +2068,8 @@ class LuaRunner:
         finally:
             if inline:
                 ctx.inline, self.inline_deadline = False, math.inf
+            if ctx._lifted:
+                ctx.restore()
         if ctx.moved:
             raise _MoveToPool()
         return out if type(out) is tuple else (out,)
@@ -2018,6 +2102,19 @@ function f:flush() return f end
 function f:setvbuf() return true end
 return f
 """
+
+
+@pure
+def _plain_find(s=None, p=None, init=None):
+    """string.find(s, p, init, true) in linear time (the C search is quadratic at worst)."""
+    text, needle = check_string(s, 1).encode("utf-8", "surrogateescape"), check_string(p, 2).encode(
+        "utf-8", "surrogateescape")
+    start = opt_integer(init, 3, 1)
+    if start < 0:
+        start = max(len(text) + start + 1, 0)
+    start = min(max(start - 1, 0), len(text))  # as Lua 5.1's str_find_aux clamps it
+    pos = text.find(needle, start)
+    return None if pos < 0 else (pos + 1, pos + len(needle))
 
 
 def _lua_clock() -> float:
@@ -2057,7 +2154,6 @@ class CommandResult:
     status: int
     stdout: bytes = b""
     stderr: bytes = b""
-    timed_out: bool = False
     signal: int = 0  # the signal that killed the command, 0 when it exited
 
 
@@ -2753,6 +2849,29 @@ _PODMAN_STDIN_NOISE = re.compile(
     rb"(?m)^Error: (?:read|write) unixpacket [^\n]*(?:connection reset by peer|broken pipe)[^\n]*\n?")
 
 
+class _Frames:
+    """Podman's multiplexed stream (8-byte headers: stream, size) split into stdout and stderr."""
+
+    def __init__(self, buffer: bytes = b""):
+        self.buffer, self.streams, self.size = buffer, {1: [], 2: []}, 0
+
+    def add(self, chunk: bytes) -> None:
+        self.buffer += chunk
+        while len(self.buffer) >= 8:
+            kind, size = struct.unpack(">BxxxL", self.buffer[:8])
+            if len(self.buffer) < 8 + size:
+                return
+            if self.size + size > MAX_OUTPUT:
+                raise MsgscriptError(f"container output exceeded {MAX_OUTPUT // 2**20} MiB")
+            self.size += size
+            self.streams.get(kind, self.streams[1]).append(self.buffer[8 : 8 + size])
+            self.buffer = self.buffer[8 + size :]
+
+    def output(self) -> tuple[bytes, bytes]:
+        """stdout and stderr, without the lines podman adds when a container does not read its stdin."""
+        return b"".join(self.streams[1]), _PODMAN_STDIN_NOISE.sub(b"", b"".join(self.streams[2]))
+
+
 class _Attach:
     """A hijacked attach connection: payload in, demultiplexed stdout/stderr out."""
 
@@ -2769,12 +2888,12 @@ class _Attach:
             if not chunk:
                 raise MsgscriptError("podman closed the attach connection")
             head += chunk
-        head, self.buffer = head.split(b"\r\n\r\n", 1)
+        head, rest = head.split(b"\r\n\r\n", 1)
         status = head.split(b"\r\n", 1)[0].decode("latin-1")
         if status.split(" ")[1:2] not in (["101"], ["200"]):
             raise MsgscriptError(f"podman attach failed: {status}")
-        self.streams = {1: [], 2: []}
-        self.size = 0
+        self.frames = _Frames()
+        self.frames.add(rest)
         self.broken = False  # the connection broke: its output may be incomplete
 
     def exchange(self, payload: bytes, deadline: float) -> bool:
@@ -2801,8 +2920,7 @@ class _Attach:
                             return True
                         if not chunk:
                             return True
-                        self.buffer += chunk
-                        self._demux()
+                        self.frames.add(chunk)
         finally:
             sel.close()
 
@@ -2822,20 +2940,8 @@ class _Attach:
             return pending, False
         return pending, True
 
-    def _demux(self):
-        while len(self.buffer) >= 8:
-            kind, size = struct.unpack(">BxxxL", self.buffer[:8])
-            if len(self.buffer) < 8 + size:
-                return
-            if self.size + size > MAX_OUTPUT:
-                raise MsgscriptError(f"container output exceeded {MAX_OUTPUT // 2**20} MiB")
-            self.size += size
-            self.streams.get(kind, self.streams[1]).append(self.buffer[8 : 8 + size])
-            self.buffer = self.buffer[8 + size :]
-
     def output(self) -> tuple[bytes, bytes]:
-        """stdout and stderr, without the lines podman adds when a container does not read its stdin."""
-        return b"".join(self.streams[1]), _PODMAN_STDIN_NOISE.sub(b"", b"".join(self.streams[2]))
+        return self.frames.output()
 
     def close(self):
         self.sock.close()
@@ -2951,11 +3057,9 @@ class PodmanExecutor(Executor):
         response = client.api.get(f"/containers/{container_id}/logs", params={"stdout": True, "stderr": True},
                                   timeout=_wait_time(call, 30), stream=True)
         response.raise_for_status()
-        frames = _Attach.__new__(_Attach)
-        frames.buffer, frames.streams, frames.size = b"", {1: [], 2: []}, 0
+        frames = _Frames()
         for chunk in response.iter_content(65536):
-            frames.buffer += chunk
-            frames._demux()
+            frames.add(chunk)
         return frames.output()
 
     def _exit_code(self, client, container_id: str, call: Call) -> int:
@@ -3089,6 +3193,7 @@ class Scheduler:
         self._wake_pending = False
         self._wake_lock = threading.Lock()
         self._refused = RateLimitedLog("refused calls")
+        self.durable_info: Callable[[Script], dict] | None = None  # set by Durable: a durable script's state
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -3200,6 +3305,7 @@ class Scheduler:
         except Exception as e:  # noqa: BLE001 - one boundary turns every failure into a result
             if not isinstance(e, MsgscriptError):
                 log.exception("script %s/%s crashed", script.subject, script.name)
+                e = MsgscriptError(f"script {script.name}: internal error (see the server log)")
             result = Result.failure(e)
         self._stats(script).count(result, time.perf_counter() - started)
         if span is not None:
@@ -3383,7 +3489,6 @@ class _HeldLock:
 # NATS ########################################################################
 ###############################################################################
 
-ENVELOPE_KEYS = {"subject", "payload", "method", "url", "async", "executor", "raw"}
 HEADER_ERROR = "Nats-Service-Error"
 HEADER_ERROR_CODE = "Nats-Service-Error-Code"
 HEADER_NAME = "Msgscript-Name"
@@ -4094,8 +4199,10 @@ class HttpConnection(asyncio.Protocol):
         if close:
             self.transport.close()
             return
-        if self.waiting:
-            return self._start(self.waiting.popleft())
+        if self.waiting:  # the next pipelined request, from the loop (no recursion however many wait)
+            self.busy = True
+            self.front.loop.call_soon(self._start, self.waiting.popleft())
+            return
         if self.refused is not None:
             return self.fail(self.refused)
         if self._paused:
@@ -4203,8 +4310,8 @@ class HttpFront:
         if self._sweeper is not None:
             self._sweeper.cancel()
         for conn in list(self.connections):
-            if conn.transport is not None:
-                conn.transport.abort()
+            if conn.transport is not None:  # a busy one gets no answer now; the others send what they hold
+                conn.transport.abort() if conn.busy else conn.transport.close()
 
     def handle(self, conn: HttpConnection, request: HttpRequest) -> None:
         """Answer one request (now, or when its scripts finish)."""
@@ -4242,7 +4349,9 @@ class HttpFront:
         if "_timeout" in params:
             asked = parse_duration(params["_timeout"][-1])
             timeout = asked if self.config.compat_go else min(timeout, asked)
-        scripts = self.scheduler.scripts(subject)
+        scripts = self.store.triggered(subject)  # stream and cron scripts run from JetStream only
+        if not scripts:
+            raise NotFound(f"no script for subject {subject!r}")
         call = Call(subject, request.body, request.method, url, time.monotonic() + timeout)
         if self.tracing:
             call.trace = self.tracing.http_span(request, subject, scripts)
@@ -4252,9 +4361,13 @@ class HttpFront:
             if answered[0]:
                 return
             answered[0] = True
+            response = self.response(scripts, results)
             if call.trace is not None:
-                call.trace.end_message(results)
-            answer(*self.response(scripts, results))
+                try:
+                    call.trace.end_message(results, response[0])
+                except Exception:  # noqa: BLE001 - tracing must never keep an answer back
+                    log.exception("ending a trace failed")
+            answer(*response)
 
         def late():  # a script still running well after the deadline (a long C call): 504 now
             if not answered[0]:
@@ -4337,9 +4450,8 @@ class AdminPages:
             rows += [("stream", script.stream), ("retry", script.retry_text), ("deadletter", script.dead_letter)]
         if script.cron:
             rows += [("cron", script.cron), ("timezone", script.timezone or "UTC")]
-        durable = getattr(self.scheduler, "durable_info", None)
-        if durable is not None and (script.stream or script.cron):
-            rows += list(durable(script).items())
+        if self.scheduler.durable_info is not None and (script.stream or script.cron):
+            rows += list(self.scheduler.durable_info(script).items())
         return rows
 
     @staticmethod
@@ -4607,6 +4719,7 @@ CRON_MACROS = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 
                "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@hourly": "0 * * * *"}
 DURABLE_BATCH = 64  # messages one consumer has in progress at most
 ACK_WAIT = 30.0  # seconds before JetStream redelivers an unacknowledged message
+DURABLE_RETRY = 15.0  # seconds between attempts to start a durable script that could not start
 
 
 def check_schedule(expr: str, tz: str = "") -> None:
@@ -4662,6 +4775,7 @@ class Durable:
         self.problems: dict[tuple[str, str], str] = {}  # scripts that cannot run, and why
         self._sync_lock = asyncio.Lock()
         self._taking = True
+        self._retrier: asyncio.Future | None = None
 
     def scripts(self) -> list[Script]:
         return [s for s in self.store.all_scripts() if s.stream or s.cron]
@@ -4669,6 +4783,14 @@ class Durable:
     async def start(self) -> None:
         self.store.on_change(lambda: self.nats.loop.call_soon_threadsafe(self.nats._spawn, self.sync()))
         await self.sync()
+        self._retrier = asyncio.ensure_future(self._retry_problems())
+
+    async def _retry_problems(self) -> None:
+        """Scripts that could not start (a stream created later, JetStream back) are tried again."""
+        while self._taking:
+            await asyncio.sleep(DURABLE_RETRY)
+            if self.problems:
+                await self.sync()
 
     async def sync(self) -> None:
         """Start consumers for new durable scripts, stop those of removed or edited ones."""
@@ -4740,12 +4862,13 @@ class Durable:
     async def stop_taking(self) -> None:
         """Stop fetching; messages in progress finish and are acknowledged."""
         self._taking = False
+        if self._retrier is not None:
+            self._retrier.cancel()
         for consumer in self.consumers.values():
             consumer.taking = False
 
     async def close(self) -> None:
-        for consumer in list(self.consumers.values()):
-            await consumer.stop()
+        await asyncio.gather(*(consumer.stop() for consumer in self.consumers.values()))  # one shared wait
         self.consumers.clear()
 
     def stats(self) -> list[dict]:
@@ -4877,6 +5000,13 @@ class _Consumer:
                 self._run(msg)
 
     def _run(self, msg) -> None:
+        try:
+            self._start_call(msg)
+        except Exception as e:  # noqa: BLE001 - one bad message must not stop the consumer
+            log.exception("running a message of %s failed", self.name)
+            self._settle.put_nowait((msg, Result.failure(MsgscriptError(error_text(e)))))
+
+    def _start_call(self, msg) -> None:
         if not self.taking:  # fetched while stopping: give it back at once
             self._settle.put_nowait((msg, None))
             return
@@ -4895,8 +5025,8 @@ class _Consumer:
                                    lambda results: self._settle.put_nowait((msg, results[0])))
             else:
                 self._settle.put_nowait((msg, result))
-        except Busy:
-            self._settle.put_nowait((msg, Result.failure(Busy("server busy"))))
+        except Busy:  # the server is full: try again shortly (a nak would use up one of its deliveries)
+            asyncio.get_running_loop().call_later(0.2, self._run, msg)
 
     async def _settle_results(self) -> None:
         while True:
@@ -4919,8 +5049,8 @@ class _Consumer:
             return await msg.ack()
         attempt = _ack_info(msg.reply)[2]
         retry = self.script.retry
-        if result.status == 429 or attempt <= len(retry):
-            delay = 1.0 if result.status == 429 else retry[attempt - 1]
+        if attempt <= len(retry):
+            delay = retry[attempt - 1]
             log.info("%s/%s failed (attempt %d of %d), retrying in %gs: %s", self.script.subject, self.script.name,
                      attempt, len(retry) + 1, delay, result.error)
             return await msg.nak(delay=delay)
@@ -5058,7 +5188,7 @@ def server_config(args: argparse.Namespace, environ: dict[str, str]) -> ServerCo
     compat = _choice(args.compat, "compat", ("", "go"))
     cfg = ServerConfig(
         store=StoreConfig.from_flags(args.backend, args.script, args.library, args.etcdurl, environ),
-        plugin_dirs=[d for p in args.plugin for d in p.split(",") if d],
+        plugin_dirs=[os.path.abspath(d) for p in args.plugin for d in p.split(",") if d],
         nats=NatsOptions.from_flags(args.natsurl or environ.get("NATS_URL") or "", args, environ),
         port=args.port, host=args.host, log_level=_log_level(args.log, environ), timeout=parse_duration(args.timeout),
         http=HttpConfig(max_body=parse_size(args.max_body), timeout=parse_duration(args.http_timeout),
@@ -5067,7 +5197,7 @@ def server_config(args: argparse.Namespace, environ: dict[str, str]) -> ServerCo
                         metrics=_choice(args.metrics, "metrics", ("local", "public", "off"))),
         memory=parse_size(args.memory), workers=args.workers, max_workers=args.max_workers,
         max_inflight=args.max_inflight, queue=args.queue, drain_timeout=parse_duration(args.drain_timeout),
-        data_dir=args.data or default_data_dir(environ), create_streams=args.create_streams,
+        data_dir=os.path.abspath(args.data or default_data_dir(environ)), create_streams=args.create_streams,
         ack_wait=parse_duration(args.ack_wait),
         compat_go=compat == "go", environ=environ)
     for d in cfg.plugin_dirs:
@@ -5076,13 +5206,15 @@ def server_config(args: argparse.Namespace, environ: dict[str, str]) -> ServerCo
     if cfg.timeout <= 0 or cfg.http.timeout <= 0 or cfg.workers < 1 or cfg.max_inflight < 1 \
             or cfg.http.max_connections < 1:
         raise ConfigError("timeouts, -workers, -max-inflight and -max-connections must be positive")
+    if cfg.memory < MIN_MEMORY:
+        raise ConfigError(f"-memory must be at least {MIN_MEMORY // 2**20} MiB")
     return cfg
 
 
 def make_services(plugin_dirs: list[str], library_dir: str | None = None,
                   etcd_endpoints: list[str] | None = None) -> Services:
     """Services with the bundled and the user's plugins loaded (the server and the dev commands)."""
-    services = Services(library_dir=library_dir)
+    services = Services(library_dir=os.path.abspath(library_dir) if library_dir else None)
     if etcd_endpoints:
         services.etcd_endpoints = list(etcd_endpoints)
     load_plugins(plugin_dirs, services.modules)
@@ -5493,6 +5625,8 @@ class _DevHttpStore(DevStore):
     def scripts(self, subject: str) -> list[Script]:
         script = self.reload()
         return [script] if subject == script.subject else []
+
+    triggered = scripts
 
 
 def _cli_devhttp(args, cfg: CliConfig) -> int:
