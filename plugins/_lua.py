@@ -7,6 +7,7 @@ script's reach, so that nothing one call changes outlives it, and make errors fr
 functions point at the script's line.
 """
 
+from msgscript import LuaError
 
 PRELUDE = r"""
 local function readonly_error() error("attempt to change a read-only table of a module", 2) end
@@ -43,3 +44,24 @@ def move_off_the_loop(ctx) -> None:
     """Called by a @pure function whose work turns out big: a call running inline on the event
     loop moves to a worker thread (and runs again there); elsewhere this does nothing."""
     ctx.move_to_worker()
+
+
+INLINE_SIZE = 256 * 2**10  # text this long is not "quick": a call on the event loop moves to a worker
+
+
+class OutputBudget:
+    """What an encoder has produced so far, against `limit` bytes (the script's memory cap): past it a
+    LuaError; past INLINE_SIZE `on_big()` is called once (a call on the event loop moves to a worker)."""
+
+    what = "output"
+
+    def __init__(self, limit: int = 2**62, on_big=None):
+        self.limit, self.on_big, self.size = limit, on_big, 0
+
+    def grow(self, n: int) -> None:
+        self.size += n
+        if self.on_big is not None and self.size > INLINE_SIZE:
+            on_big, self.on_big = self.on_big, None
+            on_big()
+        if self.size > self.limit:
+            raise LuaError(f"{self.what} of more than {self.limit} bytes does not fit in the script's memory limit")

@@ -15,9 +15,9 @@ import math
 import re
 import secrets
 
-from msgscript import ArgError, LuaError, check_string, is_table, lua_type, pure
+from msgscript import ArgError, check_string, is_table, lua_type, pure
 
-from plugins._lua import move_off_the_loop
+from plugins._lua import INLINE_SIZE, OutputBudget, move_off_the_loop
 
 # The arrays decode made with holes, and their lengths (for encode), in a weak table.
 _HOLES = """
@@ -28,7 +28,6 @@ return holey, holey_len
 """
 _HTML_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
 _HTML_RE = re.compile("[<>&\u2028\u2029]")
-INLINE_SIZE = 256 * 2**10  # JSON text this long is not "quick": a call on the event loop moves to a worker
 
 
 def go_json_float(f: float) -> str:
@@ -50,27 +49,21 @@ def go_json_float(f: float) -> str:
     return text[:-2] if text.endswith(".0") else text
 
 
-class _Encoder:
+class _Encoder(OutputBudget):
     """Lua value -> plain Python value, with the original's table rules.
 
     `grow` counts about how long the JSON text gets: past `limit` the encoding stops with a
     LuaError, and past INLINE_SIZE `on_big()` is called once (a call on the event loop moves).
     """
 
+    what = "encoded JSON"
+
     def __init__(self, holey_len, limit: int = 2**62, on_big=None):
-        self.holey_len, self.limit, self.on_big = holey_len, limit, on_big
+        super().__init__(limit, on_big)
+        self.holey_len = holey_len
         self.active: set[str] = set()
         self.floats: list[str] = []
         self.marker = f"\0{secrets.token_hex(8)}:"  # for floats json.dumps would print otherwise
-        self.size = 0
-
-    def grow(self, n: int) -> None:
-        self.size += n
-        if self.on_big is not None and self.size > INLINE_SIZE:
-            on_big, self.on_big = self.on_big, None
-            on_big()
-        if self.size > self.limit:
-            raise LuaError(f"encoded JSON of more than {self.limit} bytes does not fit in the script's memory limit")
 
     def plain(self, v):
         t = type(v)

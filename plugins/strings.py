@@ -4,9 +4,8 @@ import re
 
 from msgscript import check_string, opt_string, pure
 
-from plugins._lua import PRELUDE, move_off_the_loop
+from plugins._lua import INLINE_SIZE, PRELUDE, move_off_the_loop
 
-INLINE_SIZE = 256 * 2**10  # longer strings are not split on the event loop
 
 # Go's unicode.IsSpace set (Python's str.isspace also counts \x1c-\x1f, Go does not).
 _GO_SPACE = "\t\n\v\f\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a" \

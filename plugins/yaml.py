@@ -7,11 +7,10 @@ and huge as Lua tables; it gives `nil, err` before anything is expanded.
 
 import functools
 
-from msgscript import ArgError, LuaError, check_string, is_table, pure
+from msgscript import ArgError, check_string, is_table, pure
 
-from plugins._lua import PRELUDE, move_off_the_loop
+from plugins._lua import INLINE_SIZE, PRELUDE, OutputBudget, move_off_the_loop
 
-INLINE_SIZE = 256 * 2**10  # YAML this long is not "quick": a call on the event loop moves to a worker
 
 # The decoder and encoder objects read from / write to any Lua object with :read / :write.
 _LUA = PRELUDE + r"""
@@ -251,24 +250,18 @@ def _key_compare(a, b):
     return -1 if _natural_less(a, b) else 1 if _natural_less(b, a) else 0
 
 
-class LuaToYaml:
+class LuaToYaml(OutputBudget):
     """Convert a Lua value to plain Python for PyYAML, with the original's encoding rules.
 
     `grow` counts about how long the text gets: past `limit` the encoding stops with a LuaError,
     and past INLINE_SIZE `on_big()` is called once.
     """
 
-    def __init__(self, limit: int = 2**62, on_big=None):
-        self.seen = set()  # addresses of the tables met so far
-        self.limit, self.on_big, self.size = limit, on_big, 0
+    what = "encoded YAML"
 
-    def grow(self, n: int) -> None:
-        self.size += n
-        if self.on_big is not None and self.size > INLINE_SIZE:
-            on_big, self.on_big = self.on_big, None
-            on_big()
-        if self.size > self.limit:
-            raise LuaError(f"encoded YAML of more than {self.limit} bytes does not fit in the script's memory limit")
+    def __init__(self, limit: int = 2**62, on_big=None):
+        super().__init__(limit, on_big)
+        self.seen = set()  # addresses of the tables met so far
 
     def convert(self, value):
         self.grow(len(value) if isinstance(value, (bytes, str)) else 8)
