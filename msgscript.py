@@ -4717,7 +4717,7 @@ CRON_STREAM = "MSGSCRIPT_CRON"
 CRON_PREFIX = "msgscript.cron."
 CRON_MACROS = {"@yearly": "0 0 1 1 *", "@annually": "0 0 1 1 *", "@monthly": "0 0 1 * *",
                "@weekly": "0 0 * * 0", "@daily": "0 0 * * *", "@midnight": "0 0 * * *", "@hourly": "0 * * * *"}
-DURABLE_BATCH = 64  # messages one consumer has in progress at most
+DURABLE_BATCH = 128  # messages one consumer has in progress at most
 ACK_WAIT = 30.0  # seconds before JetStream redelivers an unacknowledged message
 DURABLE_RETRY = 15.0  # seconds between attempts to start a durable script that could not start
 
@@ -4946,7 +4946,7 @@ class _Consumer:
         attempts = len(self.script.retry) + 1
         config = ConsumerConfig(durable_name=self.name, ack_policy=AckPolicy.EXPLICIT,
                                 deliver_policy=DeliverPolicy.ALL, ack_wait=self.durable.ack_wait,
-                                max_deliver=attempts + 1, max_ack_pending=DURABLE_BATCH * 4,
+                                max_deliver=attempts + 1, max_ack_pending=DURABLE_BATCH * 16,
                                 filter_subject=self.subject)
         config.name = self.name
         # created, or updated when the script's retry header or the server's -ack-wait changed
@@ -4997,36 +4997,48 @@ class _Consumer:
                 continue
             idle = False
             for msg in msgs:
-                self._run(msg)
+                result = self._run(msg)
+                if result is not None:  # ran inline: settled right here, without a hand-over
+                    try:
+                        await self._settle_one(msg, result)
+                    except Exception as e:  # noqa: BLE001 - NATS away: the message is redelivered later
+                        log.warning("acknowledging a message of %s failed: %s", self.name, error_text(e))
 
-    def _run(self, msg) -> None:
+    def _run(self, msg) -> Result | None:
+        """Start one message's call: its Result when it ran inline, else None (it is settled later)."""
         try:
-            self._start_call(msg)
+            return self._start_call(msg)
         except Exception as e:  # noqa: BLE001 - one bad message must not stop the consumer
             log.exception("running a message of %s failed", self.name)
-            self._settle.put_nowait((msg, Result.failure(MsgscriptError(error_text(e)))))
+            return Result.failure(MsgscriptError(error_text(e)))
 
-    def _start_call(self, msg) -> None:
+    def _start_call(self, msg) -> Result | None:
         if not self.taking:  # fetched while stopping: give it back at once
             self._settle.put_nowait((msg, None))
-            return
-        self.running[id(msg)] = (msg, time.monotonic())
+            return None
         stream, sequence, attempt = _ack_info(msg.reply)
         headers = msg.headers or {}
-        meta = (headers.get("Nats-Msg-Id") or f"{stream}:{sequence}", stream, sequence, attempt, msg.subject,
-                headers.get("Msgscript-Tick", ""))
-        call = Call(self.script.subject, b"" if self.script.cron else msg.data, meta=tuple(
-            v.encode() if type(v) is str else v for v in meta))
+        msg_id = headers.get("Nats-Msg-Id") or f"{stream}:{sequence}"
+        meta = (msg_id.encode(), stream.encode(), sequence, attempt, msg.subject.encode(),
+                headers.get("Msgscript-Tick", "").encode())
+        call = Call(self.script.subject, b"" if self.script.cron else msg.data, meta=meta)
         scheduler = self.durable.scheduler
         try:
             result = scheduler.run_inline(self.script, call)
-            if result is None:
-                scheduler.dispatch([self.script], call, None,
-                                   lambda results: self._settle.put_nowait((msg, results[0])))
-            else:
-                self._settle.put_nowait((msg, result))
+            if result is not None:
+                return result
+            self.running[id(msg)] = (msg, time.monotonic())
+            scheduler.dispatch([self.script], call, None, lambda results: self._settle.put_nowait((msg, results[0])))
         except Busy:  # the server is full: try again shortly (a nak would use up one of its deliveries)
-            asyncio.get_running_loop().call_later(0.2, self._run, msg)
+            self.running[id(msg)] = (msg, time.monotonic())
+            asyncio.get_running_loop().call_later(0.2, self._retry, msg)
+        return None
+
+    def _retry(self, msg) -> None:
+        self.running.pop(id(msg), None)
+        result = self._run(msg)
+        if result is not None:
+            self._settle.put_nowait((msg, result))
 
     async def _settle_results(self) -> None:
         while True:
