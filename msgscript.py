@@ -2048,7 +2048,10 @@ class LuaRunner:
             fname = fname.encode()
         ctx = self.ctx
         size = 0
-        for arg in args + meta:
+        for arg in args:
+            if type(arg) is bytes:
+                size += len(arg)
+        for arg in meta:
             if type(arg) is bytes:
                 size += len(arg)
         if ctx._max_memory and size + LUA_MEMORY_MARGIN > ctx._max_memory - self.lua.get_memory_used():
@@ -2339,7 +2342,7 @@ class LuaExecutor(Executor):
             cache = self._local.runners = {}
         store = self.services.store
         stamp = (script.version, store.library_stamp(script)) if script.libraries and store else script.version
-        key = script.key
+        key = (script.subject, script.name)  # script.key, without the property call
         entry = cache.get(key)
         if entry is not None and entry[0] == stamp:
             if len(cache) >= self.max_cached // 2:  # least recently used last out: keep the hot ones
@@ -2364,14 +2367,14 @@ class LuaExecutor(Executor):
             _glibc("malloc_trim", 0)
 
     def run(self, script: Script, call: Call, inline: bool = False) -> Result:
-        if script.http and not call.method:
+        if not script.http:
+            fname, first = b"OnMessage", call.subject.encode()
+        elif not call.method:
             raise MethodNotAllowed(
                 f"script {script.name} is an HTTP-mode script: call it over HTTP or with an envelope that has a method"
             )
-        if script.http:
-            fname, first = call.method.upper().encode(), call.url.encode()
         else:
-            fname, first = b"OnMessage", call.subject.encode()
+            fname, first = call.method.upper().encode(), call.url.encode()
         runner = self._runner(script)
         if call.trace is not None:
             runner.ctx.trace = call.trace
@@ -3223,36 +3226,39 @@ class Scheduler:
 
     def run_inline(self, script: Script, call: Call) -> Result | None:
         """The common case of one script for a message: its Result when it ran inline, or None when
-        it must go to a worker (then nothing of it has run: dispatch it)."""
-        self._admit(call)
-        try:
-            return self._try_inline(script, call)
-        finally:
-            self.inflight -= 1
+        it must go to a worker (then nothing of it has run: dispatch it). Busy (429) is raised at
+        once when the in-flight limit is reached. An inline call is over before anything else
+        runs on the loop, so it is not counted in flight."""
+        if self.inflight >= self.max_inflight:
+            self._refuse()
+        if call.deadline == math.inf:
+            call.deadline = time.monotonic() + self.timeout
+        return self._try_inline(script, call)
 
     def _admit(self, call: Call) -> None:
         if self.inflight >= self.max_inflight:
-            self._refused.warning("over the in-flight limit (%d)", self.max_inflight)
-            raise Busy(f"server busy: {self.inflight} calls in flight (limit {self.max_inflight})")
+            self._refuse()
         if call.deadline == math.inf:  # the server's -timeout, unless the front set a shorter one
             call.deadline = time.monotonic() + self.timeout
         self.inflight += 1
 
+    def _refuse(self) -> None:
+        self._refused.warning("over the in-flight limit (%d)", self.max_inflight)
+        raise Busy(f"server busy: {self.inflight} calls in flight (limit {self.max_inflight})")
+
     def _try_inline(self, script: Script, call: Call) -> Result | None:
         """Run `script` inline if it may; None when it must run on a worker (and is marked for it)."""
-        if self._pooled.get(script.key) == script.version or not self._inline_capable(script):
+        executor = self.executors.get(script.executor)
+        if (executor is None or not executor.inline_capable or script.lock
+                or self._pooled.get(script.key) == script.version):
             return None
         try:
-            return self._execute(script, call, inline=True)
-        except _MoveToPool:
+            return self._execute(script, call, executor)
+        except _MoveToPool:  # it reached something that blocks, or its budget: workers from now on
             self._pooled[script.key] = script.version
             self._stats(script).moved += 1
             log.debug("script %s/%s runs on the worker pool from now on", script.subject, script.name)
             return None
-
-    def _inline_capable(self, script: Script) -> bool:
-        executor = self.executors.get(script.executor)
-        return executor is not None and executor.inline_capable and not script.lock
 
     def _on_worker(self, job: _Job, index: int) -> None:
         result = self._execute(job.scripts[index], job.call)
@@ -3277,25 +3283,32 @@ class Scheduler:
     def _release(self) -> None:
         self.inflight -= 1
 
-    def _execute(self, script: Script, call: Call, inline: bool = False) -> Result:
-        """Run one script within its deadline; every failure becomes a Result (except _MoveToPool)."""
+    def _execute(self, script: Script, call: Call, inline: Executor | None = None) -> Result:
+        """Run one script within its deadline; every failure becomes a Result (except _MoveToPool).
+
+        `inline` is the script's executor when the call runs on the loop (see _try_inline).
+        """
         started = time.perf_counter()
         if script.timeout is not None and time.monotonic() + script.timeout < call.deadline:
             call = dataclasses.replace(call, deadline=time.monotonic() + script.timeout)
-        span = self.tracing.script_span(script, call) if self.tracing and call.trace is not None else None
-        if span is not None:
+        span = None
+        if self.tracing and call.trace is not None:
+            span = self.tracing.script_span(script, call)
             call = dataclasses.replace(call, trace=span)
         try:
-            if call.remaining() <= 0:
+            if call.deadline <= time.monotonic():
                 raise ScriptTimeout(f"script {script.name} timed out before it started")
-            executor = self.executors.get(script.executor)
-            if executor is None:
-                raise MsgscriptError(f"executor {script.executor!r} is not available on this server")
-            if script.lock:
-                with self.locks.hold(script, call.deadline):
-                    result = executor.run(script, call)
+            if inline is not None:
+                result = inline.run(script, call, True)
             else:
-                result = executor.run(script, call, inline)
+                executor = self.executors.get(script.executor)
+                if executor is None:
+                    raise MsgscriptError(f"executor {script.executor!r} is not available on this server")
+                if script.lock:
+                    with self.locks.hold(script, call.deadline):
+                        result = executor.run(script, call)
+                else:
+                    result = executor.run(script, call)
         except _MoveToPool:
             if span is not None:
                 span.cancel()
@@ -3307,7 +3320,7 @@ class Scheduler:
                 log.exception("script %s/%s crashed", script.subject, script.name)
                 e = MsgscriptError(f"script {script.name}: internal error (see the server log)")
             result = Result.failure(e)
-        self._stats(script).count(result, time.perf_counter() - started)
+        (self.stats.get(script.key) or self._stats(script)).count(result, time.perf_counter() - started)
         if span is not None:
             span.end(result)
         if result.error:
@@ -3495,9 +3508,14 @@ HEADER_NAME = "Msgscript-Name"
 NATS_CONNECT_TIMEOUT = 5.0
 
 
+def may_be_envelope(data: bytes) -> bool:
+    """False when `data` is certainly a raw payload (a quick look, for every message)."""
+    return data[:1] == b"{" and b'"payload"' in data
+
+
 def parse_envelope(data: bytes) -> dict | None:
     """The Go original's HTTP-to-NATS message, or None when `data` is a raw payload."""
-    if not data.startswith(b"{") or b'"payload"' not in data:
+    if not may_be_envelope(data):
         return None
     try:
         doc = json.loads(data)
@@ -3638,6 +3656,8 @@ class NatsOptions:
 class NatsFront:
     """Subscribes to every subject that has scripts, in a queue group, and replies from the loop."""
 
+    direct_replies = True  # False: nats-py's callbacks and publish (taken anyway if its internals differ)
+
     def __init__(self, options: NatsOptions, scheduler: Scheduler, services: Services,
                  queue: str = DEFAULT_QUEUE_GROUP, compat_go: bool = False, tracing: Any = None):
         self.options = options
@@ -3656,9 +3676,9 @@ class NatsFront:
         self.reconnects = 0
         self.extra_stats: Callable[[], list[dict]] | None = None  # durable scripts' $SRV.STATS entries
         self._tasks: set[asyncio.Task] = set()
-        self._outbox: collections.deque = collections.deque()
-        self._flushing = False
-        self._in_message = False
+        self._direct = False  # messages taken from nats-py's parser, replies put in its buffer; set at start
+        self._sids: set[int] = set()  # our subscriptions' ids, whose messages _process_msg takes
+        self._deliver: Callable | None = None  # nats-py's own _process_msg
         self._lost = RateLimitedLog("lost replies")
         self._no_reply = RateLimitedLog("errors without a reply subject")
 
@@ -3670,6 +3690,12 @@ class NatsFront:
             disconnected_cb=self._disconnected, reconnected_cb=self._reconnected, error_cb=self._error,
             pending_size=64 * 2**20, skip_subject_validation=True)
         log.info("connected to NATS at %s", self.connected_url)
+        self._direct = self.direct_replies and all(hasattr(self.nc, name) for name in
+                           ("_pending", "_pending_data_size", "_max_pending_size", "_flush_queue", "_process_msg",
+                            "_status", "CONNECTED"))
+        if self._direct:
+            self._deliver = self.nc._process_msg
+            self.nc._process_msg = self._process_msg
         self.services.nats = NatsBridge(self.nc, self.loop)
         for subject in ("$SRV.PING", "$SRV.INFO", "$SRV.STATS"):
             for name in (subject, f"{subject}.msgscript", f"{subject}.msgscript.{self.service_id}"):
@@ -3708,18 +3734,57 @@ class NatsFront:
             return
         wanted = {subject for subject in self.store.subjects() if self.store.triggered(subject)}
         for subject in sorted(wanted - set(self.subs)):
-            self.subs[subject] = await self.nc.subscribe(
-                subject, queue=self.queue, cb=self._on_message, pending_msgs_limit=65536,
-                pending_bytes_limit=256 * 2**20)
+            self.subs[subject] = await self._subscribe(subject)
             log.info("subscribed to %s (queue %s)", subject, self.queue)
         for subject in sorted(set(self.subs) - wanted):
-            await self.subs.pop(subject).unsubscribe()
+            sub = self.subs.pop(subject)
+            self._sids.discard(getattr(sub, "_id", None))
+            await sub.unsubscribe()
             log.info("unsubscribed from %s", subject)
 
+    async def _subscribe(self, subject: str):
+        """A queue subscription whose messages are handled as nats-py's parser delivers them.
+
+        nats-py hands each message of a subscription with a callback to a task through a queue:
+        one wake-up, a task step and a coroutine per message, which cost more than a short script
+        does. A subscription without a callback keeps its messages in `_pending_queue` for
+        `next_msg`; ours gets a stand-in whose `put_nowait` handles the message at once (`handle`
+        never waits). Should nats-py change that attribute, the callback path is taken instead.
+        """
+        if not self._direct:
+            return await self.nc.subscribe(subject, queue=self.queue, cb=self._on_message,
+                                           pending_msgs_limit=65536, pending_bytes_limit=256 * 2**20)
+        sub = await self.nc.subscribe(subject, queue=self.queue, pending_msgs_limit=0, pending_bytes_limit=0)
+        sub._pending_queue = _Handled(sub, self.handle)
+        self._sids.add(sub._id)
+        return sub
+
     async def _on_message(self, msg) -> None:
-        # Callbacks of one subscription run one at a time: run inline or hand over, never wait.
-        self._in_message = True  # replies made while handling it are published below, not by a task
+        """The subscription callback where a message cannot be taken as the parser delivers it."""
+        self.handle(msg)
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
+        """Stands in for nats-py's `_process_msg`, which its parser awaits for every MSG and HMSG.
+
+        A message of one of our subscriptions without headers (the common case) is answered
+        here without a message object; everything else goes on to nats-py's own, which hands our
+        messages to `handle` (see `_Handled`). nats-py's counters (`nc.stats`), which msgscript
+        does not read, do not count these.
+        """
+        if not headers and sid in self._sids:
+            try:
+                if self._quick(subject.decode(), reply.decode(), data):
+                    return
+            except Exception:  # noqa: BLE001 - a bad message must not stop the connection's parser
+                log.exception("handling a message on %s failed", subject.decode(errors="replace"))
+                return
+        await self._deliver(sid, subject, reply, data, headers)
+
+    def handle(self, msg) -> None:
+        """One message, on the loop: run inline and answer now, or hand over; never wait."""
         try:
+            if self._quick(msg.subject, msg.reply, msg.data) is not None:
+                return
             scripts = self.store.triggered(msg.subject)
             if not scripts:
                 raise NotFound(f"no script for subject {msg.subject!r}")
@@ -3733,21 +3798,37 @@ class NatsFront:
                     self.reply(msg, b"{}")
             if self.tracing:
                 call.trace = self.tracing.message_span(msg, scripts)
-            elif envelope is None and len(scripts) == 1 and not self.compat_go:
-                result = self.scheduler.run_inline(scripts[0], call)  # the common case, answered right here
-                if result is not None:
-                    self._in_message = False
-                    if msg.reply:
-                        await self._publish(msg.reply, *self._checked(msg, *nats_reply(result)))
-                    return
             self.scheduler.dispatch(scripts, call, *self._answer(msg, envelope, scripts, call))
         except MsgscriptError as e:
             self.reply(msg, *failure_reply(e))
         except Exception:  # noqa: BLE001 - a bad message must not stop the subscription
             log.exception("handling a message on %s failed", msg.subject)
-        self._in_message = False
-        if self._outbox and not self._flushing:
-            await self._flush()
+
+    def _quick(self, subject: str, reply: str, data: bytes) -> bool | None:
+        """The common case, answered at once: one script, a raw payload, no tracing, run inline.
+
+        True when answered; None when the message takes the general path (then nothing of it
+        has run).
+        """
+        if self.tracing or self.compat_go or may_be_envelope(data):
+            return None
+        scripts = self.store.triggered(subject)
+        if len(scripts) != 1:
+            return None
+        try:
+            result = self.scheduler.run_inline(scripts[0], Call(subject, data))
+        except MsgscriptError as e:  # over the in-flight limit
+            result = Result.failure(e)
+        if result is None:
+            return None
+        if not reply:
+            if result.error:
+                self._no_reply.warning("%s: %s (no reply subject)", subject, result.error)
+        elif result.error or len(result.payload) > self.nc.max_payload:
+            self.send(reply, *self._checked(subject, *nats_reply(result)))
+        else:
+            self.send(reply, result.payload)
+        return True
 
     def _answer(self, msg, envelope: dict | None, scripts: list[Script], call: Call) -> tuple:
         """(on_result, on_done) for a message: what goes back to its requester, and when."""
@@ -3772,38 +3853,57 @@ class NatsFront:
         self.reply(msg, *nats_reply(results[0]))
 
     def reply(self, msg, data: bytes, headers: dict | None = None) -> None:
-        """Queue a reply; it is published from the loop, in order, as soon as the loop is free."""
+        """Answer a message (on the loop); an error for a message without a reply subject is logged."""
         if not msg.reply:
             if headers and HEADER_ERROR in headers:
                 self._no_reply.warning("%s: %s (no reply subject)", msg.subject, headers[HEADER_ERROR])
             return
-        self._outbox.append((msg.reply, *self._checked(msg, data, headers)))
-        if not self._flushing and not self._in_message and self.loop is not None:
-            self._flushing = True
-            self._spawn(self._flush())
+        self.send(msg.reply, *self._checked(msg.subject, data, headers))
 
-    def _checked(self, msg, data: bytes, headers: dict | None) -> tuple[bytes, dict | None]:
+    def _checked(self, subject: str, data: bytes, headers: dict | None) -> tuple[bytes, dict | None]:
         """A reply NATS will take: one over the server's max_payload becomes an error reply."""
         limit = self.nc.max_payload if self.nc else 0
         if limit and len(data) > limit:
-            log.error("%s: reply of %d bytes is over the NATS max_payload of %d", msg.subject, len(data), limit)
+            log.error("%s: reply of %d bytes is over the NATS max_payload of %d", subject, len(data), limit)
             return b"", {HEADER_ERROR: f"reply of {len(data)} bytes is over NATS max_payload {limit}",
                          HEADER_ERROR_CODE: "500"}
         return data, headers
+
+    def send(self, subject: str, data: bytes, headers: dict | None = None) -> None:
+        """Publish a reply from the loop without a task or a future per message.
+
+        The command goes into the connection's own outgoing buffer, as `nc.publish` would put it,
+        and the connection's flusher is woken once: it runs after the parser has handed over every
+        message of the bytes it read, so the replies to one read leave in one write. While NATS is
+        reconnecting the buffer holds them (up to the connection's pending_size) and nats-py sends
+        them on reconnect.
+        """
+        nc = self.nc
+        if not self._direct:
+            self._spawn(self._publish(subject, data, headers))
+            return
+        if headers is None:
+            command = b"PUB %s %d\r\n%s\r\n" % (subject.encode(), len(data), data)
+        else:
+            command = _pub_command(subject, data, headers)
+        if nc._status != nc.CONNECTED:  # the properties nc.publish looks at, only when they matter
+            if nc.is_closed or nc.is_draining_pubs:
+                self._lost.warning("reply to %s lost: the NATS connection is closed", subject)
+                return
+            if not nc.is_connected and len(command) + nc._pending_data_size > nc._max_pending_size:
+                self._lost.warning("reply to %s lost: the reconnect buffer is full", subject)
+                return
+        nc._pending.append(command)
+        nc._pending_data_size += len(command)
+        flush = nc._flush_queue
+        if flush.empty() and nc.is_connected:
+            flush.put_nowait(self.loop.create_future())
 
     async def _publish(self, subject: str, data: bytes, headers: dict | None) -> None:
         try:
             await self.nc.publish(subject, data, headers=headers)
         except Exception as e:  # noqa: BLE001 - a lost connection must not kill the loop
             self._lost.warning("reply to %s lost: %s", subject, error_text(e))
-
-    async def _flush(self) -> None:
-        self._flushing = True
-        try:
-            while self._outbox:
-                await self._publish(*self._outbox.popleft())
-        finally:
-            self._flushing = False
 
     async def _discovery(self, msg) -> None:
         kind = msg.subject.split(".")[1].lower()
@@ -3841,9 +3941,7 @@ class NatsFront:
 
     async def close(self, deadline: float) -> None:
         """Send the queued replies, then close the connection."""
-        while (self._tasks or self._outbox) and time.monotonic() < deadline:
-            if self._outbox and not self._flushing:
-                await self._flush()
+        while self._tasks and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         if self.nc is None:
             return
@@ -3856,6 +3954,44 @@ class NatsFront:
             await asyncio.wait_for(self.nc.close(), 3)
         except Exception:  # noqa: BLE001
             pass
+
+
+class _Handled:
+    """Stands in for a nats-py subscription's pending queue: every message put is handled at once."""
+
+    __slots__ = ("sub", "handle")
+
+    def __init__(self, sub, handle: Callable):
+        self.sub, self.handle = sub, handle
+
+    def put_nowait(self, msg) -> None:
+        self.sub._pending_size -= len(msg.data)  # nats-py counted it as waiting
+        self.handle(msg)
+
+    def qsize(self) -> int:
+        return 0
+
+    def empty(self) -> bool:
+        return True
+
+    def task_done(self) -> None:
+        pass
+
+    async def join(self) -> None:  # drain: every message delivered has been handled
+        return None
+
+    async def get(self):  # nothing waits here: messages never queue
+        await asyncio.Event().wait()
+
+
+def _pub_command(subject: str, data: bytes, headers: dict | None) -> bytes:
+    """The PUB (or HPUB) command nats-py's publish would send (a header value kept to one line)."""
+    if not headers:
+        return b"PUB %s %d\r\n%s\r\n" % (subject.encode(), len(data), data)
+    lines = "".join(f"{k}: {' '.join(str(v).splitlines())}\r\n" for k, v in headers.items())
+    block = f"NATS/1.0\r\n{lines}\r\n"
+    block = block.encode()
+    return b"HPUB %s %d %d\r\n%s%s\r\n" % (subject.encode(), len(block), len(block) + len(data), block, data)
 
 
 class NatsBridge:

@@ -116,14 +116,14 @@ def nats_server():
 class MsgscriptProcess:
     """`msgscript server ...` as a subprocess, with its log kept for assertions."""
 
-    def __init__(self, args: list[str], cwd: Path, env: dict | None = None):
+    def __init__(self, args: list[str], cwd: Path, env: dict | None = None, command: list[str] | None = None):
         self.port = free_port()
         self.log_path = cwd / f"server-{self.port}.log"
         self.logfile = open(self.log_path, "wb")  # noqa: SIM115 - kept open for the process's lifetime
         full_env = dict(os.environ, PYTHONUNBUFFERED="1")
         full_env.pop("NATS_URL", None)
         full_env.update(env or {})
-        self.proc = subprocess.Popen([*MSGSCRIPT, "server", "-port", str(self.port), *args], cwd=cwd,
+        self.proc = subprocess.Popen([*(command or MSGSCRIPT), "server", "-port", str(self.port), *args], cwd=cwd,
                                      stdout=self.logfile, stderr=subprocess.STDOUT, env=full_env)
         self.base = f"http://127.0.0.1:{self.port}"
         try:
