@@ -3136,8 +3136,11 @@ EXECUTORS: dict[str, type[Executor]] = {"lua": LuaExecutor, "wasm": WasmExecutor
 #   -----------------                                    ------------------------------------------------
 #   NATS subscriptions, JetStream consumers, cron ticks,
 #   the HTTP protocol (httptools), admin pages, metrics
+#        |  (a core NATS message is taken from nats-py's parser as it is read: NatsFront._quick
+#        |  runs the common case, one script and a raw payload, through run_inline and puts the
+#        |  reply in nats-py's buffer; one socket write then carries the replies to one read)
 #        |
-#   Scheduler.dispatch(scripts, call, on_result, on_done)
+#   Scheduler.dispatch(scripts, call, on_result, on_done)   or   Scheduler.run_inline(script, call)
 #        |  admit: 429 at once when -max-inflight calls are in progress
 #        |  a Lua script that has been quick runs inline, right here, within INLINE_BUDGET;
 #        |  if it reaches anything that blocks (a module function not marked pure, io,
@@ -3147,7 +3150,7 @@ EXECUTORS: dict[str, type[Executor]] = {"lua": LuaExecutor, "wasm": WasmExecutor
 #        |                                                   scripts: run, block, sleep freely
 #   results come back in batches (one wake-up) <------------ (a script's nats.publish/request
 #        |  on_result / on_done, then release                hops onto the loop: NatsBridge)
-#   replies are published / written by the fronts, on the loop
+#   replies are published / written by the fronts, on the loop (NatsFront.send, HttpConnection)
 #
 # The cli `dev` command has no loop: Scheduler.run_blocking runs a call on the caller's thread.
 
@@ -3938,6 +3941,7 @@ class NatsFront:
             except Exception:  # noqa: BLE001 - already gone (or NATS is down) is fine
                 pass
         self.subs.clear()
+        self._sids.clear()  # drained: NATS sends them nothing more
 
     async def close(self, deadline: float) -> None:
         """Send the queued replies, then close the connection."""
