@@ -1175,6 +1175,15 @@ class _MoveToPool(Exception):
     """An inline call reached something that blocks: it is abandoned and re-run on a worker."""
 
 
+def lupa_error_text(exc: BaseException) -> str:
+    """A lupa LuaError's message: lupa (encoding=None) made its bytes text as latin-1; UTF-8 is undone."""
+    text = str(exc)
+    try:
+        return text.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return text
+
+
 def lua_type(value: Any) -> str:
     """The Lua type name of a value as it arrives from Lua: nil, boolean, number, string, table, ..."""
     if value is None:
@@ -1848,7 +1857,8 @@ class LuaContext:
             except LuaError as e:
                 return False, str(e).encode("utf-8", "surrogateescape")
             except _LUPA_ERRORS as e:  # a Lua callback failed (or timed out) inside the Python call
-                return False, first_line(str(e)).encode("utf-8", "surrogateescape"), time.monotonic() > ctx.deadline
+                return (False, first_line(lupa_error_text(e)).encode("utf-8", "surrogateescape"),
+                        time.monotonic() > ctx.deadline)
             except (KeyboardInterrupt, SystemExit):
                 raise
             except RecursionError:
@@ -2386,10 +2396,11 @@ class LuaExecutor(Executor):
         except runner.lupa.LuaError as e:
             if time.monotonic() > call.deadline:
                 raise ScriptTimeout(f"script {script.name} timed out") from None
-            if "not enough memory" in str(e):
+            text = lupa_error_text(e)
+            if "not enough memory" in text:
                 self._forget(script)
                 raise self._memory_error(script) from None
-            raise ScriptError(first_line(str(e))) from None
+            raise ScriptError(first_line(text)) from None
         except LuaError as e:  # raised by the sandbox's own checks (a payload over the memory cap)
             raise ScriptError(f"script {script.name}: {e}") from None
         finally:
@@ -3684,6 +3695,7 @@ class NatsFront:
         self._deliver: Callable | None = None  # nats-py's own _process_msg
         self._lost = RateLimitedLog("lost replies")
         self._no_reply = RateLimitedLog("errors without a reply subject")
+        self._bad_message = RateLimitedLog("messages that could not be taken")
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -3774,14 +3786,17 @@ class NatsFront:
         messages to `handle` (see `_Handled`). nats-py's counters (`nc.stats`), which msgscript
         does not read, do not count these.
         """
-        if not headers and sid in self._sids:
-            try:
-                if self._quick(subject.decode(), reply.decode(), data):
-                    return
-            except Exception:  # noqa: BLE001 - a bad message must not stop the connection's parser
-                log.exception("handling a message on %s failed", subject.decode(errors="replace"))
+        try:
+            if not headers and sid in self._sids and self._quick(subject.decode(), reply.decode(), data):
+                if self.nc._pending_data_size > self.nc._max_pending_size:  # NATS reads slower than we answer
+                    await self.nc._flush_pending(force_flush=True)  # wait, as nc.publish would
                 return
-        await self._deliver(sid, subject, reply, data, headers)
+            await self._deliver(sid, subject, reply, data, headers)
+        except UnicodeDecodeError:  # nats-py's own message object needs UTF-8 subjects too
+            self._bad_message.warning("a message on %r was dropped: its subject or reply subject is not UTF-8",
+                                      subject.decode(errors="replace"))
+        except Exception:  # noqa: BLE001 - anything raised here would silently end nats-py's read loop
+            log.exception("handling a message on %s failed", subject.decode(errors="replace"))
 
     def handle(self, msg) -> None:
         """One message, on the loop: run inline and answer now, or hand over; never wait."""

@@ -4,6 +4,7 @@ and neither ever holds up the other (functional guarantees with generous margins
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 import time
 
@@ -36,6 +37,10 @@ function OnMessage(subject, payload)
   for i = 1, 1000 do n = n + i end
   return tostring(n)
 end
+""",
+    "utf8.lua": """--* subject: sched.utf8
+--* name: utf8
+function OnMessage() error("h\u00e9llo \u2713", 0) end
 """,
     "loop.lua": """--* subject: sched.loop
 --* name: loop
@@ -163,3 +168,24 @@ def test_both_reply_paths_answer_every_request(path, nats_server, tmp_path, nats
         assert "lost" not in proc.log
     finally:
         proc.stop()
+
+
+def test_error_text_keeps_its_utf8(server, nats_client):
+    msg = nats_client.request("sched.utf8")
+    assert msg.headers["Nats-Service-Error"] == "h\u00e9llo \u2713"
+    r = requests.post(f"{server.base}/sched.utf8", data=b"", timeout=5)
+    assert r.json()["utf8"]["error"] == "h\u00e9llo \u2713"
+
+
+def test_message_with_a_reply_subject_that_is_not_utf8_does_not_cut_the_connection(server, nats_server, nats_client):
+    """nats-py ends its read loop on such a message (with headers, or without): the server must drop it and go on."""
+    host, port = nats_server.url.rpartition("/")[2].split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as raw:
+        raw.recv(4096)  # INFO
+        raw.sendall(b'CONNECT {"verbose":false,"headers":true}\r\n'
+                    b"HPUB sched.hello bad.\xff.reply 12 13\r\nNATS/1.0\r\n\r\nx\r\n"
+                    b"PUB sched.hello bad.\xfe 1\r\nx\r\nPING\r\n")
+        assert b"PONG" in raw.recv(4096)
+    for i in range(20):  # the queue group spreads them: each must reach a live subscription
+        assert nats_client.request("sched.hello", str(i).encode(), timeout=2).data == f"hello {i}".encode()
+    server.wait_log("not UTF-8")
