@@ -1689,7 +1689,8 @@ end
 local function run(main, fname, in_line, ...)
   string_mt.__index = string_lib
   current_loaded, inline = nil, in_line
-  local env = raw_setmetatable({}, meta)
+  -- two hash slots from the start (the nil field only sizes the table): _G and the handler
+  local env = raw_setmetatable({_G = false, handler = nil}, meta)
   env._G = env
   current_env = env
   raw_setfenv(main, env)
@@ -2413,7 +2414,7 @@ class LuaExecutor(Executor):
                 raise MethodNotAllowed(f"script {script.name} does not handle {fname.decode()} requests")
             raise ScriptError(f"script {script.name} defines no OnMessage function")
         if not script.http and len(out) > 1 and type(out[1]) is bytes:  # the usual case: a string
-            return Result(payload=out[1])
+            return Result(out[1])
         return self._result(script, out[1:])
 
     def _memory_error(self, script: Script) -> ScriptError:
@@ -3169,7 +3170,7 @@ DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
                     60.0, 120.0)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class ScriptStats:
     """Counters of one script, for $SRV.STATS and /metrics."""
 
@@ -3183,7 +3184,7 @@ class ScriptStats:
     def count(self, result: Result, seconds: float) -> None:
         self.calls += 1
         self.seconds += seconds
-        self.buckets[bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
+        self.buckets[0 if seconds <= DURATION_BUCKETS[0] else bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
         if result.error:
             self.errors[result.status] = self.errors.get(result.status, 0) + 1
             self.last_error = result.error
@@ -3334,7 +3335,7 @@ class Scheduler:
                 log.exception("script %s/%s crashed", script.subject, script.name)
                 e = MsgscriptError(f"script {script.name}: internal error (see the server log)")
             result = Result.failure(e)
-        (self.stats.get(script.key) or self._stats(script)).count(result, time.perf_counter() - started)
+        (self.stats.get((script.subject, script.name)) or self._stats(script)).count(result, time.perf_counter() - started)
         if span is not None:
             span.end(result)
         if result.error:
