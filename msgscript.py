@@ -3335,7 +3335,8 @@ class Scheduler:
                 log.exception("script %s/%s crashed", script.subject, script.name)
                 e = MsgscriptError(f"script {script.name}: internal error (see the server log)")
             result = Result.failure(e)
-        (self.stats.get((script.subject, script.name)) or self._stats(script)).count(result, time.perf_counter() - started)
+        stats = self.stats.get((script.subject, script.name)) or self._stats(script)
+        stats.count(result, time.perf_counter() - started)
         if span is not None:
             span.end(result)
         if result.error:
