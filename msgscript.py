@@ -3709,7 +3709,7 @@ class NatsFront:
         log.info("connected to NATS at %s", self.connected_url)
         self._direct = self.direct_replies and all(hasattr(self.nc, name) for name in
                            ("_pending", "_pending_data_size", "_max_pending_size", "_flush_queue", "_process_msg",
-                            "_status", "CONNECTED"))
+                            "_flush_pending", "_build_message", "_process_headers", "_status", "CONNECTED"))
         if self._direct:
             self._deliver = self.nc._process_msg
             self.nc._process_msg = self._process_msg
@@ -3760,40 +3760,46 @@ class NatsFront:
             log.info("unsubscribed from %s", subject)
 
     async def _subscribe(self, subject: str):
-        """A queue subscription whose messages are handled as nats-py's parser delivers them.
+        """A queue subscription; with the parser hook its messages never reach nats-py's queue.
 
         nats-py hands each message of a subscription with a callback to a task through a queue:
         one wake-up, a task step and a coroutine per message, which cost more than a short script
-        does. A subscription without a callback keeps its messages in `_pending_queue` for
-        `next_msg`; ours gets a stand-in whose `put_nowait` handles the message at once (`handle`
-        never waits). Should nats-py change that attribute, the callback path is taken instead.
+        does. Our subscriptions have no callback: `_process_msg` takes their messages as the
+        parser reads them. Should nats-py's internals differ, the callback path is taken instead.
         """
         if not self._direct:
             return await self.nc.subscribe(subject, queue=self.queue, cb=self._on_message,
                                            pending_msgs_limit=65536, pending_bytes_limit=256 * 2**20)
-        sub = await self.nc.subscribe(subject, queue=self.queue, pending_msgs_limit=0, pending_bytes_limit=0)
-        sub._pending_queue = _Handled(sub, self.handle)
+        sub = await self.nc.subscribe(subject, queue=self.queue)
         self._sids.add(sub._id)
         return sub
 
     async def _on_message(self, msg) -> None:
-        """The subscription callback where a message cannot be taken as the parser delivers it."""
-        self.handle(msg)
+        """The subscription callback, where the parser hook is not in place."""
+        try:
+            if self._quick(msg.subject, msg.reply, msg.data) is None:
+                self.handle(msg)
+        except Exception:  # noqa: BLE001 - a bad message must not stop the subscription
+            log.exception("handling a message on %s failed", msg.subject)
 
     async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
         """Stands in for nats-py's `_process_msg`, which its parser awaits for every MSG and HMSG.
 
-        A message of one of our subscriptions without headers (the common case) is answered
-        here without a message object; everything else goes on to nats-py's own, which hands our
-        messages to `handle` (see `_Handled`). nats-py's counters (`nc.stats`), which msgscript
-        does not read, do not count these.
+        A message of one of our subscriptions is handled here: in the common case answered at
+        once without a message object (`_quick`), otherwise made into nats-py's message object
+        for `handle`. Messages of every other subscription (JetStream, requests)
+        go on to nats-py's own. nats-py's counters (`nc.stats`), which msgscript does not read,
+        do not count ours.
         """
+        nc = self.nc
         try:
-            if not headers and sid in self._sids and self._quick(subject.decode(), reply.decode(), data):
-                if self.nc._pending_data_size > self.nc._max_pending_size:  # NATS reads slower than we answer
-                    await self.nc._flush_pending(force_flush=True)  # wait, as nc.publish would
-                return
-            await self._deliver(sid, subject, reply, data, headers)
+            if sid not in self._sids:
+                await self._deliver(sid, subject, reply, data, headers)
+            elif self._quick(subject.decode(), reply.decode(), data):  # headers matter to traces only
+                if nc._pending_data_size > nc._max_pending_size:  # NATS reads slower than we answer
+                    await nc._flush_pending(force_flush=True)  # wait, as nc.publish would
+            else:
+                self.handle(nc._build_message(sid, subject, reply, data, await nc._process_headers(headers)))
         except UnicodeDecodeError:  # nats-py's own message object needs UTF-8 subjects too
             self._bad_message.warning("a message on %r was dropped: its subject or reply subject is not UTF-8",
                                       subject.decode(errors="replace"))
@@ -3801,10 +3807,8 @@ class NatsFront:
             log.exception("handling a message on %s failed", subject.decode(errors="replace"))
 
     def handle(self, msg) -> None:
-        """One message, on the loop: run inline and answer now, or hand over; never wait."""
+        """One message that `_quick` did not answer, on the loop: hand it to the scheduler, never wait."""
         try:
-            if self._quick(msg.subject, msg.reply, msg.data) is not None:
-                return
             scripts = self.store.triggered(msg.subject)
             if not scripts:
                 raise NotFound(f"no script for subject {msg.subject!r}")
@@ -3975,34 +3979,6 @@ class NatsFront:
             await asyncio.wait_for(self.nc.close(), 3)
         except Exception:  # noqa: BLE001
             pass
-
-
-class _Handled:
-    """Stands in for a nats-py subscription's pending queue: every message put is handled at once."""
-
-    __slots__ = ("sub", "handle")
-
-    def __init__(self, sub, handle: Callable):
-        self.sub, self.handle = sub, handle
-
-    def put_nowait(self, msg) -> None:
-        self.sub._pending_size -= len(msg.data)  # nats-py counted it as waiting
-        self.handle(msg)
-
-    def qsize(self) -> int:
-        return 0
-
-    def empty(self) -> bool:
-        return True
-
-    def task_done(self) -> None:
-        pass
-
-    async def join(self) -> None:  # drain: every message delivered has been handled
-        return None
-
-    async def get(self):  # nothing waits here: messages never queue
-        await asyncio.Event().wait()
 
 
 def _pub_command(subject: str, data: bytes, headers: dict | None) -> bytes:
