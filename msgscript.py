@@ -18,6 +18,7 @@ import bisect
 import collections
 import concurrent.futures
 import dataclasses
+import errno
 import functools
 import gc
 import html
@@ -32,6 +33,7 @@ import selectors
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -94,8 +96,32 @@ class MethodNotAllowed(MsgscriptError):
     status = 405
 
 
+class Forbidden(MsgscriptError):
+    status = 403
+
+
+class RequestTimeout(MsgscriptError):
+    status = 408
+
+
 class TooLarge(MsgscriptError):
     status = 413
+
+
+class UriTooLong(MsgscriptError):
+    status = 414
+
+
+class HeadersTooLarge(MsgscriptError):
+    status = 431
+
+
+class NotSupported(MsgscriptError):
+    status = 501
+
+
+class Unavailable(MsgscriptError):
+    status = 503
 
 
 class Busy(MsgscriptError):
@@ -985,9 +1011,9 @@ class EtcdLocks:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def hold(self, script: Script, deadline: float) -> _EtcdHeld:
-        """A context manager holding the script's lock; waits until `deadline` (time.monotonic())."""
-        return _EtcdHeld(self, script, deadline)
+    def hold(self, script: Script, call: Call) -> _EtcdHeld:
+        """A context manager holding the script's lock; waits until the call's deadline."""
+        return _EtcdHeld(self, script, call)
 
     def lease(self, timeout: float) -> str:
         """This server's lease, granted on first use."""
@@ -1029,11 +1055,11 @@ class EtcdLocks:
 
 
 class _EtcdHeld:
-    def __init__(self, locks: EtcdLocks, script: Script, deadline: float):
-        self.locks, self.script, self.deadline = locks, script, deadline
+    def __init__(self, locks: EtcdLocks, script: Script, call: Call):
+        self.locks, self.script, self.call, self.deadline = locks, script, call, call.deadline
         self.key = _b64(f"{ETCD_LOCKS}{script.subject}/{script.name}")
         self.token = _b64(uuid.uuid4().hex)
-        self.local = locks.local.hold(script, deadline)
+        self.local = locks.local.hold(script, call)
         self.lease: str | None = None
 
     def __enter__(self):
@@ -1061,7 +1087,7 @@ class _EtcdHeld:
             except ConfigError as e:
                 raise MsgscriptError(f"script {self.script.name}: cannot take its lock: {e}") from None
             if time.monotonic() + delay > self.deadline:
-                raise ScriptTimeout(f"script {self.script.name} timed out waiting for its lock")
+                raise self.call.timed_out(self.script, " waiting for its lock")
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
 
@@ -1097,9 +1123,19 @@ class Call:
     deadline: float = float("inf")  # time.monotonic() seconds
     trace: Any = None  # the message's span (Tracing) when traced
     meta: tuple = ()  # a durable message's (id, stream, sequence, attempt, subject, tick): OnMessage's third argument
+    limit: str = ""  # which limit set the deadline, for the timeout message
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
+
+    def timed_out(self, script: Script, what: str = "") -> ScriptTimeout:
+        """The error of a call of `script` stopped at its deadline, naming the limit that ran out."""
+        return ScriptTimeout(f"script {script.name} timed out{what}" + (f" ({self.limit})" if self.limit else ""))
+
+    def limited(self, seconds: float, limit: str) -> Call:
+        """This call with a deadline at most `seconds` from now."""
+        deadline = time.monotonic() + seconds
+        return self if deadline >= self.deadline else dataclasses.replace(self, deadline=deadline, limit=limit)
 
 
 @dataclasses.dataclass(slots=True)
@@ -1152,8 +1188,10 @@ def as_bytes(value: Any) -> bytes:
 # from the check_* helpers): the script sees a Lua error whose value is a string in Lua's terms.
 
 LUA_INSTRUCTION_CHECK = 10000  # the hook looks at the clock this often (instructions)
+LUA_STEP = 2**20  # units of C work (about bytes) that make one C call a long step (about a millisecond)
 LUA_MEMORY_MARGIN = 256 * 2**10  # what a value handed to Lua must leave free of the memory cap
 INLINE_BUDGET = 0.002  # seconds an inline call may run on the event loop before it moves to a worker
+INLINE_SIZE = 256 * 2**10  # bytes of input that make a module function's work too big for the event loop
 
 
 class LuaError(Exception):
@@ -1315,400 +1353,6 @@ def error_text(exc: BaseException) -> str:
     return first_line(str(exc)) or "error"
 
 
-# The sandbox every script runs in. It runs once per runtime, with the real globals, and
-# returns the functions the runner uses. Scripts never see the real globals table, the hook,
-# or these functions: getfenv answers with the call's own globals, getinfo hides the sandbox's
-# functions, and the metatables shared by every call (strings, files, Python objects) cannot be
-# reached or changed. Each call gets fresh globals whose library tables (string, table, ...) are
-# copied on first use, so nothing a script changes outlives its call.
-_SANDBOX_LUA = r"""
-local expired, blocking, module_names, py, pattern_source, max_bytes = ...
-local G = _G
-local sethook, raw_getinfo, module_metatable = debug.sethook, debug.getinfo, debug.getmetatable
-local raw_getfenv, raw_setfenv, raw_loadstring = getfenv, setfenv, loadstring
-local raw_getmetatable, raw_setmetatable = getmetatable, setmetatable
-local cocreate, coresume = coroutine.create, coroutine.resume
-local pcall, error, type, next, rawget, rawset, select, unpack, tostring =
-  pcall, error, type, next, rawget, rawset, select, unpack, tostring
-local concat, maxn, raw_open, raw_collect = table.concat, table.maxn, io.open, collectgarbage
-local CHECK, TIMEOUT = @CHECK@, "script timed out"
-local string_mt, string_lib = raw_getmetatable(""), string
--- the sandbox calls string functions as locals: a script's string copy (the strings' __index
--- during its call) must not be able to change what they do here
-local sbyte, sgsub = string.byte, string.gsub
-
--- Python objects share one metatable (its __call runs the clock check); files share another.
-local python_mt = raw_getmetatable(expired)
-python_mt.__metatable = false
-python_mt.__tostring = function() return "userdata" end
-python_mt.__index = function() error("attempt to index a userdata value", 2) end
-python_mt.__newindex = python_mt.__index
-local file_mt = raw_getmetatable(io.stdout)
-file_mt.__metatable = false
-local io_input, io_output, stdin, stdout = io.input, io.output, io.stdin, io.stdout
-
-local hook
-function hook()
-  if expired() then sethook(hook, "", 1); error(TIMEOUT, 0) end
-end
-
-local inline = false
--- Called before anything with an effect outside Lua: an inline call moves to a worker first.
-local function guard()
-  if inline then blocking(); sethook(hook, "", 1); error(TIMEOUT, 0) end
-end
-
--- Python functions answer (true, results...) or (false, message[, stop now])
-local function checked(ok, ...)
-  if ok then return ... end
-  local message, stop = ...
-  if stop then sethook(hook, "", 1) end
-  error(message, 3)
-end
-local function wrap(f)
-  return function(...) return checked(f(...)) end
-end
-
-local current_env, current_loaded
-local LIBS = {}
-local function copy(t) local c = {} for k, v in next, t do c[k] = v end return c end
-
-local function loaded()
-  if not current_loaded then
-    current_loaded = raw_setmetatable({}, {__index = function(_, k) if LIBS[k] then return current_env[k] end end})
-  end
-  return current_loaded
-end
-
--- Code loaded at run time: text only (crafted bytecode can crash Lua), in the call's globals.
-local function text_chunk(src, name, env)
-  if sbyte(src, 1) == 27 then return nil, "attempt to load a binary chunk" end
-  local f, err = raw_loadstring(src, name)
-  if not f then return nil, err end
-  raw_setfenv(f, env or current_env)
-  return f
-end
-
-local S = {}  -- the replacements scripts see
-function S.loadstring(s, name)
-  if type(s) ~= "string" then error("bad argument #1 to 'loadstring' (string expected, got " .. type(s) .. ")", 2) end
-  return text_chunk(s, name or s)
-end
-function S.load(chunk, name, _, env)
-  if type(chunk) == "function" then
-    local parts = {}
-    while true do
-      local piece = chunk()
-      if piece == nil or piece == "" then break end
-      if type(piece) ~= "string" then return nil, "reader function must return a string" end
-      parts[#parts + 1] = piece
-    end
-    chunk = concat(parts)
-  elseif type(chunk) ~= "string" then
-    error("bad argument #1 to 'load' (function expected, got " .. type(chunk) .. ")", 2)
-  end
-  return text_chunk(chunk, name or "=(load)", env)
-end
-local function read_source(path)
-  if path == nil then return nil, "reading from standard input is not available to scripts" end
-  local f, err = raw_open(path, "r")
-  if not f then return nil, err end
-  local src = f:read("*a")
-  f:close()
-  return (sgsub(src, "^#[^\n]*", ""))
-end
-function S.loadfile(path)
-  guard()
-  local src, err = read_source(path)
-  if not src then return nil, err end
-  return text_chunk(src, "@" .. path)
-end
-function S.dofile(path)
-  local f, err = S.loadfile(path)
-  if not f then error(err, 2) end
-  return f()
-end
-function S.getfenv(f)
-  if f == nil then f = 1 end
-  if type(f) == "number" then
-    if f == 0 then return current_env end
-    f = f + 1
-  end
-  local env = raw_getfenv(f)
-  if env == G then return current_env end
-  return env
-end
-function S.setfenv(f, t)
-  if type(t) ~= "table" then error("bad argument #2 to 'setfenv' (table expected, got " .. type(t) .. ")", 2) end
-  if f == nil then f = 1 end
-  if type(f) == "number" then
-    if f == 0 then error("'setfenv' cannot change the environment of the running thread", 2) end
-    local info = raw_getinfo(f + 1, "f")
-    if not info then error("bad argument #1 to 'setfenv' (invalid level)", 2) end
-    f = info.func
-  end
-  -- functions of the sandbox, the libraries and the modules keep the real globals: not theirs to change
-  if type(f) ~= "function" or raw_getfenv(f) == G then
-    error("'setfenv' cannot change environment of given object", 2)
-  end
-  return raw_setfenv(f, t)
-end
-function S.getmetatable(v)
-  if type(v) == "string" then  -- a copy: the real one is shared by every call
-    local mt = copy(string_mt)
-    mt.__index = current_env.string
-    return mt
-  end
-  return raw_getmetatable(v)
-end
--- a module's read-only views (a metatable hidden behind false, with __newindex) stay read-only
-function S.rawset(t, k, v)
-  local mt = module_metatable(t)
-  if type(mt) == "table" and rawget(mt, "__metatable") == false and rawget(mt, "__newindex") ~= nil then
-    error("attempt to change a read-only table of a module", 2)
-  end
-  return rawset(t, k, v)
-end
-function S.collectgarbage(opt, arg)
-  if opt == nil or opt == "collect" or opt == "count" or opt == "step" then return raw_collect(opt, arg) end
-  return 0  -- stopping the collector or retuning it would outlive the call
-end
-function S.module()
-  error("module() is not supported: return the module's table instead", 2)
-end
-local raw_print = print
-function S.print(...) guard() return raw_print(...) end
-
--- A coroutine starts without a hook: give it the call's.
-local function co_create(f) local co = cocreate(f); sethook(co, hook, "", CHECK); return co end
-local function co_wrap(f)
-  local co = co_create(f)
-  return function(...)
-    local r = {coresume(co, ...)}
-    if not r[1] then error(r[2], 2) end
-    return unpack(r, 2, maxn(r))
-  end
-end
--- A message handler called from the hook's error would run with hooks off: call it after unwinding.
-function S.xpcall(f, handler, ...)
-  local r = {pcall(f, ...)}
-  if r[1] then return unpack(r, 1, maxn(r)) end
-  return false, handler(r[2])
-end
-
-local MODULES = {}  -- Python-made modules, loaded once per runtime
-local load_module, find_module = wrap(py.load_module), wrap(py.find_module)
-function S.require(name)
-  if type(name) ~= "string" then
-    error("bad argument #1 to 'require' (string expected, got " .. type(name) .. ")", 2)
-  end
-  local cache = loaded()
-  local v = rawget(cache, name)
-  if v ~= nil then return v end
-  if LIBS[name] then return current_env[name] end
-  local preload = rawget(current_env, "package")
-  preload = preload and type(preload.preload) == "table" and preload.preload[name]
-  if preload then
-    v = preload(name)
-  elseif module_names[name] then
-    local mod = MODULES[name]
-    if mod == nil then mod = load_module(name); MODULES[name] = mod end
-    v = type(mod) == "table" and raw_setmetatable(copy(mod), module_metatable(mod)) or mod
-  else
-    local path, src = find_module(name)
-    if not path then error(src, 2) end
-    local f, err = text_chunk(src, "@" .. path)
-    if not f then error("error loading module '" .. name .. "' from file '" .. path .. "':\n\t" .. err, 2) end
-    v = f(name)
-  end
-  if v == nil then v = rawget(cache, name) end
-  if v == nil then v = true end
-  rawset(cache, name, v)
-  return v
-end
-
--- The libraries scripts see, in place in the real globals (the modules' Lua code uses them too).
-string.dump = nil
-debug = {traceback = debug.traceback}
-function debug.getinfo(f, what)
-  if type(f) == "number" and f > 0 then f = f + 1 end
-  local info = raw_getinfo(f, what)
-  -- the sandbox's, the libraries' and the modules' functions keep the real globals: not handed out
-  if info and info.func and raw_getfenv(info.func) == G then info.func = nil end
-  return info
-end
-coroutine.create, coroutine.wrap = co_create, co_wrap
-os.exit = function() error("os.exit is not available to scripts", 2) end
-os.clock, os.setenv = wrap(py.clock), wrap(py.setenv)
-os.execute, io.popen = wrap(py.execute), wrap(py.popen)
-for _, name in next, {"remove", "rename", "tmpname"} do
-  local f = os[name]
-  os[name] = function(...) guard() return f(...) end
-end
-for name, f in next, io do
-  if type(f) == "function" and name ~= "popen" then io[name] = function(...) guard() return f(...) end end
-end
--- files' methods through a function: io.stdout.__index would otherwise hand out the shared metatable
-local file_methods = {}
-for _, name in next, {"close", "flush", "lines", "read", "seek", "setvbuf", "write"} do
-  local f = file_mt[name]
-  file_methods[name] = function(...) guard() return f(...) end
-end
-file_mt.__index = function(_, k) return file_methods[k] end
-if not math.mod then math.mod = math.fmod end
-
--- Lua's pattern functions backtrack inside C, where the hook cannot stop them (("a-"):rep(12) .. "b"
--- on 60 a's runs for days). A call whose worst case is large goes to the same matcher written in
--- Lua (plugins/_patterns.lua), which the hook stops at the deadline; the others stay in C.
-local cfind, cmatch, cgmatch, cgsub = string.find, string.match, string.gmatch, string.gsub
-local PATTERN_STEPS = 1e8  -- a worst case the C matcher may take (well under a second)
-local quantified, nquantified = {}, 0
-local function quantifiers(p)
-  local q = quantified[p]
-  if q then return q end
-  local bare = cgsub(cgsub(p, "%%[bB]..", "*"), "%%.", "")  -- %bxy backtracks like a quantifier
-  local _
-  _, q = cgsub(cgsub(bare, "%[%^?%]?[^%]]*%]", "x"), "[%*%+%-%?]", "")
-  if cfind(p, "^%^") then q = q - 1 end  -- anchored: no outer loop over the starting positions
-  if nquantified > 256 then quantified, nquantified = {}, 0 end
-  quantified[p], nquantified = q, nquantified + 1
-  return q
-end
--- The worst case of a call in steps: (#s + 1) ^ (repetitions + 1) times #p. 0: not a string call.
-local function steps(s, p, plain)
-  local ts, tp = type(s), type(p)
-  if (ts ~= "string" and ts ~= "number") or (tp ~= "string" and tp ~= "number") then return 0 end
-  s, p = tostring(s), tostring(p)
-  local q = plain and 0 or quantifiers(p)
-  return (#s + 1) ^ (q + 1) * (#p + 1)
-end
-local function slow(s, p, plain)
-  local n = steps(s, p, plain)
-  if n > 1e5 then hook() end  -- a long C call ahead: look at the clock first
-  return n > PATTERN_STEPS
-end
-local lua_patterns
-local function patterns()
-  if not lua_patterns then lua_patterns = assert(raw_loadstring(pattern_source, "=patterns"))(1) end
-  return lua_patterns
-end
--- Called through pcall, the C functions' errors lack the script's position and name: add them back.
-local C_ERRORS = {"^bad argument", "^malformed pattern", "^invalid capture", "^invalid pattern capture",
-                  "^unfinished capture", "^missing '%[' after", "^unbalanced pattern", "^invalid replacement",
-                  "^invalid use of", "^string slice too long"}
-local function c_result(name, ok, ...)
-  if ok then return ... end
-  local e = ...
-  if type(e) == "string" then
-    for i = 1, #C_ERRORS do
-      if cfind(e, C_ERRORS[i]) then error((cgsub(e, "^(bad argument #%d+ to )'%?'", "%1'" .. name .. "'")), 3) end
-    end
-  end
-  error(e, 0)
-end
-local plain_find = wrap(py.plain_find)  -- linear, in Python: C's plain search is quadratic at worst
-local raw_rep = string.rep
-function string.rep(s, n)
-  local ts = type(s)
-  if (ts == "string" or ts == "number") and type(n) == "number" and n > 0 then
-    local len = #tostring(s)
-    if len == 0 then return "" end  -- C would loop n times for nothing
-    if len * n > max_bytes then error("resulting string too large", 2) end
-  end
-  return select(1, c_result("rep", pcall(raw_rep, s, n)))
-end
-function string.find(s, p, init, plain)
-  local special = not plain and cfind(tostring(p), "[%^%$%*%+%?%.%(%)%[%]%%%-]")
-  if not slow(s, p, not special) then return select(1, c_result("find", pcall(cfind, s, p, init, plain))) end
-  if special then return select(1, patterns().find(s, p, init, plain)) end
-  return select(1, c_result("find", pcall(plain_find, s, p, init)))
-end
-function string.match(s, p, init)
-  if not slow(s, p) then return select(1, c_result("match", pcall(cmatch, s, p, init))) end
-  return select(1, patterns().match(s, p, init))
-end
-function string.gmatch(s, p)
-  if not slow(s, p) then return select(1, c_result("gmatch", pcall(cgmatch, s, p))) end
-  return select(1, patterns().gmatch(s, p))
-end
-function string.gsub(s, p, repl, n)
-  if not slow(s, p) then return select(1, c_result("gsub", pcall(cgsub, s, p, repl, n))) end
-  return select(1, patterns().gsub(s, p, repl, n))
-end
-for name, f in next, S do G[name] = f end
-newproxy, gcinfo, python = nil, nil, nil  -- newproxy: userdata finalizers run with no time limit
-package.loaded._G, package.loaded.debug = nil, nil
-package.loadlib, package.seeall, package.cpath = nil, nil, ""  -- no C code; seeall exposes the real globals
-local kv_methods = {}
-function kv_methods:getKey() return self.key end
-function kv_methods:getValue() return self.value end
-local kv_mt = {__index = function(_, k) return kv_methods[k] end, __metatable = false}
-EtcdKV = {}
-function EtcdKV.new(key, value) return raw_setmetatable({key = key, value = value}, kv_mt) end
-function EtcdKV.getKey(kv) return kv_methods.getKey(kv) end
-function EtcdKV.getValue(kv) return kv_methods.getValue(kv) end
-
-local base = copy(G)
-base._G = nil
-for k, v in next, base do if type(v) == "table" then LIBS[k] = true end end
-
-local meta = {__metatable = false}
--- first use of a global: libraries are copied, everything is kept in the call's globals
-function meta.__index(env, k)
-  local v = base[k]
-  if v == nil then return nil end
-  if LIBS[k] then
-    v = copy(v)
-    if k == "string" then string_mt.__index = v
-    elseif k == "package" then v.loaded, v.preload, v.loaders = loaded(), {}, {} end
-    rawset(loaded(), k, v)
-  end
-  rawset(env, k, v)
-  return v
-end
-
-local function invoke(main, env, fname, ...)
-  main()
-  local f = env[fname]
-  if f == nil then return false end
-  return true, f(...)
-end
-local function finish(ok, ...)
-  sethook()
-  if io_output() ~= stdout then io_output(stdout) end  -- the default files are the process's
-  if io_input() ~= stdin then io_input(stdin) end
-  inline, current_env, current_loaded = false, nil, nil
-  string_mt.__index = string_lib
-  if not ok then
-    local e = ...
-    if type(e) ~= "string" and type(e) ~= "number" then e = "(error object is a " .. type(e) .. " value)" end
-    error(e, 0)
-  end
-  return ...
-end
-local function run(main, fname, in_line, ...)
-  string_mt.__index = string_lib
-  current_loaded, inline = nil, in_line
-  -- two hash slots from the start (the nil field only sizes the table): _G and the handler
-  local env = raw_setmetatable({_G = false, handler = nil}, meta)
-  env._G = env
-  current_env = env
-  raw_setfenv(main, env)
-  sethook(hook, "", CHECK)
-  return finish(pcall(invoke, main, env, fname, ...))
-end
-local function compile(source, chunkname)
-  return text_chunk(source, chunkname, base)
-end
--- a durable message's description, OnMessage's third argument, made here rather than pushed from Python
-local function run_message(main, fname, in_line, a, b, id, stream, sequence, attempt, subject, tick)
-  return run(main, fname, in_line, a, b,
-             {id = id, stream = stream, sequence = sequence, attempt = attempt, subject = subject, tick = tick})
-end
-return run, compile, wrap, run_message
-""".replace("@CHECK@", str(LUA_INSTRUCTION_CHECK))
-
-
 class LuaContext:
     """What a module loader gets: the runtime, conversions, the running call's deadline and mode."""
 
@@ -1724,6 +1368,45 @@ class LuaContext:
         self._state: dict[str, Any] = {}
         self._lifted = False  # headroom() lifted the memory cap for a push
         self._max_memory = lua.get_max_memory() or 0
+        self._cwd: str | None = None  # the call's working directory, made when first needed
+        self._tmpdir: str | None = None
+
+    def cwd(self) -> str:
+        """The call's working directory: a temporary directory of its own, removed when the call ends."""
+        if self._cwd is None:
+            self._cwd = self._tmpdir = tempfile.mkdtemp(prefix="msgscript-call-")
+        return self._cwd
+
+    def path(self, path: str) -> str:
+        """A path a script gave, resolved in the call's working directory."""
+        return path if os.path.isabs(path) else os.path.join(self.cwd(), path)
+
+    def chdir(self, path: str) -> None:
+        """Change the call's working directory (lfs.chdir): OSError unless `path` is a directory."""
+        path = os.path.normpath(self.path(path))
+        if not os.path.isdir(path):
+            raise FileNotFoundError(errno.ENOENT if not os.path.exists(path) else errno.ENOTDIR, path)
+        self._cwd = path
+
+    def end_call(self) -> None:
+        """What a call leaves behind goes: its temporary directory."""
+        tmp, self._cwd, self._tmpdir = self._tmpdir, None, None
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def blocking(self, func: Callable, *args, cap: float | None = None):
+        """`func(*args)` on the scheduler's threads for blocking work (a DNS lookup, a library's connect
+        that takes no timeout), waiting at most until the call's deadline (or `cap` seconds):
+        LuaError("script timed out") then; the thread finishes on its own."""
+        pool = self.services.blocking
+        if pool is None:
+            return func(*args)
+        future = pool.submit(func, *args)
+        try:
+            return future.result(self.remaining(cap))
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise LuaError("script timed out" if cap is None or self.remaining() <= cap else "timed out") from None
 
     def remaining(self, cap: float | None = None) -> float:
         """Seconds left for the current call (at least a millisecond), capped at `cap` (None: no cap)."""
@@ -1789,8 +1472,20 @@ class LuaContext:
         return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else lua_tostring(value)
 
     def execute(self, source: str, *args, name: str | None = None):
-        """Run Lua source (a module written in Lua) with the libraries of the sandbox; `name` names it in errors."""
+        """Run Lua source (a module written in Lua) with the libraries of the sandbox; `name` names it in errors.
+
+        The arguments are Lua values or Python objects made Lua values with fn, module, table or to_lua:
+        this is the one way plugins push Lua code (raw pushes through `ctx.lua` can hang the server)."""
         return self.lua.execute(source, *args, name=f"={name}" if name else None)
+
+    def execute_file(self, path: str | Path, *args):
+        """Run a Lua file after PRELUDE's helpers (a bare name: the bundled plugins' folder)."""
+        path = Path(path) if os.path.isabs(path) else BUNDLED_PLUGINS / path
+        return self.execute(PRELUDE + _read_lua(str(path)), *args, name=path.stem)
+
+    def readonly(self, table, name: str = "module"):
+        """A read-only view of a Lua table (an object a module shares with every call)."""
+        return self.execute(PRELUDE + "return readonly(...)", table, name=name)
 
     def move_to_worker(self) -> None:
         """From a pure function whose work turns out big: an inline call moves to a worker (no-op elsewhere)."""
@@ -1856,7 +1551,7 @@ class LuaContext:
             except ArgError as e:
                 return False, e.text(name).encode("utf-8", "surrogateescape")
             except LuaError as e:
-                return False, str(e).encode("utf-8", "surrogateescape")
+                return False, str(e).encode("utf-8", "surrogateescape"), time.monotonic() > ctx.deadline
             except _LUPA_ERRORS as e:  # a Lua callback failed (or timed out) inside the Python call
                 return (False, first_line(lupa_error_text(e)).encode("utf-8", "surrogateescape"),
                         time.monotonic() > ctx.deadline)
@@ -1953,10 +1648,107 @@ def _positional_counts(func: Callable) -> tuple[int | None, int]:
 _START = time.monotonic()
 
 
-@functools.lru_cache(maxsize=1)
-def _pattern_source() -> bytes:
-    """The Lua-written pattern matcher the sandbox falls back to (see _SANDBOX_LUA)."""
-    return (BUNDLED_PLUGINS / "_patterns.lua").read_bytes()
+def lua_file(name: str) -> str:
+    """The text of a Lua file of the bundled plugins' folder (the sandbox, a module's Lua code)."""
+    return _read_lua(str(BUNDLED_PLUGINS / name))
+
+
+@functools.lru_cache(maxsize=64)
+def _read_lua(path: str) -> str:
+    return Path(path).read_text(encoding="utf-8")
+
+
+class OutputBudget:
+    """What an encoder has produced so far, against `limit` bytes (the script's memory cap): past it a
+    LuaError; past INLINE_SIZE `on_big()` is called once (a call on the event loop moves to a worker)."""
+
+    what = "output"
+
+    def __init__(self, limit: int = 2**62, on_big=None):
+        self.limit, self.on_big, self.size = limit, on_big, 0
+
+    def grow(self, n: int) -> None:
+        self.size += n
+        if self.on_big is not None and self.size > INLINE_SIZE:
+            on_big, self.on_big = self.on_big, None
+            on_big()
+        if self.size > self.limit:
+            raise LuaError(f"{self.what} of more than {self.limit} bytes does not fit in the script's memory limit")
+
+
+class LupaState:
+    """The one use of lupa's internals: a runtime's lua_State, for Lua's lua_sethook from another thread.
+
+    Lua allows lua_sethook asynchronously (it is how its interpreter stops a script on Ctrl-C), so the
+    watchdog thread can make a running call's hook fire at its next instruction, however long that
+    instruction runs. The lua_State is the first field of lupa's LuaRuntime (lupa 2.8, pinned in
+    pyproject.toml); it is checked once against a hook count set from Lua. Without it (another lupa)
+    calls are still stopped by the count hook, only later.
+    """
+
+    TESTED = "2.8"
+    MASKCOUNT = 8
+
+    def __init__(self):
+        self.lib = None
+        self.checked = False
+
+    def address(self, lua) -> int:
+        """The runtime's lua_State (0 where unavailable)."""
+        if not self.checked:
+            self._check(lua)
+        if self.lib is None:
+            return 0
+        import ctypes
+
+        return ctypes.c_void_p.from_address(id(lua) + 3 * ctypes.sizeof(ctypes.c_void_p)).value or 0
+
+    def _check(self, lua) -> None:
+        import ctypes
+
+        import lupa
+        import lupa.lua51
+
+        self.checked = True
+        if not lupa.__version__.startswith(self.TESTED + ".") and lupa.__version__ != self.TESTED:
+            log.warning("lupa %s is not the tested %s: long Lua steps are stopped later", lupa.__version__,
+                        self.TESTED)
+            return
+        lib = ctypes.CDLL(lupa.lua51.__file__)
+        lib.lua_gethook.argtypes = lib.lua_gethookcount.argtypes = [ctypes.c_void_p]
+        lib.lua_gethook.restype = ctypes.c_void_p
+        lib.lua_sethook.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+        lua.execute("debug.sethook(function() end, '', 7919)")
+        self.lib = lib
+        if lib.lua_gethookcount(self.address(lua)) != 7919:
+            self.lib = None
+            log.warning("lupa's runtime layout is not the tested one: long Lua steps are stopped later")
+        lua.execute("debug.sethook()")
+
+    def trip(self, state: int) -> None:
+        """Make the hook of a Lua thread fire at its next instruction (nothing if it has none)."""
+        hook = self.lib.lua_gethook(state)
+        if hook:
+            self.lib.lua_sethook(state, hook, self.MASKCOUNT, 1)
+
+
+LUPA = LupaState()
+_SAFE_DEVICES = frozenset(("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom"))
+_FOPEN_FLAGS = {"r": os.O_RDONLY, "w": os.O_WRONLY | os.O_CREAT, "a": os.O_WRONLY | os.O_CREAT, "r+": os.O_RDWR,
+                "w+": os.O_RDWR | os.O_CREAT, "a+": os.O_RDWR | os.O_CREAT}
+_PROC_FD = os.path.isdir("/proc/self/fd")
+
+
+def open_file(path: str, flags: int = os.O_RDONLY) -> int:
+    """A descriptor for a file a script names, opened without waiting: OSError for a FIFO, a socket or a
+    device (which could block the call's thread) unless it is /dev/null, /dev/zero or /dev/urandom."""
+    fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, 0o666)
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)) and os.path.realpath(path) not in _SAFE_DEVICES:
+        os.close(fd)
+        raise OSError(errno.EPERM, "not a regular file or directory (scripts may not open FIFOs or devices)", path)
+    os.set_blocking(fd, True)
+    return fd
 
 
 class LuaRunner:
@@ -1967,25 +1759,25 @@ class LuaRunner:
 
         self.lupa = lupa
         self.script = script
-        self.lua = lupa.LuaRuntime(
-            encoding=None,
-            register_eval=False,
-            register_builtins=False,
-            unpack_returned_tuples=True,
-            attribute_filter=_no_attributes,
-            max_memory=memory,
-        )
-        self.inline_deadline = float("inf")
+        self.lua = lupa.LuaRuntime(encoding=None, register_eval=False, register_builtins=False,
+                                   unpack_returned_tuples=True, attribute_filter=_no_attributes, max_memory=memory)
+        self.inline_deadline = self.stop_at = math.inf
+        self.watchdog = services.watchdog
+        self.state, self.threads, self.thread = LUPA.address(self.lua), [], threading.get_ident()
+        self.signalled = 0.0
+        self._lock = threading.Lock()
         self.ctx = ctx = LuaContext(self.lua, script, services)
         names = self.lua.table_from({k.encode(): True for k in services.modules})
         # loading a module is set-up, once per runtime, so an inline call may do it
         py = self.lua.table_from({name.encode(): ctx._pycall(func, name, is_pure) for name, func, is_pure in (
             ("clock", _lua_clock, True), ("setenv", _lua_setenv, False), ("execute", self._execute, False),
             ("popen", self._popen, False), ("load_module", self._load_module, True),
-            ("find_module", self._find_module, True), ("plain_find", _plain_find, True))})
+            ("find_module", self._find_module, True), ("plain_find", _plain_find, True),
+            ("open_path", self._open_path, False), ("path", self._path, False))})
+        py[b"close_fd"], py[b"watch_thread"] = _close_fd, self._watch_thread
         self._run, compile_, ctx._wrap, self._run_message = self.lua.execute(
-            _SANDBOX_LUA, self._expired, self._blocking, names, py, _pattern_source(), memory or 2**62,
-            name="=sandbox")
+            lua_file("_sandbox.lua"), self._expired, self._blocking, names, py, lua_file("_patterns.lua").encode(),
+            memory or 2**62, LUA_INSTRUCTION_CHECK, LUA_STEP, name="=sandbox")
         main = compile_(source.encode("utf-8", "surrogateescape"), f"={script.name}".encode())
         if isinstance(main, tuple):
             raise MsgscriptError(f"syntax error: {self.ctx.text(main[1])}")
@@ -2001,6 +1793,25 @@ class LuaRunner:
 
     def _blocking(self) -> None:
         self.ctx.moved = True
+
+    def _watch_thread(self, text: bytes) -> None:
+        """A coroutine the script made (`thread: 0x...`): the watchdog trips it too."""
+        self.threads.append(int(text.rpartition(b"0x")[2], 16))
+
+    def trip(self, now: float) -> None:
+        """From the watchdog: the call is past its time; a worker still in a system call well past its
+        deadline (a read that never ends) gets a signal that interrupts it."""
+        with self._lock:
+            if self not in self.watchdog.running or not self.state:
+                return
+            for state in (self.state, *self.threads):
+                LUPA.trip(state)
+        if not self.ctx.inline and now > self.ctx.deadline + 0.1 and now - self.signalled > 0.1:
+            self.signalled = now
+            try:
+                signal.pthread_kill(self.thread, WAKE_SIGNAL)
+            except (OSError, ValueError):
+                pass
 
     def _load_module(self, name: str):
         loader = self.ctx.services.modules[name]
@@ -2018,8 +1829,12 @@ class LuaRunner:
         tried = []
         for template in _lua_path(self.ctx.services.library_dir):
             path = template.replace("?", name.replace(".", os.sep))
+            if not os.path.isabs(path) and self.ctx._cwd is None:  # a new call's directory is empty
+                tried.append(f"\n\tno file '{path}'")
+                continue
             try:
-                with open(path, "rb") as f:
+                fd = open_file(self.ctx.path(path))
+                with open(fd, "rb") as f:
                     data = f.read(self.ctx.max_bytes() + 1)
             except OSError:
                 tried.append(f"\n\tno file '{path}'")
@@ -2028,26 +1843,42 @@ class LuaRunner:
             return path, data
         return None, f"module '{name}' not found:\n\tno field package.preload['{name}']{''.join(tried)}"
 
+    def _open_path(self, path=None, mode=None):
+        """For io.open: what to open (the file already open, as /proc/self/fd/N) and that descriptor,
+        or (None, message, errno) as io.open reports a failure."""
+        path, mode = check_string(path, 1), opt_string(mode, 2, "r")
+        flags = _FOPEN_FLAGS.get(mode.replace("b", ""))
+        try:
+            if flags is None:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            fd = open_file(self.ctx.path(path), flags)
+        except (OSError, ValueError) as e:
+            code = getattr(e, "errno", None) or errno.EINVAL
+            return None, f"{path}: {getattr(e, 'strerror', None) or 'Invalid argument'}", code
+        return (f"/proc/self/fd/{fd}" if _PROC_FD else self.ctx.path(path)), fd
+
+    def _path(self, path=None) -> str:
+        return self.ctx.path(check_string(path, 1))
+
     def _execute(self, command=None):
         """os.execute, bounded by the call's deadline: the exit status (5.1), 0 without a command."""
         if command is None:
             return 1
-        result = run_command(check_string(command, 1), self.ctx.remaining(), self.ctx.max_bytes(), capture=False)
+        result = run_command(check_string(command, 1), self.ctx.remaining(), self.ctx.max_bytes(), capture=False,
+                             cwd=self.ctx.cwd())
         return result.status
 
-    def _popen(self, command=None, mode="r"):
-        """io.popen, bounded by the call's deadline: the command runs to completion (its output is read
-        at once for "r"; for "w" what the script writes is its input when the file is closed)."""
-        command, mode = check_string(command, 1), check_string(mode, 2)
+    def _popen(self, command=None, mode=None):
+        """io.popen, bounded by the call's deadline: (output, None) for "r", (None, close) for "w"."""
+        command, mode = check_string(command, 1), opt_string(mode, 2, "r")
         if mode not in ("r", "w"):
             raise ArgError(2, "invalid mode")
-        make = self.lua.execute(_POPEN_LUA)
+        ctx = self.ctx
         if mode == "r":
-            result = run_command(command, self.ctx.remaining(), self.ctx.max_bytes())
-            return make(self.ctx.to_lua(result.stdout), None)
-        return make(None, self.ctx.fn(lambda data="": run_command(
-            command, self.ctx.remaining(), self.ctx.max_bytes(), stdin=data.encode("utf-8", "surrogateescape"),
-            capture=False).status, "close"))
+            return run_command(command, ctx.remaining(), ctx.max_bytes(), cwd=ctx.cwd()).stdout, None
+        return None, ctx.fn(lambda data="": run_command(
+            command, ctx.remaining(), ctx.max_bytes(), stdin=data.encode("utf-8", "surrogateescape"), capture=False,
+            cwd=ctx.cwd()).status, "close")
 
     def call(self, fname: bytes, deadline: float, *args: bytes, inline: bool = False, meta: tuple = ()) -> tuple:
         """Run the script's chunk in fresh globals, then `fname(*args)`: (found, results...).
@@ -2068,8 +1899,17 @@ class LuaRunner:
         if ctx._max_memory and size + LUA_MEMORY_MARGIN > ctx._max_memory - self.lua.get_memory_used():
             ctx.fits(size, "payload")
         ctx.deadline, ctx.inline, ctx.moved = deadline, inline, False
+        if self.threads:
+            with self._lock:
+                self.threads = []
+        watchdog = self.watchdog
         if inline:
             self.inline_deadline = time.monotonic() + INLINE_BUDGET
+        if watchdog is not None:
+            self.stop_at = self.inline_deadline if inline else deadline
+            watchdog.running.add(self)
+            if watchdog.sleeping:
+                watchdog.wake()
         try:
             if meta:
                 out = self._run_message(self.main, fname, inline, *args, *meta)
@@ -2080,42 +1920,25 @@ class LuaRunner:
                 raise _MoveToPool() from None
             raise
         finally:
+            if watchdog is not None:
+                watchdog.running.discard(self)
             if inline:
                 ctx.inline, self.inline_deadline = False, math.inf
             if ctx._lifted:
                 ctx.restore()
+            if ctx._cwd is not None:
+                ctx.end_call()
         if ctx.moved:
             raise _MoveToPool()
         return out if type(out) is tuple else (out,)
 
 
-_POPEN_LUA = r"""
-local out, on_close = ...
-local pos, parts = 1, {}
-local f = {}
-function f:read(fmt)
-  if not out then return nil end
-  fmt = fmt or "*l"
-  if fmt == "*a" or fmt == "a" then local s = out:sub(pos); pos = #out + 1; return s end
-  if type(fmt) == "number" then
-    if pos > #out then return nil end
-    local s = out:sub(pos, pos + fmt - 1); pos = pos + #s; return s
-  end
-  if pos > #out then return nil end
-  local nl = out:find("\n", pos, true) or (#out + 1)
-  local s = out:sub(pos, nl - 1); pos = nl + 1
-  return s
-end
-function f:lines() return function() return f:read("*l") end end
-function f:write(...) for i = 1, select("#", ...) do parts[#parts + 1] = tostring((select(i, ...))) end return f end
-function f:close()
-  if on_close then local status = on_close(table.concat(parts)); on_close = nil; return status == 0, "exit", status end
-  return true
-end
-function f:flush() return f end
-function f:setvbuf() return true end
-return f
-"""
+def _close_fd(fd=None) -> None:
+    if isinstance(fd, int):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 @pure
@@ -2176,7 +1999,7 @@ class CommandTimeout(LuaError):
 
 
 def run_command(command: str, timeout: float, max_output: int, stdin: bytes | None = None,
-                capture: bool = True) -> CommandResult:
+                capture: bool = True, cwd: str | None = None) -> CommandResult:
     """`sh -c command` killed (with its children) at `timeout`; output kept up to `max_output` bytes.
 
     Status as os.execute reports it: the exit code, or 128+signal for a killed command. A
@@ -2185,7 +2008,8 @@ def run_command(command: str, timeout: float, max_output: int, stdin: bytes | No
     try:
         proc = subprocess.Popen(["/bin/sh", "-c", command], stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
                                 stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
-                                stderr=subprocess.PIPE if capture else subprocess.DEVNULL, start_new_session=True)
+                                stderr=subprocess.PIPE if capture else subprocess.DEVNULL, start_new_session=True,
+                                cwd=cwd)
     except OSError as e:
         raise LuaError(error_text(e)) from None
     out = _ProcessOutput(proc, max_output)
@@ -2275,9 +2099,30 @@ class Services:
     store: Any = None
     library_dir: str | None = None
     nats_options: Any = None  # NatsOptions: how scripts' NATS connections authenticate
+    watchdog: Any = None  # the Scheduler's Watchdog: stops calls past their time
+    blocking: Any = None  # the Scheduler's executor for plugins' blocking work (LuaContext.blocking)
 
 
-BUNDLED_PLUGINS = Path(__file__).resolve().parent / "plugins"
+# The bundled plugins: the `plugins/` folder beside this file in a checkout, installed as the package
+# `msgscript_plugins`. They are imported from that folder under that name, whichever is found.
+_HERE = Path(__file__).resolve().parent
+BUNDLED_PLUGINS = _HERE / "msgscript_plugins" if (_HERE / "msgscript_plugins").is_dir() else _HERE / "plugins"
+PLUGIN_API = 2  # a plugin may set `API = n`; one that needs a newer API than this is refused
+PRELUDE = lua_file("_prelude.lua")  # Lua helpers for modules' Lua code (readonly, class, call)
+
+
+def _bundled_package():
+    """The package `msgscript_plugins`, bound to BUNDLED_PLUGINS (not to another copy on sys.path)."""
+    import importlib.util
+
+    package = sys.modules.get("msgscript_plugins")
+    if package is None or list(getattr(package, "__path__", [])) != [str(BUNDLED_PLUGINS)]:
+        spec = importlib.util.spec_from_file_location("msgscript_plugins", BUNDLED_PLUGINS / "__init__.py",
+                                                      submodule_search_locations=[str(BUNDLED_PLUGINS)])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["msgscript_plugins"] = package
+        spec.loader.exec_module(package)
+    return package
 
 
 def load_plugins(dirs: list[str], modules: dict[str, Callable], bundled: bool = True) -> list[str]:
@@ -2291,11 +2136,12 @@ def load_plugins(dirs: list[str], modules: dict[str, Callable], bundled: bool = 
 
     failed = []
     if bundled:
+        _bundled_package()
         for path in sorted(BUNDLED_PLUGINS.glob("*.py")):
             if path.name.startswith("_"):
                 continue
             try:
-                modules.update(importlib.import_module(f"plugins.{path.stem}").lua_modules())
+                modules.update(_plugin_modules(importlib.import_module(f"msgscript_plugins.{path.stem}")))
             except Exception as e:  # noqa: BLE001 - reported as one line
                 raise ConfigError(f"bundled plugin {path} failed to load: {error_text(e)}") from None
     for d in dirs:
@@ -2308,11 +2154,19 @@ def load_plugins(dirs: list[str], modules: dict[str, Callable], bundled: bool = 
                 spec = importlib.util.spec_from_file_location(f"msgscript_plugin_{path.stem}", path)
                 mod = importlib.util.module_from_spec(spec)
                 spec.loader.exec_module(mod)
-                modules.update(mod.lua_modules())
+                modules.update(_plugin_modules(mod))
             except Exception as e:  # noqa: BLE001 - any plugin failure is reported, not fatal
                 log.error("plugin %s failed to load: %s", path, error_text(e))
                 failed.append(str(path))
     return failed
+
+
+def _plugin_modules(mod) -> dict[str, Callable]:
+    """A plugin module's `lua_modules()`, once its API version is checked."""
+    wanted = getattr(mod, "API", 1)
+    if not isinstance(wanted, int) or wanted > PLUGIN_API:
+        raise ConfigError(f"it needs plugin API {wanted}; this msgscript has API {PLUGIN_API}")
+    return mod.lua_modules()
 
 
 ###############################################################################
@@ -2396,7 +2250,7 @@ class LuaExecutor(Executor):
             raise self._memory_error(script) from None
         except runner.lupa.LuaError as e:
             if time.monotonic() > call.deadline:
-                raise ScriptTimeout(f"script {script.name} timed out") from None
+                raise call.timed_out(script) from None
             text = lupa_error_text(e)
             if "not enough memory" in text:
                 self._forget(script)
@@ -2408,7 +2262,7 @@ class LuaExecutor(Executor):
             if call.trace is not None:
                 runner.ctx.trace = None
         if time.monotonic() > call.deadline:  # it caught the timeout error and carried on
-            raise ScriptTimeout(f"script {script.name} timed out")
+            raise call.timed_out(script)
         if not out[0]:
             if script.http:
                 raise MethodNotAllowed(f"script {script.name} does not handle {fname.decode()} requests")
@@ -2622,7 +2476,7 @@ class WasmExecutor(Executor):
             store = self._store(script, call, output, stdin, memory_limit)
             remaining = call.remaining()
             if remaining <= 0:
-                raise ScriptTimeout("script timed out")
+                raise call.timed_out(script)
             store.set_epoch_deadline(_ticks(remaining))
             exit_code, trap, instance, start_size = 0, None, None, 0
             try:
@@ -2633,7 +2487,7 @@ class WasmExecutor(Executor):
                 exit_code = e.code
             except (wasmtime.Trap, wasmtime.WasmtimeError) as e:
                 if getattr(e, "trap_code", None) == wasmtime.TrapCode.INTERRUPT:
-                    raise ScriptTimeout("script timed out") from None
+                    raise call.timed_out(script) from None
                 trap = _trap_text(e)
             except KeyError:
                 raise MsgscriptError("wasm module has no _start export (build it as a WASI command)") from None
@@ -3012,7 +2866,7 @@ class PodmanExecutor(Executor):
         self._remove_orphans(client)
         try:
             self._ensure_image(client, spec["image"], call)
-            return self._run_container(client, spec, call)
+            return self._run_container(client, spec, call, script)
         except (OSError, errors.APIError, errors.PodmanError) as e:
             if self._closed:
                 raise MsgscriptError("server is shutting down") from None
@@ -3033,7 +2887,7 @@ class PodmanExecutor(Executor):
                                        timeout=_wait_time(call, 3600))
         except OSError:
             if call.remaining() <= 0:
-                raise ScriptTimeout(f"script timed out pulling image {image}") from None
+                raise ScriptTimeout(f"timed out pulling image {image}") from None
             raise
         lines = [line for line in response.text.splitlines() if line.strip()]
         last = json.loads(lines[-1]) if lines else {}
@@ -3041,7 +2895,7 @@ class PodmanExecutor(Executor):
             reason = last.get("error") or last.get("message") or f"HTTP {response.status_code}"
             raise MsgscriptError(f"podman: cannot pull image {image}: {first_line(reason)}")
 
-    def _run_container(self, client, spec: dict, call: Call) -> Result:
+    def _run_container(self, client, spec: dict, call: Call, script: Script) -> Result:
         response = client.api.post("/containers/create", data=json.dumps(spec),
                                    headers={"content-type": "application/json"})
         response.raise_for_status()
@@ -3056,7 +2910,7 @@ class PodmanExecutor(Executor):
             try:
                 client.api.post(f"/containers/{container_id}/start").raise_for_status()
                 if not attach.exchange(call.payload, call.deadline):
-                    raise ScriptTimeout("script timed out (container killed)")
+                    raise call.timed_out(script, " (container killed)")
                 stdout, stderr = attach.output()
             finally:
                 attach.close()
@@ -3141,33 +2995,39 @@ EXECUTORS: dict[str, type[Executor]] = {"lua": LuaExecutor, "wasm": WasmExecutor
 # Scheduler: where calls run ##################################################
 ###############################################################################
 
-# The one owner of concurrency. Everything runs on the asyncio event loop thread except the
-# worker threads of the pool:
+# The one owner of concurrency and of every thread. Everything runs on the asyncio event loop
+# thread except the worker threads of the pool, the watchdog, and the threads of plugins' blocking work:
 #
 #   event loop thread                                    worker threads (-workers 4, up to -max-workers 64)
 #   -----------------                                    ------------------------------------------------
-#   NATS subscriptions, JetStream consumers, cron ticks,
-#   the HTTP protocol (httptools), admin pages, metrics
-#        |  (a core NATS message is taken from nats-py's parser as it is read: NatsFront._quick
-#        |  runs the common case, one script and a raw payload, through run_inline and puts the
-#        |  reply in nats-py's buffer; one socket write then carries the replies to one read)
-#        |
-#   Scheduler.dispatch(scripts, call, on_result, on_done)   or   Scheduler.run_inline(script, call)
+#   NATS messages (taken from nats-py's parser), HTTP
+#   requests (httptools), JetStream fetches, cron ticks
+#        |  each front classifies a message once: its scripts (Scheduler.lookup), a Call with its deadline
+#   Scheduler.dispatch(scripts, call, on_result, on_done)
 #        |  admit: 429 at once when -max-inflight calls are in progress
 #        |  a Lua script that has been quick runs inline, right here, within INLINE_BUDGET;
 #        |  if it reaches anything that blocks (a module function not marked pure, io,
-#        |  os.execute, print) or its budget, nothing outside Lua has happened yet: the
-#        |  call is abandoned, the script is marked for the pool, and the call goes there
+#        |  os.execute, print, a long C step) or its budget, nothing outside Lua has happened
+#        |  yet: the call is abandoned, the script is marked for the pool, and the call goes there
 #        |------------------------------------------------> WASM, podman, `lock` scripts, marked
-#        |                                                   scripts: run, block, sleep freely
+#        |  one timer per pooled call, at its deadline         scripts: run, block, sleep freely
 #   results come back in batches (one wake-up) <------------ (a script's nats.publish/request
 #        |  on_result / on_done, then release                hops onto the loop: NatsBridge)
-#   replies are published / written by the fronts, on the loop (NatsFront.send, HttpConnection)
+#   replies are published / written by the fronts, on the loop
+#
+#   watchdog thread: every 5 ms while calls run, a call past its time (its deadline; inline, its budget)
+#   has its Lua hook made to fire at the next instruction; a worker blocked in a system call well past
+#   its deadline is interrupted by a signal; a pool whose workers are all stuck gets another thread.
+#   A pooled call not back by its deadline is answered with a timeout by its timer, whatever its
+#   worker is doing, and the worker's late result is dropped.
 #
 # The cli `dev` command has no loop: Scheduler.run_blocking runs a call on the caller's thread.
 
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                     60.0, 120.0)
+LATE = 0.05  # seconds after a pooled call's deadline that its timer answers for it
+BLOCKING_THREADS = 32  # plugins' blocking work (LuaContext.blocking) at once
+WAKE_SIGNAL = signal.SIGURG  # interrupts a worker's system call (ignored unless a handler is set: Server.run)
 
 
 @dataclasses.dataclass(slots=True)
@@ -3191,71 +3051,71 @@ class ScriptStats:
 
 
 class Scheduler:
-    """Decides where each call runs, admits and releases calls, and owns the worker threads."""
+    """Decides where each call runs, admits and releases calls, and owns every thread."""
 
-    def __init__(self, store: Store, executors: dict[str, Executor], timeout: float = DEFAULT_TIMEOUT,
-                 max_inflight: int = 1024, workers: int = 4, max_workers: int = 64, locks: Any = None,
-                 tracing: Any = None):
+    def __init__(self, store: Store, services: Services, executors: dict[str, Executor] | None = None,
+                 timeout: float = DEFAULT_TIMEOUT, max_inflight: int = 1024, workers: int = 4, max_workers: int = 64,
+                 locks: Any = None, tracing: Any = None, memory: int = DEFAULT_MEMORY):
         self.store = store
-        self.executors = executors
+        self.executors = executors if executors is not None else make_executors(services, memory)
         self.timeout = timeout
         self.max_inflight = max_inflight
         self.pool = WorkerPool(workers, max_workers)
+        self.watchdog = services.watchdog = Watchdog(self.pool)
+        self.blocking = services.blocking = concurrent.futures.ThreadPoolExecutor(BLOCKING_THREADS, "blocking")
         self.locks = locks or LocalLocks()
         self.tracing = tracing
         self.inflight = 0  # messages admitted and not finished; changed on the loop thread only
         self.stats: dict[tuple[str, str], ScriptStats] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.idle: asyncio.Event | None = None  # set while nothing is in flight (shutdown waits on it)
         self._pooled: dict[tuple[str, str], int] = {}  # script key -> version that must run on the pool
         self._done: collections.deque = collections.deque()  # finished pool calls, for the loop
         self._wake_pending = False
         self._wake_lock = threading.Lock()
         self._refused = RateLimitedLog("refused calls")
+        self.failures = FailureLog()
         self.durable_info: Callable[[Script], dict] | None = None  # set by Durable: a durable script's state
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        self.idle = asyncio.Event()
+        self.idle.set()
 
-    def scripts(self, subject: str) -> list[Script]:
-        scripts = self.store.scripts(subject)
+    def lookup(self, subject: str) -> list[Script]:
+        """The scripts a message on `subject` runs (not those fed by a stream or a schedule), or NotFound."""
+        scripts = self.store.triggered(subject)
         if not scripts:
             raise NotFound(f"no script for subject {subject!r}")
         return scripts
 
     def dispatch(self, scripts: list[Script], call: Call, on_result: Callable | None = None,
-                 on_done: Callable | None = None) -> None:
+                 on_done: Callable | None = None) -> Result | None:
         """Run every script of one message (concurrently); on the loop thread only.
 
-        `on_result(script, result)` runs as each script finishes and `on_done(results)` once all
-        have, both on the loop thread (possibly before dispatch returns). Busy (429) is raised
-        at once when the in-flight limit is reached.
+        One script that ran inline at once: its Result is returned, and the callbacks are not called.
+        Otherwise None, and `on_result(script, result)` runs as each script finishes and `on_done(results)`
+        once all have, both on the loop thread. Busy (429) is raised at once over the in-flight limit.
         """
-        self._admit(call)
-        job = _Job(self, scripts, call, on_result, on_done)
-        for index, script in enumerate(scripts):
-            result = self._try_inline(script, call)
-            if result is None:
-                self.pool.submit(self._on_worker, job, index)
-            else:
-                job.finish(index, result)
-
-    def run_inline(self, script: Script, call: Call) -> Result | None:
-        """The common case of one script for a message: its Result when it ran inline, or None when
-        it must go to a worker (then nothing of it has run: dispatch it). Busy (429) is raised at
-        once when the in-flight limit is reached. An inline call is over before anything else
-        runs on the loop, so it is not counted in flight."""
-        if self.inflight >= self.max_inflight:
-            self._refuse()
-        if call.deadline == math.inf:
-            call.deadline = time.monotonic() + self.timeout
-        return self._try_inline(script, call)
-
-    def _admit(self, call: Call) -> None:
         if self.inflight >= self.max_inflight:
             self._refuse()
         if call.deadline == math.inf:  # the server's -timeout, unless the front set a shorter one
-            call.deadline = time.monotonic() + self.timeout
+            call.deadline, call.limit = time.monotonic() + self.timeout, f"the server's -timeout {self.timeout:g}s"
+        single = on_result is None and len(scripts) == 1
+        if single:
+            result = self._try_inline(scripts[0], call)
+            if result is not None:
+                return result
         self.inflight += 1
+        self.idle.clear()
+        job = _Job(self, scripts, call, on_result, on_done)
+        for index, script in enumerate(scripts):
+            result = None if single else self._try_inline(script, call)
+            if result is None:
+                self._to_pool(job, index)
+            else:
+                job.finish(index, result)
+        return None
 
     def _refuse(self) -> None:
         self._refused.warning("over the in-flight limit (%d)", self.max_inflight)
@@ -3275,8 +3135,19 @@ class Scheduler:
             log.debug("script %s/%s runs on the worker pool from now on", script.subject, script.name)
             return None
 
-    def _on_worker(self, job: _Job, index: int) -> None:
-        result = self._execute(job.scripts[index], job.call)
+    def _to_pool(self, job: _Job, index: int) -> None:
+        script = job.scripts[index]
+        call = _script_call(script, job.call)
+        self.pool.submit(self._on_worker, job, index, call)
+        if self.watchdog.sleeping:
+            self.watchdog.wake()
+        if call.deadline < math.inf:
+            job.timers.append(self.loop.call_at(call.deadline + LATE, job.expire, index, call))
+
+    def _on_worker(self, job: _Job, index: int, call: Call) -> None:
+        if job.results[index] is not None:  # answered already: its deadline passed while it was queued
+            return
+        result = self._execute(job.scripts[index], call)
         self._done.append((job, index, result))
         with self._wake_lock:
             if self._wake_pending:
@@ -3297,6 +3168,8 @@ class Scheduler:
 
     def _release(self) -> None:
         self.inflight -= 1
+        if not self.inflight and self.idle is not None:
+            self.idle.set()
 
     def _execute(self, script: Script, call: Call, inline: Executor | None = None) -> Result:
         """Run one script within its deadline; every failure becomes a Result (except _MoveToPool).
@@ -3304,15 +3177,14 @@ class Scheduler:
         `inline` is the script's executor when the call runs on the loop (see _try_inline).
         """
         started = time.perf_counter()
-        if script.timeout is not None and time.monotonic() + script.timeout < call.deadline:
-            call = dataclasses.replace(call, deadline=time.monotonic() + script.timeout)
+        call = _script_call(script, call)
         span = None
         if self.tracing and call.trace is not None:
             span = self.tracing.script_span(script, call)
             call = dataclasses.replace(call, trace=span)
         try:
             if call.deadline <= time.monotonic():
-                raise ScriptTimeout(f"script {script.name} timed out before it started")
+                raise call.timed_out(script, " before it started")
             if inline is not None:
                 result = inline.run(script, call, True)
             else:
@@ -3320,7 +3192,7 @@ class Scheduler:
                 if executor is None:
                     raise MsgscriptError(f"executor {script.executor!r} is not available on this server")
                 if script.lock:
-                    with self.locks.hold(script, call.deadline):
+                    with self.locks.hold(script, call):
                         result = executor.run(script, call)
                 else:
                     result = executor.run(script, call)
@@ -3340,7 +3212,7 @@ class Scheduler:
         if span is not None:
             span.end(result)
         if result.error:
-            log.debug("script %s/%s failed: %s", script.subject, script.name, result.error)
+            self.failures.failed(script, call, result)
         return result
 
     def _stats(self, script: Script) -> ScriptStats:
@@ -3355,24 +3227,40 @@ class Scheduler:
             call.deadline = time.monotonic() + self.timeout
         return self._execute(script, call)
 
+    def saturated(self) -> str:
+        """Why the pool cannot take more work ("" when it can): /readyz."""
+        return self.pool.saturated()
+
     def close(self, wait: bool = True) -> None:
+        self.watchdog.stop()
         self.pool.shutdown(wait)
+        self.blocking.shutdown(wait=False, cancel_futures=True)
         for executor in self.executors.values():
             executor.close()
+
+
+def _script_call(script: Script, call: Call) -> Call:
+    """The call with the script's own `timeout` applied."""
+    if script.timeout is None:
+        return call
+    return call.limited(script.timeout, f"its timeout header {script.timeout:g}s")
 
 
 class _Job:
     """One message's scripts on their way; the last to finish releases the message."""
 
-    __slots__ = ("scheduler", "scripts", "call", "on_result", "on_done", "results", "left")
+    __slots__ = ("scheduler", "scripts", "call", "on_result", "on_done", "results", "left", "timers")
 
     def __init__(self, scheduler: Scheduler, scripts: list[Script], call: Call, on_result, on_done):
         self.scheduler, self.scripts, self.call = scheduler, scripts, call
         self.on_result, self.on_done = on_result, on_done
         self.results: list[Result | None] = [None] * len(scripts)
         self.left = len(scripts)
+        self.timers: list = []
 
     def finish(self, index: int, result: Result) -> None:
+        if self.results[index] is not None:  # a worker's result after its timer answered
+            return
         self.results[index] = result
         self.left -= 1
         try:
@@ -3380,9 +3268,15 @@ class _Job:
                 self.on_result(self.scripts[index], result)
         finally:
             if self.left == 0:
+                for timer in self.timers:
+                    timer.cancel()
                 self.scheduler._release()
                 if self.on_done is not None:
                     self.on_done(self.results)
+
+    def expire(self, index: int, call: Call) -> None:
+        """The timer of a pooled call: its deadline has passed and its worker has not answered."""
+        self.finish(index, Result.failure(call.timed_out(self.scripts[index])))
 
 
 class RateLimitedLog:
@@ -3402,12 +3296,35 @@ class RateLimitedLog:
         log.warning(message + more, *args)
 
 
+class FailureLog:
+    """One WARNING per failed call, at most `burst` a minute per script, then one summary a minute."""
+
+    def __init__(self, burst: int = 10, every: float = 60.0):
+        self.burst, self.every = burst, every
+        self.windows: dict[tuple[str, str], list] = {}  # script -> [window start, logged, left out]
+
+    def failed(self, script: Script, call: Call, result: Result) -> None:
+        now = time.monotonic()
+        window = self.windows.get(script.key)
+        if window is None or now - window[0] >= self.every:
+            if window is not None and window[2]:
+                log.warning("%s/%s: %d more failed calls in the last minute", script.subject, script.name,
+                            window[2])
+            window = self.windows[script.key] = [now, 0, 0]
+        if window[1] >= self.burst:
+            window[2] += 1
+            return
+        window[1] += 1
+        transport = "HTTP" if call.method and not call.meta else "stream" if call.meta else "NATS"
+        log.warning("%s/%s failed (%s, %s): %s", script.subject, script.name, transport, result.status, result.error)
+
+
 class WorkerPool:
     """Threads taking jobs from one queue: a few always, more while those are stuck.
 
     A few threads run CPU-bound Lua best (the GIL, two cores); scripts waiting on I/O
     (HTTP, databases, nats.request to another script) need more. When jobs are queued and
-    no worker has started one for `stall` seconds, a thread is added, up to `max_workers`;
+    no worker has started one for `stall` seconds, the watchdog adds a thread, up to `max_workers`;
     extra threads leave after `linger` idle seconds.
     """
 
@@ -3420,45 +3337,46 @@ class WorkerPool:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._threads: set[threading.Thread] = set()
-        self._queued = 0
+        self.busy = 0  # workers running a job (under _lock)
         self._last_start = time.monotonic()
         self._closed = False
-        self._started = False
+        self._all_gone = threading.Event()
+        self._all_gone.set()
 
     @property
     def size(self) -> int:
         return len(self._threads)
 
-    def _start(self) -> None:
-        """Threads start with the first job: a server that only runs inline calls has none."""
-        with self._lock:
-            if self._started:
-                return
-            self._started = True
-            for _ in range(self.workers):
-                self._spawn(extra=False)
-            threading.Thread(target=self._watch, name="pool-watch", daemon=True).start()
-
-    def _watch(self) -> None:
-        """Grow the pool when queued jobs wait on stuck workers, even if nothing more is submitted."""
-        while not self._closed:
-            time.sleep(self.stall)
-            if self._queued > 0 and time.monotonic() - self._last_start > self.stall:
-                with self._lock:
-                    if len(self._threads) < self.max_workers and not self._closed:
-                        self._spawn(extra=True)
+    @property
+    def active(self) -> bool:
+        return self.busy > 0 or not self._jobs.empty()
 
     def _spawn(self, extra: bool) -> None:
         t = threading.Thread(target=self._work, args=(extra,), name=f"worker-{len(self._threads)}", daemon=True)
         self._threads.add(t)
+        self._all_gone.clear()
         t.start()
 
     def submit(self, fn: Callable, *args) -> None:
-        """Run fn(*args) on a worker; its exceptions are logged."""
-        if not self._started:
-            self._start()
+        """Run fn(*args) on a worker; its exceptions are logged. Threads start with the first job."""
+        if not self._threads and not self._closed:
+            with self._lock:
+                while len(self._threads) < self.workers:
+                    self._spawn(extra=False)
         self._jobs.put((fn, args))
-        self._queued += 1
+
+    def grow(self, now: float) -> None:
+        """From the watchdog: a thread more when queued jobs wait while every worker is stuck."""
+        if not self._jobs.empty() and now - self._last_start > self.stall:
+            with self._lock:
+                if len(self._threads) < self.max_workers and not self._closed:
+                    self._spawn(extra=True)
+                    self._last_start = now
+
+    def saturated(self) -> str:
+        if self.busy >= self.max_workers:
+            return f"worker pool saturated: {self.busy} of {self.max_workers} workers busy"
+        return ""
 
     def _work(self, extra: bool) -> None:
         while True:
@@ -3468,47 +3386,101 @@ class WorkerPool:
                 break
             if job is None:
                 break
-            self._queued -= 1
+            with self._lock:
+                self.busy += 1
             self._last_start = time.monotonic()
             fn, args = job
             try:
                 fn(*args)
             except Exception:  # noqa: BLE001 - a job's failure must not kill the worker
                 log.exception("worker job failed")
+            finally:
+                with self._lock:
+                    self.busy -= 1
         with self._lock:
             self._threads.discard(threading.current_thread())
+            if not self._threads:
+                self._all_gone.set()
 
     def shutdown(self, wait: bool = True) -> None:
         with self._lock:
             self._closed = True
-            threads = list(self._threads)
-        for _ in threads:
+            count = len(self._threads)
+        for _ in range(count):
             self._jobs.put(None)
         if wait:
-            for t in threads:
-                t.join(5)
+            self._all_gone.wait(5)
+
+
+class Watchdog:
+    """The thread that stops calls past their time (see the picture above).
+
+    A running LuaRunner is in `running`, with `stop_at`: its deadline, or on the event loop the end of
+    its inline budget. While calls run the watchdog looks every `poll` seconds; after a second without
+    any it sleeps until a call or a pool job wakes it, so an idle server costs nothing.
+    """
+
+    poll = 0.005
+
+    def __init__(self, pool: WorkerPool):
+        self.pool = pool
+        self.running: set = set()
+        self.sleeping = True
+        self._wake = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._watch, name="watchdog", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self.sleeping = False
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self.wake()
+
+    def _watch(self) -> None:
+        quiet = 0
+        while not self._stopped:
+            if self.sleeping:
+                self._wake.wait()
+                self._wake.clear()
+                quiet = 0
+                continue
+            now = time.monotonic()
+            for runner in list(self.running):
+                if runner.stop_at <= now:
+                    runner.trip(now)
+            self.pool.grow(now)
+            quiet = 0 if self.running or self.pool.active else quiet + 1
+            if quiet * self.poll > 1.0:
+                quiet, self.sleeping = 0, True
+                if self.running or self.pool.active:  # a call started meanwhile and saw us awake
+                    self.sleeping = False
+                continue
+            time.sleep(self.poll)
 
 
 class LocalLocks:
-    """`--* lock: true` without etcd: one run at a time per script, on this server."""
+    """`--* lock: true` without a cluster store: one run at a time per script, on this server."""
 
     def __init__(self):
         self._locks: dict[tuple, threading.Lock] = {}
         self._guard = threading.Lock()
 
-    def hold(self, script: Script, deadline: float):
+    def hold(self, script: Script, call: Call):
         with self._guard:
             lock = self._locks.setdefault(script.key, threading.Lock())
-        return _HeldLock(lock, script, deadline)
+        return _HeldLock(lock, script, call)
 
 
 class _HeldLock:
-    def __init__(self, lock: threading.Lock, script: Script, deadline: float):
-        self.lock, self.script, self.deadline = lock, script, deadline
+    def __init__(self, lock: threading.Lock, script: Script, call: Call):
+        self.lock, self.script, self.call = lock, script, call
 
     def __enter__(self):
-        if not self.lock.acquire(timeout=max(0.0, self.deadline - time.monotonic())):
-            raise ScriptTimeout(f"script {self.script.name} timed out waiting for its lock")
+        if not self.lock.acquire(timeout=max(0.0, self.call.remaining())):
+            raise self.call.timed_out(self.script, " waiting for its lock")
 
     def __exit__(self, *exc):
         self.lock.release()
@@ -3548,17 +3520,17 @@ def _header_safe(text: str) -> str:
     return first_line(text)[:1024] or "error"
 
 
-def nats_reply(result: Result, name: str | None = None) -> tuple[bytes, dict[str, str] | None]:
-    """A result as a raw NATS reply: (data, headers); failures use the NATS services headers."""
+def nats_reply(result: Result, name: str | None = None, limit: int = 0) -> tuple[bytes, dict[str, str] | None]:
+    """A result as a NATS reply: (data, headers); failures, and a reply over NATS's max_payload (`limit`),
+    are empty replies with the NATS services error headers."""
+    if limit and len(result.payload) > limit and not result.error:
+        result = Result(error=f"reply of {len(result.payload)} bytes is over NATS max_payload {limit}", status=500)
+        log.error("%s", result.error)
     headers = {HEADER_NAME: name} if name else None
     if result.error:
         headers = {**(headers or {}), HEADER_ERROR: _header_safe(result.error), HEADER_ERROR_CODE: str(result.status)}
         return b"", headers
     return result.payload, headers
-
-
-def failure_reply(exc: MsgscriptError) -> tuple[bytes, dict[str, str]]:
-    return nats_reply(Result.failure(exc))
 
 
 def envelope_reply(scripts: list[Script], results: list[Result], go: bool = False) -> bytes:
@@ -3669,10 +3641,120 @@ class NatsOptions:
         raise ConfigError(f"cannot connect to NATS at {self.url}: {reason}")
 
 
-class NatsFront:
-    """Subscribes to every subject that has scripts, in a queue group, and replies from the loop."""
+class NatsWire:
+    """The one user of nats-py's internals: the messages of our subscriptions are taken from its parser,
+    and replies go straight into its outgoing buffer.
 
-    direct_replies = True  # False: nats-py's callbacks and publish (taken anyway if its internals differ)
+    nats-py hands each message of a subscription to a task through a queue, and each publish is a
+    coroutine with a future: per message, that costs more than a short script. Here a message of one
+    of our subscriptions is handed to `take` as the parser reads it (a stand-in for nats-py's
+    `_process_msg`), and a reply's PUB is appended to the buffer with one flusher wake per read, so the
+    replies to one read leave in one write. Tested with nats-py 2.14 to 2.16 (pinned in
+    pyproject.toml); where its internals differ (`missing`), nats-py's callbacks and publish are used.
+    """
+
+    enabled = True  # False: the public API only (the tests run both paths)
+    NEEDS = ("_pending", "_pending_data_size", "_max_pending_size", "_flush_queue", "_process_msg",
+             "_flush_pending", "_process_headers", "_status", "CONNECTED")
+
+    def __init__(self, nc, take: Callable, want_headers: bool):
+        self.nc, self.take, self.want_headers = nc, take, want_headers
+        self.direct = self.enabled and not self.missing(nc)
+        self._sids: set[int] = set()
+        self._lost = RateLimitedLog("lost replies")
+        self._bad = RateLimitedLog("messages that could not be taken")
+        self._tasks: set[asyncio.Task] = set()
+        if self.direct:
+            self._deliver = nc._process_msg
+            nc._process_msg = self._process_msg
+
+    @classmethod
+    def missing(cls, nc) -> list[str]:
+        """What this adapter needs of a nats-py client that it lacks."""
+        return [name for name in cls.NEEDS if not hasattr(nc, name)]
+
+    async def subscribe(self, subject: str, queue: str):
+        if not self.direct:
+            return await self.nc.subscribe(subject, queue=queue, cb=self._on_message,
+                                           pending_msgs_limit=65536, pending_bytes_limit=256 * 2**20)
+        sub = await self.nc.subscribe(subject, queue=queue)
+        self._sids.add(sub._id)
+        return sub
+
+    def forget(self, sub=None) -> None:
+        """A subscription (or, without one, all of them) drained or unsubscribed."""
+        if sub is None:
+            self._sids.clear()
+        else:
+            self._sids.discard(getattr(sub, "_id", None))
+
+    async def _on_message(self, msg) -> None:
+        """The subscription callback of the public-API path."""
+        self.take(msg.subject, msg.reply, msg.data, msg.headers)
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
+        """Stands in for nats-py's `_process_msg`, which its parser awaits for every MSG and HMSG.
+
+        Messages of every other subscription (JetStream, requests) go on to nats-py's own. nats-py's
+        counters (`nc.stats`), which msgscript does not read, do not count ours.
+        """
+        nc = self.nc
+        try:
+            if sid not in self._sids:
+                return await self._deliver(sid, subject, reply, data, headers)
+            parsed = await nc._process_headers(headers) if headers and self.want_headers else None
+            self.take(subject.decode(), reply.decode(), data, parsed)
+            if nc._pending_data_size > nc._max_pending_size:  # NATS reads slower than we answer
+                await nc._flush_pending(force_flush=True)  # wait, as nc.publish would
+        except UnicodeDecodeError:  # nats-py's own message object needs UTF-8 subjects too
+            self._bad.warning("a message on %r was dropped: its subject or reply subject is not UTF-8",
+                              subject.decode(errors="replace"))
+        except Exception:  # noqa: BLE001 - anything raised here would silently end nats-py's read loop
+            log.exception("handling a message on %s failed", subject.decode(errors="replace"))
+
+    def send(self, subject: str, data: bytes, headers: dict | None = None) -> None:
+        """Publish from the loop without a task or a future per message.
+
+        The command goes into the connection's own outgoing buffer, as `nc.publish` would put it, and
+        the connection's flusher is woken once: it runs after the parser has handed over every message
+        of the bytes it read. While NATS is reconnecting the buffer holds the replies (up to the
+        connection's pending_size) and nats-py sends them on reconnect. Over that size, the reply waits
+        for the buffer to drain, as nc.publish would make it.
+        """
+        nc = self.nc
+        if not self.direct or nc._pending_data_size > nc._max_pending_size:
+            return self._spawn(self._publish(subject, data, headers))
+        command = _pub_command(subject, data, headers)
+        if nc._status != nc.CONNECTED:  # the properties nc.publish looks at, only when they matter
+            if nc.is_closed or nc.is_draining_pubs:
+                return self._lost.warning("reply to %s lost: the NATS connection is closed", subject)
+            if not nc.is_connected and len(command) + nc._pending_data_size > nc._max_pending_size:
+                return self._lost.warning("reply to %s lost: the reconnect buffer is full", subject)
+        nc._pending.append(command)
+        nc._pending_data_size += len(command)
+        flush = nc._flush_queue
+        if flush.empty() and nc.is_connected:
+            flush.put_nowait(asyncio.get_running_loop().create_future())
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _publish(self, subject: str, data: bytes, headers: dict | None) -> None:
+        try:
+            await self.nc.publish(subject, data, headers=headers)
+        except Exception as e:  # noqa: BLE001 - a lost connection must not kill the loop
+            self._lost.warning("reply to %s lost: %s", subject, error_text(e))
+
+    async def settle(self, deadline: float) -> None:
+        """Wait (until `deadline`) for the replies still being published."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=max(0.0, deadline - time.monotonic()))
+
+
+class NatsFront:
+    """Subscribes to every subject that has scripts, in a queue group, and answers on the loop."""
 
     def __init__(self, options: NatsOptions, scheduler: Scheduler, services: Services,
                  queue: str = DEFAULT_QUEUE_GROUP, compat_go: bool = False, tracing: Any = None):
@@ -3684,6 +3766,7 @@ class NatsFront:
         self.compat_go = compat_go
         self.tracing = tracing
         self.nc = None
+        self.wire: NatsWire | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.subs: dict[str, Any] = {}
         self.service_id = os.urandom(8).hex()
@@ -3691,13 +3774,7 @@ class NatsFront:
         self.draining = False
         self.reconnects = 0
         self.extra_stats: Callable[[], list[dict]] | None = None  # durable scripts' $SRV.STATS entries
-        self._tasks: set[asyncio.Task] = set()
-        self._direct = False  # messages taken from nats-py's parser, replies put in its buffer; set at start
-        self._sids: set[int] = set()  # our subscriptions' ids, whose messages _process_msg takes
-        self._deliver: Callable | None = None  # nats-py's own _process_msg
-        self._lost = RateLimitedLog("lost replies")
         self._no_reply = RateLimitedLog("errors without a reply subject")
-        self._bad_message = RateLimitedLog("messages that could not be taken")
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -3707,18 +3784,17 @@ class NatsFront:
             disconnected_cb=self._disconnected, reconnected_cb=self._reconnected, error_cb=self._error,
             pending_size=64 * 2**20, skip_subject_validation=True)
         log.info("connected to NATS at %s", self.connected_url)
-        self._direct = self.direct_replies and all(hasattr(self.nc, name) for name in
-                           ("_pending", "_pending_data_size", "_max_pending_size", "_flush_queue", "_process_msg",
-                            "_flush_pending", "_build_message", "_process_headers", "_status", "CONNECTED"))
-        if self._direct:
-            self._deliver = self.nc._process_msg
-            self.nc._process_msg = self._process_msg
+        self.wire = NatsWire(self.nc, self.take, want_headers=self.tracing is not None)
         self.services.nats = NatsBridge(self.nc, self.loop)
         for subject in ("$SRV.PING", "$SRV.INFO", "$SRV.STATS"):
             for name in (subject, f"{subject}.msgscript", f"{subject}.msgscript.{self.service_id}"):
                 await self.nc.subscribe(name, cb=self._discovery)
-        self.store.on_change(lambda: self.loop.call_soon_threadsafe(self._spawn, self.sync()))
+        self.store.on_change(lambda: self.loop.call_soon_threadsafe(self.spawn, self.sync()))
         await self.sync()
+
+    def spawn(self, coro) -> None:
+        """Run a coroutine as a task the front keeps (and waits for when it closes)."""
+        self.wire._spawn(coro)
 
     @property
     def connected_url(self) -> str:
@@ -3740,121 +3816,41 @@ class NatsFront:
     async def _error(self, e):
         log.warning("NATS: %s", error_text(e))
 
-    def _spawn(self, coro) -> None:
-        task = self.loop.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
     async def sync(self) -> None:
         """Subscribe to new subjects and unsubscribe from removed ones."""
         if self.draining:
             return
         wanted = {subject for subject in self.store.subjects() if self.store.triggered(subject)}
         for subject in sorted(wanted - set(self.subs)):
-            self.subs[subject] = await self._subscribe(subject)
+            self.subs[subject] = await self.wire.subscribe(subject, self.queue)
             log.info("subscribed to %s (queue %s)", subject, self.queue)
         for subject in sorted(set(self.subs) - wanted):
             sub = self.subs.pop(subject)
-            self._sids.discard(getattr(sub, "_id", None))
+            self.wire.forget(sub)
             await sub.unsubscribe()
             log.info("unsubscribed from %s", subject)
 
-    async def _subscribe(self, subject: str):
-        """A queue subscription; with the parser hook its messages never reach nats-py's queue.
-
-        nats-py hands each message of a subscription with a callback to a task through a queue:
-        one wake-up, a task step and a coroutine per message, which cost more than a short script
-        does. Our subscriptions have no callback: `_process_msg` takes their messages as the
-        parser reads them. Should nats-py's internals differ, the callback path is taken instead.
-        """
-        if not self._direct:
-            return await self.nc.subscribe(subject, queue=self.queue, cb=self._on_message,
-                                           pending_msgs_limit=65536, pending_bytes_limit=256 * 2**20)
-        sub = await self.nc.subscribe(subject, queue=self.queue)
-        self._sids.add(sub._id)
-        return sub
-
-    async def _on_message(self, msg) -> None:
-        """The subscription callback, where the parser hook is not in place."""
+    def take(self, subject: str, reply: str, data: bytes, headers: dict | None = None) -> None:
+        """The one intake of a message on one of our subjects: classified once, run by the Scheduler."""
         try:
-            if self._quick(msg.subject, msg.reply, msg.data) is None:
-                self.handle(msg)
-        except Exception:  # noqa: BLE001 - a bad message must not stop the subscription
-            log.exception("handling a message on %s failed", msg.subject)
-
-    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> None:
-        """Stands in for nats-py's `_process_msg`, which its parser awaits for every MSG and HMSG.
-
-        A message of one of our subscriptions is handled here: in the common case answered at
-        once without a message object (`_quick`), otherwise made into nats-py's message object
-        for `handle`. Messages of every other subscription (JetStream, requests)
-        go on to nats-py's own. nats-py's counters (`nc.stats`), which msgscript does not read,
-        do not count ours.
-        """
-        nc = self.nc
-        try:
-            if sid not in self._sids:
-                await self._deliver(sid, subject, reply, data, headers)
-            elif self._quick(subject.decode(), reply.decode(), data):  # headers matter to traces only
-                if nc._pending_data_size > nc._max_pending_size:  # NATS reads slower than we answer
-                    await nc._flush_pending(force_flush=True)  # wait, as nc.publish would
-            else:
-                self.handle(nc._build_message(sid, subject, reply, data, await nc._process_headers(headers)))
-        except UnicodeDecodeError:  # nats-py's own message object needs UTF-8 subjects too
-            self._bad_message.warning("a message on %r was dropped: its subject or reply subject is not UTF-8",
-                                      subject.decode(errors="replace"))
-        except Exception:  # noqa: BLE001 - anything raised here would silently end nats-py's read loop
-            log.exception("handling a message on %s failed", subject.decode(errors="replace"))
-
-    def handle(self, msg) -> None:
-        """One message that `_quick` did not answer, on the loop: hand it to the scheduler, never wait."""
-        try:
-            scripts = self.store.triggered(msg.subject)
-            if not scripts:
-                raise NotFound(f"no script for subject {msg.subject!r}")
-            envelope = parse_envelope(msg.data)
+            envelope = parse_envelope(data) if may_be_envelope(data) else None
             if envelope is None:
-                call = Call(msg.subject, msg.data)
+                scripts, call = self.scheduler.lookup(subject), Call(subject, data)
             else:
-                call = Call(msg.subject, envelope["payload"], str(envelope.get("method") or ""),
-                            str(envelope.get("url") or "/"))
+                scripts, call = self.scheduler.lookup(subject), Call(
+                    subject, envelope["payload"], str(envelope.get("method") or ""), str(envelope.get("url") or "/"))
                 if envelope.get("async"):
-                    self.reply(msg, b"{}")
+                    self.answer(reply, subject, Result(b"{}"))
             if self.tracing:
-                call.trace = self.tracing.message_span(msg, scripts)
-            self.scheduler.dispatch(scripts, call, *self._answer(msg, envelope, scripts, call))
+                call.trace = self.tracing.message_span(subject, data, headers, scripts)
+            on_result, on_done = self._answer(reply, subject, envelope, scripts, call)
+            result = self.scheduler.dispatch(scripts, call, on_result, on_done)
+            if result is not None:
+                on_done([result])
         except MsgscriptError as e:
-            self.reply(msg, *failure_reply(e))
-        except Exception:  # noqa: BLE001 - a bad message must not stop the subscription
-            log.exception("handling a message on %s failed", msg.subject)
+            self.answer(reply, subject, Result.failure(e))
 
-    def _quick(self, subject: str, reply: str, data: bytes) -> bool | None:
-        """The common case, answered at once: one script, a raw payload, no tracing, run inline.
-
-        True when answered; None when the message takes the general path (then nothing of it
-        has run).
-        """
-        if self.tracing or self.compat_go or may_be_envelope(data):
-            return None
-        scripts = self.store.triggered(subject)
-        if len(scripts) != 1:
-            return None
-        try:
-            result = self.scheduler.run_inline(scripts[0], Call(subject, data))
-        except MsgscriptError as e:  # over the in-flight limit
-            result = Result.failure(e)
-        if result is None:
-            return None
-        if not reply:
-            if result.error:
-                self._no_reply.warning("%s: %s (no reply subject)", subject, result.error)
-        elif result.error or len(result.payload) > self.nc.max_payload:
-            self.send(reply, *self._checked(subject, *nats_reply(result)))
-        else:
-            self.send(reply, result.payload)
-        return True
-
-    def _answer(self, msg, envelope: dict | None, scripts: list[Script], call: Call) -> tuple:
+    def _answer(self, reply: str, subject: str, envelope: dict | None, scripts: list[Script], call: Call) -> tuple:
         """(on_result, on_done) for a message: what goes back to its requester, and when."""
         def done(results):
             if call.trace is not None:
@@ -3863,71 +3859,26 @@ class NatsFront:
         if self.compat_go or (envelope is not None and not envelope.get("async")):
             def reply_envelope(results):
                 done(results)
-                self.reply(msg, envelope_reply(scripts, results, self.compat_go))
+                self.answer(reply, subject, Result(envelope_reply(scripts, results, self.compat_go)))
             return None, reply_envelope
         if envelope is not None:  # async: answered already
             return None, done
-        if len(scripts) == 1 and call.trace is None:  # the common case: one script, its string as is
-            return None, functools.partial(self._reply_first, msg)
-        if len(scripts) == 1:
-            return None, lambda results: (done(results), self.reply(msg, *nats_reply(results[0])))
-        return (lambda script, result: self.reply(msg, *nats_reply(result, script.name))), done
+        if len(scripts) == 1:  # the common case: one script, its string as is
+            if call.trace is None:
+                return None, lambda results: self.answer(reply, subject, results[0])
+            return None, lambda results: (done(results), self.answer(reply, subject, results[0]))
+        return (lambda script, result: self.answer(reply, subject, result, script.name)), done
 
-    def _reply_first(self, msg, results: list[Result]) -> None:
-        self.reply(msg, *nats_reply(results[0]))
-
-    def reply(self, msg, data: bytes, headers: dict | None = None) -> None:
-        """Answer a message (on the loop); an error for a message without a reply subject is logged."""
-        if not msg.reply:
-            if headers and HEADER_ERROR in headers:
-                self._no_reply.warning("%s: %s (no reply subject)", msg.subject, headers[HEADER_ERROR])
+    def answer(self, reply: str, subject: str, result: Result, name: str | None = None) -> None:
+        """Reply to a message (on the loop); an error for a message without a reply subject is logged."""
+        if not reply:
+            if result.error:
+                self._no_reply.warning("%s: %s (no reply subject)", subject, result.error)
             return
-        self.send(msg.reply, *self._checked(msg.subject, data, headers))
-
-    def _checked(self, subject: str, data: bytes, headers: dict | None) -> tuple[bytes, dict | None]:
-        """A reply NATS will take: one over the server's max_payload becomes an error reply."""
-        limit = self.nc.max_payload if self.nc else 0
-        if limit and len(data) > limit:
-            log.error("%s: reply of %d bytes is over the NATS max_payload of %d", subject, len(data), limit)
-            return b"", {HEADER_ERROR: f"reply of {len(data)} bytes is over NATS max_payload {limit}",
-                         HEADER_ERROR_CODE: "500"}
-        return data, headers
-
-    def send(self, subject: str, data: bytes, headers: dict | None = None) -> None:
-        """Publish a reply from the loop without a task or a future per message.
-
-        The command goes into the connection's own outgoing buffer, as `nc.publish` would put it,
-        and the connection's flusher is woken once: it runs after the parser has handed over every
-        message of the bytes it read, so the replies to one read leave in one write. While NATS is
-        reconnecting the buffer holds them (up to the connection's pending_size) and nats-py sends
-        them on reconnect.
-        """
-        nc = self.nc
-        if not self._direct:
-            self._spawn(self._publish(subject, data, headers))
-            return
-        if headers is None:
-            command = b"PUB %s %d\r\n%s\r\n" % (subject.encode(), len(data), data)
+        if result.error or len(result.payload) > self.nc.max_payload or name:
+            self.wire.send(reply, *nats_reply(result, name, self.nc.max_payload))
         else:
-            command = _pub_command(subject, data, headers)
-        if nc._status != nc.CONNECTED:  # the properties nc.publish looks at, only when they matter
-            if nc.is_closed or nc.is_draining_pubs:
-                self._lost.warning("reply to %s lost: the NATS connection is closed", subject)
-                return
-            if not nc.is_connected and len(command) + nc._pending_data_size > nc._max_pending_size:
-                self._lost.warning("reply to %s lost: the reconnect buffer is full", subject)
-                return
-        nc._pending.append(command)
-        nc._pending_data_size += len(command)
-        flush = nc._flush_queue
-        if flush.empty() and nc.is_connected:
-            flush.put_nowait(self.loop.create_future())
-
-    async def _publish(self, subject: str, data: bytes, headers: dict | None) -> None:
-        try:
-            await self.nc.publish(subject, data, headers=headers)
-        except Exception as e:  # noqa: BLE001 - a lost connection must not kill the loop
-            self._lost.warning("reply to %s lost: %s", subject, error_text(e))
+            self.wire.send(reply, result.payload)
 
     async def _discovery(self, msg) -> None:
         kind = msg.subject.split(".")[1].lower()
@@ -3942,7 +3893,7 @@ class NatsFront:
             doc["endpoints"] = [self._endpoint_stats(s) for s in subjects]
             if self.extra_stats is not None:
                 doc["durable"] = self.extra_stats()
-        self.reply(msg, json.dumps(doc).encode())
+        self.answer(msg.reply, msg.subject, Result(json.dumps(doc).encode()))
 
     def _endpoint_stats(self, subject: str) -> dict:
         stats = [self.scheduler.stats.get(s.key) or ScriptStats() for s in self.store.scripts(subject)]
@@ -3962,14 +3913,14 @@ class NatsFront:
             except Exception:  # noqa: BLE001 - already gone (or NATS is down) is fine
                 pass
         self.subs.clear()
-        self._sids.clear()  # drained: NATS sends them nothing more
+        if self.wire is not None:
+            self.wire.forget()  # drained: NATS sends them nothing more
 
     async def close(self, deadline: float) -> None:
         """Send the queued replies, then close the connection."""
-        while self._tasks and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
         if self.nc is None:
             return
+        await self.wire.settle(deadline)
         try:
             if self.nc.is_connected:
                 await asyncio.wait_for(self.nc.flush(timeout=2), 3)
@@ -4126,14 +4077,7 @@ class HttpConfig:
     admin: str = "local"  # local | public | off
     metrics: str = "local"
     compat_go: bool = False
-
-
-class HttpError(MsgscriptError):
-    """A request the server refuses before any script runs; the connection is closed after it."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
+    trusted_proxies: tuple = ()  # networks whose Forwarded / X-Forwarded-For headers are believed
 
 
 @functools.lru_cache(maxsize=2048)
@@ -4203,7 +4147,11 @@ class HttpRequest:
 
 
 class HttpConnection(asyncio.Protocol):
-    """One client connection: bytes in through httptools, responses out in request order."""
+    """One client connection: bytes in through httptools, responses out in request order.
+
+    Errors raised while a request is parsed (its target, headers or body over a limit, a framing
+    error) are answered after the requests before it, then the connection is closed.
+    """
 
     def __init__(self, front: HttpFront):
         import httptools
@@ -4215,10 +4163,11 @@ class HttpConnection(asyncio.Protocol):
         self.peer = ""
         self.busy = False  # a request is being answered
         self.waiting: collections.deque[HttpRequest] = collections.deque()
-        self.refused: HttpError | None = None  # a later request that failed, answered after the busy one
+        self.refused: MsgscriptError | None = None  # a later request that failed, answered after the busy one
+        self.continue_due = False  # a 100 Continue to send once the requests before it are answered
+        self.fresh = True  # not a byte received yet
         self._reset()
         self.expires = math.inf  # when the sweeper (HttpFront) times this connection out
-        self.on_late: Callable[[], None] | None = None  # answers a request still running at `expires`
         self._paused = self._write_paused = False
 
     def _reset(self) -> None:
@@ -4228,35 +4177,39 @@ class HttpConnection(asyncio.Protocol):
         self.body: list[bytes] = []
         self.body_size = 0
 
+    @property
+    def silent(self) -> bool:
+        """Nothing received yet: the connection may be closed without losing anything."""
+        return self.fresh and not self.busy
+
     # asyncio.Protocol
     def connection_made(self, transport) -> None:
         self.transport = transport
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if isinstance(peer, tuple) else ""
         if not self.front.open_connection(self):
-            transport.write(response_bytes(*text_response(503, "too many connections"), close=True))
-            transport.close()
-            return
-        self._arm(HTTP_IDLE_TIMEOUT)
+            return self._write(*text_response(Unavailable.status, "too many connections"), close=True)
+        self._arm(HTTP_HEADER_TIMEOUT)  # from the first moment: a silent connection is not kept
 
     def connection_lost(self, exc) -> None:
         self.front.close_connection(self)
-        self.transport = self.on_late = None
+        self.transport = None
 
     def data_received(self, data: bytes) -> None:
         if self.transport is None or self.transport.is_closing():
             return
+        self.fresh = False
         try:
             self.parser.feed_data(data)
         except self._errors as e:
             cause = e.__context__  # an exception raised by one of the callbacks below
-            if isinstance(cause, HttpError):
+            if isinstance(cause, MsgscriptError):
                 self.fail(cause)
             elif cause is not None and not isinstance(cause, self._errors):
                 log.error("HTTP request from %s: %s", self.peer, error_text(cause), exc_info=cause)
-                self.fail(HttpError(500, "internal server error"))
+                self.fail(MsgscriptError("internal server error"))
             else:
-                self.fail(HttpError(400, f"malformed request ({error_text(e) or 'unparsable'})"))
+                self.fail(BadRequest(f"malformed request ({error_text(e) or 'unparsable'})"))
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -4275,13 +4228,13 @@ class HttpConnection(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         self.url += url
         if len(self.url) > HTTP_MAX_URL:
-            raise HttpError(414, "request target too long")
+            raise UriTooLong("request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.header_count += 1
         self.header_bytes += len(name) + len(value)
         if self.header_count > HTTP_MAX_HEADERS or self.header_bytes > HTTP_MAX_HEADER_BYTES:
-            raise HttpError(431, "request headers too large")
+            raise HeadersTooLarge("request headers too large")
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
         self.headers[key] = f"{self.headers[key]}, {text}" if key in self.headers else text
@@ -4289,18 +4242,21 @@ class HttpConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         coding = self.headers.get("transfer-encoding")
         if coding is not None and coding.strip().lower() != "chunked":
-            raise HttpError(501, f"transfer coding {coding!r} is not supported")
+            raise NotSupported(f"transfer coding {coding!r} is not supported")
         length = self.headers.get("content-length")
         if length is not None and int(length) > self.front.config.max_body:
-            raise HttpError(413, f"request body of {length} bytes is over the {self.front.config.max_body} byte limit")
+            raise TooLarge(f"request body of {length} bytes is over the {self.front.config.max_body} byte limit")
         if self.headers.get("expect", "").lower() == "100-continue":
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            if self.busy or self.waiting:  # after the responses to the requests before it
+                self.continue_due = True
+            else:
+                self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self._arm(self.front.config.timeout + HTTP_HEADER_TIMEOUT)
 
     def on_body(self, chunk: bytes) -> None:
         self.body_size += len(chunk)
         if self.body_size > self.front.config.max_body:
-            raise HttpError(413, f"request body is over the {self.front.config.max_body} byte limit")
+            raise TooLarge(f"request body is over the {self.front.config.max_body} byte limit")
         self.body.append(chunk)
 
     def on_message_complete(self) -> None:
@@ -4321,21 +4277,29 @@ class HttpConnection(asyncio.Protocol):
         self.expires = math.inf
         self.front.handle(self, request)
 
+    def _write(self, status: int, body: bytes, headers: dict[str, str], close: bool, head: bool = False) -> None:
+        """The one place a response is written (and counted)."""
+        self.transport.write(response_bytes(status, body, headers, close, head))
+        self.front.count_response(status)
+        if close:
+            self.transport.close()
+
     def respond(self, request: HttpRequest, status: int, body: bytes, headers: dict[str, str]) -> None:
         """Write one response; then the next pipelined request, or back to reading."""
         if self.transport is None or self.transport.is_closing():
             return
         close = not request.keep_alive or self.front.stopping
-        self.transport.write(response_bytes(status, body, headers, close, request.method == "HEAD"))
-        self.front.count_response(status)
-        self.busy, self.on_late = False, None
+        self.busy = False
+        self._write(status, body, headers, close, request.method == "HEAD")
         if close:
-            self.transport.close()
             return
         if self.waiting:  # the next pipelined request, from the loop (no recursion however many wait)
             self.busy = True
             self.front.loop.call_soon(self._start, self.waiting.popleft())
             return
+        if self.continue_due:
+            self.continue_due = False
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         if self.refused is not None:
             return self.fail(self.refused)
         if self._paused:
@@ -4344,7 +4308,7 @@ class HttpConnection(asyncio.Protocol):
                 self.transport.resume_reading()
         self._arm(HTTP_IDLE_TIMEOUT)
 
-    def fail(self, error: HttpError) -> None:
+    def fail(self, error: MsgscriptError) -> None:
         """A request that cannot be parsed or is refused: answer it (after those before it), then close."""
         if self.transport is None or self.transport.is_closing():
             return
@@ -4352,9 +4316,7 @@ class HttpConnection(asyncio.Protocol):
             self.refused = error
             self._pause()
             return
-        self.transport.write(response_bytes(*text_response(error.status, str(error)), close=True))
-        self.front.count_response(error.status)
-        self.transport.close()
+        self._write(*text_response(error.status, str(error)), close=True)
 
     def _pause(self) -> None:
         if not self._paused:
@@ -4367,14 +4329,10 @@ class HttpConnection(asyncio.Protocol):
     def expire(self) -> None:
         """Called by HttpFront's sweeper once `expires` has passed."""
         self.expires = math.inf
-        if self.busy:
-            if self.on_late is not None:
-                self.on_late()
-            return
-        if self.transport is None:
+        if self.busy or self.transport is None:
             return
         if self.url or self.headers or self.body:  # a request is half-sent
-            return self.fail(HttpError(408, "request not received in time"))
+            return self.fail(RequestTimeout("request not received in time"))
         self.transport.close()
 
 
@@ -4396,9 +4354,11 @@ class HttpFront:
         self.server: asyncio.AbstractServer | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._sweeper: asyncio.Task | None = None
+        self.closed: asyncio.Event | None = None  # set when no connection is busy (draining waits on it)
 
     async def start(self, host: str, port: int) -> None:
         self.loop = asyncio.get_running_loop()
+        self.closed = asyncio.Event()
         try:
             self.server = await self.loop.create_server(lambda: HttpConnection(self), host or None, port,
                                                         reuse_address=True, backlog=1024)
@@ -4415,8 +4375,16 @@ class HttpFront:
                 conn.expire()
 
     def open_connection(self, conn: HttpConnection) -> bool:
-        if len(self.connections) >= self.config.max_connections or self.stopping:
+        """Take a new connection; at the limit one that has not sent a byte yet makes room (so silent
+        connections cannot lock clients out), else the newcomer is refused."""
+        if self.stopping:
             return False
+        if len(self.connections) >= self.config.max_connections:
+            silent = next((c for c in self.connections if c.silent and c.transport is not None), None)
+            if silent is None:
+                return False
+            self.connections.discard(silent)
+            silent.transport.close()
         self.connections.add(conn)
         return True
 
@@ -4455,45 +4423,48 @@ class HttpFront:
                 return answer(*text_response(200, "ok"))
             if path == "/readyz":
                 reason = self.health()
-                return answer(*text_response(503 if reason else 200, reason or "ready"))
+                return answer(*text_response(Unavailable.status if reason else 200, reason or "ready"))
             if path == "/metrics" and self.metrics is not None:
                 self._allow(request, self.config.metrics, "metrics")
                 return answer(200, self.metrics(), {"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
             if path.startswith("/_/") or path in ("/_", "/"):
                 self._allow(request, self.config.admin, "admin pages")
                 return answer(*AdminPages(self.scheduler).page(path))
-            self._run(conn, request, answer)
+            self._run(request, answer)
         except MsgscriptError as e:
             answer(*text_response(e.status, str(e)))
         except Exception:  # noqa: BLE001 - never a traceback to the client
             log.exception("HTTP %s %s failed", request.method, request.target)
-            answer(*text_response(500, "internal server error"))
+            answer(*text_response(MsgscriptError.status, "internal server error"))
 
     def _allow(self, request: HttpRequest, rule: str, what: str) -> None:
+        """The local-only pages: a loopback peer, not a request a proxy forwarded (unless it is trusted)."""
         if rule == "off":
             raise NotFound(f"the {what} are switched off on this server")
-        if rule != "public" and not _is_loopback(request.peer):
-            raise HttpError(403, f"the {what} answer local clients only (start the server with "
-                                 f"-{'metrics' if what == 'metrics' else 'admin'} public to open them)")
+        if rule == "public":
+            return
+        flag = "metrics" if what == "metrics" else "admin"
+        client = _client_address(request, self.config.trusted_proxies)
+        if client is None:
+            raise Forbidden(f"the {what} answer local clients only, and this request came through a proxy "
+                            f"(Forwarded or X-Forwarded-For); see -trusted-proxy")
+        if not _is_loopback(client):
+            raise Forbidden(f"the {what} answer local clients only (start the server with -{flag} public to "
+                            f"open them)")
 
-    def _run(self, conn: HttpConnection, request: HttpRequest, answer: Callable) -> None:
+    def _run(self, request: HttpRequest, answer: Callable) -> None:
         subject, url, params = split_target(request.target)
-        timeout = self.config.timeout
+        timeout, limit = self.config.timeout, f"the HTTP wait {self.config.timeout:g}s"
         if "_timeout" in params:
             asked = parse_duration(params["_timeout"][-1])
-            timeout = asked if self.config.compat_go else min(timeout, asked)
-        scripts = self.store.triggered(subject)  # stream and cron scripts run from JetStream only
-        if not scripts:
-            raise NotFound(f"no script for subject {subject!r}")
-        call = Call(subject, request.body, request.method, url, time.monotonic() + timeout)
+            if self.config.compat_go or asked < timeout:
+                timeout, limit = asked, f"?_timeout={params['_timeout'][-1]}"
+        scripts = self.scheduler.lookup(subject)  # stream and cron scripts run from JetStream only
+        call = Call(subject, request.body, request.method, url, time.monotonic() + timeout, limit=limit)
         if self.tracing:
             call.trace = self.tracing.http_span(request, subject, scripts)
-        answered = [False]
 
         def done(results):
-            if answered[0]:
-                return
-            answered[0] = True
             response = self.response(scripts, results)
             if call.trace is not None:
                 try:
@@ -4502,13 +4473,9 @@ class HttpFront:
                     log.exception("ending a trace failed")
             answer(*response)
 
-        def late():  # a script still running well after the deadline (a long C call): 504 now
-            if not answered[0]:
-                answered[0] = True
-                answer(*text_response(504, f"no answer from {subject} within {timeout:g}s"))
-
-        conn.expires, conn.on_late = time.monotonic() + timeout + 1.0, late
-        self.scheduler.dispatch(scripts, call, None, done)
+        result = self.scheduler.dispatch(scripts, call, None, done)
+        if result is not None:
+            done([result])
 
     def response(self, scripts: list[Script], results: list[Result]) -> tuple[int, bytes, dict[str, str]]:
         """(status, body, headers) for a subject's results."""
@@ -4519,7 +4486,7 @@ class HttpFront:
                 try:
                     headers = {"Content-Type": "text/html", **check_headers(result.headers, f"script {script.name}")}
                 except ScriptError as e:
-                    return text_response(500, str(e))
+                    return text_response(e.status, str(e))
                 return result.http_code, result.payload, headers
         if self.dev and len(results) == 1:
             if results[0].error:
@@ -4530,9 +4497,39 @@ class HttpFront:
             return 200, body, {"Content-Type": "application/json"}
         status = 200
         if all(r.error for r in results):
-            status = 504 if all(r.status == 504 for r in results) else 500
+            status = ScriptTimeout.status if all(r.status == ScriptTimeout.status for r in results) \
+                else MsgscriptError.status
         body = json.dumps({s.name: r.to_json() for s, r in zip(scripts, results, strict=True)}).encode()
         return status, body, {"Content-Type": "application/json"}
+
+
+def _client_address(request: HttpRequest, trusted: tuple) -> str | None:
+    """The client's address: the peer's, or, behind a trusted proxy, the one that proxy forwarded;
+    None for a forwarded request through a proxy that is not trusted."""
+    forwarded = request.headers.get("forwarded") or request.headers.get("x-forwarded-for")
+    if forwarded is None:
+        return request.peer
+    if not _in_networks(request.peer, trusted):
+        return None
+    if "forwarded" in request.headers:  # the last hop's for= parameter (RFC 7239)
+        found = re.search(r'(?i)(?:^|;)\s*for=("?)([^";,]*)\1', forwarded.split(",")[-1].strip())
+        value = found.group(2) if found else ""
+        if value.startswith("["):
+            return value[1:].partition("]")[0]
+        return value.partition(":")[0] if value.count(":") == 1 else value
+    return forwarded.split(",")[-1].strip()
+
+
+def _in_networks(address: str, networks: tuple) -> bool:
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(address.split("%")[0])
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks)
 
 
 def _is_loopback(address: str) -> bool:
@@ -4560,18 +4557,24 @@ class AdminPages:
                             for s in self.store.subjects())
             return self.html("Subjects", f"<ul>{items}</ul>")
         if parts[0] == "subject" and len(parts) == 2:
-            scripts = self.scheduler.scripts(parts[1])
+            scripts = self._scripts(parts[1])
             items = "".join(f'<li><a href="/_/info/{html.escape(s.subject)}/{html.escape(s.name)}">'
                             f"{html.escape(s.name)}</a></li>" for s in scripts)
             return self.html(f"Scripts on {html.escape(parts[1])}", f"<ul>{items}</ul>")
         if parts[0] == "info" and len(parts) == 3:
-            script = next((s for s in self.scheduler.scripts(parts[1]) if s.name == parts[2]), None)
+            script = next((s for s in self._scripts(parts[1]) if s.name == parts[2]), None)
             if script is None:
                 raise NotFound(f"no script {parts[2]!r} on subject {parts[1]!r}")
             rows = "".join(f"<tr><th>{k}</th><td>{html.escape(str(v))}</td></tr>" for k, v in self.fields(script))
             return self.html(f"{html.escape(script.subject)} / {html.escape(script.name)}",
                              f"<table>{rows}</table><pre><code>{html.escape(script.content)}</code></pre>")
         raise NotFound("no such admin page (try /_/list)")
+
+    def _scripts(self, subject: str) -> list[Script]:
+        scripts = self.store.scripts(subject)
+        if not scripts:
+            raise NotFound(f"no script for subject {subject!r}")
+        return scripts
 
     def fields(self, script: Script) -> list[tuple[str, Any]]:
         stats = self.scheduler.stats.get(script.key) or ScriptStats()
@@ -4751,10 +4754,10 @@ class Tracing:
             "http.request.method": request.method, "url.path": request.target.partition("?")[0],
             "client.address": request.peer, "msgscript.subject": subject}, scripts)
 
-    def message_span(self, msg, scripts: list[Script]) -> _Span:
-        return self._root(f"process {msg.subject}", self.kinds.CONSUMER, msg.headers, {
-            "messaging.system": "nats", "messaging.destination.name": msg.subject,
-            "messaging.operation.type": "process", "messaging.message.body.size": len(msg.data)}, scripts)
+    def message_span(self, subject: str, data: bytes, headers: dict | None, scripts: list[Script]) -> _Span:
+        return self._root(f"process {subject}", self.kinds.CONSUMER, headers, {
+            "messaging.system": "nats", "messaging.destination.name": subject,
+            "messaging.operation.type": "process", "messaging.message.body.size": len(data)}, scripts)
 
     def script_span(self, script: Script, call: Call) -> _Span:
         return call.trace.child(f"script {script.name}", {
@@ -4914,7 +4917,7 @@ class Durable:
         return [s for s in self.store.all_scripts() if s.stream or s.cron]
 
     async def start(self) -> None:
-        self.store.on_change(lambda: self.nats.loop.call_soon_threadsafe(self.nats._spawn, self.sync()))
+        self.store.on_change(lambda: self.nats.loop.call_soon_threadsafe(self.nats.spawn, self.sync()))
         await self.sync()
         self._retrier = asyncio.ensure_future(self._retry_problems())
 
@@ -5155,13 +5158,12 @@ class _Consumer:
         meta = (msg_id.encode(), stream.encode(), sequence, attempt, msg.subject.encode(),
                 headers.get("Msgscript-Tick", "").encode())
         call = Call(self.script.subject, b"" if self.script.cron else msg.data, meta=meta)
-        scheduler = self.durable.scheduler
         try:
-            result = scheduler.run_inline(self.script, call)
+            result = self.durable.scheduler.dispatch([self.script], call, None,
+                                                     lambda results: self._settle.put_nowait((msg, results[0])))
             if result is not None:
                 return result
             self.running[id(msg)] = (msg, time.monotonic())
-            scheduler.dispatch([self.script], call, None, lambda results: self._settle.put_nowait((msg, results[0])))
         except Busy:  # the server is full: try again shortly (a nak would use up one of its deliveries)
             self.running[id(msg)] = (msg, time.monotonic())
             asyncio.get_running_loop().call_later(0.2, self._retry, msg)
@@ -5256,6 +5258,14 @@ class _Consumer:
 ###############################################################################
 # Server ######################################################################
 ###############################################################################
+
+async def _wait_event(event: asyncio.Event, deadline: float) -> None:
+    """Wait for `event` until `deadline` (time.monotonic())."""
+    try:
+        await asyncio.wait_for(event.wait(), max(0.0, deadline - time.monotonic()))
+    except TimeoutError:
+        pass
+
 
 def default_data_dir(environ: dict[str, str]) -> str:
     """Where the embedded NATS keeps JetStream: $STATE_DIRECTORY (systemd), else ~/.local/state/msgscript."""
@@ -5381,8 +5391,8 @@ class Server:
         self.services.store = self.store
         self.tracing = Tracing.from_env(cfg.environ)
         locks = self.store.locks() if hasattr(self.store, "locks") else None
-        self.scheduler = Scheduler(self.store, make_executors(self.services, cfg.memory), cfg.timeout,
-                                   cfg.max_inflight, cfg.workers, cfg.max_workers, locks, self.tracing)
+        self.scheduler = Scheduler(self.store, self.services, None, cfg.timeout, cfg.max_inflight, cfg.workers,
+                                   cfg.max_workers, locks, self.tracing, cfg.memory)
         self.metrics = Metrics(self)
         self.embedded: EmbeddedNats | None = None
         self.http: HttpFront | None = None
@@ -5397,6 +5407,7 @@ class Server:
         except OSError:
             pass
         _glibc("mallopt", -8, 2)  # M_ARENA_MAX: threads share two malloc arenas, so freed memory is reused
+        signal.signal(WAKE_SIGNAL, lambda *_: None)  # the watchdog's signal interrupts a worker's system call
         asyncio.run(self._main())
 
     def not_ready(self) -> str:
@@ -5407,7 +5418,7 @@ class Server:
             return "scripts not loaded yet (the store is unreachable)"
         if self.nats is None or not self.nats.connected:
             return "not connected to NATS"
-        return ""
+        return self.scheduler.saturated()
 
     async def _until_stopped(self, coro):
         """Await `coro` unless a stop signal comes first (then SystemExit)."""
@@ -5473,13 +5484,10 @@ class Server:
             await self.durable.stop_taking()
         if self.nats and self.nats.nc:
             await self.nats.stop_taking(deadline)
-        while (self.scheduler.inflight or (self.http and self.http.active)) and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await _wait_event(self.scheduler.idle, deadline)
         # What still runs is stopped (containers killed) while NATS is open for the error replies.
         await asyncio.to_thread(self.scheduler.close, False)
-        settle = time.monotonic() + 1
-        while self.scheduler.inflight and time.monotonic() < settle:
-            await asyncio.sleep(0.01)
+        await _wait_event(self.scheduler.idle, time.monotonic() + 1)
         if self.durable:
             await self.durable.close()
         if self.http:
@@ -5742,7 +5750,8 @@ class _LazyExecutors(dict):
 def _cli_dev(args, cfg: CliConfig) -> int:
     store = DevStore(args, cfg.executor)
     script = store.script
-    scheduler = Scheduler(store, _LazyExecutors(_dev_services(args, cfg, store)), parse_duration(args.timeout))
+    services = _dev_services(args, cfg, store)
+    scheduler = Scheduler(store, services, _LazyExecutors(services), parse_duration(args.timeout))
     payload = Path(args.input).read_bytes() if os.path.isfile(args.input) else args.input.encode()
     url = args.url if args.url.startswith("/") else "/" + args.url
     call = Call(script.subject, payload, args.method.upper() if script.http else "", url)
@@ -5776,7 +5785,8 @@ class _DevHttpStore(DevStore):
 
 def _cli_devhttp(args, cfg: CliConfig) -> int:
     store = _DevHttpStore(args, cfg.executor)
-    scheduler = Scheduler(store, _LazyExecutors(_dev_services(args, cfg, store)), max_inflight=64)
+    services = _dev_services(args, cfg, store)
+    scheduler = Scheduler(store, services, _LazyExecutors(services), max_inflight=64)
 
     async def serve():
         loop = asyncio.get_running_loop()

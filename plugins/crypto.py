@@ -4,7 +4,6 @@ import hashlib
 
 from msgscript import check_string, pure
 
-from plugins._lua import move_off_the_loop
 
 INLINE_SIZE = 2**20  # longer strings are not hashed on the event loop
 
@@ -16,7 +15,7 @@ def _load(ctx):
             """Lowercase hex digest of the string's bytes."""
             data = check_string(s, 1).encode("utf-8", "surrogateescape")
             if len(data) > INLINE_SIZE:
-                move_off_the_loop(ctx)
+                ctx.move_to_worker()
             return hashlib.new(name, data).hexdigest()
 
         return hexdigest

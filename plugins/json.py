@@ -17,7 +17,7 @@ import secrets
 
 from msgscript import ArgError, check_string, is_table, lua_type, pure
 
-from plugins._lua import INLINE_SIZE, OutputBudget, move_off_the_loop
+from msgscript import INLINE_SIZE, OutputBudget
 
 # The arrays decode made with holes, and their lengths (for encode), in a weak table.
 _HOLES = """
@@ -254,7 +254,7 @@ def _loader(ctx):
         if not args:
             raise ArgError(1, "value expected")
         try:
-            return lua_to_json(args[0], holey_len, ctx.max_bytes(), lambda: move_off_the_loop(ctx)).encode("utf-8")
+            return lua_to_json(args[0], holey_len, ctx.max_bytes(), ctx.move_to_worker).encode("utf-8")
         except ValueError as e:
             return None, str(e)
 
@@ -263,7 +263,7 @@ def _loader(ctx):
         """json.decode(text) -> value | nil, err"""
         text = check_string(text, 1)
         if len(text) > INLINE_SIZE:
-            move_off_the_loop(ctx)
+            ctx.move_to_worker()
         if len(text) > ctx.max_bytes():
             return None, "JSON text larger than the script's memory limit allows"
         try:

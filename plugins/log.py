@@ -9,8 +9,8 @@ import threading
 
 from msgscript import ArgError, check_string, check_table, error_text, lua_type
 
-from plugins._lua import PRELUDE
-from plugins.template import go_float
+from msgscript import PRELUDE
+from msgscript_plugins.template import go_float
 
 _LUA = PRELUDE + r"""
 local M, py = ...

@@ -16,8 +16,8 @@ import types
 
 from msgscript import ArgError, check_string, error_text, lua_type, opt_string
 
-from plugins._lua import PRELUDE
-from plugins.json import holes, json_to_lua, lua_to_json, parse
+from msgscript import PRELUDE
+from msgscript_plugins.json import holes, json_to_lua, lua_to_json, parse
 
 log = logging.getLogger("msgscript.storage")
 

@@ -4,7 +4,7 @@ import re
 
 from msgscript import check_string, opt_string, pure
 
-from plugins._lua import INLINE_SIZE, PRELUDE, move_off_the_loop
+from msgscript import INLINE_SIZE, PRELUDE
 
 
 # Go's unicode.IsSpace set (Python's str.isspace also counts \x1c-\x1f, Go does not).
@@ -176,7 +176,7 @@ def trim_suffix(s=None, suffix=None):
 def _load(ctx):
     def big(s) -> None:
         if isinstance(s, str) and len(s) > INLINE_SIZE:
-            move_off_the_loop(ctx)
+            ctx.move_to_worker()
 
     @pure
     def split_(s=None, sep=None):

@@ -23,7 +23,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 from msgscript import ArgError, LuaError, check_number, check_string, error_text
 
-from plugins._lua import PRELUDE
+from msgscript import PRELUDE
 
 TIMEOUTS = {"dialTimeout": 5.0, "writeTimeout": 1.0, "readTimeout": 1.0, "closeTimeout": 1.0}
 _NUMBER = re.compile(rb"[+-]?(?:0[xX][0-9a-fA-F]+|(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)")

@@ -23,7 +23,7 @@ from decimal import Decimal
 
 from msgscript import ArgError, LuaError, check_string, error_text, is_table, lua_tostring, lua_type, pure
 
-from plugins._lua import PRELUDE, move_off_the_loop
+from msgscript import PRELUDE
 
 MAX_DEPTH = 100  # nesting of values and of partials
 INLINE_STEPS = 4096  # a rendering this long is not "quick": a call on the event loop moves to a worker
@@ -376,7 +376,7 @@ def render(text: str, values: dict, renderer: Renderer | None = None) -> str:
 def _loader(ctx):
     def renderer() -> Renderer:
         dirs = [ctx.script.base_dir] + ([ctx.services.library_dir] if ctx.services.library_dir else [])
-        return Renderer(time.monotonic() + ctx.remaining(), ctx.max_bytes(), dirs, lambda: move_off_the_loop(ctx))
+        return Renderer(time.monotonic() + ctx.remaining(), ctx.max_bytes(), dirs, ctx.move_to_worker)
 
     def finish(text: str) -> bytes:
         return text.encode("utf-8", "surrogateescape")  # bytes: the size check sees the real length

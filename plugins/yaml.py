@@ -9,7 +9,7 @@ import functools
 
 from msgscript import ArgError, check_string, is_table, pure
 
-from plugins._lua import INLINE_SIZE, PRELUDE, OutputBudget, move_off_the_loop
+from msgscript import INLINE_SIZE, PRELUDE, OutputBudget
 
 
 # The decoder and encoder objects read from / write to any Lua object with :read / :write.
@@ -343,7 +343,7 @@ def _load(ctx):
         """yaml.decode(text) -> value | nil, err"""
         text = check_string(text, 1)
         if len(text) > INLINE_SIZE:
-            move_off_the_loop(ctx)
+            ctx.move_to_worker()
         try:
             return decode_text(text, ctx.max_bytes())
         except yaml_errors as e:
@@ -355,7 +355,7 @@ def _load(ctx):
         if not args:
             raise ArgError(1, "value expected")
         try:
-            return encode_value(args[0], ctx.max_bytes(), lambda: move_off_the_loop(ctx)).encode(
+            return encode_value(args[0], ctx.max_bytes(), ctx.move_to_worker).encode(
                 "utf-8", "surrogateescape")
         except EncodeError as e:
             return None, str(e)
@@ -365,7 +365,7 @@ def _load(ctx):
     def feed(stream, text=None):
         text = check_string(text, 1)
         if len(text) > INLINE_SIZE:
-            move_off_the_loop(ctx)
+            ctx.move_to_worker()
         stream.feed(text)
 
     py = ctx.module({

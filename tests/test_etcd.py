@@ -135,14 +135,14 @@ def test_lock_waits_until_its_deadline_then_times_out(etcd):
     other = msgscript.EtcdStore([etcd.endpoint]).locks()  # another server
     script = msgscript.Script("l.s", "locked", "", lock=True)
     try:
-        with locks.hold(script, time.monotonic() + 1):
+        with locks.hold(script, msgscript.Call("x", deadline=time.monotonic() + 1)):
             assert list(etcd.get("msgscript/locks/l.s/locked"))
             started = time.monotonic()
             with pytest.raises(msgscript.ScriptTimeout, match="timed out waiting for its lock"), \
-                    other.hold(script, time.monotonic() + 0.3):
+                    other.hold(script, msgscript.Call("x", deadline=time.monotonic() + 0.3)):
                 pass
             assert 0.25 < time.monotonic() - started < 1
-        with other.hold(script, time.monotonic() + 1):  # released: the other takes it at once
+        with other.hold(script, msgscript.Call("x", deadline=time.monotonic() + 1)):  # released: the other takes it at once
             pass
         assert etcd.get("msgscript/locks/", prefix=True) == {}
     finally:
@@ -154,7 +154,7 @@ def test_lock_without_etcd_fails_the_call_instead_of_running_unlocked():
     locks = msgscript.EtcdStore(["127.0.0.1:1"]).locks()
     script = msgscript.Script("l.s", "locked", "", lock=True)
     with pytest.raises(msgscript.MsgscriptError, match="cannot take its lock: cannot reach etcd"), \
-            locks.hold(script, time.monotonic() + 1):
+            locks.hold(script, msgscript.Call("x", deadline=time.monotonic() + 1)):
         pytest.fail("ran without its lock")
 
 

@@ -726,7 +726,7 @@ def test_example_pushover_notification_posts_json(site, client, api):
 
 
 def test_example_hello_plugin(site, client):
-    from plugins.hello import GREETING
+    from msgscript_plugins.hello import GREETING
 
     assert client.request("gc.ex.plugin", b"").data == GREETING.encode()
     wait_until(lambda: GREETING in site.log, 5)  # the plugin also prints it on the server's stdout

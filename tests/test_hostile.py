@@ -793,6 +793,8 @@ def test_2000_idle_connections_do_not_make_2000_threads(http_server):
 
 
 def test_beyond_max_connections_new_ones_get_503(start_server, tmp_path, nats_client):
+    """Connections that have sent requests fill the limit: a newcomer gets 503. Silent ones never lock
+    clients out: a newcomer takes the place of one that has not sent a byte."""
     server = start_server("-script", str(script_dir(tmp_path, {})), "-max-connections", "100")
     hello(server)  # the start-up probe's connection (accepted late, in one burst with ours) is gone
     time.sleep(0.3)
@@ -801,6 +803,18 @@ def test_beyond_max_connections_new_ones_get_503(start_server, tmp_path, nats_cl
         for _ in range(100):
             idle.append(socket.create_connection(("127.0.0.1", server.port), 5))
         time.sleep(0.5)
+        for i in range(20):  # silent connections make room
+            request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            assert status_of(exchange(server.port, request)[0]) == 200, i
+        for s in idle:
+            s.close()
+        idle = []
+        for _ in range(100):  # keep-alive connections that have been answered: they stay
+            s = socket.create_connection(("127.0.0.1", server.port), 5)
+            idle.append(s)
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            s.settimeout(5)
+            assert s.recv(65536).startswith(b"HTTP/1.1 200 ")
         for i in range(20):
             out, closed = exchange(server.port, b"")  # the 503 comes before any request
             assert closed and status_of(out) == 503, (i, out, closed)

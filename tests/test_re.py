@@ -457,7 +457,7 @@ def test_the_functions_run_inline_and_a_long_loop_moves_to_a_worker():
 
 
 def test_compiled_patterns_are_cached_in_a_bounded_lru():
-    from plugins import re as re_plugin
+    from msgscript_plugins import re as re_plugin
 
     re_plugin._compile.cache_clear()
     assert lua('for i = 1, 3 do M.find("abc", "b+") end for i = 1, 300 do M.find("abc", "x" .. i) end '

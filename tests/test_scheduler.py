@@ -136,9 +136,9 @@ def test_over_the_inflight_limit_is_refused_at_once(nats_server, tmp_path, nats_
 
 
 # The server with nats-py's own callbacks and publish: where nats-py's internals differ from what
-# NatsFront.send and _subscribe expect, this is the path it takes.
+# NatsWire expects, this is the path it takes.
 CALLBACKS = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); import msgscript; "
-             "msgscript.NatsFront.direct_replies = False; sys.exit(msgscript.main())"]
+             "msgscript.NatsWire.enabled = False; sys.exit(msgscript.main())"]
 
 
 @pytest.mark.parametrize("path", ["direct", "callbacks"])
