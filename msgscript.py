@@ -1362,6 +1362,7 @@ class LuaContext:
         self.services = services
         self.deadline = float("inf")
         self.inline = False  # the call runs on the event loop: anything that blocks moves it
+        self.inline_deadline = math.inf  # when an inline call has used its budget
         self.moved = False
         self.trace = None  # the running call's trace context (Tracing), if traced
         self._wrap = None  # the sandbox's Lua wrapper for Python functions
@@ -1486,6 +1487,15 @@ class LuaContext:
     def readonly(self, table, name: str = "module"):
         """A read-only view of a Lua table (an object a module shares with every call)."""
         return self.execute(PRELUDE + "return readonly(...)", table, name=name)
+
+    def check(self) -> None:
+        """For a module's long loop: LuaError past the call's deadline; on the event loop, past the inline
+        budget, the call moves to a worker (and runs again there)."""
+        now = time.monotonic()
+        if now > self.deadline:
+            raise LuaError("script timed out")
+        if self.inline and now > self.inline_deadline:
+            raise _MoveToPool()
 
     def move_to_worker(self) -> None:
         """From a pure function whose work turns out big: an inline call moves to a worker (no-op elsewhere)."""
@@ -1761,7 +1771,7 @@ class LuaRunner:
         self.script = script
         self.lua = lupa.LuaRuntime(encoding=None, register_eval=False, register_builtins=False,
                                    unpack_returned_tuples=True, attribute_filter=_no_attributes, max_memory=memory)
-        self.inline_deadline = self.stop_at = math.inf
+        self.stop_at = math.inf
         self.watchdog = services.watchdog
         self.state, self.threads, self.thread = LUPA.address(self.lua), [], threading.get_ident()
         self.signalled = 0.0
@@ -1787,7 +1797,7 @@ class LuaRunner:
         if self.ctx._lifted:
             self.ctx.restore()
         now = time.monotonic()
-        if now > self.inline_deadline:
+        if now > self.ctx.inline_deadline:
             self.ctx.moved = True
         return now > self.ctx.deadline or self.ctx.moved
 
@@ -1904,9 +1914,9 @@ class LuaRunner:
                 self.threads = []
         watchdog = self.watchdog
         if inline:
-            self.inline_deadline = time.monotonic() + INLINE_BUDGET
+            ctx.inline_deadline = time.monotonic() + INLINE_BUDGET
         if watchdog is not None:
-            self.stop_at = self.inline_deadline if inline else deadline
+            self.stop_at = ctx.inline_deadline if inline else deadline
             watchdog.running.add(self)
             if watchdog.sleeping:
                 watchdog.wake()
@@ -1923,7 +1933,7 @@ class LuaRunner:
             if watchdog is not None:
                 watchdog.running.discard(self)
             if inline:
-                ctx.inline, self.inline_deadline = False, math.inf
+                ctx.inline, ctx.inline_deadline = False, math.inf
             if ctx._lifted:
                 ctx.restore()
             if ctx._cwd is not None:
