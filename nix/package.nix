@@ -3,7 +3,7 @@
 # Dependencies and where they come from:
 #   lupa, nats-py, wasmtime, podman, pymysql, psycopg, pyyaml, google-re2, httptools, watchfiles,
 #   markdown-it-py, prometheus-client, opentelemetry-sdk and its OTLP/HTTP exporter, cronsim,
-#   nkeys: python3Packages (names as in nixpkgs; not checked against a nixpkgs checkout here).
+#   nkeys, hvac: python3Packages (names as in nixpkgs; not checked against a nixpkgs checkout here).
 #   psycopg: nixpkgs builds it against libpq; psycopg-binary (the `[binary]` extra) is not
 #     packaged there, so the extra is dropped below and the libpq-backed build is used.
 #   etcd3gw: not in python3Packages (nixpkgs only has it inside its OpenStack package set),
@@ -76,6 +76,7 @@ py.buildPythonApplication {
     py.cronsim
     py.google-re2
     py.httptools
+    py.hvac
     py.lupa
     py.markdown-it-py
     py.nats-py
