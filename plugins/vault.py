@@ -31,7 +31,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from msgscript import (ArgError, LuaError, check_string, check_table, error_text, first_line, go_duration, lua_text,
                        lua_type, opt_string, parse_bool)
 
-from plugins._lua import PRELUDE
+from msgscript import PRELUDE
 
 VAULT_TIMEOUT = 5.0  # seconds one request may take (the Go plugin's DEFAULT_VAULT_TIMEOUT); VAULT_CLIENT_TIMEOUT
 _GRACE = 0.05  # how long past its timeout a request is waited for before it is abandoned
