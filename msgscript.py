@@ -320,18 +320,32 @@ def parse_script(text: str, path: str = "", subject: str = "", name: str = "") -
     )
 
 
+def _extra_headers(script: Script) -> str:
+    """Header lines for what the Go original's etcd value has no field for."""
+    return "".join(f"--* {k}: {v}\n" for k, v in (
+        ("timeout", f"{script.timeout:g}s" if script.timeout is not None else None),
+        ("memory", script.memory), ("lock", "true" if script.lock else None), ("stream", script.stream or None),
+        ("retry", script.retry_text if script.retry != DEFAULT_RETRY else None),
+        ("deadletter", script.dead_letter if script.dead_letter != DEAD_LETTER_PREFIX + script.subject else None),
+        ("cron", script.cron or None), ("timezone", script.timezone or None)) if v is not None)
+
+
+def script_text(script: Script) -> str:
+    """A script as a file the file store reads back to the same script (cli export)."""
+    first = [("subject", script.subject), ("name", script.name),
+             ("executor", script.executor if script.executor != "lua" else None),
+             ("http", "true" if script.http else None)] + [("require", lib) for lib in script.libraries]
+    head = "".join(f"--* {k}: {v}\n" for k, v in first if v is not None)
+    return head + _extra_headers(script) + script.content + "\n"
+
+
 def script_to_json(script: Script) -> str:
     """The Go original's etcd value for a script.
 
     Headers the original has no field for (timeout, memory, lock) travel as header lines
     at the top of the content: Lua comments to the original, headers to us.
     """
-    extra = "".join(f"--* {k}: {v}\n" for k, v in (
-        ("timeout", f"{script.timeout:g}s" if script.timeout is not None else None),
-        ("memory", script.memory), ("lock", "true" if script.lock else None), ("stream", script.stream or None),
-        ("retry", script.retry_text if script.retry != DEFAULT_RETRY else None),
-        ("deadletter", script.dead_letter if script.dead_letter != DEAD_LETTER_PREFIX + script.subject else None),
-        ("cron", script.cron or None), ("timezone", script.timezone or None)) if v is not None)
+    extra = _extra_headers(script)
     return json.dumps({
         "content": base64.b64encode((extra + script.content).encode("utf-8", "surrogateescape")).decode(),
         "executor": script.executor,
@@ -424,6 +438,16 @@ class Store:
                 raise MsgscriptError(f"script {script.name}: library {name!r} not found")
             parts.append(self._libraries[name][0] + "\n")
         return "".join(parts) + script.content
+
+    def library(self, name: str) -> str:
+        return self._libraries[name][0]
+
+    def module(self, script: Script) -> bytes | None:
+        """The WASM module a wasm script names (cli export), or None when it cannot be read."""
+        try:
+            return Path(script.base_dir, os.path.expanduser(script.content.strip())).read_bytes()
+        except OSError:
+            return None
 
     def on_change(self, callback: Callable[[], None]) -> None:
         self._listeners.append(callback)
@@ -1054,13 +1078,13 @@ class EtcdLocks:
                 pass  # it expires on its own
 
 
-class _EtcdHeld:
-    def __init__(self, locks: EtcdLocks, script: Script, call: Call):
+class _ClusterHeld:
+    """A cluster lock held around one call: this server's local lock first (so only one waiter per server
+    polls the store), then the store's key, tried until the call's deadline. Subclasses `take` and `release`."""
+
+    def __init__(self, locks, script: Script, call: Call):
         self.locks, self.script, self.call, self.deadline = locks, script, call, call.deadline
-        self.key = _b64(f"{ETCD_LOCKS}{script.subject}/{script.name}")
-        self.token = _b64(uuid.uuid4().hex)
         self.local = locks.local.hold(script, call)
-        self.lease: str | None = None
 
     def __enter__(self):
         self.local.__enter__()
@@ -1072,30 +1096,56 @@ class _EtcdHeld:
         return self
 
     def _acquire(self) -> None:
-        delay, refusals = 0.005, 0
-        while True:
-            timeout = min(ETCD_TIMEOUT, max(0.05, self.deadline - time.monotonic()))
-            try:
-                self.lease = self.locks.lease(timeout)
-                if self.locks.client.txn(self._take(), timeout):
-                    return
-            except EtcdRefused as e:  # typically "lease not found": it expired during an outage
-                self.locks.drop(self.lease)
-                refusals += 1
-                if refusals > 2:
-                    raise MsgscriptError(f"script {self.script.name}: cannot take its lock: {e}") from None
-            except ConfigError as e:
-                raise MsgscriptError(f"script {self.script.name}: cannot take its lock: {e}") from None
+        delay = 0.005
+        while not self.take(min(ETCD_TIMEOUT, max(0.05, self.deadline - time.monotonic()))):
             if time.monotonic() + delay > self.deadline:
                 raise self.call.timed_out(self.script, " waiting for its lock")
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
 
+    def __exit__(self, *exc):
+        try:
+            self.release()
+        finally:
+            self.local.__exit__(None, None, None)
+
+    def take(self, timeout: float) -> bool:
+        """Try once to take the lock; False while another server holds it."""
+        raise NotImplementedError
+
+    def release(self) -> None:
+        raise NotImplementedError
+
+    def failed(self, error: Exception) -> MsgscriptError:
+        return MsgscriptError(f"script {self.script.name}: cannot take its lock: {error}")
+
+
+class _EtcdHeld(_ClusterHeld):
+    def __init__(self, locks: EtcdLocks, script: Script, call: Call):
+        super().__init__(locks, script, call)
+        self.key = _b64(f"{ETCD_LOCKS}{script.subject}/{script.name}")
+        self.token = _b64(uuid.uuid4().hex)
+        self.lease: str | None = None
+        self.refusals = 0
+
+    def take(self, timeout: float) -> bool:
+        try:
+            self.lease = self.locks.lease(timeout)
+            return self.locks.client.txn(self._take(), timeout)
+        except EtcdRefused as e:  # typically "lease not found": it expired during an outage
+            self.locks.drop(self.lease)
+            self.refusals += 1
+            if self.refusals > 2:
+                raise self.failed(e) from None
+            return False
+        except ConfigError as e:
+            raise self.failed(e) from None
+
     def _take(self) -> dict:
         return {"compare": [{"key": self.key, "result": "EQUAL", "target": "CREATE", "create_revision": 0}],
                 "success": [{"request_put": {"key": self.key, "value": self.token, "lease": self.lease}}]}
 
-    def __exit__(self, *exc):
+    def release(self) -> None:
         release = {"compare": [{"key": self.key, "result": "EQUAL", "target": "VALUE", "value": self.token}],
                    "success": [{"request_delete_range": {"key": self.key}}]}
         try:
@@ -1104,8 +1154,676 @@ class _EtcdHeld:
             log.warning("script %s: releasing its lock failed (%s); it expires within %ds",
                         self.script.name, e, LOCK_TTL)
             self.locks.drop(self.lease)
+
+
+###############################################################################
+# NATS store and cluster locks ################################################
+###############################################################################
+
+# Scripts and libraries in JetStream KV buckets with the etcd store's values (script_to_json, raw library
+# text), so data moves between the two unchanged; WASM modules in an object store bucket; locks in a KV
+# bucket whose keys expire (per-key TTL). The store has its own connection on a thread and event loop of its
+# own: following the buckets (parsing, compiling, fetching modules) never runs on the server's loop, and a
+# message never reads KV. Keys are `<subject>/<name>` (scripts) and the name (libraries), with the bytes a
+# KV key cannot hold written `=XX` (hex), so any subject or name the etcd store holds has a key here too.
+
+NATS_BUCKETS = {"scripts": "msgscript_scripts", "libs": "msgscript_libs", "wasm": "msgscript_wasm",
+                "locks": "msgscript_locks"}
+NATS_STORE_URL = "nats://127.0.0.1:4222"  # the CLI's default: where `msgscript server` starts its embedded NATS
+NATS_TIMEOUT = 5.0  # one JetStream request, at most
+NATS_CHECK = 2.0  # seconds between checks that the watches keep up (a consumer lost with a node is made again)
+WASM_REF = "nats-object://"  # a wasm script's content in the NATS store: nats-object://<bucket>/<object>
+WASM_MAX = 256 * 2**20  # the largest module a server fetches
+_BUCKET_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+_KV_PLAIN = frozenset(b"-_ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
+
+
+@dataclasses.dataclass
+class NatsBuckets:
+    """The NATS store's bucket names, and the replicas of the buckets it creates (0: 3 on a cluster, else 1)."""
+
+    scripts: str = NATS_BUCKETS["scripts"]
+    libs: str = NATS_BUCKETS["libs"]
+    wasm: str = NATS_BUCKETS["wasm"]
+    locks: str = NATS_BUCKETS["locks"]
+    replicas: int = 0
+
+    @classmethod
+    def from_flags(cls, args) -> NatsBuckets:
+        buckets = cls(*(getattr(args, f"{which}_bucket", None) or default for which, default in NATS_BUCKETS.items()),
+                      replicas=int(getattr(args, "replicas", 0) or 0))
+        for name in (buckets.scripts, buckets.libs, buckets.wasm, buckets.locks):
+            if not _BUCKET_NAME.match(name):
+                raise ConfigError(f"bucket name {name!r} may only have letters, digits, _ and -")
+        if not 0 <= buckets.replicas <= 5:
+            raise ConfigError("-replicas must be 1 to 5 (or 0: 3 on a NATS cluster, else 1)")
+        return buckets
+
+
+def kv_escape(text: str, dots: bool = False) -> str:
+    """`text` as a KV key part: bytes other than letters, digits, - and _ as =XX; dots kept with `dots`
+    (a subject's), else only between two other characters (a KV key has no empty token)."""
+    raw = text.encode("utf-8", "surrogateescape")
+    out = []
+    for i, b in enumerate(raw):
+        if b in _KV_PLAIN or (b == 0x2E and (dots or 0 < i < len(raw) - 1 and raw[i - 1] != 0x2E)):
+            out.append(chr(b))
+        else:
+            out.append(f"={b:02X}")
+    return "".join(out)
+
+
+def kv_unescape(key: str) -> str:
+    raw = re.sub(rb"=([0-9A-F]{2})", lambda m: bytes([int(m.group(1), 16)]), key.encode("utf-8", "surrogateescape"))
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def kv_script_key(subject: str, name: str) -> str:
+    return f"{kv_escape(subject, dots=True)}/{kv_escape(name)}"
+
+
+def _kv_where(key: str) -> tuple[str, str] | None:
+    """(subject, name) of a script key; None for a key that is not one."""
+    subject, sep, name = key.partition("/")
+    subject, name = kv_unescape(subject), kv_unescape(name)
+    return (subject, name) if sep and name and valid_subject(subject) else None
+
+
+def nats_reason(exc: BaseException) -> str:
+    """A nats-py failure in one line, without Python names."""
+    import nats.errors
+    import nats.js.errors
+
+    if isinstance(exc, (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError)):
+        return "JetStream is not available on the NATS server (is it started with -js?)"
+    if isinstance(exc, nats.js.errors.KeyWrongLastSequenceError):
+        return "wrong last revision"
+    if isinstance(exc, nats.js.errors.APIError) and exc.description:
+        return first_line(str(exc.description))
+    if isinstance(exc, (nats.errors.TimeoutError, TimeoutError)):
+        return "timeout"
+    if isinstance(exc, (nats.errors.ConnectionClosedError, nats.errors.NoServersError)):
+        return "not connected"
+    text = error_text(exc).removeprefix("nats: ")
+    return text if text != "error" else type(exc).__name__.removesuffix("Error").lower() or "error"
+
+
+async def jetstream_bucket(js, kind: str, name: str, replicas: int = 0, **config):
+    """The KV (`kind` "kv") or object store ("object") bucket `name`, created when missing with `config`;
+    `replicas` 0 means 3, or 1 when the NATS server is not a cluster of three or more."""
+    import nats.js.errors
+
+    lookup = js.key_value if kind == "kv" else js.object_store
+    stream = f"{'KV' if kind == 'kv' else 'OBJ'}_{name}"
+    try:
+        return await _with_leader(js, stream, await lookup(name))
+    except nats.js.errors.BucketNotFoundError:
+        pass
+    create = js.create_key_value if kind == "kv" else js.create_object_store
+    for count in [replicas] if replicas else [3, 1]:
+        try:
+            return await _with_leader(js, stream, await create(bucket=name, replicas=count, **config))
+        except nats.js.errors.APIError as e:
+            if count == 3 and not replicas and e.err_code in (10074, 10023):  # not clustered; too few servers
+                if e.err_code == 10023:
+                    log.warning("bucket %s: made with 1 replica (NATS: %s)", name, e.description)
+                continue
+            if e.err_code == 10058:  # made by another server meanwhile
+                return await _with_leader(js, stream, await lookup(name))
+            raise
+    raise ConfigError(f"cannot create bucket {name}")
+
+
+async def _with_leader(js, stream: str, bucket):
+    """`bucket` once its stream has a leader. A create that races another (two servers' first calls) is
+    answered at once, before the stream exists, and the requests that follow would time out."""
+    import nats.errors
+    import nats.js.errors
+
+    for _ in range(100):
+        try:  # a stream without a leader may leave the request unanswered: ask again
+            info = await asyncio.wait_for(js.stream_info(stream), 0.5)
+            if info.cluster is None or info.cluster.leader:
+                return bucket
+        except (nats.js.errors.NotFoundError, nats.errors.TimeoutError, TimeoutError):
+            pass
+        await asyncio.sleep(0.05)
+    return bucket
+
+
+class NatsStore(Store):
+    """Scripts and libraries in JetStream KV buckets, followed by watches.
+
+    As the etcd store: a server starts (not ready) while NATS is down and loads once it answers;
+    outages keep the last scripts serving; after a reconnect, or when a watch falls behind (its
+    consumer was on a node that died), everything is read again and watched again.
+    """
+
+    kind = "nats"
+
+    def __init__(self, options: NatsOptions, buckets: NatsBuckets | None = None, cache_dir: str | None = None):
+        super().__init__()
+        self.options, self.buckets, self.cache_dir = options, buckets or NatsBuckets(), cache_dir
+        self.ready = False
+        self.nc = None
+        self._js = None
+        self._handles: dict[tuple[str, str], Any] = {}
+        self._entries: dict[str, Script] = {}  # KV key -> script
+        self._libs: dict[str, str] = {}
+        self._seen = {"scripts": 0, "libs": 0}  # the last revision taken in, per bucket
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._connecting: asyncio.Lock | None = None
+        self._events: asyncio.Queue | None = None
+        self._follower: concurrent.futures.Future | None = None
+        self._synced = threading.Event()
+        self._tried = threading.Event()  # the first attempt to load is over
+        self._down = False
+        self._locks: NatsLocks | None = None
+
+    @property
+    def where(self) -> str:
+        return self.options.url or NATS_STORE_URL
+
+    # The connection, on a thread and event loop of its own.
+    def run(self, coro, timeout: float = NATS_TIMEOUT * 2):
+        """Run a coroutine on the store's loop; ConfigError in one line for any failure."""
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+            threading.Thread(target=self._loop.run_forever, name="nats-store", daemon=True).start()
+            atexit.register(self.stop)
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise ConfigError(f"NATS at {self.where}: no answer within {timeout:.1f}s") from None
+        except MsgscriptError:
+            raise
+        except Exception as e:  # noqa: BLE001 - one line for the caller
+            raise ConfigError(f"NATS at {self.where}: {nats_reason(e)}") from None
+
+    async def _connection(self):
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            if self.nc is None or self.nc.is_closed:
+                options = dataclasses.replace(self.options, url=self.where)
+                self.nc = await options.connect("msgscript-store", max_reconnect_attempts=-1, reconnect_time_wait=0.5,
+                                                reconnected_cb=self._reconnected, error_cb=self._error)
+                self._js = self.nc.jetstream(timeout=NATS_TIMEOUT)
+                self._handles.clear()
+        return self._js
+
+    async def _reconnected(self) -> None:
+        log.info("NATS store: reconnected to %s; reading everything again", self.nc.connected_url.netloc)
+        if self._events is not None:
+            self._events.put_nowait(None)
+
+    async def _error(self, e: Exception) -> None:
+        log.debug("NATS store connection: %s", nats_reason(e))
+
+    async def bucket(self, which: str, create: bool = True):
+        """The nats-py handle of one of the store's buckets ("scripts", "libs", "wasm", "locks");
+        None when it does not exist and `create` is false."""
+        import nats.js.errors
+
+        js = await self._connection()
+        name = getattr(self.buckets, which)
+        kind = "object" if which == "wasm" else "kv"
+        handle = self._handles.get((kind, name))
+        if handle is None:
+            try:
+                if create:
+                    handle = await jetstream_bucket(js, kind, name, self.buckets.replicas)
+                else:
+                    handle = await (js.key_value if kind == "kv" else js.object_store)(name)
+            except nats.js.errors.BucketNotFoundError:
+                return None
+            self._handles[(kind, name)] = handle
+        return handle
+
+    # Following the buckets.
+    def start(self) -> None:
+        self.run(self._start_following(), 1)
+        self._tried.wait(NATS_CONNECT_TIMEOUT + 2)
+        if self._synced.is_set():
+            log.info("NATS store at %s: %d scripts, %d libraries (buckets %s, %s)", self.where, len(self._entries),
+                     len(self._libs), self.buckets.scripts, self.buckets.libs)
+        else:
+            log.error("NATS store at %s: not loaded yet; serving no scripts until NATS answers (retrying in the "
+                      "background)", self.where)
+
+    async def _start_following(self) -> None:
+        self._follower = asyncio.ensure_future(self._follow())
+
+    def stop(self) -> None:
+        loop, self._loop = self._loop, None
+        if loop is None:
+            return
+        if self._locks:
+            self._locks.close(loop)
+
+        async def close():
+            if self.nc is not None and not self.nc.is_closed:
+                await self.nc.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        try:
+            asyncio.run_coroutine_threadsafe(close(), loop).result(3)
+        except Exception:  # noqa: BLE001 - stopping anyway
+            pass
+        loop.call_soon_threadsafe(loop.stop)
+
+    async def _follow(self) -> None:
+        backoff = 0.1
+        while True:
+            watchers: list = []
+            try:
+                await self._sync(watchers)
+                backoff = 0.1
+                await self._watch(watchers)
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the follower must survive anything and retry
+                self._outage(e)
+                self._tried.set()
+            finally:
+                for watcher in watchers:
+                    asyncio.ensure_future(self._quietly(watcher.stop()))
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, ETCD_BACKOFF_CAP)
+
+    @staticmethod
+    async def _quietly(coro) -> None:
+        try:
+            await asyncio.wait_for(coro, NATS_TIMEOUT)
+        except Exception:  # noqa: BLE001 - e.g. the consumer went with its node
+            pass
+
+    def _outage(self, error: Exception) -> None:
+        if not self._down:
+            self._down = True
+            reason = error if isinstance(error, MsgscriptError) else nats_reason(error)
+            log.warning("NATS store at %s: %s; serving the %d scripts last loaded, retrying", self.where, reason,
+                        len(self._entries))
+
+    async def _read(self, which: str) -> tuple[Any, dict]:
+        """A watcher on one bucket and its current entries (those before the watcher's first live update)."""
+        import nats.errors
+
+        kv, name = await self.bucket(which), getattr(self.buckets, which)
+        last = (await self._js.stream_info(f"KV_{name}")).state.last_seq
+        watcher = await kv.watchall()
+        entries: dict = {}
+        newest = 0
+        try:
+            while (entry := await watcher.updates(NATS_TIMEOUT * 2)) is not None:
+                entries[entry.key], newest = entry, max(newest, entry.revision)
+        except nats.errors.TimeoutError:
+            await self._quietly(watcher.stop())
+            raise ConfigError(f"reading bucket {name} timed out") from None
+        # A consumer on a replica that is catching up (its node just restarted) starts behind the stream's
+        # leader: take what it delivers until it has caught up, for NATS_CHECK at most (after that, what it
+        # delivers as it catches up is taken in as any update).
+        deadline = time.monotonic() + NATS_CHECK
+        try:
+            while newest < last and time.monotonic() < deadline:
+                entry = await watcher.updates(deadline - time.monotonic())
+                entries[entry.key], newest = entry, max(newest, entry.revision)
+        except nats.errors.TimeoutError:
+            pass
+        self._seen[which] = max(last, newest)
+        return watcher, entries
+
+    async def _sync(self, watchers: list) -> None:
+        """Read both buckets again (a value that does not parse keeps its last good version); their watchers
+        are appended to `watchers`."""
+        self._events = asyncio.Queue()
+        scripts_watcher, scripts = await self._read("scripts")
+        watchers.append(scripts_watcher)
+        libs_watcher, libs = await self._read("libs")
+        watchers.append(libs_watcher)
+        old_entries, old_libs = self._entries, self._libs
+        self._entries, self._libs = {}, {}
+        for entry in libs.values():
+            if entry.operation is None:
+                self._take_library(entry.key, entry.value, old_libs)
+        for entry in scripts.values():
+            if entry.operation is None:
+                await self._take_script(entry.key, entry.value, old_entries)
+        self.ready = True
+        self._publish_current()
+        self._synced.set()
+        self._tried.set()
+        if self._down:
+            self._down = False
+            log.info("NATS store at %s is back: %d scripts, %d libraries (resynchronised)", self.where,
+                     len(self._entries), len(self._libs))
+
+    async def _watch(self, watchers: list) -> None:
+        """Take in updates until a resync is due: a reconnect, or a watch that fell behind."""
+        events = self._events
+
+        async def forward(which, watcher):
+            async for entry in watcher:
+                if entry is not None:
+                    events.put_nowait((which, entry))
+
+        tasks = [asyncio.ensure_future(forward(which, watcher))
+                 for which, watcher in zip(("scripts", "libs"), watchers, strict=True)]
+        loop = asyncio.get_running_loop()
+        marks = None
+        next_check = loop.time() + NATS_CHECK
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(events.get(), max(0.0, next_check - loop.time()))
+                except TimeoutError:
+                    event = ()
+                changed = False
+                while event != ():
+                    if event is None:
+                        return  # reconnected: read everything again
+                    changed = await self._apply(*event) or changed
+                    event = events.get_nowait() if not events.empty() else ()
+                if changed:
+                    self._publish_current()
+                if loop.time() >= next_check:
+                    marks = await self._check(marks)
+                    if marks is None:
+                        return
+                    next_check = loop.time() + NATS_CHECK
         finally:
-            self.local.__exit__(None, None, None)
+            for task in tasks:
+                task.cancel()
+
+    async def _check(self, marks: dict | None) -> dict | None:
+        """The buckets' last revisions; None (a resync is due) when a watch has not delivered revisions that
+        the previous check saw: its consumer is gone (with a NATS node) or stuck."""
+        last = {}
+        for which in ("scripts", "libs"):
+            last[which] = (await self._js.stream_info(f"KV_{getattr(self.buckets, which)}")).state.last_seq
+            if marks and self._seen[which] < marks[which]:
+                log.warning("NATS store: the watch of bucket %s fell behind; reading everything again",
+                            getattr(self.buckets, which))
+                return None
+        return last
+
+    async def _apply(self, which: str, entry) -> bool:
+        self._seen[which] = max(self._seen[which], entry.revision or 0)
+        label = f"{getattr(self.buckets, which)}/{entry.key}"
+        if entry.operation in ("DEL", "PURGE"):
+            gone = self._entries.pop(entry.key, None) if which == "scripts" else \
+                self._libs.pop(kv_unescape(entry.key), None)
+            if gone is not None:
+                log.info("nats: %s removed", label)
+            return gone is not None
+        if which == "scripts":
+            taken = await self._take_script(entry.key, entry.value, self._entries)
+        else:
+            taken = self._take_library(entry.key, entry.value, self._libs)
+        if taken:
+            log.info("nats: %s updated", label)
+        return taken
+
+    def _take_library(self, key: str, value: bytes, old_libs: dict) -> bool:
+        name = kv_unescape(key)
+        content = value.decode("utf-8", "surrogateescape")
+        try:
+            check_lua_syntax(content, f"{self.buckets.libs}/{key}")
+            self._libs[name] = content
+            self.reloads += 1
+            return True
+        except ConfigError as e:
+            self.load_errors += 1
+            log.error("skipping %s", e)
+            if name in old_libs:
+                self._libs[name] = old_libs[name]
+            return False
+
+    async def _take_script(self, key: str, value: bytes, old_entries: dict) -> bool:
+        """Take in one script; one that does not parse (or whose module cannot be fetched) keeps its last good
+        version."""
+        label = f"{self.buckets.scripts}/{key}"
+        where = _kv_where(key)
+        if where is None:
+            log.warning("ignoring %s: script keys are <subject>/<name>", label)
+            return False
+        try:
+            script = script_from_json(value, label, where)
+            if script.executor == "lua":
+                check_lua_syntax(script.content, label)
+            elif script.executor == "wasm" and self.cache_dir and script.content.strip().startswith(WASM_REF):
+                script.content = await self._module_file(script.content.strip(), label)
+        except MsgscriptError as e:
+            self.load_errors += 1
+            text = first_line(str(e))
+            log.error("skipping %s", text if text.startswith(label) else f"{label}: {text}")
+            if key in old_entries:
+                self._entries[key] = old_entries[key]
+            return False
+        self.reloads += 1
+        script.subject, script.name = where  # the key decides where a script serves
+        self._entries[key] = script
+        return True
+
+    def _publish_current(self) -> None:
+        self._publish(list(self._entries.values()), dict(self._libs))
+
+    # WASM modules in the object store.
+    async def _object(self, ref: str):
+        """(object store, object name) of a nats-object:// reference."""
+        bucket, _, name = ref[len(WASM_REF):].partition("/")
+        if not _BUCKET_NAME.match(bucket) or not name:
+            raise MsgscriptError(f"bad module reference {ref!r} (nats-object://<bucket>/<object>)")
+        return await jetstream_bucket(await self._connection(), "object", bucket, self.buckets.replicas), name
+
+    async def _module_file(self, ref: str, label: str) -> str:
+        """The server's copy of a module in the object store, named by its SHA-256 (fetched when missing)."""
+        import nats.js.errors
+
+        try:
+            store, name = await self._object(ref)
+            info = await store.get_info(name)
+            digest = base64.urlsafe_b64decode(info.digest.split("=", 1)[1] + "==").hex()
+            path = os.path.join(self.cache_dir, f"{digest}.wasm")
+            if os.path.isfile(path):
+                return path
+            if (info.size or 0) > WASM_MAX:
+                raise MsgscriptError(f"module {ref} is larger than {WASM_MAX // 2**20} MiB")
+            os.makedirs(self.cache_dir, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.cache_dir, suffix=".part", delete=False) as f:
+                try:
+                    await store.get(name, writeinto=f)  # nats-py checks the digest
+                except BaseException:
+                    os.unlink(f.name)
+                    raise
+            os.replace(f.name, path)
+            log.info("fetched wasm module %s (%d bytes, sha256 %s)", ref, info.size or 0, digest[:12])
+            return path
+        except nats.js.errors.ObjectNotFoundError:
+            raise MsgscriptError(f"module {ref} not found") from None
+        except (OSError, IndexError, ValueError) as e:
+            raise MsgscriptError(f"module {ref}: {error_text(e)}") from None
+        except MsgscriptError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a NATS failure: the script keeps its last good version
+            raise MsgscriptError(f"module {ref}: {nats_reason(e)}") from None
+
+    async def _upload(self, path: str) -> str:
+        """Put a module in the wasm bucket under its SHA-256 (once); its nats-object:// reference."""
+        import hashlib
+
+        import nats.js.errors
+        from nats.js import api
+
+        data = Path(path).read_bytes()
+        name = f"sha256-{hashlib.sha256(data).hexdigest()}"
+        store = await self.bucket("wasm")
+        try:
+            await store.get_info(name)
+        except nats.js.errors.ObjectNotFoundError:
+            await store.put(name, data, meta=api.ObjectMeta(name=name, description=os.path.basename(path)))
+        return f"{WASM_REF}{self.buckets.wasm}/{name}"
+
+    def module(self, script: Script) -> bytes | None:
+        """The module a wasm script refers to (cli export), from the object store."""
+        ref = script.content.strip()
+        if not ref.startswith(WASM_REF):
+            return super().module(script)
+
+        async def fetch():
+            store, name = await self._object(ref)
+            return (await store.get(name)).data
+
+        return self.run(fetch(), 60)
+
+    # Cluster locks.
+    def locks(self) -> NatsLocks:
+        """Locks for `--* lock: true` scripts, shared by every server on these NATS buckets."""
+        if self._locks is None:
+            self._locks = NatsLocks(self)
+        return self._locks
+
+    # Management, used by `msgscript cli`.
+    def load(self) -> None:
+        """Read the buckets once (the CLI's list and export); missing buckets are empty."""
+        async def read():
+            for which in ("scripts", "libs"):
+                kv = await self.bucket(which, create=False)
+                keys = []
+                if kv is not None:
+                    watcher = await kv.watchall(ignore_deletes=True)
+                    while (entry := await watcher.updates(NATS_TIMEOUT * 2)) is not None:
+                        keys.append(entry)
+                    await self._quietly(watcher.stop())
+                for entry in keys:
+                    if which == "scripts":
+                        await self._take_script(entry.key, entry.value, {})
+                    else:
+                        self._take_library(entry.key, entry.value, {})
+            self._publish_current()
+
+        self.run(read(), 60)
+
+    def add_script(self, script: Script) -> None:
+        if script.executor == "wasm" and not script.content.strip().startswith(WASM_REF):
+            path = os.path.join(script.base_dir, os.path.expanduser(script.content.strip()))
+            if not os.path.isfile(path):
+                raise ConfigError(f"{script.path or script.name}: wasm module {path} not found")
+            script = dataclasses.replace(script, content=self.run(self._upload(path), 60))
+        self._put("scripts", kv_script_key(script.subject, script.name), script_to_json(script))
+
+    def remove_script(self, subject: str, name: str) -> None:
+        if not self._delete("scripts", kv_script_key(subject, name)):
+            raise ConfigError(f"no script {subject}/{name} in bucket {self.buckets.scripts} at {self.where}")
+
+    def add_library(self, name: str, content: str) -> None:
+        self._put("libs", kv_escape(name), content)
+
+    def remove_library(self, name: str) -> None:
+        if not self._delete("libs", kv_escape(name)):
+            raise ConfigError(f"no library {name} in bucket {self.buckets.libs} at {self.where}")
+
+    def _put(self, which: str, key: str, value: str) -> None:
+        async def put():
+            await (await self.bucket(which)).put(key, value.encode("utf-8", "surrogateescape"))
+
+        self.run(put())
+
+    def _delete(self, which: str, key: str) -> bool:
+        import nats.js.errors
+
+        async def delete():
+            kv = await self.bucket(which, create=False)
+            try:
+                if kv is None or await kv.get(key) is None:
+                    return False
+            except nats.js.errors.KeyNotFoundError:  # also deleted keys
+                return False
+            return await kv.delete(key)
+
+        return self.run(delete())
+
+
+class NatsLocks:
+    """`--* lock: true` across servers: a key in the locks bucket, created with a TTL (LOCK_TTL) and
+    refreshed while held, so the locks of a server that died expire; needs nats-server 2.11+."""
+
+    def __init__(self, store: NatsStore):
+        self.store = store
+        self.local = LocalLocks()
+        self._held: dict[str, list] = {}  # key -> [token, revision]; on the store's loop only
+        self._refresher: asyncio.Future | None = None
+
+    def hold(self, script: Script, call: Call) -> _NatsHeld:
+        return _NatsHeld(self, script, call)
+
+    async def _bucket(self):
+        kv = await self.store.bucket("locks")
+        if self._refresher is None:
+            info = await self.store._js.stream_info(f"KV_{self.store.buckets.locks}")
+            if not info.config.allow_msg_ttl:
+                raise ConfigError(f"bucket {self.store.buckets.locks} has no per-key TTL (locks need nats-server "
+                                  "2.11 or later)")
+            self._refresher = asyncio.ensure_future(self._refresh())
+        return kv
+
+    async def take(self, key: str, token: bytes) -> bool:
+        import nats.js.errors
+
+        kv = await self._bucket()
+        try:
+            self._held[key] = [token, await kv.create(key, token, msg_ttl=LOCK_TTL)]
+            return True
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False
+
+    async def release(self, key: str) -> None:
+        token, revision = self._held.pop(key)
+        headers = {"KV-Operation": "PURGE", "Nats-Rollup": "sub", "Nats-Expected-Last-Subject-Sequence": str(revision)}
+        await self.store._js.publish(f"$KV.{self.store.buckets.locks}.{key}", b"", headers=headers, msg_ttl=1)
+
+    async def _refresh(self) -> None:
+        """Every third of the TTL, the held keys are written again (only if they are still this server's)."""
+        while True:
+            await asyncio.sleep(LOCK_TTL / 3)
+            for key, held in list(self._held.items()):
+                try:
+                    ack = await self.store._js.publish(
+                        f"$KV.{self.store.buckets.locks}.{key}", held[0], msg_ttl=LOCK_TTL,
+                        headers={"Nats-Expected-Last-Subject-Sequence": str(held[1])})
+                    held[1] = ack.seq
+                except Exception as e:  # noqa: BLE001 - logged; the next round tries again
+                    log.warning("lock %s: refreshing it failed (%s)", key, nats_reason(e))
+
+    def close(self, loop) -> None:
+        if self._refresher is not None:
+            loop.call_soon_threadsafe(self._refresher.cancel)
+
+
+class _NatsHeld(_ClusterHeld):
+    def __init__(self, locks: NatsLocks, script: Script, call: Call):
+        super().__init__(locks, script, call)
+        self.key = kv_script_key(script.subject, script.name)
+        self.token = uuid.uuid4().hex.encode()
+
+    def take(self, timeout: float) -> bool:
+        try:
+            return self.locks.store.run(self.locks.take(self.key, self.token), timeout + 0.5)
+        except ConfigError as e:
+            raise self.failed(e) from None
+
+    def release(self) -> None:
+        try:
+            self.locks.store.run(self.locks.release(self.key), NATS_TIMEOUT)
+        except ConfigError as e:
+            log.warning("script %s: releasing its lock failed (%s); it expires within %ds",
+                        self.script.name, e, LOCK_TTL)
 
 
 ###############################################################################
@@ -2111,6 +2829,7 @@ class Services:
     nats_options: Any = None  # NatsOptions: how scripts' NATS connections authenticate
     watchdog: Any = None  # the Scheduler's Watchdog: stops calls past their time
     blocking: Any = None  # the Scheduler's executor for plugins' blocking work (LuaContext.blocking)
+    nats_replicas: int = 0  # replicas of the JetStream buckets the kv module creates (0: 3 on a cluster, else 1)
 
 
 # The bundled plugins: the `plugins/` folder beside this file in a checkout, installed as the package
@@ -3972,6 +4691,10 @@ class NatsBridge:
     def request(self, subject: str, payload: bytes, timeout: float, headers: dict | None = None):
         return self._wait(self.nc.request(subject, payload, timeout=timeout, headers=headers), timeout + 0.5)
 
+    def run(self, coro, timeout: float):
+        """Run a coroutine on the loop (it may use `self.nc`), cancelled there after `timeout` seconds."""
+        return self._wait(asyncio.wait_for(coro, timeout), timeout + 0.5)
+
 
 ###############################################################################
 # Embedded NATS ###############################################################
@@ -5293,18 +6016,23 @@ class StoreConfig:
     script_dir: str = "."
     library_dir: str | None = None
     etcd_endpoints: list[str] = dataclasses.field(default_factory=lambda: ["localhost:2379"])
+    nats: Any = None  # NatsOptions of the nats backend (no URL: NATS_STORE_URL, or the server's embedded NATS)
+    buckets: NatsBuckets = dataclasses.field(default_factory=NatsBuckets)
+    cache_dir: str | None = None  # where a server keeps the WASM modules it fetched from the object store
 
     @classmethod
     def from_flags(cls, backend: str, script_dir: str, library_dir: str | None, etcdurl: str,
                    environ: dict[str, str]) -> StoreConfig:
-        if backend not in ("file", "etcd"):
-            raise ConfigError(f"unknown backend {backend!r} (use file or etcd)")
+        if backend not in ("file", "etcd", "nats"):
+            raise ConfigError(f"unknown backend {backend!r} (use file, etcd or nats)")
         etcd = environ.get("ETCD_ENDPOINTS") or etcdurl
         return cls(backend, script_dir, library_dir or None, [e.strip() for e in etcd.split(",") if e.strip()])
 
     def open(self) -> Store:
         if self.backend == "etcd":
             return EtcdStore(self.etcd_endpoints)
+        if self.backend == "nats":
+            return NatsStore(self.nats or NatsOptions(), self.buckets, self.cache_dir)
         return FileStore(self.script_dir, self.library_dir)
 
 
@@ -5365,6 +6093,8 @@ def server_config(args: argparse.Namespace, environ: dict[str, str]) -> ServerCo
         data_dir=os.path.abspath(args.data or default_data_dir(environ)), create_streams=args.create_streams,
         ack_wait=parse_duration(args.ack_wait),
         compat_go=compat == "go", environ=environ)
+    cfg.store.nats, cfg.store.buckets = cfg.nats, NatsBuckets.from_flags(args)
+    cfg.store.cache_dir = os.path.join(cfg.data_dir, "wasm")
     for d in cfg.plugin_dirs:
         if not os.path.isdir(d):
             raise ConfigError(f"plugin directory {d} does not exist")
@@ -5397,6 +6127,7 @@ class Server:
         self.cfg = cfg
         self.services = make_services(cfg.plugin_dirs, cfg.store.library_dir, cfg.store.etcd_endpoints)
         self.services.nats_options = cfg.nats
+        self.services.nats_replicas = cfg.store.buckets.replicas
         self.store = cfg.store.open()
         self.services.store = self.store
         self.tracing = Tracing.from_env(cfg.environ)
@@ -5449,11 +6180,13 @@ class Server:
             loop.add_signal_handler(sig, self._stopping.set)
         self.scheduler.attach(loop)
         try:
-            self.store.start()
             options = self.cfg.nats
             if not options.url:
                 self.embedded = EmbeddedNats(self.cfg.data_dir)
                 options = dataclasses.replace(options, url=self.embedded.url)
+            if isinstance(self.store, NatsStore):
+                self.store.options = options
+            self.store.start()
             self.nats = NatsFront(options, self.scheduler, self.services, self.cfg.queue, self.cfg.compat_go,
                                   self.tracing)
             await self._until_stopped(self.nats.start())
@@ -5523,6 +6256,10 @@ _NATS_SECURITY_FLAGS = (("natscreds", "NATS credentials file (.creds: user JWT a
                         ("natstls-ca", "CA certificate(s) that sign the NATS server's; env NATS_TLS_CA"),
                         ("natstls-cert", "client certificate for NATS TLS; env NATS_TLS_CERT"),
                         ("natstls-key", "key of the client certificate; env NATS_TLS_KEY"))
+_NATS_STORE_FLAGS = tuple((f"{which}-bucket", default, f"-backend nats: the {what} (default {default})")
+                          for (which, default), what in zip(NATS_BUCKETS.items(), (
+                              "KV bucket of scripts", "KV bucket of libraries", "object store bucket of WASM modules",
+                              "KV bucket of locks"), strict=True))
 
 
 def _server_parser(prog: str = "msgscript server") -> argparse.ArgumentParser:
@@ -5531,7 +6268,7 @@ def _server_parser(prog: str = "msgscript server") -> argparse.ArgumentParser:
     def flag(name, **kw):
         p.add_argument(f"-{name}", f"--{name}", **kw)
 
-    flag("backend", default="file", help="script store: file or etcd (default file)")
+    flag("backend", default="file", help="script store: file, etcd or nats (default file)")
     flag("etcdurl", default="localhost:2379", help="etcd endpoints, comma-separated (env ETCD_ENDPOINTS wins)")
     flag("library", default="", help="directory of Lua libraries for --* require: (and require('name'))")
     flag("log", default="info", help="debug, info, warn or error (DEBUG=1 means debug)")
@@ -5559,6 +6296,10 @@ def _server_parser(prog: str = "msgscript server") -> argparse.ArgumentParser:
     flag("create-streams", action="store_true", help="create a missing JetStream stream named by --* stream:")
     flag("ack-wait", default="30s", help="JetStream: redeliver a message whose server went silent after this "
                                          "(default 30s)")
+    for name, default, help in _NATS_STORE_FLAGS:
+        flag(name, default=default, help=help)
+    flag("replicas", default=0, type=int, help="replicas of the JetStream buckets made when missing "
+                                               "(default 0: 3 on a NATS cluster of three or more, else 1)")
     return p
 
 
@@ -5573,6 +6314,10 @@ def _cli_parser(prog: str = "msgscript cli") -> argparse.ArgumentParser:
     common.add_argument("-L", "--log", default=argparse.SUPPRESS, help="log level (default warn)")
     common.add_argument("--script-dir", default=argparse.SUPPRESS, help="script directory for -b file (default .)")
     common.add_argument("--library", default=argparse.SUPPRESS, help="library directory for -b file")
+    for name, _default, help in _NATS_STORE_FLAGS[:3]:
+        common.add_argument(f"--{name}", default=argparse.SUPPRESS, help=help.replace("-backend", "-b"))
+    common.add_argument("--replicas", type=int, default=argparse.SUPPRESS,
+                        help="-b nats: replicas of buckets made when missing (default: 3 on a cluster, else 1)")
     p = _Parser(prog=prog, description="Manage msgscript scripts and develop them locally.", parents=[common],
                 allow_abbrev=False)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -5598,6 +6343,12 @@ def _cli_parser(prog: str = "msgscript cli") -> argparse.ArgumentParser:
     c = libsub.add_parser("rm", help="remove a library", parents=[common])
     c.add_argument("name")
     libsub.add_parser("list", help="list libraries", parents=[common], aliases=["ls"])
+    c = command("export", "write the store's scripts to DIR/*.lua (WASM modules beside them), libraries to "
+                          "DIR/libs/*.lua")
+    c.add_argument("dir")
+    c = command("import", "add the scripts of DIR/*.lua and the libraries of DIR/libs/*.lua to the store "
+                          "(as cli export writes them)")
+    c.add_argument("dir")
     for name, help in (("dev", "run a script locally once, as the server would"),
                        ("devhttp", "serve one script over HTTP, re-reading it on every request")):
         c = command(name, help)
@@ -5642,7 +6393,8 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 CLI_DEFAULTS = {"backend": "etcd", "etcdurls": "localhost:2379", "natsurl": "", "executor": "lua", "log": "warn",
-                "script_dir": ".", "library": "", **{name.replace("-", "_"): "" for name, _ in _NATS_SECURITY_FLAGS}}
+                "script_dir": ".", "library": "", **{name.replace("-", "_"): "" for name, _ in _NATS_SECURITY_FLAGS},
+                **{name.replace("-", "_"): default for name, default, _ in _NATS_STORE_FLAGS}, "replicas": 0}
 
 
 def _usage() -> str:
@@ -5695,9 +6447,11 @@ class CliConfig:
 def cli_config(args: argparse.Namespace, environ: dict[str, str]) -> CliConfig:
     if args.executor not in EXECUTOR_NAMES:
         raise ConfigError(f"unknown executor {args.executor!r} (use lua, wasm or podman)")
-    return CliConfig(StoreConfig.from_flags(args.backend, args.script_dir, args.library, args.etcdurls, environ),
-                     NatsOptions.from_flags(args.natsurl or environ.get("NATS_URL") or "", args, environ),
-                     args.executor, _log_level(args.log, environ))
+    cfg = CliConfig(StoreConfig.from_flags(args.backend, args.script_dir, args.library, args.etcdurls, environ),
+                    NatsOptions.from_flags(args.natsurl or environ.get("NATS_URL") or "", args, environ),
+                    args.executor, _log_level(args.log, environ))
+    cfg.store.nats, cfg.store.buckets = cfg.nats, NatsBuckets.from_flags(args)
+    return cfg
 
 
 class DevStore(Store):
@@ -5882,6 +6636,85 @@ def _library_files(paths: list[str], recursive: bool) -> list[Path]:
     return files
 
 
+def _cli_export(args, cfg: CliConfig) -> int:
+    store = cfg.store.open()
+    store.load()
+    dest = Path(args.dir)
+    scripts, libraries = store.all_scripts(), {name: store.library(name) for name in store.libraries()}
+    write_script_dir(dest, dest / "libs", scripts, libraries, store)
+    print(f"exported {len(scripts)} scripts and {len(libraries)} libraries to {dest}")
+    return 0
+
+
+def _cli_import(args, cfg: CliConfig) -> int:
+    source = _directory(args.dir, "directory")
+    scripts, libraries = read_script_dir(source)
+    store = cfg.store.open()
+    if isinstance(store, FileStore):
+        write_script_dir(store.script_dir, store.library_dir or store.script_dir / "libs", scripts, libraries, store)
+    else:
+        for name, content in libraries.items():  # first, so that the scripts that require them load at once
+            store.add_library(name, content)
+        for script in scripts:
+            if script.executor == "wasm" and store.kind != "nats":  # the etcd store keeps a path: make it absolute
+                script.content = os.path.join(script.base_dir, os.path.expanduser(script.content.strip()))
+            store.add_script(script)
+    print(f"imported {len(scripts)} scripts and {len(libraries)} libraries from {source}")
+    return 0
+
+
+def read_script_dir(directory: Path) -> tuple[list[Script], dict[str, str]]:
+    """The scripts of DIR/*.lua and the libraries of DIR/libs/*.lua; ConfigError for the first that does not parse."""
+    scripts = []
+    for path in _lua_files(directory):
+        script = parse_script(path.read_text(encoding="utf-8", errors="surrogateescape"), str(path))
+        if script.executor == "lua":
+            check_lua_syntax(script.content, str(path))
+        scripts.append(script)
+    libs = directory / "libs"
+    return scripts, read_libraries(str(libs)) if libs.is_dir() else {}
+
+
+def write_script_dir(dest: Path, lib_dest: Path, scripts: list[Script], libraries: dict[str, str],
+                     store: Store) -> None:
+    """Scripts as DIR/<name>.lua (<subject>.<name>.lua when names repeat), each WASM module beside its script,
+    libraries as LIBDIR/<name>.lua: the file store's layout (msgscript server -script DIR -library LIBDIR)."""
+    try:
+        lib_dest.mkdir(parents=True, exist_ok=True)
+        dest.mkdir(parents=True, exist_ok=True)
+        taken: set[str] = set()
+        for script in scripts:
+            stem = _file_stem(script.name, taken) if script.name not in taken else \
+                _file_stem(f"{script.subject}.{script.name}", taken)
+            if script.executor == "wasm":
+                module = store.module(script)
+                if module is None:
+                    log.warning("%s/%s: its wasm module %s cannot be read; the script keeps that path",
+                                script.subject, script.name, script.content.strip())
+                else:
+                    (dest / f"{stem}.wasm").write_bytes(module)
+                    script = dataclasses.replace(script, content=f"{stem}.wasm")
+            (dest / f"{stem}.lua").write_text(script_text(script), encoding="utf-8", errors="surrogateescape")
+        taken = set()
+        for name, content in libraries.items():
+            stem = _file_stem(name, taken)
+            text = (f"--* name: {name}\n" if stem != name else "") + content + "\n"
+            (lib_dest / f"{stem}.lua").write_text(text, encoding="utf-8", errors="surrogateescape")
+    except OSError as e:
+        raise ConfigError(f"cannot write {dest}: {error_text(e)}") from None
+
+
+def _file_stem(text: str, taken: set[str]) -> str:
+    """A file name (without .lua) for `text`, not in `taken` (then added to it)."""
+    stem = base = re.sub(r"[^A-Za-z0-9._-]", "_", text).lstrip(".") or "_"
+    n = 1
+    while stem in taken:
+        n += 1
+        stem = f"{base}-{n}"
+    taken.add(stem)
+    return stem
+
+
 def _cli_completion(args, cfg: CliConfig) -> int:
     print(completion_script(args.shell))
     return 0
@@ -5944,6 +6777,7 @@ complete -o default -F _msgscript_complete msgscript msgscriptcli"""
 CLI_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "add": _cli_add, "list": _cli_list, "ls": _cli_list, "rm": _cli_rm, "lib": _cli_lib,
     "dev": _cli_dev, "devhttp": _cli_devhttp, "completion": _cli_completion,
+    "export": _cli_export, "import": _cli_import,
 }
 
 
