@@ -1314,7 +1314,7 @@ class NatsStore(Store):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connecting: asyncio.Lock | None = None
         self._events: asyncio.Queue | None = None
-        self._follower: concurrent.futures.Future | None = None
+        self._follower: asyncio.Future | None = None
         self._synced = threading.Event()
         self._tried = threading.Event()  # the first attempt to load is over
         self._down = False
@@ -1400,10 +1400,8 @@ class NatsStore(Store):
         loop, self._loop = self._loop, None
         if loop is None:
             return
-        if self._locks:
-            self._locks.close(loop)
 
-        async def close():
+        async def close():  # the connection, then every task: the follower, a lock refresher
             if self.nc is not None and not self.nc.is_closed:
                 await self.nc.close()
             tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
@@ -1620,7 +1618,7 @@ class NatsStore(Store):
         bucket, _, name = ref[len(WASM_REF):].partition("/")
         if not _BUCKET_NAME.match(bucket) or not name:
             raise MsgscriptError(f"bad module reference {ref!r} (nats-object://<bucket>/<object>)")
-        return await jetstream_bucket(await self._connection(), "object", bucket, self.buckets.replicas), name
+        return await (await self._connection()).object_store(bucket), name
 
     async def _module_file(self, ref: str, label: str) -> str:
         """The server's copy of a module in the object store, named by its SHA-256 (fetched when missing)."""
@@ -1645,7 +1643,7 @@ class NatsStore(Store):
             os.replace(f.name, path)
             log.info("fetched wasm module %s (%d bytes, sha256 %s)", ref, info.size or 0, digest[:12])
             return path
-        except nats.js.errors.ObjectNotFoundError:
+        except nats.js.errors.NotFoundError:  # the object, or its bucket
             raise MsgscriptError(f"module {ref} not found") from None
         except (OSError, IndexError, ValueError) as e:
             raise MsgscriptError(f"module {ref}: {error_text(e)}") from None
@@ -1800,10 +1798,6 @@ class NatsLocks:
                     held[1] = ack.seq
                 except Exception as e:  # noqa: BLE001 - logged; the next round tries again
                     log.warning("lock %s: refreshing it failed (%s)", key, nats_reason(e))
-
-    def close(self, loop) -> None:
-        if self._refresher is not None:
-            loop.call_soon_threadsafe(self._refresher.cancel)
 
 
 class _NatsHeld(_ClusterHeld):
@@ -4693,7 +4687,7 @@ class NatsBridge:
 
     def run(self, coro, timeout: float):
         """Run a coroutine on the loop (it may use `self.nc`), cancelled there after `timeout` seconds."""
-        return self._wait(asyncio.wait_for(coro, timeout), timeout + 0.5)
+        return self._wait(coro, timeout)
 
 
 ###############################################################################

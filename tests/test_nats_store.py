@@ -415,7 +415,8 @@ def test_locks_without_nats_fail_the_call_instead_of_running_unlocked():
     store = msgscript.NatsStore(msgscript.NatsOptions("nats://127.0.0.1:1"))
     script = msgscript.Script("l.s", "locked", "", lock=True)
     try:
-        with pytest.raises(msgscript.MsgscriptError, match="^script locked: cannot take its lock: NATS at nats://127.0.0.1:1: "), \
+        with pytest.raises(msgscript.MsgscriptError,
+                           match="^script locked: cannot take its lock: NATS at nats://127.0.0.1:1: "), \
                 store.locks().hold(script, msgscript.Call("x", deadline=time.monotonic() + 1)):
             pytest.fail("ran without its lock")
     finally:
@@ -662,3 +663,18 @@ function OnMessage()
   return tostring(b), err
 end""")
     assert out == ["nil", "kv.bucket t_none: not connected to NATS"]
+
+
+def test_the_kv_examples_of_the_module_docs_work(bridge):
+    doc = (ROOT / "docs" / "modules.md").read_text()
+    section = doc[doc.index("\n## kv\n"):doc.index("\n## strings\n")]
+    counter, limiter = [block.split("```")[0] for block in section.split("```lua\n")[1:]]
+    assert [run_kv(bridge, counter)[0] for _ in range(3)] == ["call number 1", "call number 2", "call number 3"]
+    limiter = limiter.replace("function OnMessage(subject, payload)",
+                              "function OnMessage(subject, payload)\n  payload = PAYLOAD")
+    for client in ("key one", "key two"):  # the second, should the minute turn during the first
+        minute = int(time.time() // 60)
+        replies = [run_kv(bridge, limiter.replace("PAYLOAD", repr(client)))[0] for _ in range(12)]
+        if int(time.time() // 60) == minute:
+            break
+    assert replies == ["ok"] * 10 + ["rate limited"] * 2
