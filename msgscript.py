@@ -1322,7 +1322,8 @@ class NatsStore(Store):
 
     @property
     def where(self) -> str:
-        return self.options.url or NATS_STORE_URL
+        """The NATS URL(s), without the user and password that may travel in them (for messages)."""
+        return re.sub(r"//[^@/,]*@", "//", self.options.url or NATS_STORE_URL)
 
     # The connection, on a thread and event loop of its own.
     def run(self, coro, timeout: float = NATS_TIMEOUT * 2):
@@ -1347,7 +1348,7 @@ class NatsStore(Store):
             self._connecting = asyncio.Lock()
         async with self._connecting:
             if self.nc is None or self.nc.is_closed:
-                options = dataclasses.replace(self.options, url=self.where)
+                options = dataclasses.replace(self.options, url=self.options.url or NATS_STORE_URL)
                 self.nc = await options.connect("msgscript-store", max_reconnect_attempts=-1, reconnect_time_wait=0.5,
                                                 reconnected_cb=self._reconnected, error_cb=self._error)
                 self._js = self.nc.jetstream(timeout=NATS_TIMEOUT)
@@ -1355,7 +1356,8 @@ class NatsStore(Store):
         return self._js
 
     async def _reconnected(self) -> None:
-        log.info("NATS store: reconnected to %s; reading everything again", self.nc.connected_url.netloc)
+        log.info("NATS store: reconnected to %s; reading everything again",
+                 self.nc.connected_url.netloc.rpartition("@")[2])
         if self._events is not None:
             self._events.put_nowait(None)
 

@@ -375,6 +375,52 @@ def test_server_on_nats_without_jetstream_says_why_and_is_not_ready(tmp_path, na
         server.stop()
 
 
+def test_one_box_with_the_embedded_nats(tmp_path):
+    """No -natsurl: the server starts its own NATS with JetStream in -data, and the NATS store works on it."""
+    import re
+
+    data = tmp_path / "data"
+    server = MsgscriptProcess(["-backend", "nats", "-data", str(data)], tmp_path)
+    try:
+        url = re.search(r"started embedded NATS server at (nats://[\d.:]+)", server.log).group(1)
+        write_script(tmp_path, "hello.lua", echo("funcs.hello", "hello", "one box "))
+        ok(cli(url, "add", "hello.lua", cwd=tmp_path))
+        client = Nats(url)
+        try:
+            wait_until(lambda: answer(client, "funcs.hello") == "one box x", 2)
+        finally:
+            client.close()
+        assert (data / "jetstream").is_dir()
+    finally:
+        server.stop()
+
+
+def test_a_password_in_the_nats_url_stays_out_of_the_log_and_errors(tmp_path):
+    import tempfile
+
+    port, store = msgscript.free_port(), tempfile.mkdtemp(prefix="msgscript-js-auth-")
+    proc = subprocess.Popen([msgscript.find_nats_server(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", store,
+                             "--user", "app", "--pass", "s3cretpw"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        msgscript.wait_for_port("127.0.0.1", port, 15, proc)
+        url = f"nats://app:s3cretpw@127.0.0.1:{port}"
+        write_script(tmp_path, "hello.lua", echo("funcs.hello", "hello", "hi "))
+        wait_until(lambda: cli(url, "add", "hello.lua", cwd=tmp_path).returncode == 0, 10)
+        server = MsgscriptProcess(["-backend", "nats", "-natsurl", url, "-data", str(tmp_path / "d")], tmp_path)
+        try:
+            assert f"NATS store at nats://127.0.0.1:{port}: 1 scripts" in server.log
+        finally:
+            server.stop()
+        assert "s3cretpw" not in server.log
+        out = cli(url, "rm", "-s", "funcs.nothing", "-n", "x")
+        assert out.returncode == 2 and "s3cretpw" not in out.stderr and f"127.0.0.1:{port}" in out.stderr
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(store, ignore_errors=True)
+
+
 # --- locks -------------------------------------------------------------------------------------
 
 def test_nats_locks_wait_until_the_deadline_then_time_out(js):
