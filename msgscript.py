@@ -1171,7 +1171,7 @@ NATS_BUCKETS = {"scripts": "msgscript_scripts", "libs": "msgscript_libs", "wasm"
                 "locks": "msgscript_locks"}
 NATS_STORE_URL = "nats://127.0.0.1:4222"  # the CLI's default: where `msgscript server` starts its embedded NATS
 NATS_TIMEOUT = 5.0  # one JetStream request, at most
-NATS_CHECK = 2.0  # seconds between checks that the watches keep up (a consumer lost with a node is made again)
+NATS_CHECK = 1.0  # seconds between checks that the watches keep up (a consumer lost with a node is made again)
 WASM_REF = "nats-object://"  # a wasm script's content in the NATS store: nats-object://<bucket>/<object>
 WASM_MAX = 256 * 2**20  # the largest module a server fetches
 _BUCKET_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -1238,7 +1238,9 @@ def nats_reason(exc: BaseException) -> str:
         return "JetStream is not available on the NATS server (is it started with -js?)"
     if isinstance(exc, nats.js.errors.KeyWrongLastSequenceError):
         return "wrong last revision"
-    if isinstance(exc, nats.js.errors.APIError) and exc.description:
+    if isinstance(exc, nats.js.errors.NotFoundError) and not getattr(exc, "description", None):
+        return "not found"
+    if isinstance(exc, nats.js.errors.APIError) and getattr(exc, "description", None):  # not every one has it
         return first_line(str(exc.description))
     if isinstance(exc, (nats.errors.TimeoutError, TimeoutError)):
         return "timeout"
@@ -1253,25 +1255,38 @@ async def jetstream_bucket(js, kind: str, name: str, replicas: int = 0, **config
     `replicas` 0 means 3, or 1 when the NATS server is not a cluster of three or more."""
     import nats.js.errors
 
-    lookup = js.key_value if kind == "kv" else js.object_store
+    lookup = functools.partial(_retried, js.key_value if kind == "kv" else js.object_store, name)
     stream = f"{'KV' if kind == 'kv' else 'OBJ'}_{name}"
     try:
-        return await _with_leader(js, stream, await lookup(name))
+        return await _with_leader(js, stream, await lookup())
     except nats.js.errors.BucketNotFoundError:
         pass
     create = js.create_key_value if kind == "kv" else js.create_object_store
     for count in [replicas] if replicas else [3, 1]:
         try:
-            return await _with_leader(js, stream, await create(bucket=name, replicas=count, **config))
+            return await _with_leader(js, stream, await _retried(create, bucket=name, replicas=count, **config))
         except nats.js.errors.APIError as e:
             if count == 3 and not replicas and e.err_code in (10074, 10023):  # not clustered; too few servers
                 if e.err_code == 10023:
                     log.warning("bucket %s: made with 1 replica (NATS: %s)", name, e.description)
                 continue
             if e.err_code == 10058:  # made by another server meanwhile
-                return await _with_leader(js, stream, await lookup(name))
+                return await _with_leader(js, stream, await lookup())
             raise
     raise ConfigError(f"cannot create bucket {name}")
+
+
+async def _retried(request, *args, **kwargs):
+    """A JetStream API request that may be repeated, asked again when its answer does not come within a second
+    (then two, three): a NATS node that has just restarted loses some answers for a few seconds."""
+    import nats.errors
+
+    for wait in (1.0, 2.0, 3.0):
+        try:
+            return await asyncio.wait_for(request(*args, **kwargs), wait)
+        except (nats.errors.TimeoutError, TimeoutError):
+            pass
+    return await request(*args, **kwargs)
 
 
 async def _with_leader(js, stream: str, bucket):
@@ -1456,12 +1471,14 @@ class NatsStore(Store):
         import nats.errors
 
         kv, name = await self.bucket(which), getattr(self.buckets, which)
-        last = (await self._js.stream_info(f"KV_{name}")).state.last_seq
-        watcher = await kv.watchall()
+        last = (await _retried(self._js.stream_info, f"KV_{name}")).state.last_seq
+        # Short waits: while JetStream fails over, a consumer may be made and then never deliver; asking
+        # again soon is what gets the scripts back.
+        watcher = await asyncio.wait_for(kv.watchall(), NATS_TIMEOUT / 2)
         entries: dict = {}
         newest = 0
         try:
-            while (entry := await watcher.updates(NATS_TIMEOUT * 2)) is not None:
+            while (entry := await watcher.updates(NATS_TIMEOUT / 2)) is not None:
                 entries[entry.key], newest = entry, max(newest, entry.revision)
         except nats.errors.TimeoutError:
             await self._quietly(watcher.stop())
@@ -1546,7 +1563,12 @@ class NatsStore(Store):
         the previous check saw: its consumer is gone (with a NATS node) or stuck."""
         last = {}
         for which in ("scripts", "libs"):
-            last[which] = (await self._js.stream_info(f"KV_{getattr(self.buckets, which)}")).state.last_seq
+            try:
+                info = await asyncio.wait_for(self._js.stream_info(f"KV_{getattr(self.buckets, which)}"), NATS_CHECK)
+            except TimeoutError:  # JetStream is failing over (its answers are lost meanwhile): read again
+                log.debug("NATS store: no answer about bucket %s; reading everything again", which)
+                return None
+            last[which] = info.state.last_seq
             if marks and self._seen[which] < marks[which]:
                 log.warning("NATS store: the watch of bucket %s fell behind; reading everything again",
                             getattr(self.buckets, which))
@@ -1780,7 +1802,9 @@ class NatsLocks:
         try:
             self._held[key] = [token, await kv.create(key, token, msg_ttl=LOCK_TTL)]
             return True
-        except nats.js.errors.KeyWrongLastSequenceError:
+        # nats-py's create reads the key after a conflict, and may find nothing when the holder's key has
+        # just expired or been released: taken, or gone, try again
+        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyNotFoundError):
             return False
 
     async def release(self, key: str) -> None:

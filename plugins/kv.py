@@ -125,8 +125,8 @@ def _load(ctx):
     def get(b, key=None):
         """b:get(key) -> value, revision | nil (missing) | nil, err"""
         async def op():
-            try:
-                return await b.kv.get(k)
+            try:  # a read may be asked again when its answer is late (see msgscript._retried)
+                return await msgscript._retried(b.kv.get, k)
             except nats.js.errors.KeyNotFoundError:  # deleted keys too
                 return None
 
@@ -149,7 +149,10 @@ def _load(ctx):
             if what == "put":
                 return await b.kv.put(k, data)
             if what == "create":
-                return await b.kv.create(k, data)
+                try:
+                    return await b.kv.create(k, data)
+                except nats.js.errors.KeyNotFoundError:  # nats-py's create reads the key after a conflict:
+                    raise nats.js.errors.KeyWrongLastSequenceError() from None  # it was there, and went again
             return await b.kv.update(k, data, last=revision)
 
         try:

@@ -69,18 +69,30 @@ class NatsCluster:
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 60) -> None:
-        """Until JetStream answers with a meta leader elected (an R3 stream can then be made)."""
-        async def probe():
+        """Until JetStream answers through every running node: an R3 stream can be made and removed from a
+        connection to each, and every stream answers with a leader (a node that just restarted leaves
+        requests unanswered while it catches up, "not found" answers the longest)."""
+        async def probe(node):
             import nats
+            import nats.js.errors
 
-            nc = await nats.connect(self.url.split(","), connect_timeout=2, max_reconnect_attempts=1)
+            nc = await nats.connect(node.url, connect_timeout=2, max_reconnect_attempts=1)
             try:
                 js = nc.jetstream(timeout=2)
                 deadline = time.monotonic() + timeout
                 while True:
                     try:
-                        await js.add_stream(name="PROBE", subjects=["probe.x"], num_replicas=len(self.live))
-                        await js.delete_stream("PROBE")
+                        await js.add_stream(name=f"PROBE_{node.name}", subjects=[f"probe.{node.name}"],
+                                            num_replicas=len(self.live))
+                        await js.delete_stream(f"PROBE_{node.name}")
+                        try:  # a restarted node answers "not found" only once it has caught up
+                            await js.stream_info(f"PROBE_{node.name}")
+                        except nats.js.errors.NotFoundError:
+                            pass
+                        for listed in await js.streams_info():  # and the streams there are have a leader
+                            info = await js.stream_info(listed.config.name)
+                            if info.cluster is not None and not info.cluster.leader:
+                                raise RuntimeError(f"stream {listed.config.name} has no leader yet")
                         return
                     except Exception:
                         if time.monotonic() > deadline:
@@ -89,7 +101,10 @@ class NatsCluster:
             finally:
                 await nc.close()
 
-        asyncio.run(probe())
+        async def probe_all():
+            await asyncio.gather(*(probe(node) for node in self.live))
+
+        asyncio.run(probe_all())
 
     @property
     def live(self) -> list[NatsNode]:

@@ -724,3 +724,17 @@ def test_the_kv_examples_of_the_module_docs_work(bridge):
         if int(time.time() // 60) == minute:
             break
     assert replies == ["ok"] * 10 + ["rate limited"] * 2
+
+
+def test_nats_failures_are_worded_for_people():
+    import nats.errors
+    import nats.js.errors as errors
+
+    worded = [msgscript.nats_reason(e) for e in (
+        errors.KeyNotFoundError(), errors.KeyDeletedError(), errors.KeyWrongLastSequenceError(),
+        errors.BucketNotFoundError(), errors.NoKeysError(), errors.ServiceUnavailableError(),
+        errors.APIError(code=400, err_code=10058, description="stream name already in use"),
+        nats.errors.TimeoutError(), nats.errors.NoServersError())]
+    assert worded == ["not found", "not found", "wrong last revision", "not found", "no keys found",
+                      "JetStream is not available on the NATS server (is it started with -js?)",
+                      "stream name already in use", "timeout", "not connected"]
