@@ -6325,9 +6325,10 @@ def _server_parser(prog: str = "msgscript server") -> argparse.ArgumentParser:
 
 def _cli_parser(prog: str = "msgscript cli") -> argparse.ArgumentParser:
     common = _Parser(add_help=False)
-    common.add_argument("-b", "--backend", default=argparse.SUPPRESS, help="store: etcd or file (default etcd)")
+    common.add_argument("-b", "--backend", default=argparse.SUPPRESS, help="store: etcd, file or nats (default etcd)")
     common.add_argument("-e", "--etcdurls", default=argparse.SUPPRESS, help="etcd endpoints (default localhost:2379)")
-    common.add_argument("-u", "--natsurl", default=argparse.SUPPRESS, help="NATS URL (dev, devhttp)")
+    common.add_argument("-u", "--natsurl", default=argparse.SUPPRESS,
+                        help=f"NATS URL (env NATS_URL): the -b nats store (default {NATS_STORE_URL}); dev, devhttp")
     for name, help in _NATS_SECURITY_FLAGS:
         common.add_argument(f"--{name}", default=argparse.SUPPRESS, help=help)
     common.add_argument("-x", "--executor", default=argparse.SUPPRESS, help="lua, wasm or podman (default lua)")

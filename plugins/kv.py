@@ -28,6 +28,7 @@ KV_TIMEOUT = 5.0
 _KEY = re.compile(r"^[-/_=.a-zA-Z0-9]+$")
 _BUCKET = re.compile(r"^[A-Za-z0-9_-]+$")
 _buckets: dict[tuple[int, str], object] = {}  # (connection, name) -> nats-py KeyValue, shared by every script
+_MAX_CACHED = 1024
 _lock = threading.Lock()
 
 
@@ -109,6 +110,8 @@ def _load(ctx):
         try:
             if not _BUCKET.match(name):
                 raise _Failure(f"invalid bucket name {name!r} (letters, digits, _ and - only)")
+            if name.startswith("msgscript_"):
+                raise _Failure("bucket names starting with msgscript_ are the server's (scripts, locks)")
             nats = bridge()
             with _lock:
                 kv = _buckets.get((id(nats.nc), name))
@@ -117,6 +120,8 @@ def _load(ctx):
                 kv = run(msgscript.jetstream_bucket(nats.nc.jetstream(timeout=KV_TIMEOUT), "kv", name, replicas,
                                                     **config))
                 with _lock:
+                    if len(_buckets) >= _MAX_CACHED:  # scripts that make buckets without end: start again
+                        _buckets.clear()
                     _buckets[(id(nats.nc), name)] = kv
             return _Bucket(name, kv)
         except _Failure as e:

@@ -622,11 +622,14 @@ function OnMessage()
     r[#r + 1] = e
   end
   local none, bad_name = kv.bucket("no.dots")
+  local theirs, reserved = kv.bucket("msgscript_scripts")
   local _, bad_key = b:get("a key")
   local ok, bad_self = pcall(b.get, "not a bucket", "k")
   local ok2, bad_rev = pcall(b.update, b, "k", "v", "latest")
-  return r, tostring(none), bad_name, bad_key, bad_self, bad_rev
+  return r, tostring(none), bad_name, bad_key, bad_self, bad_rev, tostring(theirs), reserved
 end""")
+    assert out[6:] == ["nil", "kv.bucket msgscript_scripts: bucket names starting with msgscript_ are the server's "
+                              "(scripts, locks)"]
     assert out[0] == ["nil", "bad argument #2 to 'bucket' (history must be a whole number from 1 to 64)",
                       "bad argument #2 to 'bucket' (ttl must be a duration such as 30s or 1h, got 'soon')",
                       "bad argument #2 to 'bucket' (unknown option 'colour' (use history, ttl or replicas))",
