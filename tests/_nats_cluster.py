@@ -31,7 +31,7 @@ class NatsNode:
         self.proc = subprocess.Popen(
             [self.binary, "-a", "127.0.0.1", "-p", str(self.port), "-n", self.name, "--cluster_name", "msgscript-test",
              "-cluster", f"nats://127.0.0.1:{self.cluster_port}", "-routes", routes, "-js", "-sd", self.store_dir],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=msgscript._die_with_parent)
         msgscript.wait_for_port("127.0.0.1", self.port, 15, self.proc)
 
     def kill(self) -> None:
@@ -125,7 +125,8 @@ class JetStreamServer(NatsNode):
 
     def start(self) -> None:
         command = [self.binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", self.store_dir]
-        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     preexec_fn=msgscript._die_with_parent)  # none left behind by a killed run
         msgscript.wait_for_port("127.0.0.1", self.port, 15, self.proc)
 
     def close(self) -> None:
