@@ -1812,7 +1812,7 @@ class LuaRunner:
         """From the watchdog: the call is past its time; a worker still in a system call well past its
         deadline (a read that never ends) gets a signal that interrupts it."""
         with self._lock:
-            if self not in self.watchdog.running or not self.state:
+            if not self.state or (self.watchdog.inline is not self and self not in self.watchdog.running):
                 return
             for state in (self.state, *self.threads):
                 LUPA.trip(state)
@@ -1899,27 +1899,28 @@ class LuaRunner:
         if type(fname) is str:
             fname = fname.encode()
         ctx = self.ctx
-        size = 0
-        for arg in args:
-            if type(arg) is bytes:
-                size += len(arg)
-        for arg in meta:
-            if type(arg) is bytes:
-                size += len(arg)
-        if ctx._max_memory and size + LUA_MEMORY_MARGIN > ctx._max_memory - self.lua.get_memory_used():
-            ctx.fits(size, "payload")
+        if ctx._max_memory:  # a push into a full Lua state hangs lupa: the arguments must fit
+            size = sum(len(a) for a in args if type(a) is bytes) if len(args) != 2 else len(args[0]) + len(args[1])
+            if meta:
+                size += sum(len(a) for a in meta if type(a) is bytes)
+            if size + LUA_MEMORY_MARGIN > ctx._max_memory - self.lua.get_memory_used():
+                ctx.fits(size, "payload")
         ctx.deadline, ctx.inline, ctx.moved = deadline, inline, False
         if self.threads:
             with self._lock:
                 self.threads = []
         watchdog = self.watchdog
-        if inline:
-            ctx.inline_deadline = time.monotonic() + INLINE_BUDGET
         if watchdog is not None:
-            self.stop_at = ctx.inline_deadline if inline else deadline
-            watchdog.running.add(self)
+            if inline:
+                self.stop_at = ctx.inline_deadline = time.monotonic() + INLINE_BUDGET
+                watchdog.inline = self
+            else:
+                self.stop_at = deadline
+                watchdog.running.add(self)
             if watchdog.sleeping:
                 watchdog.wake()
+        elif inline:
+            ctx.inline_deadline = time.monotonic() + INLINE_BUDGET
         try:
             if meta:
                 out = self._run_message(self.main, fname, inline, *args, *meta)
@@ -1930,10 +1931,12 @@ class LuaRunner:
                 raise _MoveToPool() from None
             raise
         finally:
-            if watchdog is not None:
-                watchdog.running.discard(self)
             if inline:
                 ctx.inline, ctx.inline_deadline = False, math.inf
+                if watchdog is not None:
+                    watchdog.inline = None
+            elif watchdog is not None:
+                watchdog.running.discard(self)
             if ctx._lifted:
                 ctx.restore()
             if ctx._cwd is not None:
@@ -3069,6 +3072,7 @@ class Scheduler:
         self.store = store
         self.executors = executors if executors is not None else make_executors(services, memory)
         self.timeout = timeout
+        self._limit = f"the server's -timeout {timeout:g}s"
         self.max_inflight = max_inflight
         self.pool = WorkerPool(workers, max_workers)
         self.watchdog = services.watchdog = Watchdog(self.pool)
@@ -3110,7 +3114,7 @@ class Scheduler:
         if self.inflight >= self.max_inflight:
             self._refuse()
         if call.deadline == math.inf:  # the server's -timeout, unless the front set a shorter one
-            call.deadline, call.limit = time.monotonic() + self.timeout, f"the server's -timeout {self.timeout:g}s"
+            call.deadline, call.limit = time.monotonic() + self.timeout, self._limit
         single = on_result is None and len(scripts) == 1
         if single:
             result = self._try_inline(scripts[0], call)
@@ -3187,7 +3191,8 @@ class Scheduler:
         `inline` is the script's executor when the call runs on the loop (see _try_inline).
         """
         started = time.perf_counter()
-        call = _script_call(script, call)
+        if script.timeout is not None:
+            call = _script_call(script, call)
         span = None
         if self.tracing and call.trace is not None:
             span = self.tracing.script_span(script, call)
@@ -3434,7 +3439,8 @@ class Watchdog:
 
     def __init__(self, pool: WorkerPool):
         self.pool = pool
-        self.running: set = set()
+        self.running: set = set()  # LuaRunners running a call on a worker
+        self.inline = None  # the LuaRunner running a call on the event loop
         self.sleeping = True
         self._wake = threading.Event()
         self._stopped = False
@@ -3458,14 +3464,15 @@ class Watchdog:
                 quiet = 0
                 continue
             now = time.monotonic()
-            for runner in list(self.running):
+            inline = self.inline
+            for runner in [*self.running, inline] if inline is not None else list(self.running):
                 if runner.stop_at <= now:
                     runner.trip(now)
             self.pool.grow(now)
-            quiet = 0 if self.running or self.pool.active else quiet + 1
+            quiet = 0 if self.running or inline is not None or self.pool.active else quiet + 1
             if quiet * self.poll > 1.0:
                 quiet, self.sleeping = 0, True
-                if self.running or self.pool.active:  # a call started meanwhile and saw us awake
+                if self.running or self.inline is not None or self.pool.active:  # a call started meanwhile
                     self.sleeping = False
                 continue
             time.sleep(self.poll)

@@ -329,9 +329,11 @@ function io.lines(path)
     return line
   end
 end
+local io_changed = false  -- the call moved io's default files: they are the process's again after it
 local function default_file(raw, mode)
   return function(file)
     guard()
+    io_changed = io_changed or file ~= nil
     if type(file) == "string" then
       local f, err = open(file, mode)
       if not f then error(err, 2) end
@@ -535,9 +537,11 @@ local function invoke(main, env, fname, ...)
   return true, f(...)
 end
 local function finish(ok, ...)
-  sethook()
-  if io_output() ~= stdout then io_output(stdout) end  -- the default files are the process's
-  if io_input() ~= stdin then io_input(stdin) end
+  if io_changed then
+    io_changed = false
+    if io_output() ~= stdout then io_output(stdout) end
+    if io_input() ~= stdin then io_input(stdin) end
+  end
   inline, current_env, current_loaded = false, nil, nil
   string_mt.__index = string_lib
   if not ok then
@@ -556,7 +560,6 @@ local function run(main, fname, in_line, ...)
   env._G = env
   current_env = env
   raw_setfenv(main, env)
-  sethook(hook, "", CHECK)
   return finish(pcall(invoke, main, env, fname, ...))
 end
 local function compile(source, chunkname)
@@ -567,4 +570,6 @@ local function run_message(main, fname, in_line, a, b, id, stream, sequence, att
   return run(main, fname, in_line, a, b,
              {id = id, stream = stream, sequence = sequence, attempt = attempt, subject = subject, tick = tick})
 end
+-- The hook stays set between calls (no Lua runs then): setting it per call would cost more than it does.
+sethook(hook, "", CHECK)
 return run, compile, wrap, run_message
