@@ -226,6 +226,9 @@ class Script:
     timezone: str = ""
     path: str = ""
     version: int = 0  # bumped on every change; caches key on it
+    # The Scheduler's notes on this version (not part of the script): it must run on workers; its counters.
+    pooled: bool = dataclasses.field(default=False, compare=False, repr=False)
+    stats: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def retry_text(self) -> str:
@@ -1148,6 +1151,7 @@ class Result:
     is_html: bool = False
     error: str = ""
     status: int = 200  # error status: 500 script error, 504 timeout, ...
+    seconds: float = 0.0  # how long the call took
 
     @classmethod
     def failure(cls, exc: BaseException) -> Result:
@@ -3039,6 +3043,8 @@ EXECUTORS: dict[str, type[Executor]] = {"lua": LuaExecutor, "wasm": WasmExecutor
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                     60.0, 120.0)
 LATE = 0.05  # seconds after a pooled call's deadline that its timer answers for it
+COMPUTE = 0.0002  # seconds: a script whose inline calls take longer computes (it may go to the pool when busy)
+LOAD_WINDOW = 0.02  # seconds over which the loop's share of time in inline calls is measured
 BLOCKING_THREADS = 32  # plugins' blocking work (LuaContext.blocking) at once
 WAKE_SIGNAL = signal.SIGURG  # interrupts a worker's system call (ignored unless a handler is set: Server.run)
 
@@ -3053,6 +3059,7 @@ class ScriptStats:
     buckets: list[int] = dataclasses.field(default_factory=lambda: [0] * (len(DURATION_BUCKETS) + 1))
     last_error: str = ""
     moved: int = 0  # inline calls that moved to a worker
+    average: float = 0.0  # moving average of its calls' durations: does it compute?
 
     def count(self, result: Result, seconds: float) -> None:
         self.calls += 1
@@ -3083,7 +3090,9 @@ class Scheduler:
         self.stats: dict[tuple[str, str], ScriptStats] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self.idle: asyncio.Event | None = None  # set while nothing is in flight (shutdown waits on it)
-        self._pooled: dict[tuple[str, str], int] = {}  # script key -> version that must run on the pool
+        self.loop_load = 0.0  # the share of the loop's time spent in inline calls (last window)
+        self._window = [time.perf_counter(), 0.0]  # the current window: its start, inline seconds so far
+        self.compute_calls = 0  # calls of scripts that compute, sent to the pool and not back yet
         self._done: collections.deque = collections.deque()  # finished pool calls, for the loop
         self._wake_pending = False
         self._wake_lock = threading.Lock()
@@ -3136,22 +3145,47 @@ class Scheduler:
         raise Busy(f"server busy: {self.inflight} calls in flight (limit {self.max_inflight})")
 
     def _try_inline(self, script: Script, call: Call) -> Result | None:
-        """Run `script` inline if it may; None when it must run on a worker (and is marked for it)."""
+        """Run `script` inline if it may; None when it must run on a worker (marked for it if it blocked).
+
+        A script that computes (its inline calls take more than COMPUTE) goes to the pool while the loop
+        is busy running scripts, so that its calls run in parallel on every core; a lone call stays inline.
+        """
+        if script.pooled or script.lock:
+            return None
         executor = self.executors.get(script.executor)
-        if (executor is None or not executor.inline_capable or script.lock
-                or self._pooled.get(script.key) == script.version):
+        if executor is None or not executor.inline_capable:
+            return None
+        stats = script.stats or self._stats(script)
+        if stats.average > COMPUTE and self._busy():
             return None
         try:
-            return self._execute(script, call, executor)
+            result = self._execute(script, call, executor)
         except _MoveToPool:  # it reached something that blocks, or its budget: workers from now on
-            self._pooled[script.key] = script.version
-            self._stats(script).moved += 1
+            script.pooled = True
+            stats.moved += 1
             log.debug("script %s/%s runs on the worker pool from now on", script.subject, script.name)
             return None
+        self._count(script, call, result, True)
+        return result
+
+    def _busy(self) -> bool:
+        """Whether the loop is busy with scripts: compute calls in the pool, or most of the last window inline."""
+        return self.compute_calls > 0 or (time.perf_counter() - self._window[0] < 2 * LOAD_WINDOW
+                                          and self.loop_load > 0.5)
+
+    def _note_inline(self, seconds: float, now: float) -> None:
+        window = self._window
+        if now - window[0] > LOAD_WINDOW:
+            self.loop_load = window[1] / (now - window[0])
+            window[0], window[1] = now, 0.0
+        window[1] += seconds
 
     def _to_pool(self, job: _Job, index: int) -> None:
         script = job.scripts[index]
         call = _script_call(script, job.call)
+        if not script.pooled and script.stats is not None and script.stats.average > COMPUTE:
+            self.compute_calls += 1
+            job.compute += 1
         self.pool.submit(self._on_worker, job, index, call)
         if self.watchdog.sleeping:
             self.watchdog.wake()
@@ -3159,10 +3193,12 @@ class Scheduler:
             job.timers.append(self.loop.call_at(call.deadline + LATE, job.expire, index, call))
 
     def _on_worker(self, job: _Job, index: int, call: Call) -> None:
+        script = job.scripts[index]
         if job.results[index] is not None:  # answered already: its deadline passed while it was queued
-            return
-        result = self._execute(job.scripts[index], call)
-        self._done.append((job, index, result))
+            result = Result.failure(call.timed_out(script, " before it started"))
+        else:
+            result = self._execute(script, call)
+        self._done.append((job, index, call, result))
         with self._wake_lock:
             if self._wake_pending:
                 return
@@ -3174,7 +3210,8 @@ class Scheduler:
         with self._wake_lock:
             self._wake_pending = False
         while self._done:
-            job, index, result = self._done.popleft()
+            job, index, call, result = self._done.popleft()
+            self._count(job.scripts[index], call, result)
             try:
                 job.finish(index, result)
             except Exception:  # noqa: BLE001 - one front's failure must not stop the others' replies
@@ -3222,25 +3259,36 @@ class Scheduler:
                 log.exception("script %s/%s crashed", script.subject, script.name)
                 e = MsgscriptError(f"script {script.name}: internal error (see the server log)")
             result = Result.failure(e)
-        stats = self.stats.get((script.subject, script.name)) or self._stats(script)
-        stats.count(result, time.perf_counter() - started)
+        result.seconds = time.perf_counter() - started
         if span is not None:
             span.end(result)
-        if result.error:
-            self.failures.failed(script, call, result)
         return result
 
+    def _count(self, script: Script, call: Call, result: Result, inline: bool = False) -> None:
+        """A finished call's counters and its failure's log line (on the loop, so they need no lock)."""
+        stats = script.stats or self._stats(script)
+        stats.count(result, result.seconds)
+        stats.average += (result.seconds - stats.average) * 0.125
+        if inline:
+            self._note_inline(result.seconds, time.perf_counter())
+        if result.error:
+            self.failures.failed(script, call, result)
+
     def _stats(self, script: Script) -> ScriptStats:
+        """The script's counters (they outlive its versions), remembered on this version."""
         stats = self.stats.get(script.key)
         if stats is None:
             stats = self.stats[script.key] = ScriptStats()
+        script.stats = stats
         return stats
 
     def run_blocking(self, script: Script, call: Call) -> Result:
         """Run one call on the caller's thread (the cli dev command)."""
         if call.deadline == math.inf:
             call.deadline = time.monotonic() + self.timeout
-        return self._execute(script, call)
+        result = self._execute(script, call)
+        self._count(script, call, result)
+        return result
 
     def saturated(self) -> str:
         """Why the pool cannot take more work ("" when it can): /readyz."""
@@ -3264,7 +3312,7 @@ def _script_call(script: Script, call: Call) -> Call:
 class _Job:
     """One message's scripts on their way; the last to finish releases the message."""
 
-    __slots__ = ("scheduler", "scripts", "call", "on_result", "on_done", "results", "left", "timers")
+    __slots__ = ("scheduler", "scripts", "call", "on_result", "on_done", "results", "left", "timers", "compute")
 
     def __init__(self, scheduler: Scheduler, scripts: list[Script], call: Call, on_result, on_done):
         self.scheduler, self.scripts, self.call = scheduler, scripts, call
@@ -3272,6 +3320,7 @@ class _Job:
         self.results: list[Result | None] = [None] * len(scripts)
         self.left = len(scripts)
         self.timers: list = []
+        self.compute = 0  # its calls counted in the scheduler's compute_calls
 
     def finish(self, index: int, result: Result) -> None:
         if self.results[index] is not None:  # a worker's result after its timer answered
@@ -3285,6 +3334,7 @@ class _Job:
             if self.left == 0:
                 for timer in self.timers:
                     timer.cancel()
+                self.scheduler.compute_calls -= self.compute
                 self.scheduler._release()
                 if self.on_done is not None:
                     self.on_done(self.results)
@@ -5276,6 +5326,18 @@ class _Consumer:
 # Server ######################################################################
 ###############################################################################
 
+def event_loop_factory(environ: dict[str, str]) -> Callable | None:
+    """uvloop's event loop (libuv) where it is installed, unless MSGSCRIPT_LOOP=asyncio; else asyncio's own."""
+    if environ.get("MSGSCRIPT_LOOP", "uvloop") != "asyncio":
+        try:
+            import uvloop
+
+            return uvloop.new_event_loop
+        except ImportError:
+            pass
+    return None
+
+
 async def _wait_event(event: asyncio.Event, deadline: float) -> None:
     """Wait for `event` until `deadline` (time.monotonic())."""
     try:
@@ -5425,7 +5487,8 @@ class Server:
             pass
         _glibc("mallopt", -8, 2)  # M_ARENA_MAX: threads share two malloc arenas, so freed memory is reused
         signal.signal(WAKE_SIGNAL, lambda *_: None)  # the watchdog's signal interrupts a worker's system call
-        asyncio.run(self._main())
+        with asyncio.Runner(loop_factory=event_loop_factory(self.cfg.environ)) as runner:
+            runner.run(self._main())
 
     def not_ready(self) -> str:
         """Why the server should not get traffic ("" when it should): /readyz."""
