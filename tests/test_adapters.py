@@ -18,11 +18,10 @@ from conftest import MsgscriptProcess, write_script
 
 
 def test_installed_nats_py_has_what_natswire_needs():
-    import nats
-    from nats.aio.client import Client
+    from nats.aio.client import Client, __version__
 
     missing = msgscript.NatsWire.missing(Client())
-    assert missing == [], (f"nats-py {nats.__version__} lacks {missing}: NatsWire would fall back to the public "
+    assert missing == [], (f"nats-py {__version__} lacks {missing}: NatsWire would fall back to the public "
                            f"API (slower); update NatsWire and the pin in pyproject.toml")
 
 
