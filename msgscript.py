@@ -3717,7 +3717,8 @@ class NatsWire:
     of our subscriptions is handed to `take` as the parser reads it (a stand-in for nats-py's
     `_process_msg`), and a reply's PUB is appended to the buffer with one flusher wake per read, so the
     replies to one read leave in one write. Tested with nats-py 2.16 (pinned in pyproject.toml; 2.14
-    and 2.15 have the same internals but lack the connect option skip_subject_validation); where its internals differ (`missing`), nats-py's callbacks and publish are used.
+    and 2.15 have the same internals but lack the connect option skip_subject_validation); where its
+    internals differ (`missing`), nats-py's callbacks and publish are used.
     """
 
     enabled = True  # False: the public API only (the tests run both paths)
