@@ -462,7 +462,8 @@ function string.gmatch(s, p)
   return select(1, patterns().gmatch(s, p))
 end
 function string.gsub(s, p, repl, n)
-  if type(repl) == "string" then step(size(s) * (#repl + 1)) end
+  local tr = type(repl)  -- a string or table replacement runs in C for every match; a function is Lua
+  if tr == "string" then step(size(s) * (#repl + 1)) elseif tr == "table" then step(size(s) * 16) end
   if not slow(s, p) then return select(1, c_result("gsub", pcall(cgsub, s, p, repl, n))) end
   return select(1, patterns().gsub(s, p, repl, n))
 end
@@ -489,7 +490,22 @@ function table.sort(t, f)
   if n > 1 then step(n * log(n) * 12) end
   return c_sort(t, f)
 end
-function table.maxn(t)  -- in Lua: C would walk a large table where the hook cannot stop it
+-- In Lua: C would walk a large table (calling a C function for each entry) where the hook cannot stop it.
+function table.foreach(t, f)
+  if type(t) ~= "table" then error("bad argument #1 to 'foreach' (table expected, got " .. type(t) .. ")", 2) end
+  for k, v in next, t do
+    local r = f(k, v)
+    if r ~= nil then return r end
+  end
+end
+function table.foreachi(t, f)
+  if type(t) ~= "table" then error("bad argument #1 to 'foreachi' (table expected, got " .. type(t) .. ")", 2) end
+  for i = 1, #t do
+    local r = f(i, t[i])
+    if r ~= nil then return r end
+  end
+end
+function table.maxn(t)
   if type(t) ~= "table" then error("bad argument #1 to 'maxn' (table expected, got " .. type(t) .. ")", 2) end
   local m = 0
   for k in next, t do
