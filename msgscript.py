@@ -1193,6 +1193,8 @@ def as_bytes(value: Any) -> bytes:
 
 LUA_INSTRUCTION_CHECK = 10000  # the hook looks at the clock this often (instructions)
 LUA_STEP = 2**20  # units of C work (about bytes) that make one C call a long step (about a millisecond)
+LUA_UNIT = 4e-9  # seconds one unit of C work may take (table.sort, the slowest per unit: 2-3.5 ns measured)
+LATE_STEP = 0.5  # seconds past the deadline that a C step may be expected to end, at most
 LUA_MEMORY_MARGIN = 256 * 2**10  # what a value handed to Lua must leave free of the memory cap
 INLINE_BUDGET = 0.002  # seconds an inline call may run on the event loop before it moves to a worker
 INLINE_SIZE = 256 * 2**10  # bytes of input that make a module function's work too big for the event loop
@@ -1788,7 +1790,7 @@ class LuaRunner:
             ("popen", self._popen, False), ("load_module", self._load_module, True),
             ("find_module", self._find_module, True), ("plain_find", _plain_find, True),
             ("open_path", self._open_path, False), ("path", self._path, False))})
-        py[b"close_fd"], py[b"watch_thread"] = _close_fd, self._watch_thread
+        py[b"close_fd"], py[b"watch_thread"], py[b"long_step"] = _close_fd, self._watch_thread, self._long_step
         self._run, compile_, ctx._wrap, self._run_message = self.lua.execute(
             lua_file("_sandbox.lua"), self._expired, self._blocking, names, py, lua_file("_patterns.lua").encode(),
             memory or 2**62, LUA_INSTRUCTION_CHECK, LUA_STEP, name="=sandbox")
@@ -1807,6 +1809,11 @@ class LuaRunner:
 
     def _blocking(self) -> None:
         self.ctx.moved = True
+
+    def _long_step(self, units: float) -> bool:
+        """Before a long C step (on a worker): False past the deadline, or when it would end well after it."""
+        left = self.ctx.deadline - time.monotonic()
+        return left >= 0 and units * LUA_UNIT <= left + LATE_STEP
 
     def _watch_thread(self, text: bytes) -> None:
         """A coroutine the script made (`thread: 0x...`): the watchdog trips it too."""
@@ -2266,9 +2273,9 @@ class LuaExecutor(Executor):
             self._forget(script)
             raise self._memory_error(script) from None
         except runner.lupa.LuaError as e:
-            if time.monotonic() > call.deadline:
-                raise call.timed_out(script) from None
             text = lupa_error_text(e)
+            if time.monotonic() > call.deadline or text.startswith("script timed out"):  # or a step refused
+                raise call.timed_out(script) from None
             if "not enough memory" in text:
                 self._forget(script)
                 raise self._memory_error(script) from None

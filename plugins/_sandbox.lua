@@ -50,10 +50,14 @@ local inline = false
 local function guard()
   if inline then blocking(); sethook(hook, "", 1); error(TIMEOUT, 0) end
 end
--- Called before a C call of `n` units of work (about bytes): a long one is not for the event loop,
--- and none starts past the deadline.
+-- Called before a C call of `n` units of work (about bytes): a long one is not for the event loop, and
+-- none starts past the deadline or so close to it that it would run long after it (long_step).
+local long_step = py.long_step
 local function step(n)
-  if n > STEP then guard(); stop_if_expired() end
+  if n > STEP then
+    guard()
+    if not long_step(n) then sethook(hook, "", 1); error(TIMEOUT, 0) end
+  end
 end
 local function size(v)
   local t = type(v)
@@ -394,8 +398,9 @@ local function steps(s, p, plain)
 end
 local function slow(s, p, plain)
   local n = steps(s, p, plain)
+  if n > PATTERN_STEPS then return true end  -- the matcher in Lua, which the hook stops
   step(n)
-  return n > PATTERN_STEPS
+  return false
 end
 local lua_patterns
 local function patterns()
