@@ -3262,7 +3262,8 @@ class Scheduler:
         if self.inflight >= self.max_inflight:
             self._refuse()
         if call.deadline == math.inf:  # the server's -timeout, unless the front set a shorter one
-            call.deadline, call.limit = time.monotonic() + self.timeout, f"the server's -timeout {self.timeout:g}s"
+            call.deadline = time.monotonic() + self.timeout
+            call.limit = f"the server's -timeout {duration_text(self.timeout)}"
         single = on_result is None and len(scripts) == 1
         if single:
             result = self._try_inline(scripts[0], call)
@@ -3405,7 +3406,7 @@ def _script_call(script: Script, call: Call) -> Call:
     """The call with the script's own `timeout` applied."""
     if script.timeout is None:
         return call
-    return call.limited(script.timeout, f"its timeout header {script.timeout:g}s")
+    return call.limited(script.timeout, f"its timeout header {duration_text(script.timeout)}")
 
 
 class _Job:
@@ -4658,7 +4659,7 @@ class HttpFront:
 
     def _run(self, request: HttpRequest, answer: Callable) -> None:
         subject, url, params = split_target(request.target)
-        timeout, limit = self.config.timeout, f"the HTTP wait {self.config.timeout:g}s"
+        timeout, limit = self.config.timeout, f"the HTTP wait {duration_text(self.config.timeout)}"
         if "_timeout" in params:
             asked = parse_duration(params["_timeout"][-1])
             if self.config.compat_go or asked < timeout:
@@ -5912,8 +5913,8 @@ def _server_parser(prog: str = "msgscript server") -> argparse.ArgumentParser:
 # command or after it; a flag the command does not use is refused (never silently ignored).
 _CLI_GROUPS = {
     "store": (("-b", "--backend", "store: etcd or file (default etcd)"),
-              ("--script-dir", "script directory for -b file (default .)"),
-              ("--library", "library directory: for -b file, and the libraries of dev and devhttp")),
+              ("--script-dir", "script directory for -b file (default .)")),
+    "library": (("--library", "library directory: for -b file, and the libraries of dev and devhttp"),),
     "etcd": (("-e", "--etcdurls", "etcd endpoints, comma-separated (default localhost:2379; env ETCD_ENDPOINTS)"),),
     "nats": (("-u", "--natsurl", "NATS URL(s) (env NATS_URL; default nats://127.0.0.1:4222 for request and "
                                  "publish, none for dev)"),
@@ -5922,9 +5923,10 @@ _CLI_GROUPS = {
     "log": (("-L", "--log", "log level: trace, debug, info, warn, error, fatal, panic (default warn)"),),
 }
 _CLI_COMMAND_GROUPS = {
-    "add": ("store", "etcd", "executor", "log"), "list": ("store", "etcd", "log"), "rm": ("store", "etcd", "log"),
-    "lib": ("store", "etcd", "log"), "dev": ("store", "etcd", "nats", "executor", "log"),
-    "devhttp": ("store", "etcd", "nats", "executor", "log"), "request": ("nats", "log"),
+    "add": ("store", "library", "etcd", "executor", "log"), "list": ("store", "library", "etcd", "log"),
+    "rm": ("store", "library", "etcd", "log"), "lib": ("store", "library", "etcd", "log"),
+    "dev": ("library", "etcd", "nats", "executor", "log"), "devhttp": ("library", "etcd", "nats", "executor", "log"),
+    "request": ("nats", "log"),
     "publish": ("nats", "log"), "completion": (),
 }
 _CLI_ALIASES = {"ls": "list"}
@@ -5934,9 +5936,9 @@ CLI_DEFAULTS = {"backend": "etcd", "etcdurls": "localhost:2379", "natsurl": "", 
 
 def _cli_flags(parser: argparse.ArgumentParser, groups: tuple[str, ...]) -> None:
     for group in groups:
+        if group == "library" and parser.prog.split()[-1] in ("dev", "devhttp"):
+            continue  # dev and devhttp have their own -l/--library
         for *names, help in _CLI_GROUPS[group]:
-            if group == "store" and "--library" in names and parser.prog.split()[-1] in ("dev", "devhttp"):
-                continue  # dev and devhttp have their own -l/--library
             parser.add_argument(*names, default=argparse.SUPPRESS, help=help)
 
 
