@@ -3310,7 +3310,7 @@ class Scheduler:
     def _on_worker(self, job: _Job, index: int, call: Call) -> None:
         if job.results[index] is not None:  # answered already: its deadline passed while it was queued
             return
-        result = self._execute(job.scripts[index], call)
+        result = self._execute(job.scripts[index], call, quiet=True)  # logged when its job takes it
         self._done.append((job, index, result))
         with self._wake_lock:
             if self._wake_pending:
@@ -3325,7 +3325,7 @@ class Scheduler:
         while self._done:
             job, index, result = self._done.popleft()
             try:
-                job.finish(index, result)
+                job.finish(index, result, log=True)
             except Exception:  # noqa: BLE001 - one front's failure must not stop the others' replies
                 log.exception("delivering the result of %s failed", job.scripts[index].name)
 
@@ -3334,10 +3334,11 @@ class Scheduler:
         if not self.inflight and self.idle is not None:
             self.idle.set()
 
-    def _execute(self, script: Script, call: Call, inline: Executor | None = None) -> Result:
+    def _execute(self, script: Script, call: Call, inline: Executor | None = None, quiet: bool = False) -> Result:
         """Run one script within its deadline; every failure becomes a Result (except _MoveToPool).
 
-        `inline` is the script's executor when the call runs on the loop (see _try_inline).
+        `inline` is the script's executor when the call runs on the loop (see _try_inline). A failure is
+        logged unless `quiet` (a pooled call's is logged when its job takes the result: a late one is not).
         """
         started = time.perf_counter()
         call = _script_call(script, call)
@@ -3374,7 +3375,7 @@ class Scheduler:
         stats.count(result, time.perf_counter() - started)
         if span is not None:
             span.end(result)
-        if result.error:
+        if result.error and not quiet:
             self.failures.failed(script, call, result)
         return result
 
@@ -3421,10 +3422,12 @@ class _Job:
         self.left = len(scripts)
         self.timers: list = []
 
-    def finish(self, index: int, result: Result) -> None:
+    def finish(self, index: int, result: Result, log: bool = False) -> None:
         if self.results[index] is not None:  # a worker's result after its timer answered
             return
         self.results[index] = result
+        if log and result.error:
+            self.scheduler.failures.failed(self.scripts[index], self.call, result)
         self.left -= 1
         try:
             if self.on_result is not None:
@@ -3439,7 +3442,7 @@ class _Job:
 
     def expire(self, index: int, call: Call) -> None:
         """The timer of a pooled call: its deadline has passed and its worker has not answered."""
-        self.finish(index, Result.failure(call.timed_out(self.scripts[index])))
+        self.finish(index, Result.failure(call.timed_out(self.scripts[index])), log=True)
 
 
 class RateLimitedLog:
@@ -5661,7 +5664,7 @@ class ServerConfig:
 
 
 # The Go original's levels (logrus): trace is debug here, fatal and panic show only critical messages.
-LOG_LEVELS = {"trace": "debug", "debug": "debug", "info": "info", "warn": "warning", "warning": "warning",
+LOG_LEVELS = {"trace": "debug", "debug": "debug", "info": "info", "warn": "warn", "warning": "warning",
               "error": "error", "fatal": "critical", "panic": "critical"}
 
 
@@ -6339,16 +6342,19 @@ def _cli_add(args, cfg: CliConfig) -> int:
         text = Path(args.file).read_text(encoding="utf-8", errors="surrogateescape")
     except OSError as e:
         raise ConfigError(f"cannot read {args.file}: {e.strerror}") from None
-    script = parse_script(text, args.file, args.subject, args.name)
-    if "executor" not in parse_headers(text)[0]:
-        script.executor = cfg.executor
-    if script.executor == "lua":  # what the server would refuse to load is refused here
-        check_lua_syntax(script.content, args.file)
+    try:  # what the server would not load is refused here (exit status 1: the file, not the usage, is wrong)
+        script = parse_script(text, args.file, args.subject, args.name)
+        if "executor" not in parse_headers(text)[0]:
+            script.executor = cfg.executor
+        if script.executor == "lua":
+            check_lua_syntax(script.content, args.file)
+    except ConfigError as e:
+        raise MsgscriptError(str(e)) from None
     missing = [name for name in script.libraries if not store.has_library(name)]
     if missing:
-        raise ConfigError(f"{args.file} requires the librar{'y' if len(missing) == 1 else 'ies'} "
-                          f"{', '.join(missing)}, not in the store: add {'it' if len(missing) == 1 else 'them'} "
-                          f"first with msgscript cli lib add")
+        raise MsgscriptError(f"{args.file} requires the librar{'y' if len(missing) == 1 else 'ies'} "
+                             f"{', '.join(missing)}, not in the store: add {'it' if len(missing) == 1 else 'them'} "
+                             f"first with msgscript cli lib add")
     store.add_script(script)
     print(f"added {script.subject}/{script.name}")
     return 0

@@ -268,6 +268,8 @@ def test_cli_add_list_rm_round_trip(etcd, tmp_path):
     ep = etcd.endpoint
     f = write_script(tmp_path, "hello.lua", "--* subject: cli.hello\n--* name: hello\n--* require: web\n"
                      "function OnMessage(s, p) return p end\n")
+    assert_one_line_error(cli("-e", ep, "add", str(f)), "requires the library web")  # not in the store yet
+    etcd.put("msgscript/libs/web", "function route() end")
     out = cli("-e", ep, "add", str(f))
     assert out.returncode == 0, out.stderr
     doc = json.loads(etcd.get("msgscript/scripts/cli.hello/hello")["msgscript/scripts/cli.hello/hello"])

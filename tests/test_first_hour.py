@@ -130,8 +130,42 @@ def test_readme_first_screen_calls_nats_with_the_cli_and_keeps_two_setup_command
     blocks = re.findall(r"```sh\n(.*?)```", first_screen, re.S)
     assert len(blocks[0].strip().splitlines()) == 1 and len(blocks[1].strip().splitlines()) == 1
     calls = blocks[2]
-    assert "msgscript cli request funcs.hello John" in calls and "msgscript cli publish" in calls
+    assert "msgscript cli request funcs.hello John" in calls and "msgscript cli publish" in first_screen
     assert "python -c" not in first_screen and "import nats" not in first_screen
+
+
+def test_readme_first_screen_nats_calls_work_as_written(tmp_path):
+    """The server on its defaults, then the first screen's cli request lines; when 4222 is taken here (another
+    NATS), they get `-u` with the port the log names, as the first screen says."""
+    readme = (ROOT / "README.md").read_text()
+    calls = re.findall(r"```sh\n(.*?)```", "\n".join(readme.splitlines()[:40]), re.S)[2]
+    port = free_port()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    for name in ("NATS_URL", "DEBUG"):
+        env.pop(name, None)
+    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([*MSGSCRIPT, "server", "-script", "examples", "-library", "examples/libs", "-port",
+                             str(port), "-data", str(tmp_path / "data")], cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_until(lambda: b"serving" in (tmp_path / "server.log").read_bytes(), 30)
+        taken = re.search(r"reach it with (-u nats://127\.0\.0\.1:\d+)", (tmp_path / "server.log").read_text())
+        for line in calls.splitlines():
+            if "msgscript cli request" not in line:
+                continue
+            command, _, comment = line.partition("#")
+            words = command.split()[1:]  # .venv/bin/msgscript -> this checkout's msgscript
+            if taken:
+                words[2:2] = taken.group(1).split()
+            out = run(*words, cwd=ROOT)
+            said = (out.stdout or out.stderr).strip()
+            expected = comment.split(":", 1)[1].strip() if comment.strip().startswith("over NATS") else comment.strip()
+            expected = expected.split("...")[0].strip()
+            assert said.startswith(expected), (line, said)
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        log.close()
 
 
 # 3. cli dev runs every kind of script ----------------------------------------------------------------
@@ -326,6 +360,7 @@ def test_cli_add_refuses_scripts_that_would_not_load(etcd, tmp_path):
     needs = script(tmp_path, "needs.lua", "--* subject: hour.needs\n--* name: needs\n--* require: nowhere\n"
                                           "function OnMessage() return 'x' end\n")
     one_line_error(cli("add", *e, needs), "nowhere", "msgscript cli lib add")
+    assert all(cli("add", *e, f).returncode == 1 for f in (syntax, headless, wild, needs))
     assert "hour." not in cli("list", *e).stdout  # nothing was stored
 
     lib = script(tmp_path, "nowhere.lua", "function helper() return 'helped' end\n")
