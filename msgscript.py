@@ -516,6 +516,9 @@ class Store:
         return tuple(self._libraries.get(name, ("", 0))[1] for name in script.libraries)
 
     def has_library(self, name: str) -> bool:
+        """Whether the store holds library `name` (`cli add` checks a script's); a store not read yet is read."""
+        if not self._libraries and hasattr(self, "load"):
+            self.load()
         return name in self._libraries
 
     def source(self, script: Script) -> LuaSource:

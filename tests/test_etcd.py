@@ -142,7 +142,8 @@ def test_lock_waits_until_its_deadline_then_times_out(etcd):
                     other.hold(script, msgscript.Call("x", deadline=time.monotonic() + 0.3)):
                 pass
             assert 0.25 < time.monotonic() - started < 1
-        with other.hold(script, msgscript.Call("x", deadline=time.monotonic() + 1)):  # released: the other takes it at once
+        # released: the other takes it at once
+        with other.hold(script, msgscript.Call("x", deadline=time.monotonic() + 1)):
             pass
         assert etcd.get("msgscript/locks/", prefix=True) == {}
     finally:

@@ -20,7 +20,7 @@ import pytest
 import requests
 from _podman import missing_tools, podman_env, start_podman_service
 from _wasm_build import have_zig
-from conftest import MSGSCRIPT, ROOT, Nats, free_port, wait_until
+from conftest import MSGSCRIPT, ROOT, Nats, free_port, wait_port, wait_until
 
 EXAMPLES = ROOT / "examples"
 
@@ -101,6 +101,19 @@ def test_the_lua_examples_answer_as_the_readme_says(start_server, nats_server):
                                             f"'someUndefinedFunction' (a nil value)")
     srv.wait_log("script example.failing/failing failed (HTTP, status 500)")
     srv.wait_log("script example.failing/failing failed (NATS, status 500)")
+
+
+def test_web_example_under_devhttp_as_its_comment_says():
+    """examples/web.lua: `msgscript cli devhttp examples/web.lua -l examples/libs`, then curl .../json."""
+    port = free_port()
+    proc = subprocess.Popen([*MSGSCRIPT, "cli", "devhttp", "examples/web.lua", "-l", "examples/libs", "--port",
+                             str(port)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_port(port, 20, proc)
+        assert requests.get(f"http://127.0.0.1:{port}/example.libs.web/json", timeout=10).json() == {"name": "John"}
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def test_the_prometheus_example_scrapes_the_metrics_path(start_server, tmp_path):
