@@ -133,6 +133,8 @@ def main() -> None:
     ap.add_argument("--sequential", type=int, default=SEQUENTIAL, help="sequential requests per latency round")
     ap.add_argument("--loops", action="store_true",
                     help="also run msgscript on asyncio's own event loop (MSGSCRIPT_LOOP=asyncio) beside uvloop's")
+    ap.add_argument("--against", metavar="CHECKOUT",
+                    help="also run another checkout's msgscript (e.g. a git worktree of an older commit): before/after")
     args = ap.parse_args()
     if not args.nats and not args.http:
         args.nats = args.http = True
@@ -146,6 +148,11 @@ def main() -> None:
             return c.nats_request_once(url, "bench.hello", b"x") == b"Hello, x" and \
                 c.http_get(f"http://127.0.0.1:{p.port}/bench.web")[0] == 200
         server = procs.msgscript(scripts, url, ready=ready)
+        other = None
+        if args.against:  # the same hello on another subject, from another checkout
+            other_scripts = procs.script_dir("other", {"hello.lua": HELLO.replace("bench.hello", "other.hello")})
+            other = procs.msgscript(other_scripts, url, checkout=args.against,
+                                    ready=lambda p: c.nats_request_once(url, "other.hello", b"x") == b"Hello, x")
         std = None
         if args.loops:  # the same hello on another subject, on asyncio's own event loop
             std_scripts = procs.script_dir("std", {"hello.lua": HELLO.replace("bench.hello", "std.hello")})
@@ -159,11 +166,16 @@ def main() -> None:
                      "msgscript": nats_side(procs, url, "bench.hello", server.pid, args)}
             if std:
                 sides["asyncio-loop"] = nats_side(procs, url, "std.hello", std.pid, args)
+            if other:
+                sides["against"] = nats_side(procs, url, "other.hello", other.pid, args)
             res = c.alternate(args.rounds, sides, show_nats)
             rows += [row("NATS server CPU per message", res, "cpu_us", "µs", ("<=", 1.5)),
                      row(f"NATS throughput, {INFLIGHT} in flight", res, "rate", "msg/s", (">=", 0.9)),
                      row("NATS sequential round trip p50", res, "p50", "µs", ("<=", 1.2)),
                      row("NATS sequential round trip p99", res, "p99", "µs")]
+            if other:
+                rows += [row(f"NATS server CPU per message, {args.against}", res, "cpu_us", "µs", None, "against"),
+                         row(f"NATS throughput, {args.against}", res, "rate", "msg/s", None, "against")]
             if std:
                 rows += [row("NATS server CPU per message, asyncio's loop", res, "cpu_us", "µs", ("<=", 1.5),
                              "asyncio-loop"),
