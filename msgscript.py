@@ -1239,15 +1239,42 @@ def is_table(value: Any) -> bool:
     return lua_type(value) == "table"
 
 
-def lua_number_text(value: float | int) -> str:
-    """A number as Lua 5.1 prints it (`%.14g`): 5, 2.5, 1e+15."""
-    if isinstance(value, int):
-        return str(value) if abs(value) < 10**15 else f"{value:.14g}"
+def go_float_text(value: float) -> str:
+    """Go's strconv.FormatFloat(x, 'g', -1, 64): the shortest digits that read back as x, with an
+    exponent below 1e-4 and from 1e6 up (1e+06, 1.2345675e+06, 1e-05), NaN, +Inf, -Inf."""
     if value != value:
-        return "nan" if math.copysign(1, value) > 0 else "-nan"
+        return "NaN"
     if value in (math.inf, -math.inf):
-        return "inf" if value > 0 else "-inf"
-    return f"{value:.14g}"
+        return "+Inf" if value > 0 else "-Inf"
+    if value == 0:
+        return "-0" if math.copysign(1, value) < 0 else "0"
+    sign, text = ("-", repr(-value)) if value < 0 else ("", repr(value))  # repr: the shortest digits
+    mantissa, _, exp = text.partition("e")
+    whole, _, fraction = mantissa.partition(".")
+    if exp:
+        digits, point = (whole + fraction).rstrip("0"), int(exp)
+    elif whole != "0":
+        digits, point = (whole + fraction).rstrip("0"), len(whole) - 1
+    else:
+        zeros = len(fraction) - len(fraction.lstrip("0"))
+        digits, point = fraction[zeros:].rstrip("0"), -zeros - 1
+    if point < -4 or point >= 6:
+        return f"{sign}{digits[0]}{'.' + digits[1:] if len(digits) > 1 else ''}e{'-' if point < 0 else '+'}" \
+            f"{abs(point):02d}"
+    if point < 0:
+        return f"{sign}0.{'0' * (-point - 1)}{digits}"
+    whole, fraction = digits[:point + 1].ljust(point + 1, "0"), digits[point + 1:]
+    return f"{sign}{whole}{'.' + fraction if fraction else ''}"
+
+
+def lua_number_text(value: float | int) -> str:
+    """A number as gopher-lua writes it (Go's fmt): integral values below 2^63 in full
+    (9007199254740992), others as go_float_text (0.30000000000000004, 1.2345675e+06, NaN, +Inf)."""
+    if type(value) is int and -2**63 <= value < 2**63:
+        return str(value)
+    if value == value and -2**63 <= value < 2**63 and float(value).is_integer():
+        return str(int(value))
+    return go_float_text(float(value))
 
 
 def lua_text(value: Any) -> str:
