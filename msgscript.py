@@ -4737,30 +4737,63 @@ class Metrics:
 
 
 def _otlp_endpoint(value: str) -> str:
-    """OTEL_ENDPOINT as the Go original takes it (host:port or a URL) -> the OTLP/HTTP traces URL."""
-    url = value if "://" in value else f"http://{value}"
-    parts = urllib.parse.urlsplit(url)
-    return url if parts.path not in ("", "/") else urllib.parse.urlunsplit(parts._replace(path="/v1/traces"))
+    """An OTEL_ENDPOINT URL (http:// or https://) -> the OTLP/HTTP traces URL (/v1/traces added to a bare URL)."""
+    parts = urllib.parse.urlsplit(value)
+    return value if parts.path not in ("", "/") else urllib.parse.urlunsplit(parts._replace(path="/v1/traces"))
+
+
+GRPC_EXPORTER = "opentelemetry-exporter-otlp-proto-grpc"
+
+
+def span_exporter(environ: dict[str, str]):
+    """Where spans go, read from the environment as the Go original reads it, plus the standard variables.
+
+    OTEL_ENDPOINT `host:port` (Go: `tempo:4317`): OTLP/gRPC without TLS, as Go dials it; an http:// or
+    https:// URL there: OTLP/HTTP. Without OTEL_ENDPOINT, OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT: OTLP/HTTP,
+    or gRPC when OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL is `grpc`. With no endpoint at all: printed on
+    standard output as JSON (Go prints its stdouttrace JSON there).
+    """
+    endpoint = environ.get("OTEL_ENDPOINT", "").strip()
+    if endpoint.startswith(("http://", "https://")):
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter(endpoint=_otlp_endpoint(endpoint))
+    protocol = environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or ""
+    if endpoint or protocol.strip().lower() == "grpc":
+        try:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+        except ImportError:
+            where = f"OTEL_ENDPOINT={endpoint} (OTLP/gRPC, as the Go original)" if endpoint else "OTLP/gRPC"
+            raise ConfigError(f"traces to {where} need the package {GRPC_EXPORTER}: pip install 'msgscript[grpc]' "
+                              f"(or give OTEL_ENDPOINT an http:// URL for OTLP/HTTP)") from None
+        return GrpcExporter(endpoint=endpoint, insecure=True) if endpoint else GrpcExporter()
+    if environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter()
+    from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+    return ConsoleSpanExporter(out=sys.stdout)
 
 
 class Tracing:
-    """OpenTelemetry traces: off unless TELEMETRY_TRACES=1.
+    """OpenTelemetry traces: on when TELEMETRY_TRACES is set to anything (as in the Go original).
 
-    A span per HTTP request and NATS message (its parent read from a W3C `traceparent` header),
-    children for the store look-up, each script call and the reply; scripts' outgoing
-    nats.request/publish and http calls carry the script span's `traceparent`.
+    A span per HTTP request and NATS message (its parent read from W3C `traceparent` and `baggage`
+    headers), children for the store look-up, each script call and the reply; scripts' outgoing
+    nats.request/publish and http calls carry the script span's `traceparent` (and the baggage).
     """
 
     def __init__(self, environ: dict[str, str]):
         from opentelemetry import trace
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.baggage.propagation import W3CBaggagePropagator
+        from opentelemetry.propagators.composite import CompositePropagator
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-        endpoint = environ.get("OTEL_ENDPOINT")
-        exporter = OTLPSpanExporter(endpoint=_otlp_endpoint(endpoint)) if endpoint else OTLPSpanExporter()
+        exporter = span_exporter(environ)
         resource = Resource.create({"service.name": environ.get("OTEL_SERVICE_NAME") or "msgscript",
                                     "service.version": __version__})
         self.provider = TracerProvider(resource=resource)
@@ -4768,21 +4801,22 @@ class Tracing:
         self.tracer = self.provider.get_tracer("msgscript", __version__)
         self.trace = trace
         self.kinds = trace.SpanKind
-        self.propagator = TraceContextTextMapPropagator()
+        self.propagator = CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()])
 
     @classmethod
     def from_env(cls, environ: dict[str, str]) -> Tracing | None:
-        if environ.get("TELEMETRY_TRACES", "").lower() not in ("1", "true", "yes", "on"):
+        if not environ.get("TELEMETRY_TRACES"):
             return None
         return cls(environ)
 
-    def _start(self, name: str, kind, parent, attributes: dict) -> _Span:
-        context = self.trace.set_span_in_context(parent) if parent is not None else None
-        return _Span(self, self.tracer.start_span(name, context=context, kind=kind, attributes=attributes))
+    def _start(self, name: str, kind, parent, attributes: dict, context=None) -> _Span:
+        if parent is not None:
+            context = self.trace.set_span_in_context(parent, context)
+        return _Span(self, self.tracer.start_span(name, context=context, kind=kind, attributes=attributes), context)
 
     def _root(self, name: str, kind, carrier: dict | None, attributes: dict, scripts: list[Script]) -> _Span:
         context = self.propagator.extract(carrier or {})
-        span = _Span(self, self.tracer.start_span(name, context=context, kind=kind, attributes=attributes))
+        span = _Span(self, self.tracer.start_span(name, context=context, kind=kind, attributes=attributes), context)
         span.child("store lookup", {"msgscript.scripts": len(scripts)}).end_plain()
         return span
 
@@ -4808,15 +4842,16 @@ class Tracing:
 class _Span:
     """One OpenTelemetry span of a call, with what msgscript needs of it."""
 
-    def __init__(self, tracing: Tracing, span):
-        self.tracing, self.span = tracing, span
+    def __init__(self, tracing: Tracing, span, context=None):
+        self.tracing, self.span, self.context = tracing, span, context  # context: the incoming one (baggage)
 
     def child(self, name: str, attributes: dict, kind=None) -> _Span:
-        return self.tracing._start(name, kind or self.tracing.kinds.INTERNAL, self.span, attributes)
+        return self.tracing._start(name, kind or self.tracing.kinds.INTERNAL, self.span, attributes, self.context)
 
     def headers(self) -> dict[str, str]:
         carrier: dict[str, str] = {}
-        self.tracing.propagator.inject(carrier, context=self.tracing.trace.set_span_in_context(self.span))
+        self.tracing.propagator.inject(carrier, context=self.tracing.trace.set_span_in_context(self.span,
+                                                                                                 self.context))
         return carrier
 
     def end_plain(self) -> None:
