@@ -82,12 +82,33 @@ local answers = {
   ["/values"] = function() return 1e15, 200, {["X-Flag"] = true, ["X-Num"] = 2^53, ["X-Ratio"] = 0.1 + 0.2} end,
   ["/nan"] = function() return "x", 0/0 end,
   ["/fails"] = function() error("web failed") end,
+  ["/badname"] = function() return "x", 200, {["Bad Name"] = "1"} end,
+  ["/crlf"] = function() return "x", 200, {["X-A"] = "1\r\nInjected: yes"} end,
 }
 function GET(url, body)
   local answer = answers[url]
   if answer then return answer() end
   return "url=" .. url, 200, {["Content-Type"] = "text/plain"}
 end
+"""
+
+# the chunk itself returns values: in Go they stay on the stack and become the body and the status
+TOPLEVEL = """--* subject: gocompat.toplevel
+--* name: toplevel
+--* http: true
+function GET(url, body) return "from GET", 202, {["content-type"] = "text/plain"} end
+return "from the chunk", 201
+"""
+
+# two scripts on one subject: the first (by name) is the slow one
+ORDER_A = """--* subject: gocompat.order
+--* name: a_slow
+local time = require("time")
+function OnMessage(subject, payload) time.sleep(0.3) return "a" end
+"""
+ORDER_B = """--* subject: gocompat.order
+--* name: b_fast
+function OnMessage(subject, payload) return "b" end
 """
 
 SOURCE = """--* subject: gocompat.source
@@ -105,7 +126,8 @@ def go(tmp_path_factory, nats_server):
     for d in (scripts, libs, marks):
         d.mkdir()
     for name, text in (("slow.lua", SLOW), ("mark.lua", MARK), ("returns.lua", RETURNS), ("other.lua", OTHER),
-                       ("web.lua", WEB), ("source.lua", SOURCE)):
+                       ("web.lua", WEB), ("source.lua", SOURCE), ("toplevel.lua", TOPLEVEL),
+                       ("order_a.lua", ORDER_A), ("order_b.lua", ORDER_B)):
         write_script(scripts, name, text)
     write_script(libs, "shared.lua", SHARED)
     proc = MsgscriptProcess(["-script", str(scripts), "-library", str(libs), "-compat", "go", "-http-timeout", "1s",
@@ -354,9 +376,37 @@ def test_an_http_mode_error_is_a_500_with_its_message(go):
     assert status == 500 and b"web failed" in body
 
 
+@pytest.mark.parametrize("path", ["/badname", "/crlf"])
+def test_a_header_that_could_split_the_response_is_a_500(go, path):
+    """Go's net/http drops a bad header name and turns CR LF into spaces; msgscript refuses (documented)."""
+    status, headers, body = raw_http(go.port, f"/gocompat.web{path}")
+    assert status == 500 and b"script web returned" in body and "injected" not in headers
+
+
 def test_a_status_go_cannot_write_is_a_500_not_a_dropped_connection(go):
     status, _, body = raw_http(go.port, "/gocompat.web/nan")
     assert status == 500 and b"invalid HTTP status -9223372036854775808" in body
+
+
+def test_a_chunks_own_return_values_are_ignored_and_content_type_is_matched_in_any_case(go):
+    """Go leaks the chunk's return values into the answer and, seeing no "Content-Type" key written
+    exactly so, adds a second Content-Type; msgscript answers with what GET returned (documented)."""
+    status, headers, body = raw_http(go.port, "/gocompat.toplevel")
+    assert (status, body, headers["content-type"]) == (202, b"from GET", "text/plain")
+
+
+def test_results_come_in_the_order_of_the_scripts(go):
+    """Go lists results as they complete; msgscript in the order of the scripts (documented)."""
+    results = json.loads(reply_of(go, "gocompat.order", b""))["script_result"]
+    assert [base64.b64decode(r["payload"]) for r in results] == [b"a", b"b"]
+
+
+def test_an_async_envelope_without_a_reply_subject_still_runs(go):
+    """Go fails to publish the {} to an empty reply subject and runs nothing; msgscript runs the scripts."""
+    envelope = json.dumps({"subject": "gocompat.mark", "payload": b64("async-no-reply"), "async": True})
+    go.nats.run(go.nats.nc.publish("gocompat.mark", envelope.encode()))
+    go.nats.run(go.nats.nc.flush())
+    assert wait_until(lambda: (go.marks / "mark-async-no-reply").exists(), 5)
 
 
 # --- 4.10 normal-mode answers over HTTP ----------------------------------------------------------------------
