@@ -4843,7 +4843,8 @@ class HttpFront:
                     limit=f"the server's -timeout {self.scheduler.timeout:g}s")
         if self.tracing:
             call.trace = self.tracing.http_span(request, subject, scripts)
-        answered = []
+        wait_until = self.loop.time() + wait
+        answered, timers = [], []
 
         def give(response):
             if not answered:
@@ -4851,7 +4852,8 @@ class HttpFront:
                 answer(*response)
 
         def done(results):
-            timer.cancel()
+            for timer in timers:
+                timer.cancel()
             response = self.go_response(scripts, results)
             if call.trace is not None:
                 try:
@@ -4860,10 +4862,11 @@ class HttpFront:
                     log.exception("ending a trace failed")
             give(response)
 
-        timer = self.loop.call_later(wait, give, GO_DEADLINE)
-        result = self.scheduler.dispatch(scripts, call, None, done)
+        result = self.scheduler.dispatch(scripts, call, None, done)  # Busy: answered by handle()
         if result is not None:
-            done([result])
+            return done([result])
+        if not answered:  # the wait: 503 when it runs out, the scripts carry on
+            timers.append(self.loop.call_at(wait_until, give, GO_DEADLINE))
 
     def go_response(self, scripts: list[Script], results: list[Result]) -> tuple[int, bytes, dict[str, str]]:
         """(status, body, headers) of the Go original for a subject's results (-compat go)."""

@@ -489,3 +489,29 @@ def test_without_compat_the_introspection_subjects_are_not_served(tmp_path):
         if client is not None:
             client.close()
         server.stop()
+
+
+def test_over_the_inflight_limit_the_refusal_is_a_go_reply(start_server, tmp_path):
+    """Go has no such limit; msgscript's refusal keeps the Go shapes: a Reply with the error over NATS."""
+    import threading
+
+    write_script(tmp_path, "slow.lua", SLOW.replace("os.getenv(\"GOCOMPAT_MARKS\")", f"'{tmp_path}'"))
+    srv = start_server("-script", str(tmp_path), "-compat", "go", "-max-inflight", "1", "-http-timeout", "5s")
+    first = threading.Thread(target=raw_http, args=(srv.port, "/gocompat.slow", "POST", b"2"))
+    first.start()
+    try:
+        time.sleep(0.7)  # the first request holds the one slot for 2 s
+        client = Nats(srv_nats_url(srv))
+        try:
+            doc = json.loads(client.request("gocompat.slow", b"1", timeout=5).data)
+        finally:
+            client.close()
+        assert doc["script_result"] is None and doc["is_html"] is False and "server busy" in doc["error"]
+        status, _, _ = raw_http(srv.port, "/gocompat.slow", "POST", b"1")
+        assert status == 429
+    finally:
+        first.join()
+
+
+def srv_nats_url(srv) -> str:
+    return next(arg for arg in srv.proc.args if str(arg).startswith("nats://"))
