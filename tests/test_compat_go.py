@@ -339,6 +339,12 @@ def test_the_url_argument_is_computed_as_go_does(go, target, url):
     assert (status, body.decode()) == (200, f"url={url}")
 
 
+def test_raw_non_ascii_bytes_in_the_target_are_a_400(go):
+    """Go re-escapes them (`/f/é` gives the url `/%C3%A9`); msgscript's strict parser refuses them."""
+    status, _, _ = raw_http(go.port, "/gocompat.web/é".encode())
+    assert status == 400
+
+
 @pytest.mark.parametrize("target, location", [("//gocompat.web/x", "/gocompat.web/x"),
                                               ("/gocompat.web/./a/../b?q=1", "/gocompat.web/b?q=1"),
                                               ("/gocompat.web//c/", "/gocompat.web/c/")])
