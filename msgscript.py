@@ -226,6 +226,9 @@ class Script:
     timezone: str = ""
     path: str = ""
     version: int = 0  # bumped on every change; caches key on it
+    # The Scheduler's notes on this version (not part of the script): it must run on workers; its counters.
+    pooled: bool = dataclasses.field(default=False, compare=False, repr=False)
+    stats: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def retry_text(self) -> str:
@@ -1148,6 +1151,7 @@ class Result:
     is_html: bool = False
     error: str = ""
     status: int = 200  # error status: 500 script error, 504 timeout, ...
+    seconds: float = 0.0  # how long the call took
     nil: bool = False  # the script returned no string: the Go original's JSON has "payload": null
 
     @classmethod
@@ -1223,6 +1227,8 @@ def go_error_reply(error: str) -> bytes:
 
 LUA_INSTRUCTION_CHECK = 10000  # the hook looks at the clock this often (instructions)
 LUA_STEP = 2**20  # units of C work (about bytes) that make one C call a long step (about a millisecond)
+LUA_UNIT = 4e-9  # seconds one unit of C work may take (table.sort, the slowest per unit: 2-3.5 ns measured)
+LATE_STEP = 0.5  # seconds past the deadline that a C step may be expected to end, at most
 LUA_MEMORY_MARGIN = 256 * 2**10  # what a value handed to Lua must leave free of the memory cap
 INLINE_BUDGET = 0.002  # seconds an inline call may run on the event loop before it moves to a worker
 INLINE_SIZE = 256 * 2**10  # bytes of input that make a module function's work too big for the event loop
@@ -1845,7 +1851,7 @@ class LuaRunner:
             ("popen", self._popen, False), ("load_module", self._load_module, True),
             ("find_module", self._find_module, True), ("plain_find", _plain_find, True),
             ("open_path", self._open_path, False), ("path", self._path, False))})
-        py[b"close_fd"], py[b"watch_thread"] = _close_fd, self._watch_thread
+        py[b"close_fd"], py[b"watch_thread"], py[b"long_step"] = _close_fd, self._watch_thread, self._long_step
         self._run, compile_, ctx._wrap, self._run_message = self.lua.execute(
             lua_file("_sandbox.lua"), self._expired, self._blocking, names, py, lua_file("_patterns.lua").encode(),
             memory or 2**62, LUA_INSTRUCTION_CHECK, LUA_STEP, name="=sandbox")
@@ -1865,6 +1871,11 @@ class LuaRunner:
     def _blocking(self) -> None:
         self.ctx.moved = True
 
+    def _long_step(self, units: float) -> bool:
+        """Before a long C step (on a worker): False past the deadline, or when it would end well after it."""
+        left = self.ctx.deadline - time.monotonic()
+        return left >= 0 and units * LUA_UNIT <= left + LATE_STEP
+
     def _watch_thread(self, text: bytes) -> None:
         """A coroutine the script made (`thread: 0x...`): the watchdog trips it too."""
         self.threads.append(int(text.rpartition(b"0x")[2], 16))
@@ -1873,7 +1884,7 @@ class LuaRunner:
         """From the watchdog: the call is past its time; a worker still in a system call well past its
         deadline (a read that never ends) gets a signal that interrupts it."""
         with self._lock:
-            if self not in self.watchdog.running or not self.state:
+            if not self.state or (self.watchdog.inline is not self and self not in self.watchdog.running):
                 return
             for state in (self.state, *self.threads):
                 LUPA.trip(state)
@@ -1960,27 +1971,28 @@ class LuaRunner:
         if type(fname) is str:
             fname = fname.encode()
         ctx = self.ctx
-        size = 0
-        for arg in args:
-            if type(arg) is bytes:
-                size += len(arg)
-        for arg in meta:
-            if type(arg) is bytes:
-                size += len(arg)
-        if ctx._max_memory and size + LUA_MEMORY_MARGIN > ctx._max_memory - self.lua.get_memory_used():
-            ctx.fits(size, "payload")
+        if ctx._max_memory:  # a push into a full Lua state hangs lupa: the arguments must fit
+            size = sum(len(a) for a in args if type(a) is bytes) if len(args) != 2 else len(args[0]) + len(args[1])
+            if meta:
+                size += sum(len(a) for a in meta if type(a) is bytes)
+            if size + LUA_MEMORY_MARGIN > ctx._max_memory - self.lua.get_memory_used():
+                ctx.fits(size, "payload")
         ctx.deadline, ctx.inline, ctx.moved = deadline, inline, False
         if self.threads:
             with self._lock:
                 self.threads = []
         watchdog = self.watchdog
-        if inline:
-            ctx.inline_deadline = time.monotonic() + INLINE_BUDGET
         if watchdog is not None:
-            self.stop_at = ctx.inline_deadline if inline else deadline
-            watchdog.running.add(self)
+            if inline:
+                self.stop_at = ctx.inline_deadline = time.monotonic() + INLINE_BUDGET
+                watchdog.inline = self
+            else:
+                self.stop_at = deadline
+                watchdog.running.add(self)
             if watchdog.sleeping:
                 watchdog.wake()
+        elif inline:
+            ctx.inline_deadline = time.monotonic() + INLINE_BUDGET
         try:
             if meta:
                 out = self._run_message(self.main, fname, inline, *args, *meta)
@@ -1991,10 +2003,12 @@ class LuaRunner:
                 raise _MoveToPool() from None
             raise
         finally:
-            if watchdog is not None:
-                watchdog.running.discard(self)
             if inline:
                 ctx.inline, ctx.inline_deadline = False, math.inf
+                if watchdog is not None:
+                    watchdog.inline = None
+            elif watchdog is not None:
+                watchdog.running.discard(self)
             if ctx._lifted:
                 ctx.restore()
             if ctx._cwd is not None:
@@ -2325,9 +2339,9 @@ class LuaExecutor(Executor):
             self._forget(script)
             raise self._memory_error(script) from None
         except runner.lupa.LuaError as e:
-            if time.monotonic() > call.deadline:
-                raise call.timed_out(script) from None
             text = lupa_error_text(e)
+            if time.monotonic() > call.deadline or text.startswith("script timed out"):  # or a step refused
+                raise call.timed_out(script) from None
             if "not enough memory" in text:
                 self._forget(script)
                 raise self._memory_error(script) from None
@@ -3162,6 +3176,8 @@ EXECUTORS: dict[str, type[Executor]] = {"lua": LuaExecutor, "wasm": WasmExecutor
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                     60.0, 120.0)
 LATE = 0.05  # seconds after a pooled call's deadline that its timer answers for it
+COMPUTE = 0.0002  # seconds: a script whose inline calls take longer computes (it may go to the pool when busy)
+LOAD_WINDOW = 0.02  # seconds over which the loop's share of time in inline calls is measured
 BLOCKING_THREADS = 32  # plugins' blocking work (LuaContext.blocking) at once
 WAKE_SIGNAL = signal.SIGURG  # interrupts a worker's system call (ignored unless a handler is set: Server.run)
 
@@ -3176,6 +3192,7 @@ class ScriptStats:
     buckets: list[int] = dataclasses.field(default_factory=lambda: [0] * (len(DURATION_BUCKETS) + 1))
     last_error: str = ""
     moved: int = 0  # inline calls that moved to a worker
+    average: float = 0.0  # moving average of its calls' durations: does it compute?
 
     def count(self, result: Result, seconds: float) -> None:
         self.calls += 1
@@ -3195,6 +3212,7 @@ class Scheduler:
         self.store = store
         self.executors = executors if executors is not None else make_executors(services, memory)
         self.timeout = timeout
+        self._limit = f"the server's -timeout {timeout:g}s"
         self.max_inflight = max_inflight
         self.pool = WorkerPool(workers, max_workers)
         self.watchdog = services.watchdog = Watchdog(self.pool)
@@ -3205,7 +3223,9 @@ class Scheduler:
         self.stats: dict[tuple[str, str], ScriptStats] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self.idle: asyncio.Event | None = None  # set while nothing is in flight (shutdown waits on it)
-        self._pooled: dict[tuple[str, str], int] = {}  # script key -> version that must run on the pool
+        self.loop_load = 0.0  # the share of the loop's time spent in inline calls (last window)
+        self._window = [time.perf_counter(), 0.0]  # the current window: its start, inline seconds so far
+        self.compute_calls = 0  # calls of scripts that compute, sent to the pool and not back yet
         self._done: collections.deque = collections.deque()  # finished pool calls, for the loop
         self._wake_pending = False
         self._wake_lock = threading.Lock()
@@ -3236,7 +3256,7 @@ class Scheduler:
         if self.inflight >= self.max_inflight:
             self._refuse()
         if call.deadline == math.inf:  # the server's -timeout, unless the front set a shorter one
-            call.deadline, call.limit = time.monotonic() + self.timeout, f"the server's -timeout {self.timeout:g}s"
+            call.deadline, call.limit = time.monotonic() + self.timeout, self._limit
         single = on_result is None and len(scripts) == 1
         if single:
             result = self._try_inline(scripts[0], call)
@@ -3258,22 +3278,47 @@ class Scheduler:
         raise Busy(f"server busy: {self.inflight} calls in flight (limit {self.max_inflight})")
 
     def _try_inline(self, script: Script, call: Call) -> Result | None:
-        """Run `script` inline if it may; None when it must run on a worker (and is marked for it)."""
+        """Run `script` inline if it may; None when it must run on a worker (marked for it if it blocked).
+
+        A script that computes (its inline calls take more than COMPUTE) goes to the pool while the loop
+        is busy running scripts, so that its calls run in parallel on every core; a lone call stays inline.
+        """
+        if script.pooled or script.lock:
+            return None
         executor = self.executors.get(script.executor)
-        if (executor is None or not executor.inline_capable or script.lock
-                or self._pooled.get(script.key) == script.version):
+        if executor is None or not executor.inline_capable:
+            return None
+        stats = script.stats or self._stats(script)
+        if stats.average > COMPUTE and self._busy():
             return None
         try:
-            return self._execute(script, call, executor)
+            result = self._execute(script, call, executor)
         except _MoveToPool:  # it reached something that blocks, or its budget: workers from now on
-            self._pooled[script.key] = script.version
-            self._stats(script).moved += 1
+            script.pooled = True
+            stats.moved += 1
             log.debug("script %s/%s runs on the worker pool from now on", script.subject, script.name)
             return None
+        self._count(script, call, result, True)
+        return result
+
+    def _busy(self) -> bool:
+        """Whether the loop is busy with scripts: compute calls in the pool, or most of the last window inline."""
+        return self.compute_calls > 0 or (time.perf_counter() - self._window[0] < 2 * LOAD_WINDOW
+                                          and self.loop_load > 0.5)
+
+    def _note_inline(self, seconds: float, now: float) -> None:
+        window = self._window
+        if now - window[0] > LOAD_WINDOW:
+            self.loop_load = window[1] / (now - window[0])
+            window[0], window[1] = now, 0.0
+        window[1] += seconds
 
     def _to_pool(self, job: _Job, index: int) -> None:
         script = job.scripts[index]
         call = _script_call(script, job.call)
+        if not script.pooled and script.stats is not None and script.stats.average > COMPUTE:
+            self.compute_calls += 1
+            job.compute += 1
         self.pool.submit(self._on_worker, job, index, call)
         if self.watchdog.sleeping:
             self.watchdog.wake()
@@ -3281,10 +3326,12 @@ class Scheduler:
             job.timers.append(self.loop.call_at(call.deadline + LATE, job.expire, index, call))
 
     def _on_worker(self, job: _Job, index: int, call: Call) -> None:
+        script = job.scripts[index]
         if job.results[index] is not None:  # answered already: its deadline passed while it was queued
-            return
-        result = self._execute(job.scripts[index], call)
-        self._done.append((job, index, result))
+            result = Result.failure(call.timed_out(script, " before it started"))
+        else:
+            result = self._execute(script, call)
+        self._done.append((job, index, call, result))
         with self._wake_lock:
             if self._wake_pending:
                 return
@@ -3296,7 +3343,8 @@ class Scheduler:
         with self._wake_lock:
             self._wake_pending = False
         while self._done:
-            job, index, result = self._done.popleft()
+            job, index, call, result = self._done.popleft()
+            self._count(job.scripts[index], call, result)
             try:
                 job.finish(index, result)
             except Exception:  # noqa: BLE001 - one front's failure must not stop the others' replies
@@ -3313,7 +3361,8 @@ class Scheduler:
         `inline` is the script's executor when the call runs on the loop (see _try_inline).
         """
         started = time.perf_counter()
-        call = _script_call(script, call)
+        if script.timeout is not None:
+            call = _script_call(script, call)
         span = None
         if self.tracing and call.trace is not None:
             span = self.tracing.script_span(script, call)
@@ -3343,25 +3392,36 @@ class Scheduler:
                 log.exception("script %s/%s crashed", script.subject, script.name)
                 e = MsgscriptError(f"script {script.name}: internal error (see the server log)")
             result = Result.failure(e)
-        stats = self.stats.get((script.subject, script.name)) or self._stats(script)
-        stats.count(result, time.perf_counter() - started)
+        result.seconds = time.perf_counter() - started
         if span is not None:
             span.end(result)
-        if result.error:
-            self.failures.failed(script, call, result)
         return result
 
+    def _count(self, script: Script, call: Call, result: Result, inline: bool = False) -> None:
+        """A finished call's counters and its failure's log line (on the loop, so they need no lock)."""
+        stats = script.stats or self._stats(script)
+        stats.count(result, result.seconds)
+        stats.average += (result.seconds - stats.average) * 0.125
+        if inline:
+            self._note_inline(result.seconds, time.perf_counter())
+        if result.error:
+            self.failures.failed(script, call, result)
+
     def _stats(self, script: Script) -> ScriptStats:
+        """The script's counters (they outlive its versions), remembered on this version."""
         stats = self.stats.get(script.key)
         if stats is None:
             stats = self.stats[script.key] = ScriptStats()
+        script.stats = stats
         return stats
 
     def run_blocking(self, script: Script, call: Call) -> Result:
         """Run one call on the caller's thread (the cli dev command)."""
         if call.deadline == math.inf:
             call.deadline = time.monotonic() + self.timeout
-        return self._execute(script, call)
+        result = self._execute(script, call)
+        self._count(script, call, result)
+        return result
 
     def saturated(self) -> str:
         """Why the pool cannot take more work ("" when it can): /readyz."""
@@ -3385,7 +3445,7 @@ def _script_call(script: Script, call: Call) -> Call:
 class _Job:
     """One message's scripts on their way; the last to finish releases the message."""
 
-    __slots__ = ("scheduler", "scripts", "call", "on_result", "on_done", "results", "left", "timers")
+    __slots__ = ("scheduler", "scripts", "call", "on_result", "on_done", "results", "left", "timers", "compute")
 
     def __init__(self, scheduler: Scheduler, scripts: list[Script], call: Call, on_result, on_done):
         self.scheduler, self.scripts, self.call = scheduler, scripts, call
@@ -3393,6 +3453,7 @@ class _Job:
         self.results: list[Result | None] = [None] * len(scripts)
         self.left = len(scripts)
         self.timers: list = []
+        self.compute = 0  # its calls counted in the scheduler's compute_calls
 
     def finish(self, index: int, result: Result) -> None:
         if self.results[index] is not None:  # a worker's result after its timer answered
@@ -3406,6 +3467,7 @@ class _Job:
             if self.left == 0:
                 for timer in self.timers:
                     timer.cancel()
+                self.scheduler.compute_calls -= self.compute
                 self.scheduler._release()
                 if self.on_done is not None:
                     self.on_done(self.results)
@@ -3560,7 +3622,8 @@ class Watchdog:
 
     def __init__(self, pool: WorkerPool):
         self.pool = pool
-        self.running: set = set()
+        self.running: set = set()  # LuaRunners running a call on a worker
+        self.inline = None  # the LuaRunner running a call on the event loop
         self.sleeping = True
         self._wake = threading.Event()
         self._stopped = False
@@ -3584,14 +3647,15 @@ class Watchdog:
                 quiet = 0
                 continue
             now = time.monotonic()
-            for runner in list(self.running):
+            inline = self.inline
+            for runner in [*self.running, inline] if inline is not None else list(self.running):
                 if runner.stop_at <= now:
                     runner.trip(now)
             self.pool.grow(now)
-            quiet = 0 if self.running or self.pool.active else quiet + 1
+            quiet = 0 if self.running or inline is not None or self.pool.active else quiet + 1
             if quiet * self.poll > 1.0:
                 quiet, self.sleeping = 0, True
-                if self.running or self.pool.active:  # a call started meanwhile and saw us awake
+                if self.running or self.inline is not None or self.pool.active:  # a call started meanwhile
                     self.sleeping = False
                 continue
             time.sleep(self.poll)
@@ -3870,8 +3934,9 @@ class NatsWire:
     coroutine with a future: per message, that costs more than a short script. Here a message of one
     of our subscriptions is handed to `take` as the parser reads it (a stand-in for nats-py's
     `_process_msg`), and a reply's PUB is appended to the buffer with one flusher wake per read, so the
-    replies to one read leave in one write. Tested with nats-py 2.14 to 2.16 (pinned in
-    pyproject.toml); where its internals differ (`missing`), nats-py's callbacks and publish are used.
+    replies to one read leave in one write. Tested with nats-py 2.16 (pinned in pyproject.toml; 2.14
+    and 2.15 have the same internals but lack the connect option skip_subject_validation); where its
+    internals differ (`missing`), nats-py's callbacks and publish are used.
     """
 
     enabled = True  # False: the public API only (the tests run both paths)
@@ -5708,6 +5773,18 @@ class _Consumer:
 # Server ######################################################################
 ###############################################################################
 
+def event_loop_factory(environ: dict[str, str]) -> Callable | None:
+    """uvloop's event loop (libuv) where it is installed, unless MSGSCRIPT_LOOP=asyncio; else asyncio's own."""
+    if environ.get("MSGSCRIPT_LOOP", "uvloop") != "asyncio":
+        try:
+            import uvloop
+
+            return uvloop.new_event_loop
+        except ImportError:
+            pass
+    return None
+
+
 async def _wait_event(event: asyncio.Event, deadline: float) -> None:
     """Wait for `event` until `deadline` (time.monotonic())."""
     try:
@@ -5858,7 +5935,8 @@ class Server:
             pass
         _glibc("mallopt", -8, 2)  # M_ARENA_MAX: threads share two malloc arenas, so freed memory is reused
         signal.signal(WAKE_SIGNAL, lambda *_: None)  # the watchdog's signal interrupts a worker's system call
-        asyncio.run(self._main())
+        with asyncio.Runner(loop_factory=event_loop_factory(self.cfg.environ)) as runner:
+            runner.run(self._main())
 
     def not_ready(self) -> str:
         """Why the server should not get traffic ("" when it should): /readyz."""

@@ -168,7 +168,7 @@ class Procs:
         return d
 
     def msgscript(self, script_dir: Path, nats_url: str, port: int | None = None, log: str = "warn",
-                  flags=(), ready=None, timeout: float = 60) -> subprocess.Popen:
+                  flags=(), ready=None, timeout: float = 60, env: dict | None = None) -> subprocess.Popen:
         """Start `msgscript.py server` (stderr to a log file, path in p.log) and wait until its HTTP
         port is open and `ready(p)` (if given) is true. On failure, print the log's tail and exit."""
         p_port = port or free_port()
@@ -176,7 +176,7 @@ class Procs:
         with open(log_path, "wb") as log_file:
             p = self.spawn([*server_command(), "server", "-script", script_dir, "-port", p_port,
                             "-natsurl", nats_url, "-log", log, *server_flags(), *flags],
-                           stdout=log_file, stderr=subprocess.STDOUT)
+                           stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         p.log, p.port = log_path, p_port
         wait_until(lambda: port_open(p_port) and (ready is None or ready(p)), timeout,
                    f"msgscript server on port {p_port}", p)

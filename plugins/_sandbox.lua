@@ -286,10 +286,14 @@ local inline = false
 local function guard()
   if inline then blocking(); sethook(hook, "", 1); error(TIMEOUT, 0) end
 end
--- Called before a C call of `n` units of work (about bytes): a long one is not for the event loop,
--- and none starts past the deadline.
+-- Called before a C call of `n` units of work (about bytes): a long one is not for the event loop, and
+-- none starts past the deadline or so close to it that it would run long after it (long_step).
+local long_step = py.long_step
 local function step(n)
-  if n > STEP then guard(); stop_if_expired() end
+  if n > STEP then
+    guard()
+    if not long_step(n) then sethook(hook, "", 1); error(TIMEOUT, 0) end
+  end
 end
 local function size(v)
   local t = type(v)
@@ -565,9 +569,11 @@ function io.lines(path)
     return line
   end
 end
+local io_changed = false  -- the call moved io's default files: they are the process's again after it
 local function default_file(raw, mode)
   return function(file)
     guard()
+    io_changed = io_changed or file ~= nil
     if type(file) == "string" then
       local f, err = open(file, mode)
       if not f then error(err, 2) end
@@ -628,8 +634,9 @@ local function steps(s, p, plain)
 end
 local function slow(s, p, plain)
   local n = steps(s, p, plain)
+  if n > PATTERN_STEPS then return true end  -- the matcher in Lua, which the hook stops
   step(n)
-  return n > PATTERN_STEPS
+  return false
 end
 local lua_patterns
 local function patterns()
@@ -696,7 +703,8 @@ function string.gmatch(s, p)
   return select(1, patterns().gmatch(s, p))
 end
 function string.gsub(s, p, repl, n)
-  if type(repl) == "string" then step(size(s) * (#repl + 1)) end
+  local tr = type(repl)  -- a string or table replacement runs in C for every match; a function is Lua
+  if tr == "string" then step(size(s) * (#repl + 1)) elseif tr == "table" then step(size(s) * 16) end
   if not slow(s, p) then return select(1, c_result("gsub", pcall(cgsub, s, p, repl, n))) end
   return select(1, patterns().gsub(s, p, repl, n))
 end
@@ -723,7 +731,22 @@ function table.sort(t, f)
   if n > 1 then step(n * log(n) * 12) end
   return c_sort(t, f)
 end
-function table.maxn(t)  -- in Lua: C would walk a large table where the hook cannot stop it
+-- In Lua: C would walk a large table (calling a C function for each entry) where the hook cannot stop it.
+function table.foreach(t, f)
+  if type(t) ~= "table" then error("bad argument #1 to 'foreach' (table expected, got " .. type(t) .. ")", 2) end
+  for k, v in next, t do
+    local r = f(k, v)
+    if r ~= nil then return r end
+  end
+end
+function table.foreachi(t, f)
+  if type(t) ~= "table" then error("bad argument #1 to 'foreachi' (table expected, got " .. type(t) .. ")", 2) end
+  for i = 1, #t do
+    local r = f(i, t[i])
+    if r ~= nil then return r end
+  end
+end
+function table.maxn(t)
   if type(t) ~= "table" then error("bad argument #1 to 'maxn' (table expected, got " .. type(t) .. ")", 2) end
   local m = 0
   for k in next, t do
@@ -801,9 +824,11 @@ local function invoke(main, env, fname, ...)
   return true, f(...)
 end
 local function finish(ok, ...)
-  sethook()
-  if io_output() ~= stdout then io_output(stdout) end  -- the default files are the process's
-  if io_input() ~= stdin then io_input(stdin) end
+  if io_changed then
+    io_changed = false
+    if io_output() ~= stdout then io_output(stdout) end
+    if io_input() ~= stdin then io_input(stdin) end
+  end
   inline, current_env, current_loaded = false, nil, nil
   string_mt.__index = string_lib
   if not ok then
@@ -822,7 +847,6 @@ local function run(main, fname, in_line, ...)
   env._G = env
   current_env = env
   raw_setfenv(main, env)
-  sethook(hook, "", CHECK)
   return finish(pcall(invoke, main, env, fname, ...))
 end
 local function compile(source, chunkname)
@@ -833,4 +857,6 @@ local function run_message(main, fname, in_line, a, b, id, stream, sequence, att
   return run(main, fname, in_line, a, b,
              {id = id, stream = stream, sequence = sequence, attempt = attempt, subject = subject, tick = tick})
 end
+-- The hook stays set between calls (no Lua runs then): setting it per call would cost more than it does.
+sethook(hook, "", CHECK)
 return run, compile, wrap, run_message
