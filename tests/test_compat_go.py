@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import socket
 import time
 
@@ -503,10 +504,11 @@ def test_over_the_inflight_limit_the_refusal_is_a_go_reply(start_server, tmp_pat
 
     write_script(tmp_path, "slow.lua", SLOW.replace("os.getenv(\"GOCOMPAT_MARKS\")", f"'{tmp_path}'"))
     srv = start_server("-script", str(tmp_path), "-compat", "go", "-max-inflight", "1", "-http-timeout", "5s")
-    first = threading.Thread(target=raw_http, args=(srv.port, "/gocompat.slow", "POST", b"2"))
+    first = threading.Thread(target=raw_http, args=(srv.port, "/gocompat.slow", "POST", b"3"))
     first.start()
-    try:
-        time.sleep(0.7)  # the first request holds the one slot for 2 s
+    try:  # the first request holds the one slot for 3 s
+        assert wait_until(lambda: re.search(r"^msgscript_inflight_calls 1(\.0)?$",
+                                            requests.get(f"{srv.base}/metrics", timeout=5).text, re.M), 10)
         client = Nats(srv_nats_url(srv))
         try:
             doc = json.loads(client.request("gocompat.slow", b"1", timeout=5).data)
