@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import posixpath
 import queue
 import re
 import selectors
@@ -138,6 +139,11 @@ class ConfigError(MsgscriptError):
     status = 400
 
 
+def plural(count: int, word: str) -> str:
+    """`1 script`, `2 scripts`."""
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
 def first_line(text: str) -> str:
     """Error text on one line, without Lua's stack traceback."""
     return " ".join(str(text).split("\nstack traceback:")[0].split())
@@ -202,6 +208,18 @@ def valid_subject(subject: str) -> bool:
     return bool(subject) and all(_SUBJECT_TOKEN.match(t) for t in subject.split("."))
 
 
+def subject_problem(subject: str) -> str:
+    """Why `subject` is not a literal NATS subject a script can answer ("" when it is)."""
+    if valid_subject(subject):
+        return ""
+    tokens = subject.split(".")
+    if any(t in ("*", ">") or "*" in t or ">" in t for t in tokens):
+        return "it has a wildcard (* or >): a script answers one literal subject such as orders.new"
+    if any(c.isspace() for c in subject):
+        return "it contains white space"
+    return "it has an empty token (a dot at the start or the end, or two in a row)"
+
+
 ###############################################################################
 # Script headers ##############################################################
 ###############################################################################
@@ -243,24 +261,100 @@ class Script:
         return os.path.dirname(os.path.abspath(self.path)) if self.path else os.getcwd()
 
 
-_HEADER = re.compile(r"^--\* ([A-Za-z_][\w-]*): ?(.*)$")
+# `--* key: value`; `--* key value` (no colon) is a header too, as the Go original reads it. Spaces
+# around the key and after the colon are free here (Go splits on single spaces), keys any case.
+_HEADER = re.compile(r"^--\*\s+([A-Za-z_][\w-]*)(?::[ \t]*|[ \t]+)(.*)$")
 
 
 def parse_headers(text: str) -> tuple[dict[str, list[str]], str]:
     """Split `--* key: value` lines from a script; returns (headers, content)."""
+    headers, content, _ = split_headers(text)
+    return headers, content
+
+
+def split_headers(text: str) -> tuple[dict[str, list[str]], LuaSource, tuple[int, ...]]:
+    """(headers, content, the file lines of the headers): the content knows which file line each of
+    its lines came from, for error messages."""
     headers: dict[str, list[str]] = {}
     body = []
-    for line in text.split("\n"):
+    removed = []
+    for number, line in enumerate(text.split("\n"), 1):
         m = _HEADER.match(line.rstrip("\r")) if line.startswith("--*") else None
         if m and m.group(1).lower() in KNOWN_HEADERS:
             headers.setdefault(m.group(1).lower(), []).append(m.group(2).strip())
+            removed.append(number)
         else:
             body.append(line)
-    return headers, "\n".join(body).rstrip("\n")
+    return headers, LuaSource("\n".join(body).rstrip("\n"), skipped=tuple(removed)), tuple(removed)
 
 
 KNOWN_HEADERS = {"subject", "name", "http", "html", "require", "executor", "timeout", "memory", "lock", "stream",
                  "retry", "deadletter", "cron", "timezone"}
+
+
+class LuaSource(str):
+    """Lua source text that knows where its lines came from, so error messages can name the real
+    file and line: `origin` (a file, or an etcd key) with the file lines `skipped` (headers), or, for
+    a script's compiled chunk, the `parts` (first chunk line, LuaSource) of its libraries and itself."""
+
+    origin: str = ""
+    skipped: tuple[int, ...] = ()
+    parts: tuple = ()
+
+    def __new__(cls, text: str = "", origin: str = "", skipped: tuple[int, ...] = (), parts: tuple = ()):
+        self = super().__new__(cls, text)
+        self.origin, self.skipped, self.parts = origin, skipped, parts
+        return self
+
+    def with_origin(self, origin: str) -> LuaSource:
+        return LuaSource(self, origin, self.skipped, self.parts)
+
+    def file_line(self, line: int) -> tuple[str, int]:
+        """(file, line in that file) of a line of this text."""
+        if self.parts:
+            index = bisect.bisect_right([start for start, _ in self.parts], line) - 1
+            if index >= 0:
+                start, part = self.parts[index]
+                return part.file_line(line - start + 1)
+            return self.origin, line
+        for skipped in self.skipped:  # sorted: each header line at or before this one shifts it down
+            if skipped > line:
+                break
+            line += 1
+        return self.origin, line
+
+    def locate(self, text: str, chunkname: str) -> str:
+        """`text` with each `chunkname:N:` (as Lua writes positions) replaced by `file:line:`."""
+        if not (self.parts or self.origin) or f"{chunkname[:59]}:" not in text:
+            return text
+
+        def where(m: re.Match) -> str:
+            origin, line = self.file_line(int(m.group(1)))
+            return f"{origin or chunkname}:{line}:"
+
+        return re.sub(rf"(?<![\w./-]){re.escape(chunkname[:59])}:(\d+):", where, text)
+
+
+def display_path(path: str) -> str:
+    """A file as error messages name it: relative to the working directory when under it, else absolute;
+    etcd keys and other names unchanged."""
+    if not os.path.isabs(path):
+        return path
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
+def _misspelled(text: str) -> str:
+    """A hint naming `--*` lines whose key looks like a misspelled header ("" when there is none)."""
+    import difflib
+
+    for number, line in enumerate(text.split("\n"), 1):
+        m = re.match(r"^--\*\s*([A-Za-z_][\w-]*)", line)
+        if m and m.group(1).lower() not in KNOWN_HEADERS:
+            close = difflib.get_close_matches(m.group(1).lower(), ("subject", "name"), 1, 0.6)
+            if close:
+                return f" (line {number}, '--* {m.group(1)}', is not a header: did you mean '{close[0]}'?)"
+    return ""
 
 
 def parse_retry(text: str) -> tuple[float, ...]:
@@ -275,16 +369,17 @@ def parse_retry(text: str) -> tuple[float, ...]:
 
 def parse_script(text: str, path: str = "", subject: str = "", name: str = "") -> Script:
     """A Script from a file's text; subject and name override the headers."""
-    headers, content = parse_headers(text)
+    headers, content, _ = split_headers(text)
+    content = content.with_origin(display_path(path) if path else name or (headers.get("name") or [""])[-1])
     one = {k: v[-1] for k, v in headers.items()}
     where = path or "script"
     subject = subject or one.get("subject", "")
     name = name or one.get("name", "")
     for header, value in (("subject", subject), ("name", name)):
         if not value:
-            raise ConfigError(f"{where}: missing required header '--* {header}: ...'")
+            raise ConfigError(f"{where}: missing required header '--* {header}: ...'{_misspelled(text)}")
     if not valid_subject(subject):
-        raise ConfigError(f"{where}: subject {subject!r} is not a valid NATS subject")
+        raise ConfigError(f"{where}: subject {subject!r} is not a valid NATS subject: {subject_problem(subject)}")
     executor = one.get("executor", "lua").lower()
     if executor not in EXECUTOR_NAMES:
         raise ConfigError(f"{where}: unknown executor {executor!r} (use lua, wasm or podman)")
@@ -301,7 +396,8 @@ def parse_script(text: str, path: str = "", subject: str = "", name: str = "") -
         if one.get("stream") and not re.fullmatch(r"[A-Za-z0-9_-]+", one["stream"]):
             raise ConfigError(f"stream name {one['stream']!r} may only have letters, digits, _ and -")
         if one.get("deadletter") and not valid_subject(one["deadletter"]):
-            raise ConfigError(f"deadletter {one['deadletter']!r} is not a valid NATS subject")
+            raise ConfigError(f"deadletter {one['deadletter']!r} is not a valid NATS subject: "
+                              f"{subject_problem(one['deadletter'])}")
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     return Script(
@@ -398,6 +494,9 @@ class Store:
         self.reloads = 0  # scripts and libraries (re)loaded, for the metrics
         self.load_errors = 0
         self.ready = True  # scripts loaded (the etcd store is not while etcd has never answered)
+        self.broken: dict[str, tuple[str, str, str, str]] = {}  # file or key -> (kind, subject, name, why)
+        self.missing: dict[tuple[str, str], tuple[str, ...]] = {}  # script -> the libraries it lacks
+        self.quiet = False  # `cli list`: what cannot load is listed, not logged
 
     def scripts(self, subject: str) -> list[Script]:
         return list(self._scripts.get(subject, {}).values())
@@ -419,14 +518,38 @@ class Store:
         """Versions of the libraries a script requires; changes when one is edited."""
         return tuple(self._libraries.get(name, ("", 0))[1] for name in script.libraries)
 
-    def source(self, script: Script) -> str:
-        """The script's content with its libraries prepended in header order."""
-        parts = []
+    def has_library(self, name: str) -> bool:
+        """Whether the store holds library `name` (`cli add` checks a script's); a store not read yet is read."""
+        if not self._libraries and hasattr(self, "load"):
+            self.load()
+        return name in self._libraries
+
+    def source(self, script: Script) -> LuaSource:
+        """The script's content with its libraries prepended in header order, as one chunk (the Go
+        original's semantics) that knows which file each line came from. A missing library is left out,
+        as the Go original's file store does; the store warned about it when it loaded the script."""
+        texts, parts, line = [], [], 1
         for name in script.libraries:
-            if name not in self._libraries:
-                raise MsgscriptError(f"script {script.name}: library {name!r} not found")
-            parts.append(self._libraries[name][0] + "\n")
-        return "".join(parts) + script.content
+            lib = self._libraries.get(name)
+            if lib is None:
+                continue
+            text = lib[0] if isinstance(lib[0], LuaSource) and lib[0].origin else LuaSource(lib[0], name)
+            parts.append((line, text))
+            texts.append(text + "\n")
+            line += text.count("\n") + 1
+        content = script.content
+        if not (isinstance(content, LuaSource) and content.origin):
+            content = LuaSource(content, display_path(script.path) if script.path else script.name)
+        parts.append((line, content))
+        return LuaSource("".join(texts) + content, content.origin, parts=tuple(parts))
+
+    def _skip(self, where: str, reason: str, kind: str = "script", subject: str = "", name: str = "") -> None:
+        """A file or key that cannot load: counted, remembered for `cli list`, logged."""
+        self.load_errors += 1
+        reason = first_line(reason)
+        shown = reason if reason.startswith(where) else f"{where}: {reason}"
+        self.broken[where] = (kind, subject, name, shown)
+        log.log(logging.DEBUG if self.quiet else logging.ERROR, "skipping %s", shown)
 
     def on_change(self, callback: Callable[[], None]) -> None:
         self._listeners.append(callback)
@@ -448,6 +571,14 @@ class Store:
             self._scripts, self._libraries = new, libs
             self._triggered = {subject: [s for s in by_name.values() if not (s.stream or s.cron)]
                                for subject, by_name in new.items()}
+            missing = {s.key: names for s in scripts if (names := tuple(n for n in s.libraries if n not in libs))}
+            warn = [s for s in scripts if s.key in missing and self.missing.get(s.key) != missing[s.key]]
+            self.missing = missing
+        for script in warn:
+            for lib in missing[script.key]:
+                log.log(logging.DEBUG if self.quiet else logging.WARNING,
+                        "script %s (%s/%s) requires library %r, which does not exist: it runs without it",
+                        display_path(script.path) if script.path else script.name, script.subject, script.name, lib)
         if changed:
             for callback in self._listeners:
                 callback()
@@ -504,7 +635,8 @@ class FileStore(Store):
 
     def start(self) -> None:
         self.scan()
-        log.info("%d scripts on %d subjects in %s", len(self.all_scripts()), len(self.subjects()), self.script_dir)
+        log.info("%s on %s in %s", plural(len(self.all_scripts()), "script"), plural(len(self.subjects()), "subject"),
+                 self.script_dir)
         self._thread = threading.Thread(target=self._follow, name="file-store", daemon=True)
         self._thread.start()
 
@@ -541,9 +673,10 @@ class FileStore(Store):
         files = _lua_files(self.script_dir)
         scripts = [s for s in (self._read(p, self._parse_script) for p in files) if s]
         lib_files = _lua_files(self.library_dir) if self.library_dir else []
-        libraries = dict(lib for lib in (self._read(p, _parse_library) for p in lib_files) if lib)
+        libraries = dict(lib for lib in (self._read(p, _parse_library, "library") for p in lib_files) if lib)
         for gone in set(self._seen) - set(files) - set(lib_files):
             del self._seen[gone]
+            self.broken.pop(str(gone), None)
             log.info("%s removed", gone)
         self._publish(scripts, libraries)
 
@@ -553,7 +686,7 @@ class FileStore(Store):
             check_lua_syntax(script.content, str(path))
         return script
 
-    def _read(self, path: Path, parse):
+    def _read(self, path: Path, parse, kind: str = "script"):
         try:
             st = path.stat()
         except OSError:
@@ -563,17 +696,20 @@ class FileStore(Store):
         if seen and seen[0] == stamp:
             return seen[1]
         last_good = seen[1] if seen else None
+        text = ""
         try:
-            parsed = parse(path, path.read_text(encoding="utf-8", errors="surrogateescape"))
+            text = path.read_text(encoding="utf-8", errors="surrogateescape")
+            parsed = parse(path, text)
             self.reloads += 1
+            self.broken.pop(str(path), None)
             if seen:
                 log.info("reloaded %s", path)
             else:
                 log.debug("loaded %s", path)
         except (OSError, MsgscriptError) as e:
-            self.load_errors += 1
-            text = error_text(e)
-            log.error("skipping %s", text if text.startswith(str(path)) else f"{path}: {text}")
+            headers = parse_headers(text)[0]
+            self._skip(str(path), error_text(e), kind, (headers.get("subject") or [""])[-1],
+                       (headers.get("name") or [path.stem if kind == "library" else ""])[-1])
             parsed = last_good
         self._seen[path] = (stamp, parsed)
         return parsed
@@ -598,10 +734,12 @@ def _lua_files(directory: Path) -> list[Path]:
         return []
 
 
-def _parse_library(path: Path, text: str) -> tuple[str, str]:
-    headers, content = parse_headers(text)
+def _parse_library(path: Path, text: str, fallback: str = "") -> tuple[str, LuaSource]:
+    """(name, content) of a library file: its `name` header, else `fallback`, else its file name."""
+    headers, content, _ = split_headers(text)
+    content = content.with_origin(display_path(str(path)))
     check_lua_syntax(content, str(path))
-    return (headers.get("name", [path.stem])[-1], content)
+    return (headers.get("name", [fallback or path.stem])[-1], content)
 
 
 _syntax_lock = threading.Lock()
@@ -618,10 +756,15 @@ def check_lua_syntax(source: str, where: str) -> None:
         if not _syntax_lua:
             lua = lupa.LuaRuntime(encoding=None, register_eval=False, register_builtins=False)
             _syntax_lua.append(lua.eval("function(src, name) local f, err = loadstring(src, name) return err end"))
-        err = _syntax_lua[0](source.encode("utf-8", "surrogateescape"), b"=" + os.path.basename(where).encode())
+        err = _syntax_lua[0](source.encode("utf-8", "surrogateescape"), b"=chunk")
     if err is not None:
         hint = " (goto is not supported: scripts run on Lua 5.1)" if re.search(r"\bgoto\b", source) else ""
-        raise ConfigError(f"{where}: Lua syntax error: {err.decode('utf-8', 'replace')}{hint}")
+        text = err.decode("utf-8", "replace")
+        m = re.match(r"chunk:(\d+): (.*)", text, re.S)
+        if m is None:
+            raise ConfigError(f"{where}: Lua syntax error: {text}{hint}")
+        line = source.file_line(int(m.group(1)))[1] if isinstance(source, LuaSource) else int(m.group(1))
+        raise ConfigError(f"{where}:{line}: Lua syntax error: {m.group(2)}{hint}")
 
 
 ###############################################################################
@@ -813,6 +956,7 @@ class EtcdStore(Store):
         libs, _ = self.client.range(ETCD_LIBS, prefix=True, revision=revision)
         old_entries, old_libs = self._entries, self._libs
         self._entries, self._libs = {}, {}
+        self.broken = {}
         for raw_key, value in scripts + libs:
             self._remember(raw_key.decode("utf-8", "surrogateescape"), value, old_entries, old_libs, quiet=True)
         self._revision, self._stale = revision, False
@@ -922,14 +1066,14 @@ class EtcdStore(Store):
         """Take in one key; a value that does not parse keeps the last good version."""
         if key.startswith(ETCD_LIBS) and len(key) > len(ETCD_LIBS):
             name = key[len(ETCD_LIBS):]
-            content = value.decode("utf-8", "surrogateescape")
+            content = LuaSource(value.decode("utf-8", "surrogateescape"), key)
             try:
                 check_lua_syntax(content, key)
                 self._libs[name] = content
                 self.reloads += 1
+                self.broken.pop(key, None)
             except ConfigError as e:
-                self.load_errors += 1
-                log.error("skipping %s", e)
+                self._skip(key, str(e), "library", "", name)
                 if name in old_libs:
                     self._libs[name] = old_libs[name]
                 return
@@ -954,15 +1098,15 @@ class EtcdStore(Store):
             if script.executor == "lua":
                 check_lua_syntax(script.content, key)
         except MsgscriptError as e:
-            self.load_errors += 1
-            text = first_line(str(e))
-            log.error("skipping %s", text if text.startswith(key) else f"{key}: {text}")
+            self._skip(key, str(e), "script", *where)
             return None
         self.reloads += 1
+        self.broken.pop(key, None)
         script.subject, script.name = where  # the key decides where a script serves
         return script
 
     def _forget(self, key: str) -> None:
+        self.broken.pop(key, None)
         lib = key[len(ETCD_LIBS):] if key.startswith(ETCD_LIBS) else None
         if self._entries.pop(key, None) is not None or (lib and self._libs.pop(lib, None) is not None):
             log.info("etcd: %s removed", key)
@@ -986,6 +1130,9 @@ class EtcdStore(Store):
     def remove_script(self, subject: str, name: str) -> None:
         if not self.client.delete(f"{ETCD_SCRIPTS}{subject}/{name}"):
             raise ConfigError(f"no script {subject}/{name} in etcd at {self.client.where}")
+
+    def has_library(self, name: str) -> bool:
+        return bool(self.client.range(f"{ETCD_LIBS}{name}")[0])
 
     def add_library(self, name: str, content: str) -> None:
         self.client.put(f"{ETCD_LIBS}{name}", content)
@@ -1127,6 +1274,7 @@ class Call:
     trace: Any = None  # the message's span (Tracing) when traced
     meta: tuple = ()  # a durable message's (id, stream, sequence, attempt, subject, tick): OnMessage's third argument
     limit: str = ""  # which limit set the deadline, for the timeout message
+    via: str = "NATS"  # the front it came from (HTTP, NATS, stream, cron, dev), for the failure log
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
@@ -1855,10 +2003,16 @@ class LuaRunner:
         self._run, compile_, ctx._wrap, self._run_message = self.lua.execute(
             lua_file("_sandbox.lua"), self._expired, self._blocking, names, py, lua_file("_patterns.lua").encode(),
             memory or 2**62, LUA_INSTRUCTION_CHECK, LUA_STEP, name="=sandbox")
+        self.source = source
         main = compile_(source.encode("utf-8", "surrogateescape"), f"={script.name}".encode())
         if isinstance(main, tuple):
-            raise MsgscriptError(f"syntax error: {self.ctx.text(main[1])}")
+            raise MsgscriptError(f"syntax error: {self.where(self.ctx.text(main[1]))}")
         self.main = main
+
+    def where(self, text: str) -> str:
+        """An error text with the chunk's positions (`name:N:`) as the files and lines they came from."""
+        source = self.source
+        return source.locate(text, self.script.name) if type(source) is LuaSource else text
 
     def _expired(self) -> bool:
         if self.ctx._lifted:
@@ -2345,7 +2499,7 @@ class LuaExecutor(Executor):
             if "not enough memory" in text:
                 self._forget(script)
                 raise self._memory_error(script) from None
-            raise ScriptError(first_line(text)) from None
+            raise ScriptError(first_line(runner.where(text))) from None
         except LuaError as e:  # raised by the sandbox's own checks (a payload over the memory cap)
             raise ScriptError(f"script {script.name}: {e}") from None
         finally:
@@ -3212,7 +3366,7 @@ class Scheduler:
         self.store = store
         self.executors = executors if executors is not None else make_executors(services, memory)
         self.timeout = timeout
-        self._limit = f"the server's -timeout {timeout:g}s"
+        self._limit = f"the server's -timeout {duration_text(timeout)}"
         self.max_inflight = max_inflight
         self.pool = WorkerPool(workers, max_workers)
         self.watchdog = services.watchdog = Watchdog(self.pool)
@@ -3237,6 +3391,7 @@ class Scheduler:
         self.loop = loop
         self.idle = asyncio.Event()
         self.idle.set()
+        self.failures.later = lambda delay, fn: loop.call_soon_threadsafe(loop.call_later, max(0.0, delay), fn)
 
     def lookup(self, subject: str) -> list[Script]:
         """The scripts a message on `subject` runs (not those fed by a stream or a schedule), or NotFound."""
@@ -3299,6 +3454,8 @@ class Scheduler:
             log.debug("script %s/%s runs on the worker pool from now on", script.subject, script.name)
             return None
         self._count(script, call, result, True)
+        if result.error:
+            self.failures.failed(script, call, result)
         return result
 
     def _busy(self) -> bool:
@@ -3346,7 +3503,7 @@ class Scheduler:
             job, index, call, result = self._done.popleft()
             self._count(job.scripts[index], call, result)
             try:
-                job.finish(index, result)
+                job.finish(index, result, log=True)
             except Exception:  # noqa: BLE001 - one front's failure must not stop the others' replies
                 log.exception("delivering the result of %s failed", job.scripts[index].name)
 
@@ -3358,7 +3515,8 @@ class Scheduler:
     def _execute(self, script: Script, call: Call, inline: Executor | None = None) -> Result:
         """Run one script within its deadline; every failure becomes a Result (except _MoveToPool).
 
-        `inline` is the script's executor when the call runs on the loop (see _try_inline).
+        `inline` is the script's executor when the call runs on the loop (see _try_inline). Failures are
+        logged where the answer is decided (_try_inline, _Job.finish), so a late one is not.
         """
         started = time.perf_counter()
         if script.timeout is not None:
@@ -3398,14 +3556,12 @@ class Scheduler:
         return result
 
     def _count(self, script: Script, call: Call, result: Result, inline: bool = False) -> None:
-        """A finished call's counters and its failure's log line (on the loop, so they need no lock)."""
+        """A finished call's counters (on the loop, so they need no lock)."""
         stats = script.stats or self._stats(script)
         stats.count(result, result.seconds)
         stats.average += (result.seconds - stats.average) * 0.125
         if inline:
             self._note_inline(result.seconds, time.perf_counter())
-        if result.error:
-            self.failures.failed(script, call, result)
 
     def _stats(self, script: Script) -> ScriptStats:
         """The script's counters (they outlive its versions), remembered on this version."""
@@ -3421,6 +3577,8 @@ class Scheduler:
             call.deadline = time.monotonic() + self.timeout
         result = self._execute(script, call)
         self._count(script, call, result)
+        if result.error:
+            self.failures.failed(script, call, result)
         return result
 
     def saturated(self) -> str:
@@ -3439,7 +3597,7 @@ def _script_call(script: Script, call: Call) -> Call:
     """The call with the script's own `timeout` applied."""
     if script.timeout is None:
         return call
-    return call.limited(script.timeout, f"its timeout header {script.timeout:g}s")
+    return call.limited(script.timeout, f"its timeout header {duration_text(script.timeout)}")
 
 
 class _Job:
@@ -3455,10 +3613,12 @@ class _Job:
         self.timers: list = []
         self.compute = 0  # its calls counted in the scheduler's compute_calls
 
-    def finish(self, index: int, result: Result) -> None:
+    def finish(self, index: int, result: Result, log: bool = False) -> None:
         if self.results[index] is not None:  # a worker's result after its timer answered
             return
         self.results[index] = result
+        if log and result.error:
+            self.scheduler.failures.failed(self.scripts[index], self.call, result)
         self.left -= 1
         try:
             if self.on_result is not None:
@@ -3474,7 +3634,7 @@ class _Job:
 
     def expire(self, index: int, call: Call) -> None:
         """The timer of a pooled call: its deadline has passed and its worker has not answered."""
-        self.finish(index, Result.failure(call.timed_out(self.scripts[index])))
+        self.finish(index, Result.failure(call.timed_out(self.scripts[index])), log=True)
 
 
 class RateLimitedLog:
@@ -3495,26 +3655,49 @@ class RateLimitedLog:
 
 
 class FailureLog:
-    """One WARNING per failed call, at most `burst` a minute per script, then one summary a minute."""
+    """One WARNING per failed call, at most `burst` a minute per script, then one summary a minute.
+
+    Calls fail on the loop and on workers, so the windows are kept under a lock. With `later` (set by
+    the Scheduler: runs a function on the loop after a delay) a window that left calls out is summed
+    up when it ends, even if the script fails no more.
+    """
 
     def __init__(self, burst: int = 10, every: float = 60.0):
         self.burst, self.every = burst, every
         self.windows: dict[tuple[str, str], list] = {}  # script -> [window start, logged, left out]
+        self.later: Callable[[float, Callable], None] | None = None
+        self._lock = threading.Lock()
 
     def failed(self, script: Script, call: Call, result: Result) -> None:
         now = time.monotonic()
-        window = self.windows.get(script.key)
-        if window is None or now - window[0] >= self.every:
-            if window is not None and window[2]:
-                log.warning("%s/%s: %d more failed calls in the last minute", script.subject, script.name,
-                            window[2])
-            window = self.windows[script.key] = [now, 0, 0]
-        if window[1] >= self.burst:
-            window[2] += 1
-            return
-        window[1] += 1
-        transport = "HTTP" if call.method and not call.meta else "stream" if call.meta else "NATS"
-        log.warning("%s/%s failed (%s, %s): %s", script.subject, script.name, transport, result.status, result.error)
+        with self._lock:
+            window = self.windows.get(script.key)
+            if window is None or now - window[0] >= self.every:
+                if window is not None:
+                    self._summary(script.key, window)
+                window = self.windows[script.key] = [now, 0, 0]
+            if window[1] >= self.burst:
+                window[2] += 1
+                if window[2] == 1 and self.later is not None:
+                    self.later(window[0] + self.every - now, functools.partial(self.flush, script.key, window))
+                return
+            window[1] += 1
+        log.warning("script %s/%s failed (%s, status %s): %s", script.subject, script.name, call.via, result.status,
+                    result.error)
+
+    def flush(self, key: tuple[str, str], window: list) -> None:
+        """The end of a window that left calls out: say how many."""
+        with self._lock:
+            if self.windows.get(key) is window:
+                self._summary(key, window)
+                del self.windows[key]
+
+    @staticmethod
+    def _summary(key: tuple[str, str], window: list) -> None:
+        if window[2]:
+            log.warning("script %s/%s: %s more failed calls not logged in the last minute", *key,
+                        f"{window[2]:,}")
+            window[2] = 0
 
 
 class WorkerPool:
@@ -4323,14 +4506,26 @@ def _die_with_parent() -> None:
         pass
 
 
-class EmbeddedNats:
-    """A private nats-server with JetStream on 127.0.0.1, stopped with the server (and killed with it)."""
+DEFAULT_NATS_PORT = 4222
 
-    def __init__(self, data_dir: str, port: int = 4222):
+
+class EmbeddedNats:
+    """A private nats-server with JetStream on 127.0.0.1, stopped with the server (and killed with it).
+
+    It listens on `port` (-nats-port). Without that flag it prefers 4222, and takes a free port, with
+    a warning, when 4222 is taken (another NATS runs there); a port given with -nats-port must be free.
+    """
+
+    def __init__(self, data_dir: str, port: int | None = None):
         self.binary = find_nats_server()
-        self.port = free_port(port)
-        if self.port != port:
-            log.info("port %d is taken; the embedded NATS server uses port %d", port, self.port)
+        self.port = free_port(port or DEFAULT_NATS_PORT)
+        if port and self.port != port:
+            raise ConfigError(f"-nats-port {port}: the port is taken (is another NATS server running? give "
+                              f"its URL with -natsurl, or another port)")
+        if self.port != DEFAULT_NATS_PORT:
+            log.warning("port %d is taken (another NATS server?); the embedded NATS server listens on port %d: "
+                        "reach it with -u nats://127.0.0.1:%d, or choose its port with -nats-port",
+                        DEFAULT_NATS_PORT, self.port, self.port)
         store_dir = os.path.join(data_dir, "jetstream")
         try:
             os.makedirs(store_dir, exist_ok=True)
@@ -4750,14 +4945,21 @@ class HttpFront:
         self._sweeper: asyncio.Task | None = None
         self.closed: asyncio.Event | None = None  # set when no connection is busy (draining waits on it)
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, serve: bool = True) -> None:
+        """Listen on the port (ConfigError when it cannot); with `serve`, take connections at once."""
         self.loop = asyncio.get_running_loop()
         self.closed = asyncio.Event()
         try:
             self.server = await self.loop.create_server(lambda: HttpConnection(self), host or None, port,
-                                                        reuse_address=True, backlog=1024)
+                                                        reuse_address=True, backlog=1024, start_serving=False)
         except OSError as e:
             raise ConfigError(f"cannot listen on port {port}: {e.strerror or e}") from None
+        if serve:
+            await self.serve()
+
+    async def serve(self) -> None:
+        """Take connections on the port `start` listens on."""
+        await self.server.start_serving()
         self._sweeper = self.loop.create_task(self._sweep())
 
     async def _sweep(self) -> None:
@@ -4858,13 +5060,13 @@ class HttpFront:
 
     def _run(self, request: HttpRequest, answer: Callable) -> None:
         subject, url, params = split_target(request.target)
-        timeout, limit = self.config.timeout, f"the HTTP wait {self.config.timeout:g}s"
+        timeout, limit = self.config.timeout, f"the HTTP wait {duration_text(self.config.timeout)}"
         if "_timeout" in params:
             asked = parse_duration(params["_timeout"][-1])
             if asked < timeout:
                 timeout, limit = asked, f"?_timeout={params['_timeout'][-1]}"
         scripts = self.scheduler.lookup(subject)  # stream and cron scripts run from JetStream only
-        call = Call(subject, request.body, request.method, url, time.monotonic() + timeout, limit=limit)
+        call = Call(subject, request.body, request.method, url, time.monotonic() + timeout, limit=limit, via="HTTP")
         if self.tracing:
             call.trace = self.tracing.http_span(request, subject, scripts)
 
@@ -5022,7 +5224,8 @@ def _is_loopback(address: str) -> bool:
 
 
 class AdminPages:
-    """The `/_/` pages: the README, the subjects, a subject's scripts, a script's headers and source."""
+    """The `/_/` pages: the README (and the files it links to), the subjects, a subject's scripts, a script's
+    headers and source."""
 
     def __init__(self, scheduler: Scheduler):
         self.scheduler, self.store = scheduler, scheduler.store
@@ -5031,23 +5234,42 @@ class AdminPages:
         parts = [urllib.parse.unquote(p) for p in path.split("/")[2:] if p]
         if not parts:
             return self.html("msgscript", render_markdown(readme_text()))
-        if parts[0] == "list":
-            items = "".join(f'<li><a href="/_/subject/{html.escape(s)}">{html.escape(s)}</a></li>'
+        if parts[0] == "file" and len(parts) > 1:
+            return self.file("/".join(parts[1:]))
+        if parts[0] == "list" and len(parts) == 1:
+            items = "".join(f'<li><a href="/_/subject/{_url(s)}">{html.escape(s)}</a></li>'
                             for s in self.store.subjects())
-            return self.html("Subjects", f"<ul>{items}</ul>")
+            broken = "".join(f"<li>{html.escape(why)}</li>" for _kind, _s, _n, why in self.store.broken.values())
+            missing = "".join(f"<li>{html.escape(f'{k[0]}/{k[1]}')}: runs without the missing librar"
+                              f"{'y' if len(libs) == 1 else 'ies'} {html.escape(', '.join(libs))}</li>"
+                              for k, libs in sorted(self.store.missing.items()))
+            return self.html("Subjects", f"<ul>{items}</ul>"
+                             + (f"<h2>Not loaded</h2><ul>{broken}</ul>" if broken else "")
+                             + (f"<h2>Missing libraries</h2><ul>{missing}</ul>" if missing else ""))
         if parts[0] == "subject" and len(parts) == 2:
             scripts = self._scripts(parts[1])
-            items = "".join(f'<li><a href="/_/info/{html.escape(s.subject)}/{html.escape(s.name)}">'
+            items = "".join(f'<li><a href="/_/info/{_url(s.subject)}/{_url(s.name)}">'
                             f"{html.escape(s.name)}</a></li>" for s in scripts)
             return self.html(f"Scripts on {html.escape(parts[1])}", f"<ul>{items}</ul>")
         if parts[0] == "info" and len(parts) == 3:
             script = next((s for s in self._scripts(parts[1]) if s.name == parts[2]), None)
             if script is None:
                 raise NotFound(f"no script {parts[2]!r} on subject {parts[1]!r}")
-            rows = "".join(f"<tr><th>{k}</th><td>{html.escape(str(v))}</td></tr>" for k, v in self.fields(script))
+            rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
+                           for k, v in self.fields(script).items())
             return self.html(f"{html.escape(script.subject)} / {html.escape(script.name)}",
                              f"<table>{rows}</table><pre><code>{html.escape(script.content)}</code></pre>")
         raise NotFound("no such admin page (try /_/list)")
+
+    def file(self, name: str) -> tuple[int, bytes, dict[str, str]]:
+        """A file the README links to (docs/modules.md, plugins/hello.py, ...): Markdown rendered, others as text."""
+        path = linked_files().get(name)
+        if path is None:
+            raise NotFound(f"{name} is not a file the README links to")
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if name.endswith(".md"):
+            return self.html(html.escape(name), render_markdown(text, posixpath.dirname(name)))
+        return 200, text.encode(), {"Content-Type": "text/plain; charset=utf-8"}
 
     def _scripts(self, subject: str) -> list[Script]:
         scripts = self.store.scripts(subject)
@@ -5055,19 +5277,23 @@ class AdminPages:
             raise NotFound(f"no script for subject {subject!r}")
         return scripts
 
-    def fields(self, script: Script) -> list[tuple[str, Any]]:
+    def fields(self, script: Script) -> dict[str, str]:
+        """A script's headers and state, each value as a user writes it (`-` when not set)."""
         stats = self.scheduler.stats.get(script.key) or ScriptStats()
-        rows = [("subject", script.subject), ("name", script.name), ("executor", script.executor),
-                ("http", script.http), ("require", ", ".join(script.libraries)), ("timeout", script.timeout),
-                ("memory", script.memory), ("lock", script.lock), ("path", script.path),
-                ("calls", stats.calls), ("errors", sum(stats.errors.values()))]
+        rows: dict[str, Any] = {
+            "subject": script.subject, "name": script.name, "executor": script.executor, "http": script.http,
+            "require": ", ".join(script.libraries), "timeout": script.timeout, "memory": script.memory,
+            "lock": script.lock, "path": script.path, "calls": stats.calls, "errors": sum(stats.errors.values())}
+        missing = self.store.missing.get(script.key)
+        if missing:
+            rows["missing libraries"] = ", ".join(missing) + " (the script runs without them)"
         if script.stream:
-            rows += [("stream", script.stream), ("retry", script.retry_text), ("deadletter", script.dead_letter)]
+            rows.update(stream=script.stream, retry=script.retry_text, deadletter=script.dead_letter)
         if script.cron:
-            rows += [("cron", script.cron), ("timezone", script.timezone or "UTC")]
+            rows.update(cron=script.cron, timezone=script.timezone or "UTC")
         if self.scheduler.durable_info is not None and (script.stream or script.cron):
-            rows += list(self.scheduler.durable_info(script).items())
-        return rows
+            rows.update(self.scheduler.durable_info(script))
+        return {k: _as_written(k, v) for k, v in rows.items()}
 
     @staticmethod
     def html(title: str, body: str) -> tuple[int, bytes, dict[str, str]]:
@@ -5076,8 +5302,42 @@ class AdminPages:
         return 200, doc.encode(), {"Content-Type": "text/html; charset=utf-8"}
 
 
+def _url(text: str) -> str:
+    return html.escape(urllib.parse.quote(text, safe=""))
+
+
+def _as_written(key: str, value: Any) -> str:
+    """An admin page value as it is written in a header or a flag: true, 5s, 16MiB; `-` when not set."""
+    if value is None or value == "":
+        return "-"
+    if value is True or value is False:
+        return "true" if value else "false"
+    if key == "timeout":
+        return duration_text(value)
+    if key == "memory":
+        return size_text(value)
+    return str(value)
+
+
+def duration_text(seconds: float) -> str:
+    """Seconds as a Go duration: 500ms, 5s, 2m, 1h30m."""
+    if seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    if seconds % 60 or seconds < 60:
+        return f"{seconds:g}s"
+    hours, minutes = divmod(int(seconds) // 60, 60)
+    return (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes or not hours else "")
+
+
+def size_text(size: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale and size % scale == 0:
+            return f"{size // scale}{unit}"
+    return str(size)
+
+
 def readme_text() -> str:
-    path = Path(__file__).resolve().parent / "README.md"
+    path = _HERE / "README.md"
     if path.is_file():
         return path.read_text(encoding="utf-8")
     try:
@@ -5088,13 +5348,60 @@ def readme_text() -> str:
         return "# msgscript\n\nThe README is not installed."
 
 
-@functools.lru_cache(maxsize=4)
-def render_markdown(text: str) -> str:
-    """Markdown as HTML through markdown-it-py (CommonMark and tables), with GitHub-style heading ids."""
+def _markdown():
     from markdown_it import MarkdownIt
 
-    md = MarkdownIt("commonmark", {"html": False}).enable("table")
+    return MarkdownIt("commonmark", {"html": False}).enable("table")
+
+
+def _relative_link(href: str, base: str) -> tuple[str, str] | None:
+    """(file relative to the checkout, #fragment) of a relative link on a page in `base`; None for others."""
+    if not href or href.startswith(("#", "/")) or re.match(r"^[a-zA-Z][\w+.-]*:", href):
+        return None
+    target, _, fragment = href.partition("#")
+    target = posixpath.normpath(posixpath.join(base, urllib.parse.unquote(target)))
+    return target, f"#{fragment}" if fragment else ""
+
+
+def _link_file(name: str) -> Path | None:
+    """The file a README link names, if this installation has it (plugins/ is where the bundled plugins are)."""
+    parts = name.split("/")
+    if ".." in parts or not all(parts):
+        return None
+    path = BUNDLED_PLUGINS.joinpath(*parts[1:]) if parts[0] == "plugins" else _HERE.joinpath(*parts)
+    return path if path.is_file() else None
+
+
+@functools.lru_cache(maxsize=1)
+def linked_files() -> dict[str, Path]:
+    """The files the README links to, and those their Markdown links to, that this installation has."""
+    found: dict[str, Path] = {}
+    pages = [("", readme_text())]
+    while pages:
+        base, text = pages.pop()
+        for token in _markdown().parse(text):
+            for child in token.children or []:
+                link = _relative_link(str(child.attrGet("href") or ""), base) if child.type == "link_open" else None
+                if link is None or link[0] in found or link[0] == "README.md":
+                    continue
+                path = _link_file(link[0])
+                if path is not None:
+                    found[link[0]] = path
+                    if link[0].endswith(".md"):
+                        pages.append((posixpath.dirname(link[0]), path.read_text(encoding="utf-8", errors="replace")))
+    return found
+
+
+@functools.lru_cache(maxsize=8)
+def render_markdown(text: str, base: str = "") -> str:
+    """Markdown as HTML through markdown-it-py (CommonMark and tables), with GitHub-style heading ids.
+
+    Relative links point to /_/file/... when this installation has the file, and are plain text when it
+    has not (an installed package has no docs/ directory), so no link of the admin pages is broken.
+    """
+    md = _markdown()
     tokens = md.parse(text)
+    files = linked_files()
     seen: dict[str, int] = {}
     for i, token in enumerate(tokens):
         if token.type == "heading_open":
@@ -5103,7 +5410,30 @@ def render_markdown(text: str) -> str:
             n = seen.get(slug, 0)
             seen[slug] = n + 1
             token.attrSet("id", slug if n == 0 else f"{slug}-{n}")
+        if token.children:
+            token.children = _rewrite_links(token.children, base, files)
     return md.renderer.render(tokens, md.options, {})
+
+
+def _rewrite_links(children: list, base: str, files: dict[str, Path]) -> list:
+    """Inline tokens with relative links pointed into /_/ (links do not nest in Markdown)."""
+    kept, dropping = [], False
+    for child in children:
+        if child.type == "link_open":
+            link = _relative_link(str(child.attrGet("href") or ""), base)
+            if link is not None:
+                if link[0] == "README.md":
+                    child.attrSet("href", "/_/" + link[1])
+                elif link[0] in files:
+                    child.attrSet("href", f"/_/file/{urllib.parse.quote(link[0])}{link[1]}")
+                else:
+                    dropping = True
+                    continue
+        elif child.type == "link_close" and dropping:
+            dropping = False
+            continue
+        kept.append(child)
+    return kept
 
 
 ###############################################################################
@@ -5488,6 +5818,8 @@ class Durable:
         except nats.js.errors.NotFoundError:
             await self.js.add_stream(name=CRON_STREAM, subjects=[f"{CRON_PREFIX}>"], max_age=86400.0,
                                      duplicate_window=120.0)
+            log.info("created stream %s (subjects %s>) on NATS at %s: it records the cron scripts' ticks",
+                     CRON_STREAM, CRON_PREFIX, self.nats.connected_url)
         return CRON_STREAM
 
     async def _ensure_stream(self, stream: str, subject: str, script: Script) -> None:
@@ -5671,7 +6003,8 @@ class _Consumer:
         msg_id = headers.get("Nats-Msg-Id") or f"{stream}:{sequence}"
         meta = (msg_id.encode(), stream.encode(), sequence, attempt, msg.subject.encode(),
                 headers.get("Msgscript-Tick", "").encode())
-        call = Call(self.script.subject, b"" if self.script.cron else msg.data, meta=meta)
+        call = Call(self.script.subject, b"" if self.script.cron else msg.data, meta=meta,
+                    via="cron" if self.script.cron else "stream")
         try:
             result = self.durable.scheduler.dispatch([self.script], call, None,
                                                      lambda results: self._settle.put_nowait((msg, results[0])))
@@ -5843,22 +6176,31 @@ class ServerConfig:
     queue: str = DEFAULT_QUEUE_GROUP
     drain_timeout: float = 30.0
     data_dir: str = ""
+    nats_port: int | None = None  # the embedded NATS server's port (-nats-port); None: 4222, else a free one
     create_streams: bool = False
     ack_wait: float = ACK_WAIT
     compat_go: bool = False
     environ: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
+# The Go original's levels (logrus): trace is debug here, fatal and panic show only critical messages.
+LOG_LEVELS = {"trace": "debug", "debug": "debug", "info": "info", "warn": "warn", "warning": "warning",
+              "error": "error", "fatal": "critical", "panic": "critical"}
+
+
 def _log_level(flag: str, environ: dict[str, str]) -> str:
-    level = "debug" if environ.get("DEBUG") in ("1", "true") else flag.lower()
-    if level not in ("debug", "info", "warn", "warning", "error"):
-        raise ConfigError(f"unknown log level {flag!r} (use debug, info, warn or error)")
-    return level
+    """The logging level of a -log flag; DEBUG set to anything (as the Go original reads it) means debug."""
+    level = LOG_LEVELS.get(flag.lower())
+    if level is None:
+        raise ConfigError(f"unknown log level {flag!r} (use trace, debug, info, warn, error, fatal or panic)")
+    return "debug" if environ.get("DEBUG") else level
 
 
 def _choice(value: str, flag: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
-        raise ConfigError(f"-{flag} must be one of {', '.join(choices)} (got {value!r})")
+        named = ", ".join(c for c in choices if c)
+        raise ConfigError(f"-{flag} must be {'one of ' + named if ',' in named else named}"
+                          f"{' (or left out)' if '' in choices else ''}, not {value!r}")
     return value
 
 
@@ -5878,9 +6220,16 @@ def server_config(args: argparse.Namespace, environ: dict[str, str]) -> ServerCo
                         metrics=_choice(args.metrics, "metrics", ("local", "public", "off"))),
         memory=parse_size(args.memory), workers=args.workers, max_workers=args.max_workers,
         max_inflight=args.max_inflight, queue=args.queue, drain_timeout=parse_duration(args.drain_timeout),
-        data_dir=os.path.abspath(args.data or default_data_dir(environ)), create_streams=args.create_streams,
+        data_dir=os.path.abspath(args.data or default_data_dir(environ)), nats_port=args.nats_port,
+        create_streams=args.create_streams,
         ack_wait=parse_duration(args.ack_wait),
         compat_go=compat == "go", environ=environ)
+    if cfg.nats_port is not None:
+        if cfg.nats.url:
+            raise ConfigError("-nats-port sets the port of the embedded NATS server, which does not run with "
+                              "-natsurl or NATS_URL")
+        if not 0 < cfg.nats_port < 65536:
+            raise ConfigError(f"invalid -nats-port {cfg.nats_port}")
     for d in cfg.plugin_dirs:
         if not os.path.isdir(d):
             raise ConfigError(f"plugin directory {d} does not exist")
@@ -5967,23 +6316,26 @@ class Server:
             loop.add_signal_handler(sig, self._stopping.set)
         self.scheduler.attach(loop)
         try:
-            self.store.start()
+            # The HTTP port first: when it is taken, the server stops before anything else has started.
+            self.http = HttpFront(self.scheduler, self.cfg.http, self.not_ready, self.metrics.text, self.tracing)
+            await self.http.start(self.cfg.host, self.cfg.port, serve=False)
             options = self.cfg.nats
             if not options.url:
-                self.embedded = EmbeddedNats(self.cfg.data_dir)
+                self.embedded = EmbeddedNats(self.cfg.data_dir, self.cfg.nats_port)
                 options = dataclasses.replace(options, url=self.embedded.url)
+            self.store.start()
             self.nats = NatsFront(options, self.scheduler, self.services, self.cfg.queue, self.cfg.compat_go,
                                   self.tracing)
             await self._until_stopped(self.nats.start())
-            self.http = HttpFront(self.scheduler, self.cfg.http, self.not_ready, self.metrics.text, self.tracing)
-            await self.http.start(self.cfg.host, self.cfg.port)
+            await self.http.serve()
             self.durable = Durable(self.nats, self.scheduler, self.cfg.create_streams, self.cfg.ack_wait)
             self.nats.extra_stats = self.durable.stats
             self.scheduler.durable_info = self.durable.info
             await self.durable.start()
-            log.info("msgscript %s serving %d scripts on %d subjects; NATS %s; HTTP on port %d; timeout %gs, "
+            log.info("msgscript %s serving %s on %s; NATS %s; HTTP on port %d; timeout %gs, "
                      "HTTP timeout %gs, memory %d MiB per Lua runtime, %d-%d workers, %d calls in flight at most",
-                     __version__, len(self.store.all_scripts()), len(self.store.subjects()), self.nats.connected_url,
+                     __version__, plural(len(self.store.all_scripts()), "script"),
+                     plural(len(self.store.subjects()), "subject"), self.nats.connected_url,
                      self.cfg.port, self.cfg.timeout, self.cfg.http.timeout, self.cfg.memory // 2**20,
                      self.cfg.workers, self.cfg.max_workers, self.cfg.max_inflight)
             sd_notify("READY=1")
@@ -6074,66 +6426,150 @@ def _server_parser(prog: str = "msgscript server") -> argparse.ArgumentParser:
     flag("metrics", default="local", help="GET /metrics: local, public or off (default local)")
     flag("compat", default="", help="go: the Go original's HEAD wire formats (NATS replies, HTTP JSON)")
     flag("data", default="", help="data directory of the embedded NATS (JetStream) (default ~/.local/state/msgscript)")
+    flag("nats-port", default=None, type=int, help="port of the embedded NATS server (default 4222; when not given "
+                                                   "and 4222 is taken, a free port, logged)")
     flag("create-streams", action="store_true", help="create a missing JetStream stream named by --* stream:")
     flag("ack-wait", default="30s", help="JetStream: redeliver a message whose server went silent after this "
                                          "(default 30s)")
     return p
 
 
+# The global flags of `msgscript cli`, by the group of commands that use them. They may come before the
+# command or after it; a flag the command does not use is refused (never silently ignored).
+_CLI_GROUPS = {
+    "store": (("-b", "--backend", "store: etcd or file (default etcd)"),
+              ("--script-dir", "script directory for -b file (default .)")),
+    "library": (("--library", "library directory: for -b file, and the libraries of dev and devhttp"),),
+    "etcd": (("-e", "--etcdurls", "etcd endpoints, comma-separated (default localhost:2379; env ETCD_ENDPOINTS)"),),
+    "nats": (("-u", "--natsurl", "NATS URL(s) (env NATS_URL; default nats://127.0.0.1:4222 for request and "
+                                 "publish, none for dev)"),
+             *((f"--{name}", help) for name, help in _NATS_SECURITY_FLAGS)),
+    "executor": (("-x", "--executor", "executor of a script without an executor header: lua, wasm or podman"),),
+    "log": (("-L", "--log", "log level: trace, debug, info, warn, error, fatal, panic (default warn)"),),
+}
+_CLI_COMMAND_GROUPS = {
+    "add": ("store", "library", "etcd", "executor", "log"), "list": ("store", "library", "etcd", "log"),
+    "rm": ("store", "library", "etcd", "log"), "lib": ("store", "library", "etcd", "log"),
+    "dev": ("library", "etcd", "nats", "executor", "log"), "devhttp": ("library", "etcd", "nats", "executor", "log"),
+    "request": ("nats", "log"),
+    "publish": ("nats", "log"), "completion": (),
+}
+_CLI_ALIASES = {"ls": "list"}
+CLI_DEFAULTS = {"backend": "etcd", "etcdurls": "localhost:2379", "natsurl": "", "executor": "lua", "log": "warn",
+                "script_dir": ".", "library": "", **{name.replace("-", "_"): "" for name, _ in _NATS_SECURITY_FLAGS}}
+
+
+def _cli_flags(parser: argparse.ArgumentParser, groups: tuple[str, ...]) -> None:
+    for group in groups:
+        if group == "library" and parser.prog.split()[-1] in ("dev", "devhttp"):
+            continue  # dev and devhttp have their own -l/--library
+        for *names, help in _CLI_GROUPS[group]:
+            parser.add_argument(*names, default=argparse.SUPPRESS, help=help)
+
+
 def _cli_parser(prog: str = "msgscript cli") -> argparse.ArgumentParser:
-    common = _Parser(add_help=False)
-    common.add_argument("-b", "--backend", default=argparse.SUPPRESS, help="store: etcd or file (default etcd)")
-    common.add_argument("-e", "--etcdurls", default=argparse.SUPPRESS, help="etcd endpoints (default localhost:2379)")
-    common.add_argument("-u", "--natsurl", default=argparse.SUPPRESS, help="NATS URL (dev, devhttp)")
-    for name, help in _NATS_SECURITY_FLAGS:
-        common.add_argument(f"--{name}", default=argparse.SUPPRESS, help=help)
-    common.add_argument("-x", "--executor", default=argparse.SUPPRESS, help="lua, wasm or podman (default lua)")
-    common.add_argument("-L", "--log", default=argparse.SUPPRESS, help="log level (default warn)")
-    common.add_argument("--script-dir", default=argparse.SUPPRESS, help="script directory for -b file (default .)")
-    common.add_argument("--library", default=argparse.SUPPRESS, help="library directory for -b file")
-    p = _Parser(prog=prog, description="Manage msgscript scripts and develop them locally.", parents=[common],
+    p = _Parser(prog=prog, description="Manage msgscript scripts, develop them locally, call them over NATS.",
                 allow_abbrev=False)
+    _cli_flags(p, tuple(_CLI_GROUPS))
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
     def command(name, help, aliases=()):
-        return sub.add_parser(name, help=help, description=help, parents=[common], aliases=list(aliases))
+        c = sub.add_parser(name, help=help, description=help, aliases=list(aliases), allow_abbrev=False)
+        _cli_flags(c, _CLI_COMMAND_GROUPS[name])
+        return c
 
-    c = command("add", "add a script to the store (subject and name default to its headers)")
-    c.add_argument("-s", "--subject", "-subject", default="")
-    c.add_argument("-n", "--name", "-name", default="")
+    c = command("add", "add a script to the store (subject and name default to its headers); a script that "
+                       "would not load is refused")
+    c.add_argument("-s", "--subject", default="")
+    c.add_argument("-n", "--name", default="")
     c.add_argument("file")
-    command("list", "list the scripts in the store", aliases=["ls"])
+    command("list", "list the scripts in the store, and those that cannot load with the reason", aliases=["ls"])
     c = command("rm", "remove a script from the store")
-    c.add_argument("-s", "--subject", "-subject", required=True)
-    c.add_argument("-n", "--name", "-name", required=True)
+    c.add_argument("-s", "--subject", required=True)
+    c.add_argument("-n", "--name", required=True)
     lib = command("lib", "manage libraries")
     libsub = lib.add_subparsers(dest="lib_command", metavar="LIBCOMMAND", parser_class=_Parser)
     libsub.required = True
-    c = libsub.add_parser("add", help="add library files (or directories with -r)", parents=[common])
+
+    def lib_command(name, help, aliases=()):
+        c = libsub.add_parser(name, help=help, description=help, aliases=list(aliases), allow_abbrev=False)
+        _cli_flags(c, _CLI_COMMAND_GROUPS["lib"])
+        return c
+
+    c = lib_command("add", "add library files (or the .lua files of directories, with -r)")
     c.add_argument("-r", "--recursive", action="store_true")
+    c.add_argument("--name", default="", help="the library's name when its file has no name header (one file)")
     c.add_argument("paths", nargs="+")
-    c = libsub.add_parser("rm", help="remove a library", parents=[common])
+    c = lib_command("rm", "remove a library")
     c.add_argument("name")
-    libsub.add_parser("list", help="list libraries", parents=[common], aliases=["ls"])
-    for name, help in (("dev", "run a script locally once, as the server would"),
+    lib_command("list", "list libraries", aliases=["ls"])
+    for name, help in (("dev", "run a script once, as the server would (any kind: NATS, HTTP, stream, cron)"),
                        ("devhttp", "serve one script over HTTP, re-reading it on every request")):
         c = command(name, help)
         c.add_argument("file")
         c.add_argument("-s", "--subject", default="")
         c.add_argument("-n", "--name", default="")
-        c.add_argument("-l", "--libdir", "--library-dir", dest="libdir", default="", help="library directory")
-        c.add_argument("-p", "--plugin", default=[], action="append", help="plugin directory")
+        c.add_argument("-l", "--library", "--libdir", "--library-dir", dest="library", default=argparse.SUPPRESS,
+                       help="library directory")
+        c.add_argument("-p", "--plugin", "--pluginDir", dest="plugin", default=[], action="append",
+                       help="plugin directory (repeatable)")
         if name == "dev":
-            c.add_argument("-i", "--input", required=True, help="payload: a file path, else the literal text")
-            c.add_argument("-m", "--method", default="GET", help="HTTP verb for HTTP-mode scripts (default GET)")
-            c.add_argument("-U", "--url", default="/", help="URL path for HTTP-mode scripts (default /)")
+            c.add_argument("-i", "--input", default=None,
+                           help="payload: a file if one exists by that name, - for standard input, else the text "
+                                "itself (default: empty)")
+            c.add_argument("-m", "--method", default=None, help="HTTP-mode scripts: the HTTP verb (default GET)")
+            c.add_argument("-U", "--url", default=None, help="HTTP-mode scripts: the URL path (default /)")
             c.add_argument("-t", "--timeout", default="2m", help="script timeout (default 2m)")
+            c.add_argument("-H", "--header", default=[], action="append",
+                           help="stream scripts: a message header 'Name: value' (Nats-Msg-Id sets msg.id); "
+                                "repeatable")
+            c.add_argument("--attempt", type=int, default=None, help="stream and cron scripts: msg.attempt (default 1)")
+            c.add_argument("--sequence", type=int, default=None,
+                           help="stream and cron scripts: msg.sequence (default 1)")
+            c.add_argument("--tick", default=None, help="cron scripts: tick.tick (default now, e.g. "
+                                                        "2026-01-31T12:00:00Z)")
         else:
             c.add_argument("--port", type=int, default=DEVHTTP_PORT, help=f"port (default {DEVHTTP_PORT})")
+    for name, help in (("request", "call the scripts of a subject over NATS and print the reply"),
+                       ("publish", "publish to a JetStream stream's subject and print the stream and sequence")):
+        c = command(name, help)
+        c.add_argument("subject")
+        c.add_argument("payload", nargs="?", default="", help="the payload (- for standard input; default: empty)")
+        c.add_argument("-H", "--header", default=[], action="append", help="a header 'Name: value'; repeatable")
+        c.add_argument("-t", "--timeout", default="5s", help="how long to wait for the answer (default 5s)")
     c = command("completion", "print a shell completion script")
     c.add_argument("shell", choices=["bash", "zsh", "fish"])
     return p
+
+
+def _all_flags(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option string of a parser and its subcommands."""
+    flags = set()
+    for action in parser._actions:
+        flags.update(action.option_strings)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                flags |= _all_flags(sub)
+    return flags
+
+
+def normalize_flags(argv: list[str], parser: argparse.ArgumentParser, prog: str) -> list[str]:
+    """One flag syntax: `-name` is `--name` for every long flag; a single-dash word that is not a flag is
+    refused instead of being read as a short flag with its value glued on (`-library` as `-l ibrary`)."""
+    known = _all_flags(parser)
+    out = []
+    for i, word in enumerate(argv):
+        if word == "--":
+            return out + argv[i:]
+        m = re.match(r"^-([A-Za-z][\w-]+)(=.*)?$", word)
+        if m and f"-{m.group(1)}" not in known:
+            if f"--{m.group(1)}" not in known:
+                raise ConfigError(f"{prog}: unknown flag -{m.group(1)} (a short flag takes its value as the next "
+                                  f"word; see --help)")
+            word = f"--{m.group(1)}{m.group(2) or ''}"
+        out.append(word)
+    return out
 
 
 def _parse_args(argv: list[str]) -> argparse.Namespace:
@@ -6147,9 +6583,19 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     if mode.startswith("-"):  # `msgscript -script DIR -port N`: the Go server binary's command line
         mode, rest = "server", argv
     if mode == "server":
-        args = _server_parser().parse_args(rest)
+        parser = _server_parser()
+        args = parser.parse_args(normalize_flags(rest, parser, "msgscript server"))
     elif mode == "cli":
-        args = _cli_parser().parse_args(rest)
+        parser = _cli_parser()
+        args = parser.parse_args(normalize_flags(rest, parser, "msgscript cli"))
+        args.command = _CLI_ALIASES.get(args.command, args.command)
+        allowed = {a.dest for a in _cli_parser_of(parser, args.command)._actions}
+        for group in _CLI_GROUPS.values():
+            for *names, _help in group:
+                dest = names[-1].lstrip("-").replace("-", "_")
+                if hasattr(args, dest) and dest not in allowed:
+                    raise ConfigError(f"msgscript cli {args.command}: {'/'.join(names)} does not apply to "
+                                      f"{args.command} (see msgscript cli {args.command} --help)")
         for name, default in CLI_DEFAULTS.items():  # global flags may come before or after the command
             if not hasattr(args, name):
                 setattr(args, name, default)
@@ -6159,8 +6605,9 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-CLI_DEFAULTS = {"backend": "etcd", "etcdurls": "localhost:2379", "natsurl": "", "executor": "lua", "log": "warn",
-                "script_dir": ".", "library": "", **{name.replace("-", "_"): "" for name, _ in _NATS_SECURITY_FLAGS}}
+def _cli_parser_of(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[command]
 
 
 def _usage() -> str:
@@ -6173,6 +6620,10 @@ def setup_logging(level: str) -> None:
     level = {"warn": "WARNING"}.get(level.lower(), level.upper())
     logging.basicConfig(level=getattr(logging, level, logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
+    # Libraries' own chatter says nothing to an operator: watchfiles' "N changes detected" (info) and
+    # "rust notify timeout, continuing" (debug, every second); asyncio's and nats-py's debug lines.
+    for name in ("watchfiles", "asyncio", "nats"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -6234,7 +6685,7 @@ class DevStore(Store):
         script = parse_script(text, self.args.file, self.args.subject, self.args.name)
         if "executor" not in parse_headers(text)[0] and self.executor != "lua":
             script.executor = self.executor
-        self._publish([script], read_libraries(self.args.libdir))
+        self._publish([script], read_libraries(self.args.library))
         self.script = Store.scripts(self, script.subject)[0]
         return self.script
 
@@ -6243,7 +6694,7 @@ def _dev_services(args, cfg: CliConfig, store: Store) -> Services:
     for d in args.plugin:
         if not os.path.isdir(d):
             raise ConfigError(f"plugin directory {d} does not exist")
-    services = make_services(args.plugin, args.libdir or None, cfg.store.etcd_endpoints)
+    services = make_services(args.plugin, args.library or None, cfg.store.etcd_endpoints)
     services.store, services.nats_options = store, cfg.nats
     if cfg.nats.url:  # optional: lets nats.* work while developing
         services.nats = _dev_nats(cfg.nats)
@@ -6278,16 +6729,85 @@ class _LazyExecutors(dict):
 def _cli_dev(args, cfg: CliConfig) -> int:
     store = DevStore(args, cfg.executor)
     script = store.script
+    call = dev_call(script, args)
     services = _dev_services(args, cfg, store)
     scheduler = Scheduler(store, services, _LazyExecutors(services), parse_duration(args.timeout))
-    payload = Path(args.input).read_bytes() if os.path.isfile(args.input) else args.input.encode()
-    url = args.url if args.url.startswith("/") else "/" + args.url
-    call = Call(script.subject, payload, args.method.upper() if script.http else "", url)
+    scheduler.failures.burst = 0  # the error is the command's output, not a log line
+    call.deadline, call.limit = time.monotonic() + scheduler.timeout, f"-t {args.timeout}"
     try:
         result = scheduler.run_blocking(script, call)
     finally:
         scheduler.close()
     return cli_report(script, result)
+
+
+def read_payload(value: str | None, literal_only: bool = False) -> bytes:
+    """A payload flag: `-` is standard input; else (unless `literal_only`) a file if one exists by that name;
+    else the text itself."""
+    if value is None:
+        return b""
+    if value == "-":
+        return sys.stdin.buffer.read()
+    if not literal_only and os.path.isfile(value):
+        try:
+            return Path(value).read_bytes()
+        except OSError as e:
+            raise ConfigError(f"cannot read {value}: {e.strerror}") from None
+    return value.encode("utf-8", "surrogateescape")
+
+
+def parse_header_flags(values: list[str]) -> dict[str, str]:
+    """`-H 'Name: value'` flags as a dict."""
+    headers = {}
+    for value in values:
+        name, sep, text = value.partition(":")
+        if not sep or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name.strip()):
+            raise ConfigError(f"-H {value!r}: a header is 'Name: value'")
+        headers[name.strip()] = text.strip()
+    return headers
+
+
+def dev_call(script: Script, args) -> Call:
+    """The Call `cli dev` makes for a script, as the server would make it for the script's kind. A flag that
+    does not apply to the kind is refused rather than ignored."""
+    def refuse(flag: str, applies: str) -> None:
+        raise ConfigError(f"{flag} applies to {applies}; {args.file} is {kind}")
+
+    kind = ("a cron script" if script.cron else "a stream script" if script.stream
+            else "an HTTP-mode script" if script.http else "a normal-mode script")
+    if not script.http:
+        for flag, value in (("-m/--method", args.method), ("-U/--url", args.url)):
+            if value is not None:
+                refuse(flag, "HTTP-mode scripts")
+    if not (script.stream or script.cron):
+        for flag, value in (("-H/--header", args.header), ("--attempt", args.attempt), ("--sequence", args.sequence)):
+            if value:
+                refuse(flag, "stream and cron scripts")
+    if not script.cron and args.tick is not None:
+        refuse("--tick", "cron scripts")
+    if script.cron and args.header:
+        refuse("-H/--header", "stream scripts")
+    if script.cron and args.input is not None:
+        refuse("-i/--input", "scripts that get a payload (a cron script's payload is empty)")
+    payload = read_payload(args.input)
+    if script.http:
+        url = args.url or "/"
+        return Call(script.subject, payload, (args.method or "GET").upper(), url if url.startswith("/") else "/" + url,
+                    via="dev")
+    if not (script.stream or script.cron):
+        return Call(script.subject, payload, via="dev")
+    attempt, sequence = args.attempt or 1, args.sequence or 1
+    if attempt < 1 or sequence < 1:
+        raise ConfigError("--attempt and --sequence count from 1")
+    if script.cron:
+        tick = args.tick or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        meta = (f"{script.subject}/{script.name}/{tick}".encode(), CRON_STREAM.encode(), sequence, attempt,
+                cron_subject(script).encode(), tick.encode())
+    else:
+        headers = parse_header_flags(args.header)
+        msg_id = headers.get("Nats-Msg-Id") or f"{script.stream}:{sequence}"
+        meta = (msg_id.encode(), script.stream.encode(), sequence, attempt, script.subject.encode(), b"")
+    return Call(script.subject, payload, meta=meta, via="dev")
 
 
 def cli_report(script: Script, result: Result) -> int:
@@ -6344,21 +6864,43 @@ def _cli_add(args, cfg: CliConfig) -> int:
         text = Path(args.file).read_text(encoding="utf-8", errors="surrogateescape")
     except OSError as e:
         raise ConfigError(f"cannot read {args.file}: {e.strerror}") from None
-    script = parse_script(text, args.file, args.subject, args.name)
-    if "executor" not in parse_headers(text)[0]:
-        script.executor = cfg.executor
+    try:  # what the server would not load is refused here (exit status 1: the file, not the usage, is wrong)
+        script = parse_script(text, args.file, args.subject, args.name)
+        if "executor" not in parse_headers(text)[0]:
+            script.executor = cfg.executor
+        if script.executor == "lua":
+            check_lua_syntax(script.content, args.file)
+    except ConfigError as e:
+        raise MsgscriptError(str(e)) from None
+    missing = [name for name in script.libraries if not store.has_library(name)]
+    if missing:
+        raise MsgscriptError(f"{args.file} requires the librar{'y' if len(missing) == 1 else 'ies'} "
+                             f"{', '.join(missing)}, not in the store: add {'it' if len(missing) == 1 else 'them'} "
+                             f"first with msgscript cli lib add")
     store.add_script(script)
     print(f"added {script.subject}/{script.name}")
     return 0
 
 
 def _cli_list(args, cfg: CliConfig) -> int:
+    """A Subject / Name table; scripts that are stored but cannot load (or lack a library) add a Problem column."""
     store = cfg.store.open()
+    store.quiet = True
     store.load()
-    rows = [("Subject", "Name")] + [(s.subject, s.name) for s in store.all_scripts()]
-    width = max(len(r[0]) for r in rows)
-    for subject, name in rows:
-        print(f"{subject:<{width}}  {name}")
+    def lacking(libs: tuple[str, ...]) -> str:
+        one = len(libs) == 1
+        return f"librar{'y' if one else 'ies'} {', '.join(libs)} not found (it runs without {'it' if one else 'them'})"
+
+    rows = [(s.subject, s.name, lacking(store.missing[s.key]) if s.key in store.missing else "")
+            for s in store.all_scripts()]
+    rows += [(subject or "-", name or "-", why) for kind, subject, name, why in store.broken.values()
+             if kind == "script"]
+    rows.sort()
+    header = ("Subject", "Name", "Problem") if any(r[2] for r in rows) else ("Subject", "Name")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
+    for row in [header, *rows]:
+        cells = row[:len(header)]
+        print("  ".join(f"{cell:<{width}}" for cell, width in zip(cells, widths, strict=False)) + "  " + cells[-1])
     return 0
 
 
@@ -6371,16 +6913,29 @@ def _cli_rm(args, cfg: CliConfig) -> int:
 def _cli_lib(args, cfg: CliConfig) -> int:
     store = cfg.store.open()
     if args.lib_command in ("list", "ls"):
+        store.quiet = True
         store.load()
         for name in store.libraries():
             print(name)
+        for kind, _subject, name, why in store.broken.values():
+            if kind == "library":
+                print(f"{name}  (cannot load: {why})")
         return 0
     if args.lib_command == "rm":
         store.remove_library(args.name)
         print(f"removed library {args.name}")
         return 0
-    for path in _library_files(args.paths, args.recursive):
-        name, content = _parse_library(path, path.read_text(encoding="utf-8", errors="surrogateescape"))
+    files = _library_files(args.paths, args.recursive)
+    if args.name and len(files) != 1:
+        raise ConfigError("--name names one library: give one file")
+    if store.kind == "file":
+        store.add_library(None)
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8", errors="surrogateescape")
+        except OSError as e:
+            raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+        name, content = _parse_library(path, text, args.name)
         store.add_library(name, content)
         print(f"added library {name} ({path})")
     return 0
@@ -6459,9 +7014,86 @@ complete -o default -F _msgscript_complete msgscript msgscriptcli"""
     return body
 
 
+def _cli_nats(cfg: CliConfig, work) -> int:
+    """Run `work(nc)` on a connection to the NATS the flags name (default nats://127.0.0.1:4222)."""
+    options = cfg.nats if cfg.nats.url else dataclasses.replace(cfg.nats, url=DEFAULT_CLI_NATS)
+
+    async def run():
+        try:
+            nc = await options.connect(name="msgscript-cli", max_reconnect_attempts=0, allow_reconnect=False)
+        except ConfigError as e:
+            hint = "" if cfg.nats.url else " (is msgscript server running? give its NATS URL with -u or NATS_URL)"
+            raise ConfigError(f"{e}{hint}") from None
+        try:
+            return await work(nc)
+        finally:
+            await nc.close()
+
+    return asyncio.run(run())
+
+
+DEFAULT_CLI_NATS = "nats://127.0.0.1:4222"
+
+
+def _cli_request(args, cfg: CliConfig) -> int:
+    """`cli request SUBJECT [PAYLOAD]`: the reply on standard output; an error reply as one line, exit 1."""
+    import nats.errors
+
+    payload, headers, timeout = read_payload(args.payload, literal_only=True), parse_header_flags(args.header), \
+        parse_duration(args.timeout)
+    if not valid_subject(args.subject):
+        raise ConfigError(f"subject {args.subject!r} is not a valid NATS subject: {subject_problem(args.subject)}")
+
+    async def work(nc):
+        try:
+            msg = await nc.request(args.subject, payload, timeout=timeout, headers=headers or None)
+        except nats.errors.NoRespondersError:
+            raise MsgscriptError(f"no script answers {args.subject} on NATS at {nc.connected_url.netloc} "
+                                 f"(no responders)") from None
+        except nats.errors.TimeoutError:
+            raise MsgscriptError(f"no reply on {args.subject} within {duration_text(timeout)}") from None
+        error = (msg.headers or {}).get(HEADER_ERROR)
+        if error is not None:
+            code = (msg.headers or {}).get(HEADER_ERROR_CODE, "")
+            raise MsgscriptError(f"{error}" + (f" (code {code})" if code else ""))
+        sys.stdout.buffer.write(msg.data + (b"" if msg.data.endswith(b"\n") else b"\n"))
+        return 0
+
+    return _cli_nats(cfg, work)
+
+
+def _cli_publish(args, cfg: CliConfig) -> int:
+    """`cli publish SUBJECT [PAYLOAD]`: a JetStream publish; prints the stream and sequence it was stored as."""
+    import nats.errors
+    import nats.js.errors
+
+    payload, headers, timeout = read_payload(args.payload, literal_only=True), parse_header_flags(args.header), \
+        parse_duration(args.timeout)
+    if not valid_subject(args.subject):
+        raise ConfigError(f"subject {args.subject!r} is not a valid NATS subject: {subject_problem(args.subject)}")
+
+    async def work(nc):
+        js = nc.jetstream(timeout=timeout)
+        try:
+            ack = await js.publish(args.subject, payload, timeout=timeout, headers=headers or None)
+        except nats.js.errors.NoStreamResponseError:
+            raise MsgscriptError(f"no JetStream stream takes subject {args.subject} (create one, or start the "
+                                 f"server with -create-streams)") from None
+        except (nats.errors.TimeoutError, TimeoutError):
+            raise MsgscriptError(f"no acknowledgement from JetStream within {duration_text(timeout)}") from None
+        except nats.js.errors.APIError as e:
+            raise MsgscriptError(f"JetStream refused the message: {e.description or e}") from None
+        print(f"stream {ack.stream} sequence {ack.seq}" + (" (a duplicate: the stream had this message id already)"
+                                                             if ack.duplicate else ""))
+        return 0
+
+    return _cli_nats(cfg, work)
+
+
 CLI_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "add": _cli_add, "list": _cli_list, "ls": _cli_list, "rm": _cli_rm, "lib": _cli_lib,
     "dev": _cli_dev, "devhttp": _cli_devhttp, "completion": _cli_completion,
+    "request": _cli_request, "publish": _cli_publish,
 }
 
 
