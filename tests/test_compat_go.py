@@ -502,20 +502,22 @@ def test_over_the_inflight_limit_the_refusal_is_a_go_reply(start_server, tmp_pat
     """Go has no such limit; msgscript's refusal keeps the Go shapes: a Reply with the error over NATS."""
     import threading
 
-    write_script(tmp_path, "slow.lua", SLOW.replace("os.getenv(\"GOCOMPAT_MARKS\")", f"'{tmp_path}'"))
+    # a subject of its own: the module's server (same NATS, same queue group) serves gocompat.slow
+    write_script(tmp_path, "slow.lua", SLOW.replace("os.getenv(\"GOCOMPAT_MARKS\")", f"'{tmp_path}'")
+                 .replace("gocompat.slow", "gocompat.busy"))
     srv = start_server("-script", str(tmp_path), "-compat", "go", "-max-inflight", "1", "-http-timeout", "5s")
-    first = threading.Thread(target=raw_http, args=(srv.port, "/gocompat.slow", "POST", b"3"))
+    first = threading.Thread(target=raw_http, args=(srv.port, "/gocompat.busy", "POST", b"3"))
     first.start()
     try:  # the first request holds the one slot for 3 s
         assert wait_until(lambda: re.search(r"^msgscript_inflight_calls 1(\.0)?$",
                                             requests.get(f"{srv.base}/metrics", timeout=5).text, re.M), 10)
         client = Nats(srv_nats_url(srv))
         try:
-            doc = json.loads(client.request("gocompat.slow", b"1", timeout=5).data)
+            doc = json.loads(client.request("gocompat.busy", b"1", timeout=5).data)
         finally:
             client.close()
         assert doc["script_result"] is None and doc["is_html"] is False and "server busy" in doc["error"]
-        status, _, _ = raw_http(srv.port, "/gocompat.slow", "POST", b"1")
+        status, _, _ = raw_http(srv.port, "/gocompat.busy", "POST", b"1")
         assert status == 429
     finally:
         first.join()
