@@ -1300,6 +1300,7 @@ class Result:
     error: str = ""
     status: int = 200  # error status: 500 script error, 504 timeout, ...
     seconds: float = 0.0  # how long the call took
+    nil: bool = False  # the script returned no string: the Go original's JSON has "payload": null
 
     @classmethod
     def failure(cls, exc: BaseException) -> Result:
@@ -1308,12 +1309,12 @@ class Result:
         return cls(payload=getattr(exc, "payload", b""), http_code=getattr(exc, "http_code", None) or status,
                    headers=getattr(exc, "headers", {}), error=first_line(str(exc)) or "script failed", status=status)
 
-    def to_json(self, go: bool = False) -> dict:
-        """The Go original's ScriptResult; `go` gives its HEAD values (no status for non-HTTP results)."""
+    def to_json(self) -> dict:
+        """The ScriptResult of the Go original's first README (with -compat go: go_script_result)."""
         return {
-            "http_code": (self.http_code if self.is_html else 0) if go else self.http_code,
+            "http_code": self.http_code,
             "error": self.error,
-            "http_headers": (self.headers or None) if go else self.headers,
+            "http_headers": self.headers,
             "is_html": self.is_html,
             "payload": base64.b64encode(self.payload).decode(),
         }
@@ -1323,6 +1324,39 @@ def as_bytes(value: Any) -> bytes:
     if isinstance(value, bytes):
         return value
     return str(value).encode("utf-8", "surrogateescape")
+
+
+# -compat go: the Go original's JSON, as its encoding/json writes it (struct fields in order, map keys
+# sorted, no spaces, < > & U+2028 U+2029 escaped, bytes that are not UTF-8 as \ufffd).
+_GO_JSON_SPECIAL = re.compile("[<>&\u2028\u2029\udc80-\udcff]")
+_GO_JSON_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def go_json(value: Any) -> bytes:
+    """`value` as Go's json.Marshal writes it (dicts keep their order: sort the maps' keys before)."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return _GO_JSON_SPECIAL.sub(lambda m: _GO_JSON_ESCAPES.get(m.group(), "\\ufffd"), text).encode()
+
+
+def go_script_result(script: Script, result: Result) -> dict:
+    """The Go original's ScriptResult for one script: an HTTP-mode script's always has headers (`{}`),
+    a normal one's `null`; an error, and a normal-mode return that is not a string, has payload null."""
+    html = script.http or result.is_html
+    failed = bool(result.error)
+    return {"http_code": 0 if failed or not html else result.http_code, "error": result.error,
+            "http_headers": ({} if failed else dict(sorted(result.headers.items()))) if html else None,
+            "is_html": html, "payload": None if failed or result.nil else base64.b64encode(result.payload).decode()}
+
+
+def go_reply(scripts: list[Script], results: list[Result]) -> bytes:
+    """The Go original's Reply to a message: `{"script_result": [...], "is_html": ...}`."""
+    items = [go_script_result(s, r) for s, r in zip(scripts, results, strict=True)]
+    return go_json({"script_result": items, "is_html": any(item["is_html"] for item in items)})
+
+
+def go_error_reply(error: str) -> bytes:
+    """The Go original's Reply when it found nothing to run: no results, the reason in `error`."""
+    return go_json({"script_result": None, "is_html": False, "error": error})
 
 
 ###############################################################################
@@ -1393,15 +1427,42 @@ def is_table(value: Any) -> bool:
     return lua_type(value) == "table"
 
 
-def lua_number_text(value: float | int) -> str:
-    """A number as Lua 5.1 prints it (`%.14g`): 5, 2.5, 1e+15."""
-    if isinstance(value, int):
-        return str(value) if abs(value) < 10**15 else f"{value:.14g}"
+def go_float_text(value: float) -> str:
+    """Go's strconv.FormatFloat(x, 'g', -1, 64): the shortest digits that read back as x, with an
+    exponent below 1e-4 and from 1e6 up (1e+06, 1.2345675e+06, 1e-05), NaN, +Inf, -Inf."""
     if value != value:
-        return "nan" if math.copysign(1, value) > 0 else "-nan"
+        return "NaN"
     if value in (math.inf, -math.inf):
-        return "inf" if value > 0 else "-inf"
-    return f"{value:.14g}"
+        return "+Inf" if value > 0 else "-Inf"
+    if value == 0:
+        return "-0" if math.copysign(1, value) < 0 else "0"
+    sign, text = ("-", repr(-value)) if value < 0 else ("", repr(value))  # repr: the shortest digits
+    mantissa, _, exp = text.partition("e")
+    whole, _, fraction = mantissa.partition(".")
+    if exp:
+        digits, point = (whole + fraction).rstrip("0"), int(exp)
+    elif whole != "0":
+        digits, point = (whole + fraction).rstrip("0"), len(whole) - 1
+    else:
+        zeros = len(fraction) - len(fraction.lstrip("0"))
+        digits, point = fraction[zeros:].rstrip("0"), -zeros - 1
+    if point < -4 or point >= 6:
+        return f"{sign}{digits[0]}{'.' + digits[1:] if len(digits) > 1 else ''}e{'-' if point < 0 else '+'}" \
+            f"{abs(point):02d}"
+    if point < 0:
+        return f"{sign}0.{'0' * (-point - 1)}{digits}"
+    whole, fraction = digits[:point + 1].ljust(point + 1, "0"), digits[point + 1:]
+    return f"{sign}{whole}{'.' + fraction if fraction else ''}"
+
+
+def lua_number_text(value: float | int) -> str:
+    """A number as gopher-lua writes it (Go's fmt): integral values below 2^63 in full
+    (9007199254740992), others as go_float_text (0.30000000000000004, 1.2345675e+06, NaN, +Inf)."""
+    if type(value) is int and -2**63 <= value < 2**63:
+        return str(value)
+    if value == value and -2**63 <= value < 2**63 and float(value).is_integer():
+        return str(int(value))
+    return go_float_text(float(value))
 
 
 def lua_text(value: Any) -> str:
@@ -2279,6 +2340,7 @@ class Services:
     nats_options: Any = None  # NatsOptions: how scripts' NATS connections authenticate
     watchdog: Any = None  # the Scheduler's Watchdog: stops calls past their time
     blocking: Any = None  # the Scheduler's executor for plugins' blocking work (LuaContext.blocking)
+    compat: str = ""  # "go" (-compat go): HTTP-mode results converted as the Go original converts them
 
 
 # The bundled plugins: the `plugins/` folder beside this file in a checkout, installed as the package
@@ -2413,9 +2475,13 @@ class LuaExecutor(Executor):
         if not script.http:
             fname, first = b"OnMessage", call.subject.encode()
         elif not call.method:
+            if self.services.compat == "go":  # the Go original calls nothing and answers an empty page
+                return Result(b"", 200, {}, is_html=True)
             raise MethodNotAllowed(
                 f"script {script.name} is an HTTP-mode script: call it over HTTP or with an envelope that has a method"
             )
+        elif self.services.compat == "go":  # Go looks the verb up as it came (an envelope may say "get")
+            fname, first = call.method.encode(), call.url.encode()
         else:
             fname, first = call.method.upper().encode(), call.url.encode()
         runner = self._runner(script)
@@ -2443,10 +2509,14 @@ class LuaExecutor(Executor):
             raise call.timed_out(script)
         if not out[0]:
             if script.http:
+                if self.services.compat == "go":
+                    return Result(b"", 200, {}, is_html=True)
                 raise MethodNotAllowed(f"script {script.name} does not handle {fname.decode()} requests")
             raise ScriptError(f"script {script.name} defines no OnMessage function")
         if not script.http and len(out) > 1 and type(out[1]) is bytes:  # the usual case: a string
             return Result(out[1])
+        if script.http and self.services.compat == "go":
+            return go_http_result(out[1:])
         return self._result(script, out[1:])
 
     def _memory_error(self, script: Script) -> ScriptError:
@@ -2461,7 +2531,7 @@ class LuaExecutor(Executor):
             if isinstance(body, (bytes, str)):
                 return Result(payload=as_bytes(body))
             log.warning("Script returned no response (%s/%s)", script.subject, script.name)
-            return Result()
+            return Result(nil=True)
         status = values[1] if len(values) > 1 else None
         if isinstance(status, bytes):  # "404", as the Go original accepts
             status = float(status) if re.fullmatch(rb"\s*\d+\s*", status) else -1
@@ -2473,6 +2543,62 @@ class LuaExecutor(Executor):
         headers = {lua_tostring(k): lua_tostring(v) for k, v in table.items()} if table is not None else {}
         payload = b"" if body is None else as_bytes(body if isinstance(body, (bytes, str)) else lua_tostring(body))
         return Result(payload=payload, http_code=int(status), headers=headers, is_html=True)
+
+
+_GO_OCTAL = re.compile(r"[+-]?0[0-7_]+")
+
+
+def go_parse_number(text: str) -> float | None:
+    """gopher-lua's parseNumber (a string status): trimmed of space, tab and newline, Go's ParseInt
+    with base prefixes (0x1F4, 017 octal, 0b101, 1_000), else ParseFloat; None if neither reads it."""
+    text = text.strip(" \t\n")
+    if not text or any(c.isspace() for c in text):
+        return None
+    try:
+        return float(int(text, 8 if _GO_OCTAL.fullmatch(text) else 0))
+    except ValueError:
+        pass
+    if "_" in text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def go_text(value: Any) -> str:
+    """gopher-lua's LVAsString: strings as they are, numbers as Go writes them, anything else ""."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return lua_number_text(value)
+    return ""
+
+
+def go_int(value: Any) -> int:
+    """Go's int(LVAsNumber(v)): numbers truncated toward zero (NaN, infinities and |x| >= 2^63 give
+    -2^63, as on amd64), strings through go_parse_number, anything else 0."""
+    if isinstance(value, (bytes, str)):
+        value = go_parse_number(go_text(value))
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return 0
+    if value != value or not -2**63 <= value < 2**63:
+        return -2**63
+    return int(value)
+
+
+def go_http_result(values) -> Result:
+    """An HTTP-mode verb function's (body, status, headers) as the Go original converts them: the body
+    through LVAsString (tables and booleans give ""), the status truncated to an integer (0 is 200),
+    header names and values through LVAsString."""
+    body = go_text(values[0]) if values else ""
+    status = go_int(values[1]) if len(values) > 1 else 0
+    table = values[2] if len(values) > 2 and is_table(values[2]) else None
+    headers = {go_text(k): go_text(v) for k, v in table.items()} if table is not None else {}
+    return Result(payload=body.encode("utf-8", "surrogateescape"), http_code=status or 200, headers=headers,
+                  is_html=True)
 
 
 ###############################################################################
@@ -3790,13 +3916,98 @@ def nats_reply(result: Result, name: str | None = None, limit: int = 0) -> tuple
     return result.payload, headers
 
 
-def envelope_reply(scripts: list[Script], results: list[Result], go: bool = False) -> bytes:
-    """The Go original's JSON reply to an envelope (with `go`, its HEAD shape, also for raw messages)."""
-    doc = {"script_result": [r.to_json(go) for r in results], "is_html": any(s.http for s in scripts)}
-    if not go:
-        errors = [r.error for r in results if r.error]
-        doc["error"] = errors[0] if errors and len(errors) == len(results) else ""
-    return json.dumps(doc, separators=(",", ":") if go else (", ", ": ")).encode()
+def envelope_reply(scripts: list[Script], results: list[Result]) -> bytes:
+    """The JSON reply to an envelope (the first README's shape; with -compat go: go_reply)."""
+    doc = {"script_result": [r.to_json() for r in results], "is_html": any(s.http for s in scripts)}
+    errors = [r.error for r in results if r.error]
+    doc["error"] = errors[0] if errors and len(errors) == len(results) else ""
+    return json.dumps(doc).encode()
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"invalid JSON value {name}")
+
+
+def go_message(subject: str, data: bytes) -> tuple[str, bytes, str, str, bool]:
+    """(subject, payload, method, url, async) of a message as the Go original reads it (-compat go).
+
+    A JSON object whose `payload` is base64 is an envelope, and its `subject` chooses the scripts (keys
+    match whatever their case, leading white space is fine). `payload` null or missing: the whole data
+    is the payload and everything else is dropped. Anything else is raw data on the NATS subject, except
+    that fields Go decoded before or after a field of the wrong type (bad base64, "async": "yes") stay.
+    """
+    if data.lstrip(b" \t\r\n")[:1] != b"{":
+        return subject, data, "", "", False
+    try:
+        doc = json.loads(data, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        return subject, data, "", "", False
+    fields: dict[str, Any] = {"subject": "", "payload": None, "method": "", "url": "", "async": False}
+    wrong = False
+    for key, value in doc.items():
+        name = key.lower()
+        if name == "payload":
+            if value is None or isinstance(value, str):
+                try:
+                    fields["payload"] = None if value is None else base64.b64decode(
+                        value.replace("\r", "").replace("\n", ""), validate=True)
+                except ValueError:
+                    wrong = True
+            else:
+                wrong = True
+        elif name in ("async", "raw"):
+            if isinstance(value, bool):
+                fields[name] = value
+            elif value is not None:
+                wrong = True
+        elif name in ("subject", "method", "url", "executor"):
+            if isinstance(value, str):
+                fields[name] = value
+            elif value is not None:
+                wrong = True
+    if wrong:
+        return subject, data, fields["method"], fields["url"], fields["async"]
+    if fields["payload"] is None:
+        return subject, data, "", "", False
+    return fields["subject"], fields["payload"], fields["method"], fields["url"], fields["async"]
+
+
+GO_SPECIAL_SUBJECTS = ("__listScripts", "__listNamesForScript", "__infoNamedScript")
+
+
+def _go_listing(items: list[str]) -> bytes:
+    result = {"http_code": 200, "error": "", "http_headers": {}, "is_html": True,
+              "payload": base64.b64encode(go_json(items or None)).decode()}
+    return go_json({"script_result": [result], "is_html": True})
+
+
+def go_special(store: Store, subject: str, data: bytes) -> bytes:
+    """The Go original's answers on __listScripts, __listNamesForScript (data: a subject) and
+    __infoNamedScript (data: "subject,name"), its Reply JSON."""
+    text = data.decode("utf-8", "replace")
+    if subject == "__listScripts":
+        return _go_listing(store.subjects())
+    if subject == "__listNamesForScript":
+        scripts = store.scripts(text)
+        return _go_listing([s.name for s in scripts]) if scripts else go_error_reply(
+            f"script not found for subject: {text}")
+    parts = text.split(",")
+    if len(parts) != 2:
+        return go_error_reply("invalid request")
+    script = next((s for s in store.scripts(parts[0]) if s.name == parts[1]), None)
+    if script is None:
+        return go_error_reply(f"no script found for subject {parts[0]} with name {parts[1]}")
+    result = {"http_code": 200, "error": "",
+              "http_headers": {"executor": script.executor, "libraries": ", ".join(script.libraries)},
+              "is_html": script.http, "payload": base64.b64encode(script.content.encode()).decode()}
+    return go_json({"script_result": [result], "is_html": script.http})
+
+
+def go_not_found(store: Store, subject: str) -> bytes:
+    """The Go original's Reply for a subject without scripts: its file store's error; etcd finds none."""
+    if store.kind == "etcd":
+        return go_json({"script_result": None, "is_html": False})
+    return go_error_reply(f"failed to get scripts for subject: script not found for subject: {subject}")
 
 
 @dataclasses.dataclass
@@ -4042,11 +4253,15 @@ class NatsFront:
             disconnected_cb=self._disconnected, reconnected_cb=self._reconnected, error_cb=self._error,
             pending_size=64 * 2**20, skip_subject_validation=True)
         log.info("connected to NATS at %s", self.connected_url)
-        self.wire = NatsWire(self.nc, self.take, want_headers=self.tracing is not None)
+        self.wire = NatsWire(self.nc, self.take_go if self.compat_go else self.take,
+                             want_headers=self.tracing is not None)
         self.services.nats = NatsBridge(self.nc, self.loop)
         for subject in ("$SRV.PING", "$SRV.INFO", "$SRV.STATS"):
             for name in (subject, f"{subject}.msgscript", f"{subject}.msgscript.{self.service_id}"):
                 await self.nc.subscribe(name, cb=self._discovery)
+        if self.compat_go:  # the Go original's introspection subjects (they hand out script sources)
+            for name in GO_SPECIAL_SUBJECTS:
+                await self.nc.subscribe(name, queue=self.queue, cb=self._go_special)
         self.store.on_change(lambda: self.loop.call_soon_threadsafe(self.spawn, self.sync()))
         await self.sync()
 
@@ -4108,16 +4323,44 @@ class NatsFront:
         except MsgscriptError as e:
             self.answer(reply, subject, Result.failure(e))
 
+    def take_go(self, subject: str, reply: str, data: bytes, headers: dict | None = None) -> None:
+        """The intake with -compat go: the message read as the Go original reads it (go_message), one
+        Reply JSON for all the scripts, errors inside it."""
+        try:
+            target, payload, method, url, run_async = go_message(subject, data)
+            scripts = self.store.triggered(target)
+            if not scripts:
+                return self.answer(reply, subject, Result(go_not_found(self.store, target)))
+            call = Call(target, payload, method, url)
+            if run_async:  # {} at once, then the Reply to the same subject
+                self.answer(reply, subject, Result(b"{}"))
+            if self.tracing:
+                call.trace = self.tracing.message_span(subject, data, headers, scripts)
+
+            def done(results):
+                if call.trace is not None:
+                    call.trace.end_message(results)
+                self.answer(reply, subject, Result(go_reply(scripts, results)))
+
+            result = self.scheduler.dispatch(scripts, call, None, done)
+            if result is not None:
+                done([result])
+        except MsgscriptError as e:
+            self.answer(reply, subject, Result(go_error_reply(first_line(str(e)))))
+
+    async def _go_special(self, msg) -> None:
+        self.answer(msg.reply, msg.subject, Result(go_special(self.store, msg.subject, msg.data)))
+
     def _answer(self, reply: str, subject: str, envelope: dict | None, scripts: list[Script], call: Call) -> tuple:
         """(on_result, on_done) for a message: what goes back to its requester, and when."""
         def done(results):
             if call.trace is not None:
                 call.trace.end_message(results)
 
-        if self.compat_go or (envelope is not None and not envelope.get("async")):
+        if envelope is not None and not envelope.get("async"):
             def reply_envelope(results):
                 done(results)
-                self.answer(reply, subject, Result(envelope_reply(scripts, results, self.compat_go)))
+                self.answer(reply, subject, Result(envelope_reply(scripts, results)))
             return None, reply_envelope
         if envelope is not None:  # async: answered already
             return None, done
@@ -4370,6 +4613,76 @@ def split_target(target: str) -> tuple[str, str, dict[str, list[str]]]:
     return subject, url, params
 
 
+_GO_PATH_KEPT = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.~$&+,/:;=@")
+_GO_RAW_PATH_OK = _GO_PATH_KEPT | frozenset(b"!'()*[]%")
+_GO_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+_GO_ABSOLUTE = re.compile(rb"([A-Za-z][A-Za-z0-9+.\-]*)(://[^/?]*)(.*)", re.S)
+
+
+@functools.lru_cache(maxsize=2048)
+def go_request_url(target: str) -> tuple[bytes, bytes, bytes, bytes]:
+    """A request target as Go's net/url reads it: (scheme://host, decoded path, escaped path, ?query).
+
+    The escaped path is URL.EscapedPath(): the path as sent when it is a valid encoding, else Go's own
+    escaping of the decoded path; `?query` is the raw query with its `?` (also when empty). BadRequest
+    for a bad % escape, as Go's server answers."""
+    raw, prefix = target.encode("latin-1"), b""
+    if not raw.startswith(b"/"):
+        m = _GO_ABSOLUTE.fullmatch(raw)
+        if not m or not m.group(3).startswith(b"/"):
+            raise BadRequest("request target must start with /")
+        prefix, raw = m.group(1).lower() + m.group(2), m.group(3)
+    raw_path, question, query = raw.partition(b"?")
+    if _GO_BAD_ESCAPE.search(raw_path):
+        raise BadRequest("invalid URL escape in the request target")
+    path = urllib.parse.unquote_to_bytes(raw_path)
+    escaped = raw_path if all(c in _GO_RAW_PATH_OK for c in raw_path) else go_escape_path(path)
+    return prefix, path, escaped, question + query
+
+
+def go_escape_path(path: bytes) -> bytes:
+    """Go's url escaping of a path (every byte but letters, digits and -_.~$&+,/:;=@ as %XX)."""
+    return b"".join(bytes((c,)) if c in _GO_PATH_KEPT else b"%%%02X" % c for c in path)
+
+
+def go_clean_path(path: bytes) -> bytes:
+    """gorilla/mux's cleanPath: path.Clean, keeping a trailing slash."""
+    import posixpath
+
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    clean = posixpath.normpath(path)
+    if clean.startswith(b"//"):
+        clean = b"/" + clean.lstrip(b"/")
+    return clean + b"/" if path.endswith(b"/") and clean != b"/" else clean
+
+
+def go_query_first(query: bytes, key: str) -> str | None:
+    """The first value of `key` in a raw query, as Go's URL.Query().Get reads it (None: not there)."""
+    for part in query.split(b"&"):
+        if not part or b";" in part:
+            continue
+        name, _, value = part.partition(b"=")
+        if _GO_BAD_ESCAPE.search(part):
+            continue
+        if urllib.parse.unquote_plus(name.decode("latin-1"), "latin-1") == key:
+            return urllib.parse.unquote_plus(value.decode("latin-1"), "utf-8", "replace")
+    return None
+
+
+_HTTP_DATE = [0, ""]
+
+
+def http_date() -> str:
+    """The Date header's value (as Go's net/http sends it), made once a second."""
+    now = int(time.time())
+    if now != _HTTP_DATE[0]:
+        import email.utils
+
+        _HTTP_DATE[:] = [now, email.utils.formatdate(now, usegmt=True)]
+    return _HTTP_DATE[1]
+
+
 def status_line(status: int) -> str:
     try:
         phrase = http.HTTPStatus(status).phrase
@@ -4378,11 +4691,14 @@ def status_line(status: int) -> str:
     return f"HTTP/1.1 {status} {phrase}\r\n"
 
 
-def response_bytes(status: int, body: bytes, headers: dict[str, str], close: bool, head: bool = False) -> bytes:
-    """Status line, headers and body in one buffer. Header names and values were checked."""
+def response_bytes(status: int, body: bytes, headers: dict[str, str], close: bool, head: bool = False,
+                   go: bool = False) -> bytes:
+    """Status line, headers and body in one buffer. Header names and values were checked.
+    With `go` (-compat go), Go's net/http headers: a Date, no Server."""
     if status < 200 or status in (204, 304):
         body = b""
-    lines = [status_line(status), f"Server: msgscript/{__version__}\r\nContent-Length: {len(body)}\r\n"]
+    lines = [status_line(status), f"Date: {http_date()}\r\nContent-Length: {len(body)}\r\n" if go else
+             f"Server: msgscript/{__version__}\r\nContent-Length: {len(body)}\r\n"]
     for name, value in headers.items():
         if name.lower() not in ("content-length", "transfer-encoding", "connection", "server"):
             lines.append(f"{name}: {value}\r\n")
@@ -4400,6 +4716,9 @@ def check_headers(headers: dict[str, str], who: str) -> dict[str, str]:
         if _BAD_VALUE.search(value):
             raise ScriptError(f"{who} returned a control character in the value of HTTP header {name!r}")
     return headers
+
+
+GO_DEADLINE = (503, b"context deadline exceeded", {"Content-Type": "text/plain; charset=utf-8"})
 
 
 def text_response(status: int, message: str) -> tuple[int, bytes, dict[str, str]]:
@@ -4549,7 +4868,7 @@ class HttpConnection(asyncio.Protocol):
 
     def _write(self, status: int, body: bytes, headers: dict[str, str], close: bool, head: bool = False) -> None:
         """The one place a response is written (and counted)."""
-        self.transport.write(response_bytes(status, body, headers, close, head))
+        self.transport.write(response_bytes(status, body, headers, close, head, self.front.config.compat_go))
         self.front.count_response(status)
         if close:
             self.transport.close()
@@ -4696,6 +5015,11 @@ class HttpFront:
         answer = functools.partial(conn.respond, request)
         path = request.target.partition("?")[0]
         try:
+            if self.config.compat_go:  # gorilla/mux first sends a path that is not clean to its clean form
+                prefix, decoded, _, query = go_request_url(request.target)
+                clean = go_clean_path(decoded)
+                if clean != decoded:
+                    return answer(301, b"", {"Location": (prefix + go_escape_path(clean) + query).decode("latin-1")})
             if path == "/healthz":
                 return answer(*text_response(200, "ok"))
             if path == "/readyz":
@@ -4707,6 +5031,11 @@ class HttpFront:
             if path.startswith("/_/") or path in ("/_", "/"):
                 self._allow(request, self.config.admin, "admin pages")
                 return answer(*AdminPages(self.scheduler).page(path))
+            if self.config.compat_go:
+                if path[1:] in GO_SPECIAL_SUBJECTS:  # script sources: the admin pages' rule
+                    self._allow(request, self.config.admin, "admin pages")
+                    return answer(*self._go_special_page(path[1:], request.body))
+                return self._run_go(request, answer)
             self._run(request, answer)
         except MsgscriptError as e:
             answer(*text_response(e.status, str(e)))
@@ -4734,7 +5063,7 @@ class HttpFront:
         timeout, limit = self.config.timeout, f"the HTTP wait {duration_text(self.config.timeout)}"
         if "_timeout" in params:
             asked = parse_duration(params["_timeout"][-1])
-            if self.config.compat_go or asked < timeout:
+            if asked < timeout:
                 timeout, limit = asked, f"?_timeout={params['_timeout'][-1]}"
         scripts = self.scheduler.lookup(subject)  # stream and cron scripts run from JetStream only
         call = Call(subject, request.body, request.method, url, time.monotonic() + timeout, limit=limit, via="HTTP")
@@ -4754,6 +5083,84 @@ class HttpFront:
         if result is not None:
             done([result])
 
+    def _run_go(self, request: HttpRequest, answer: Callable) -> None:
+        """-compat go: as the Go original's HTTP front (its wait, its url argument, its answers)."""
+        prefix, path, escaped, query = go_request_url(request.target)
+        segment = path.split(b"/")[1]
+        subject = segment.decode("utf-8", "replace")
+        url = (prefix + escaped + query).replace(b"/" + segment, b"").decode("utf-8", "replace")
+        wait, given = self.config.timeout, go_query_first(query[1:], "_timeout")
+        if given is not None:
+            try:
+                wait = go_duration(given)
+            except ValueError:
+                pass  # Go: an invalid ?_timeout= is the default wait
+        if wait <= 0:
+            return answer(*GO_DEADLINE)
+        if not valid_subject(subject):
+            return answer(503, b"nats: invalid subject", {"Content-Type": "text/plain; charset=utf-8"})
+        scripts = self.store.triggered(subject)
+        if not scripts:
+            if self.store.kind == "etcd":
+                return answer(200, b"null", {"Content-Type": "text/plain; charset=utf-8"})
+            return answer(500, f"Error: failed to get scripts for subject: script not found for subject: {subject}"
+                          .encode(), {"Content-Type": "text/plain; charset=utf-8"})
+        # the scripts run to the server's -timeout (Go's 2 minutes) even when the wait ends first
+        call = Call(subject, request.body, request.method, url, time.monotonic() + self.scheduler.timeout,
+                    limit=f"the server's -timeout {self.scheduler.timeout:g}s")
+        if self.tracing:
+            call.trace = self.tracing.http_span(request, subject, scripts)
+        wait_until = self.loop.time() + wait
+        answered, timers = [], []
+
+        def give(response):
+            if not answered:
+                answered.append(True)
+                answer(*response)
+
+        def done(results):
+            for timer in timers:
+                timer.cancel()
+            response = self.go_response(scripts, results)
+            if call.trace is not None:
+                try:
+                    call.trace.end_message(results, response[0] if not answered else GO_DEADLINE[0])
+                except Exception:  # noqa: BLE001 - tracing must never keep an answer back
+                    log.exception("ending a trace failed")
+            give(response)
+
+        result = self.scheduler.dispatch(scripts, call, None, done)  # Busy: answered by handle()
+        if result is not None:
+            return done([result])
+        if not answered:  # the wait: 503 when it runs out, the scripts carry on
+            timers.append(self.loop.call_at(wait_until, give, GO_DEADLINE))
+
+    def go_response(self, scripts: list[Script], results: list[Result]) -> tuple[int, bytes, dict[str, str]]:
+        """(status, body, headers) of the Go original for a subject's results (-compat go)."""
+        for script, result in zip(scripts, results, strict=True):
+            if script.http or result.is_html:
+                if result.error:  # Go writes status 0 here: its server drops the connection
+                    return text_response(result.status, result.error)
+                if not 200 <= result.http_code <= 599:  # Go: 1xx, 600-999 sent, others a dropped connection
+                    return text_response(500, f"script {script.name} returned an invalid HTTP status "
+                                              f"{result.http_code}")
+                headers = dict(result.headers)
+                if not any(name.lower() == "content-type" for name in headers):
+                    headers["Content-Type"] = "text/html"
+                try:
+                    return result.http_code, result.payload, check_headers(headers, f"script {script.name}")
+                except ScriptError as e:
+                    return text_response(e.status, str(e))
+        body = go_json([go_script_result(s, r) for s, r in zip(scripts, results, strict=True)])
+        return 200, body, {"Content-Type": "text/plain; charset=utf-8"}
+
+    def _go_special_page(self, subject: str, body: bytes) -> tuple[int, bytes, dict[str, str]]:
+        """GET /__listScripts and the like, as the Go original answers them over HTTP."""
+        doc = json.loads(go_special(self.store, subject, body))
+        if doc.get("error"):
+            return 500, f"Error: {doc['error']}".encode(), {"Content-Type": "text/plain; charset=utf-8"}
+        return 200, base64.b64decode(doc["script_result"][0]["payload"]), {"Content-Type": "text/html"}
+
     def response(self, scripts: list[Script], results: list[Result]) -> tuple[int, bytes, dict[str, str]]:
         """(status, body, headers) for a subject's results."""
         for script, result in zip(scripts, results, strict=True):
@@ -4769,9 +5176,6 @@ class HttpFront:
             if results[0].error:
                 return text_response(results[0].status, results[0].error)
             return 200, results[0].payload, {"Content-Type": "text/plain; charset=utf-8"}
-        if self.config.compat_go:
-            body = json.dumps([r.to_json(go=True) for r in results], separators=(",", ":")).encode()
-            return 200, body, {"Content-Type": "application/json"}
         status = 200
         if all(r.error for r in results):
             status = ScriptTimeout.status if all(r.status == ScriptTimeout.status for r in results) \
@@ -5105,30 +5509,63 @@ class Metrics:
 
 
 def _otlp_endpoint(value: str) -> str:
-    """OTEL_ENDPOINT as the Go original takes it (host:port or a URL) -> the OTLP/HTTP traces URL."""
-    url = value if "://" in value else f"http://{value}"
-    parts = urllib.parse.urlsplit(url)
-    return url if parts.path not in ("", "/") else urllib.parse.urlunsplit(parts._replace(path="/v1/traces"))
+    """An OTEL_ENDPOINT URL (http:// or https://) -> the OTLP/HTTP traces URL (/v1/traces added to a bare URL)."""
+    parts = urllib.parse.urlsplit(value)
+    return value if parts.path not in ("", "/") else urllib.parse.urlunsplit(parts._replace(path="/v1/traces"))
+
+
+GRPC_EXPORTER = "opentelemetry-exporter-otlp-proto-grpc"
+
+
+def span_exporter(environ: dict[str, str]):
+    """Where spans go, read from the environment as the Go original reads it, plus the standard variables.
+
+    OTEL_ENDPOINT `host:port` (Go: `tempo:4317`): OTLP/gRPC without TLS, as Go dials it; an http:// or
+    https:// URL there: OTLP/HTTP. Without OTEL_ENDPOINT, OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT: OTLP/HTTP,
+    or gRPC when OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL is `grpc`. With no endpoint at all: printed on
+    standard output as JSON (Go prints its stdouttrace JSON there).
+    """
+    endpoint = environ.get("OTEL_ENDPOINT", "").strip()
+    if endpoint.startswith(("http://", "https://")):
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter(endpoint=_otlp_endpoint(endpoint))
+    protocol = environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or ""
+    if endpoint or protocol.strip().lower() == "grpc":
+        try:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+        except ImportError:
+            where = f"OTEL_ENDPOINT={endpoint} (OTLP/gRPC, as the Go original)" if endpoint else "OTLP/gRPC"
+            raise ConfigError(f"traces to {where} need the package {GRPC_EXPORTER}: pip install 'msgscript[grpc]' "
+                              f"(or give OTEL_ENDPOINT an http:// URL for OTLP/HTTP)") from None
+        return GrpcExporter(endpoint=endpoint, insecure=True) if endpoint else GrpcExporter()
+    if environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter()
+    from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+    return ConsoleSpanExporter(out=sys.stdout)
 
 
 class Tracing:
-    """OpenTelemetry traces: off unless TELEMETRY_TRACES=1.
+    """OpenTelemetry traces: on when TELEMETRY_TRACES is set to anything (as in the Go original).
 
-    A span per HTTP request and NATS message (its parent read from a W3C `traceparent` header),
-    children for the store look-up, each script call and the reply; scripts' outgoing
-    nats.request/publish and http calls carry the script span's `traceparent`.
+    A span per HTTP request and NATS message (its parent read from W3C `traceparent` and `baggage`
+    headers), children for the store look-up, each script call and the reply; scripts' outgoing
+    nats.request/publish and http calls carry the script span's `traceparent` (and the baggage).
     """
 
     def __init__(self, environ: dict[str, str]):
         from opentelemetry import trace
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.baggage.propagation import W3CBaggagePropagator
+        from opentelemetry.propagators.composite import CompositePropagator
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-        endpoint = environ.get("OTEL_ENDPOINT")
-        exporter = OTLPSpanExporter(endpoint=_otlp_endpoint(endpoint)) if endpoint else OTLPSpanExporter()
+        exporter = span_exporter(environ)
         resource = Resource.create({"service.name": environ.get("OTEL_SERVICE_NAME") or "msgscript",
                                     "service.version": __version__})
         self.provider = TracerProvider(resource=resource)
@@ -5136,21 +5573,22 @@ class Tracing:
         self.tracer = self.provider.get_tracer("msgscript", __version__)
         self.trace = trace
         self.kinds = trace.SpanKind
-        self.propagator = TraceContextTextMapPropagator()
+        self.propagator = CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()])
 
     @classmethod
     def from_env(cls, environ: dict[str, str]) -> Tracing | None:
-        if environ.get("TELEMETRY_TRACES", "").lower() not in ("1", "true", "yes", "on"):
+        if not environ.get("TELEMETRY_TRACES"):
             return None
         return cls(environ)
 
-    def _start(self, name: str, kind, parent, attributes: dict) -> _Span:
-        context = self.trace.set_span_in_context(parent) if parent is not None else None
-        return _Span(self, self.tracer.start_span(name, context=context, kind=kind, attributes=attributes))
+    def _start(self, name: str, kind, parent, attributes: dict, context=None) -> _Span:
+        if parent is not None:
+            context = self.trace.set_span_in_context(parent, context)
+        return _Span(self, self.tracer.start_span(name, context=context, kind=kind, attributes=attributes), context)
 
     def _root(self, name: str, kind, carrier: dict | None, attributes: dict, scripts: list[Script]) -> _Span:
         context = self.propagator.extract(carrier or {})
-        span = _Span(self, self.tracer.start_span(name, context=context, kind=kind, attributes=attributes))
+        span = _Span(self, self.tracer.start_span(name, context=context, kind=kind, attributes=attributes), context)
         span.child("store lookup", {"msgscript.scripts": len(scripts)}).end_plain()
         return span
 
@@ -5176,15 +5614,16 @@ class Tracing:
 class _Span:
     """One OpenTelemetry span of a call, with what msgscript needs of it."""
 
-    def __init__(self, tracing: Tracing, span):
-        self.tracing, self.span = tracing, span
+    def __init__(self, tracing: Tracing, span, context=None):
+        self.tracing, self.span, self.context = tracing, span, context  # context: the incoming one (baggage)
 
     def child(self, name: str, attributes: dict, kind=None) -> _Span:
-        return self.tracing._start(name, kind or self.tracing.kinds.INTERNAL, self.span, attributes)
+        return self.tracing._start(name, kind or self.tracing.kinds.INTERNAL, self.span, attributes, self.context)
 
     def headers(self) -> dict[str, str]:
         carrier: dict[str, str] = {}
-        self.tracing.propagator.inject(carrier, context=self.tracing.trace.set_span_in_context(self.span))
+        self.tracing.propagator.inject(carrier, context=self.tracing.trace.set_span_in_context(self.span,
+                                                                                                 self.context))
         return carrier
 
     def end_plain(self) -> None:
@@ -5823,6 +6262,7 @@ class Server:
         self.cfg = cfg
         self.services = make_services(cfg.plugin_dirs, cfg.store.library_dir, cfg.store.etcd_endpoints)
         self.services.nats_options = cfg.nats
+        self.services.compat = "go" if cfg.compat_go else ""
         self.store = cfg.store.open()
         self.services.store = self.store
         self.tracing = Tracing.from_env(cfg.environ)
