@@ -88,7 +88,8 @@ def test_a_worker_blocked_in_a_system_call_is_interrupted_at_its_deadline(tmp_pa
     assert "timed out" in error and float(took) < 0.8 and alive == "False", (out.stdout, out.stderr)
 
 
-CALLBACKS = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(msgscript.Path(msgscript.__file__).parent)!r}); "
+ROOT = str(msgscript.Path(msgscript.__file__).parent)
+CALLBACKS = [sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r}); "
              "import msgscript; msgscript.NatsWire.enabled = False; sys.exit(msgscript.main())"]
 
 
