@@ -1300,6 +1300,7 @@ class Result:
     error: str = ""
     status: int = 200  # error status: 500 script error, 504 timeout, ...
     seconds: float = 0.0  # how long the call took
+    compute: float = -1.0  # seconds a Lua call computed, not counting set-up (or, on a worker, GIL waits)
     nil: bool = False  # the script returned no string: the Go original's JSON has "payload": null
 
     @classmethod
@@ -1398,7 +1399,12 @@ class ArgError(LuaError):
 
 
 class _MoveToPool(Exception):
-    """An inline call reached something that blocks: it is abandoned and re-run on a worker."""
+    """An inline call is abandoned and re-run on a worker: it reached something that blocks (`blocked`:
+    the script runs on workers from now on), or its budget, or a step too big for the event loop."""
+
+    def __init__(self, blocked: bool = False):
+        super().__init__()
+        self.blocked = blocked
 
 
 def lupa_error_text(exc: BaseException) -> str:
@@ -1578,7 +1584,8 @@ class LuaContext:
         self.deadline = float("inf")
         self.inline = False  # the call runs on the event loop: anything that blocks moves it
         self.inline_deadline = math.inf  # when an inline call has used its budget
-        self.moved = False
+        self.moved = False  # the inline call is abandoned, to run again on a worker
+        self.blocked = False  # ... because it reached something that blocks
         self.trace = None  # the running call's trace context (Tracing), if traced
         self._wrap = None  # the sandbox's Lua wrapper for Python functions
         self._state: dict[str, Any] = {}
@@ -1759,7 +1766,7 @@ class LuaContext:
 
         def answer(args) -> tuple:
             if ctx.inline and not is_pure:
-                ctx.moved = True
+                ctx.moved = ctx.blocked = True
                 return False, b"moved to a worker", True
             if len(args) < least:
                 args += (None,) * (least - len(args))
@@ -2022,8 +2029,11 @@ class LuaRunner:
             self.ctx.moved = True
         return now > self.ctx.deadline or self.ctx.moved
 
-    def _blocking(self) -> None:
+    def _blocking(self, effect: bool = True) -> None:
+        """From the sandbox: an inline call moves, before an effect (the script runs on workers from then
+        on) or a long C step (only this call)."""
         self.ctx.moved = True
+        self.ctx.blocked = self.ctx.blocked or effect
 
     def _long_step(self, units: float) -> bool:
         """Before a long C step (on a worker): False past the deadline, or when it would end well after it."""
@@ -2131,7 +2141,7 @@ class LuaRunner:
                 size += sum(len(a) for a in meta if type(a) is bytes)
             if size + LUA_MEMORY_MARGIN > ctx._max_memory - self.lua.get_memory_used():
                 ctx.fits(size, "payload")
-        ctx.deadline, ctx.inline, ctx.moved = deadline, inline, False
+        ctx.deadline, ctx.inline, ctx.moved, ctx.blocked = deadline, inline, False, False
         if self.threads:
             with self._lock:
                 self.threads = []
@@ -2154,7 +2164,7 @@ class LuaRunner:
                 out = self._run(self.main, fname, inline, *args)
         except self.lupa.LuaError:
             if ctx.moved:
-                raise _MoveToPool() from None
+                raise _MoveToPool(ctx.blocked) from None
             raise
         finally:
             if inline:
@@ -2168,7 +2178,7 @@ class LuaRunner:
             if ctx._cwd is not None:
                 ctx.end_call()
         if ctx.moved:
-            raise _MoveToPool()
+            raise _MoveToPool(ctx.blocked)
         return out if type(out) is tuple else (out,)
 
 
@@ -2487,6 +2497,8 @@ class LuaExecutor(Executor):
         runner = self._runner(script)
         if call.trace is not None:
             runner.ctx.trace = call.trace
+        clock = time.perf_counter if inline else time.thread_time  # a worker's CPU, not its waits for the GIL
+        started = clock()
         try:
             out = runner.call(fname, call.deadline, first, call.payload, inline=inline, meta=call.meta)
         except runner.lupa.LuaMemoryError:
@@ -2505,6 +2517,7 @@ class LuaExecutor(Executor):
         finally:
             if call.trace is not None:
                 runner.ctx.trace = None
+            spent = clock() - started
         if time.monotonic() > call.deadline:  # it caught the timeout error and carried on
             raise call.timed_out(script)
         if not out[0]:
@@ -2514,10 +2527,13 @@ class LuaExecutor(Executor):
                 raise MethodNotAllowed(f"script {script.name} does not handle {fname.decode()} requests")
             raise ScriptError(f"script {script.name} defines no OnMessage function")
         if not script.http and len(out) > 1 and type(out[1]) is bytes:  # the usual case: a string
-            return Result(out[1])
-        if script.http and self.services.compat == "go":
-            return go_http_result(out[1:])
-        return self._result(script, out[1:])
+            result = Result(out[1])
+        elif script.http and self.services.compat == "go":
+            result = go_http_result(out[1:])
+        else:
+            result = self._result(script, out[1:])
+        result.compute = spent  # what the Scheduler's choice of inline or pool looks at
+        return result
 
     def _memory_error(self, script: Script) -> ScriptError:
         return ScriptError(f"script {script.name} exceeded its memory limit "
@@ -3346,7 +3362,7 @@ class ScriptStats:
     buckets: list[int] = dataclasses.field(default_factory=lambda: [0] * (len(DURATION_BUCKETS) + 1))
     last_error: str = ""
     moved: int = 0  # inline calls that moved to a worker
-    average: float = 0.0  # moving average of its calls' durations: does it compute?
+    average: float = 0.0  # moving average of its Lua calls' compute time: does it compute?
 
     def count(self, result: Result, seconds: float) -> None:
         self.calls += 1
@@ -3444,14 +3460,16 @@ class Scheduler:
         if executor is None or not executor.inline_capable:
             return None
         stats = script.stats or self._stats(script)
-        if stats.average > COMPUTE and self._busy():
+        if stats.average > COMPUTE and (stats.average >= INLINE_BUDGET or self._busy()):
             return None
         try:
             result = self._execute(script, call, executor)
-        except _MoveToPool:  # it reached something that blocks, or its budget: workers from now on
-            script.pooled = True
+        except _MoveToPool as e:
             stats.moved += 1
-            log.debug("script %s/%s runs on the worker pool from now on", script.subject, script.name)
+            if e.blocked:  # it reached something that blocks: workers from now on
+                script.pooled = True
+                log.debug("script %s/%s runs on the worker pool from now on", script.subject, script.name)
+            # else its budget, or a step too big: only this call (its run on a worker says whether it computes)
             return None
         self._count(script, call, result, True)
         if result.error:
@@ -3559,7 +3577,8 @@ class Scheduler:
         """A finished call's counters (on the loop, so they need no lock)."""
         stats = script.stats or self._stats(script)
         stats.count(result, result.seconds)
-        stats.average += (result.seconds - stats.average) * 0.125
+        if result.compute >= 0:
+            stats.average += (result.compute - stats.average) * 0.125
         if inline:
             self._note_inline(result.seconds, time.perf_counter())
 

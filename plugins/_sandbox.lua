@@ -284,14 +284,14 @@ end
 local inline = false
 -- Called before anything with an effect outside Lua: an inline call moves to a worker first.
 local function guard()
-  if inline then blocking(); sethook(hook, "", 1); error(TIMEOUT, 0) end
+  if inline then blocking(true); sethook(hook, "", 1); error(TIMEOUT, 0) end
 end
 -- Called before a C call of `n` units of work (about bytes): a long one is not for the event loop, and
 -- none starts past the deadline or so close to it that it would run long after it (long_step).
 local long_step = py.long_step
 local function step(n)
   if n > STEP then
-    guard()
+    if inline then blocking(false); sethook(hook, "", 1); error(TIMEOUT, 0) end  -- this call only
     if not long_step(n) then sethook(hook, "", 1); error(TIMEOUT, 0) end
   end
 end
