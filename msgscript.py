@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import posixpath
 import queue
 import re
 import selectors
@@ -138,6 +139,11 @@ class ConfigError(MsgscriptError):
     status = 400
 
 
+def plural(count: int, word: str) -> str:
+    """`1 script`, `2 scripts`."""
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
 def first_line(text: str) -> str:
     """Error text on one line, without Lua's stack traceback."""
     return " ".join(str(text).split("\nstack traceback:")[0].split())
@@ -202,6 +208,18 @@ def valid_subject(subject: str) -> bool:
     return bool(subject) and all(_SUBJECT_TOKEN.match(t) for t in subject.split("."))
 
 
+def subject_problem(subject: str) -> str:
+    """Why `subject` is not a literal NATS subject a script can answer ("" when it is)."""
+    if valid_subject(subject):
+        return ""
+    tokens = subject.split(".")
+    if any(t in ("*", ">") or "*" in t or ">" in t for t in tokens):
+        return "it has a wildcard (* or >): a script answers one literal subject such as orders.new"
+    if any(c.isspace() for c in subject):
+        return "it contains white space"
+    return "it has an empty token (a dot at the start or the end, or two in a row)"
+
+
 ###############################################################################
 # Script headers ##############################################################
 ###############################################################################
@@ -226,6 +244,9 @@ class Script:
     timezone: str = ""
     path: str = ""
     version: int = 0  # bumped on every change; caches key on it
+    # The Scheduler's notes on this version (not part of the script): it must run on workers; its counters.
+    pooled: bool = dataclasses.field(default=False, compare=False, repr=False)
+    stats: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def retry_text(self) -> str:
@@ -240,24 +261,100 @@ class Script:
         return os.path.dirname(os.path.abspath(self.path)) if self.path else os.getcwd()
 
 
-_HEADER = re.compile(r"^--\* ([A-Za-z_][\w-]*): ?(.*)$")
+# `--* key: value`; `--* key value` (no colon) is a header too, as the Go original reads it. Spaces
+# around the key and after the colon are free here (Go splits on single spaces), keys any case.
+_HEADER = re.compile(r"^--\*\s+([A-Za-z_][\w-]*)(?::[ \t]*|[ \t]+)(.*)$")
 
 
 def parse_headers(text: str) -> tuple[dict[str, list[str]], str]:
     """Split `--* key: value` lines from a script; returns (headers, content)."""
+    headers, content, _ = split_headers(text)
+    return headers, content
+
+
+def split_headers(text: str) -> tuple[dict[str, list[str]], LuaSource, tuple[int, ...]]:
+    """(headers, content, the file lines of the headers): the content knows which file line each of
+    its lines came from, for error messages."""
     headers: dict[str, list[str]] = {}
     body = []
-    for line in text.split("\n"):
+    removed = []
+    for number, line in enumerate(text.split("\n"), 1):
         m = _HEADER.match(line.rstrip("\r")) if line.startswith("--*") else None
         if m and m.group(1).lower() in KNOWN_HEADERS:
             headers.setdefault(m.group(1).lower(), []).append(m.group(2).strip())
+            removed.append(number)
         else:
             body.append(line)
-    return headers, "\n".join(body).rstrip("\n")
+    return headers, LuaSource("\n".join(body).rstrip("\n"), skipped=tuple(removed)), tuple(removed)
 
 
 KNOWN_HEADERS = {"subject", "name", "http", "html", "require", "executor", "timeout", "memory", "lock", "stream",
                  "retry", "deadletter", "cron", "timezone"}
+
+
+class LuaSource(str):
+    """Lua source text that knows where its lines came from, so error messages can name the real
+    file and line: `origin` (a file, or an etcd key) with the file lines `skipped` (headers), or, for
+    a script's compiled chunk, the `parts` (first chunk line, LuaSource) of its libraries and itself."""
+
+    origin: str = ""
+    skipped: tuple[int, ...] = ()
+    parts: tuple = ()
+
+    def __new__(cls, text: str = "", origin: str = "", skipped: tuple[int, ...] = (), parts: tuple = ()):
+        self = super().__new__(cls, text)
+        self.origin, self.skipped, self.parts = origin, skipped, parts
+        return self
+
+    def with_origin(self, origin: str) -> LuaSource:
+        return LuaSource(self, origin, self.skipped, self.parts)
+
+    def file_line(self, line: int) -> tuple[str, int]:
+        """(file, line in that file) of a line of this text."""
+        if self.parts:
+            index = bisect.bisect_right([start for start, _ in self.parts], line) - 1
+            if index >= 0:
+                start, part = self.parts[index]
+                return part.file_line(line - start + 1)
+            return self.origin, line
+        for skipped in self.skipped:  # sorted: each header line at or before this one shifts it down
+            if skipped > line:
+                break
+            line += 1
+        return self.origin, line
+
+    def locate(self, text: str, chunkname: str) -> str:
+        """`text` with each `chunkname:N:` (as Lua writes positions) replaced by `file:line:`."""
+        if not (self.parts or self.origin) or f"{chunkname[:59]}:" not in text:
+            return text
+
+        def where(m: re.Match) -> str:
+            origin, line = self.file_line(int(m.group(1)))
+            return f"{origin or chunkname}:{line}:"
+
+        return re.sub(rf"(?<![\w./-]){re.escape(chunkname[:59])}:(\d+):", where, text)
+
+
+def display_path(path: str) -> str:
+    """A file as error messages name it: relative to the working directory when under it, else absolute;
+    etcd keys and other names unchanged."""
+    if not os.path.isabs(path):
+        return path
+    relative = os.path.relpath(path)
+    return path if relative.startswith("..") else relative
+
+
+def _misspelled(text: str) -> str:
+    """A hint naming `--*` lines whose key looks like a misspelled header ("" when there is none)."""
+    import difflib
+
+    for number, line in enumerate(text.split("\n"), 1):
+        m = re.match(r"^--\*\s*([A-Za-z_][\w-]*)", line)
+        if m and m.group(1).lower() not in KNOWN_HEADERS:
+            close = difflib.get_close_matches(m.group(1).lower(), ("subject", "name"), 1, 0.6)
+            if close:
+                return f" (line {number}, '--* {m.group(1)}', is not a header: did you mean '{close[0]}'?)"
+    return ""
 
 
 def parse_retry(text: str) -> tuple[float, ...]:
@@ -272,16 +369,17 @@ def parse_retry(text: str) -> tuple[float, ...]:
 
 def parse_script(text: str, path: str = "", subject: str = "", name: str = "") -> Script:
     """A Script from a file's text; subject and name override the headers."""
-    headers, content = parse_headers(text)
+    headers, content, _ = split_headers(text)
+    content = content.with_origin(display_path(path) if path else name or (headers.get("name") or [""])[-1])
     one = {k: v[-1] for k, v in headers.items()}
     where = path or "script"
     subject = subject or one.get("subject", "")
     name = name or one.get("name", "")
     for header, value in (("subject", subject), ("name", name)):
         if not value:
-            raise ConfigError(f"{where}: missing required header '--* {header}: ...'")
+            raise ConfigError(f"{where}: missing required header '--* {header}: ...'{_misspelled(text)}")
     if not valid_subject(subject):
-        raise ConfigError(f"{where}: subject {subject!r} is not a valid NATS subject")
+        raise ConfigError(f"{where}: subject {subject!r} is not a valid NATS subject: {subject_problem(subject)}")
     executor = one.get("executor", "lua").lower()
     if executor not in EXECUTOR_NAMES:
         raise ConfigError(f"{where}: unknown executor {executor!r} (use lua, wasm or podman)")
@@ -298,7 +396,8 @@ def parse_script(text: str, path: str = "", subject: str = "", name: str = "") -
         if one.get("stream") and not re.fullmatch(r"[A-Za-z0-9_-]+", one["stream"]):
             raise ConfigError(f"stream name {one['stream']!r} may only have letters, digits, _ and -")
         if one.get("deadletter") and not valid_subject(one["deadletter"]):
-            raise ConfigError(f"deadletter {one['deadletter']!r} is not a valid NATS subject")
+            raise ConfigError(f"deadletter {one['deadletter']!r} is not a valid NATS subject: "
+                              f"{subject_problem(one['deadletter'])}")
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     return Script(
@@ -326,7 +425,7 @@ def _extra_headers(script: Script) -> str:
         ("timeout", f"{script.timeout:g}s" if script.timeout is not None else None),
         ("memory", script.memory), ("lock", "true" if script.lock else None), ("stream", script.stream or None),
         ("retry", script.retry_text if script.retry != DEFAULT_RETRY else None),
-        ("deadletter", script.dead_letter if script.dead_letter != DEAD_LETTER_PREFIX + script.subject else None),
+        ("deadletter", None if script.dead_letter in ("", DEAD_LETTER_PREFIX + script.subject) else script.dead_letter),
         ("cron", script.cron or None), ("timezone", script.timezone or None)) if v is not None)
 
 
@@ -409,6 +508,9 @@ class Store:
         self.reloads = 0  # scripts and libraries (re)loaded, for the metrics
         self.load_errors = 0
         self.ready = True  # scripts loaded (the etcd store is not while etcd has never answered)
+        self.broken: dict[str, tuple[str, str, str, str]] = {}  # file or key -> (kind, subject, name, why)
+        self.missing: dict[tuple[str, str], tuple[str, ...]] = {}  # script -> the libraries it lacks
+        self.quiet = False  # `cli list`: what cannot load is listed, not logged
 
     def scripts(self, subject: str) -> list[Script]:
         return list(self._scripts.get(subject, {}).values())
@@ -430,14 +532,38 @@ class Store:
         """Versions of the libraries a script requires; changes when one is edited."""
         return tuple(self._libraries.get(name, ("", 0))[1] for name in script.libraries)
 
-    def source(self, script: Script) -> str:
-        """The script's content with its libraries prepended in header order."""
-        parts = []
+    def has_library(self, name: str) -> bool:
+        """Whether the store holds library `name` (`cli add` checks a script's); a store not read yet is read."""
+        if not self._libraries and hasattr(self, "load"):
+            self.load()
+        return name in self._libraries
+
+    def source(self, script: Script) -> LuaSource:
+        """The script's content with its libraries prepended in header order, as one chunk (the Go
+        original's semantics) that knows which file each line came from. A missing library is left out,
+        as the Go original's file store does; the store warned about it when it loaded the script."""
+        texts, parts, line = [], [], 1
         for name in script.libraries:
-            if name not in self._libraries:
-                raise MsgscriptError(f"script {script.name}: library {name!r} not found")
-            parts.append(self._libraries[name][0] + "\n")
-        return "".join(parts) + script.content
+            lib = self._libraries.get(name)
+            if lib is None:
+                continue
+            text = lib[0] if isinstance(lib[0], LuaSource) and lib[0].origin else LuaSource(lib[0], name)
+            parts.append((line, text))
+            texts.append(text + "\n")
+            line += text.count("\n") + 1
+        content = script.content
+        if not (isinstance(content, LuaSource) and content.origin):
+            content = LuaSource(content, display_path(script.path) if script.path else script.name)
+        parts.append((line, content))
+        return LuaSource("".join(texts) + content, content.origin, parts=tuple(parts))
+
+    def _skip(self, where: str, reason: str, kind: str = "script", subject: str = "", name: str = "") -> None:
+        """A file or key that cannot load: counted, remembered for `cli list`, logged."""
+        self.load_errors += 1
+        reason = first_line(reason)
+        shown = reason if reason.startswith(where) else f"{where}: {reason}"
+        self.broken[where] = (kind, subject, name, shown)
+        log.log(logging.DEBUG if self.quiet else logging.ERROR, "skipping %s", shown)
 
     def library(self, name: str) -> str:
         return self._libraries[name][0]
@@ -469,6 +595,14 @@ class Store:
             self._scripts, self._libraries = new, libs
             self._triggered = {subject: [s for s in by_name.values() if not (s.stream or s.cron)]
                                for subject, by_name in new.items()}
+            missing = {s.key: names for s in scripts if (names := tuple(n for n in s.libraries if n not in libs))}
+            warn = [s for s in scripts if s.key in missing and self.missing.get(s.key) != missing[s.key]]
+            self.missing = missing
+        for script in warn:
+            for lib in missing[script.key]:
+                log.log(logging.DEBUG if self.quiet else logging.WARNING,
+                        "script %s (%s/%s) requires library %r, which does not exist: it runs without it",
+                        display_path(script.path) if script.path else script.name, script.subject, script.name, lib)
         if changed:
             for callback in self._listeners:
                 callback()
@@ -525,7 +659,8 @@ class FileStore(Store):
 
     def start(self) -> None:
         self.scan()
-        log.info("%d scripts on %d subjects in %s", len(self.all_scripts()), len(self.subjects()), self.script_dir)
+        log.info("%s on %s in %s", plural(len(self.all_scripts()), "script"), plural(len(self.subjects()), "subject"),
+                 self.script_dir)
         self._thread = threading.Thread(target=self._follow, name="file-store", daemon=True)
         self._thread.start()
 
@@ -562,9 +697,10 @@ class FileStore(Store):
         files = _lua_files(self.script_dir)
         scripts = [s for s in (self._read(p, self._parse_script) for p in files) if s]
         lib_files = _lua_files(self.library_dir) if self.library_dir else []
-        libraries = dict(lib for lib in (self._read(p, _parse_library) for p in lib_files) if lib)
+        libraries = dict(lib for lib in (self._read(p, _parse_library, "library") for p in lib_files) if lib)
         for gone in set(self._seen) - set(files) - set(lib_files):
             del self._seen[gone]
+            self.broken.pop(str(gone), None)
             log.info("%s removed", gone)
         self._publish(scripts, libraries)
 
@@ -574,7 +710,7 @@ class FileStore(Store):
             check_lua_syntax(script.content, str(path))
         return script
 
-    def _read(self, path: Path, parse):
+    def _read(self, path: Path, parse, kind: str = "script"):
         try:
             st = path.stat()
         except OSError:
@@ -584,17 +720,20 @@ class FileStore(Store):
         if seen and seen[0] == stamp:
             return seen[1]
         last_good = seen[1] if seen else None
+        text = ""
         try:
-            parsed = parse(path, path.read_text(encoding="utf-8", errors="surrogateescape"))
+            text = path.read_text(encoding="utf-8", errors="surrogateescape")
+            parsed = parse(path, text)
             self.reloads += 1
+            self.broken.pop(str(path), None)
             if seen:
                 log.info("reloaded %s", path)
             else:
                 log.debug("loaded %s", path)
         except (OSError, MsgscriptError) as e:
-            self.load_errors += 1
-            text = error_text(e)
-            log.error("skipping %s", text if text.startswith(str(path)) else f"{path}: {text}")
+            headers = parse_headers(text)[0]
+            self._skip(str(path), error_text(e), kind, (headers.get("subject") or [""])[-1],
+                       (headers.get("name") or [path.stem if kind == "library" else ""])[-1])
             parsed = last_good
         self._seen[path] = (stamp, parsed)
         return parsed
@@ -619,10 +758,12 @@ def _lua_files(directory: Path) -> list[Path]:
         return []
 
 
-def _parse_library(path: Path, text: str) -> tuple[str, str]:
-    headers, content = parse_headers(text)
+def _parse_library(path: Path, text: str, fallback: str = "") -> tuple[str, LuaSource]:
+    """(name, content) of a library file: its `name` header, else `fallback`, else its file name."""
+    headers, content, _ = split_headers(text)
+    content = content.with_origin(display_path(str(path)))
     check_lua_syntax(content, str(path))
-    return (headers.get("name", [path.stem])[-1], content)
+    return (headers.get("name", [fallback or path.stem])[-1], content)
 
 
 _syntax_lock = threading.Lock()
@@ -639,10 +780,15 @@ def check_lua_syntax(source: str, where: str) -> None:
         if not _syntax_lua:
             lua = lupa.LuaRuntime(encoding=None, register_eval=False, register_builtins=False)
             _syntax_lua.append(lua.eval("function(src, name) local f, err = loadstring(src, name) return err end"))
-        err = _syntax_lua[0](source.encode("utf-8", "surrogateescape"), b"=" + os.path.basename(where).encode())
+        err = _syntax_lua[0](source.encode("utf-8", "surrogateescape"), b"=chunk")
     if err is not None:
         hint = " (goto is not supported: scripts run on Lua 5.1)" if re.search(r"\bgoto\b", source) else ""
-        raise ConfigError(f"{where}: Lua syntax error: {err.decode('utf-8', 'replace')}{hint}")
+        text = err.decode("utf-8", "replace")
+        m = re.match(r"chunk:(\d+): (.*)", text, re.S)
+        if m is None:
+            raise ConfigError(f"{where}: Lua syntax error: {text}{hint}")
+        line = source.file_line(int(m.group(1)))[1] if isinstance(source, LuaSource) else int(m.group(1))
+        raise ConfigError(f"{where}:{line}: Lua syntax error: {m.group(2)}{hint}")
 
 
 ###############################################################################
@@ -834,6 +980,7 @@ class EtcdStore(Store):
         libs, _ = self.client.range(ETCD_LIBS, prefix=True, revision=revision)
         old_entries, old_libs = self._entries, self._libs
         self._entries, self._libs = {}, {}
+        self.broken = {}
         for raw_key, value in scripts + libs:
             self._remember(raw_key.decode("utf-8", "surrogateescape"), value, old_entries, old_libs, quiet=True)
         self._revision, self._stale = revision, False
@@ -943,14 +1090,14 @@ class EtcdStore(Store):
         """Take in one key; a value that does not parse keeps the last good version."""
         if key.startswith(ETCD_LIBS) and len(key) > len(ETCD_LIBS):
             name = key[len(ETCD_LIBS):]
-            content = value.decode("utf-8", "surrogateescape")
+            content = LuaSource(value.decode("utf-8", "surrogateescape"), key)
             try:
                 check_lua_syntax(content, key)
                 self._libs[name] = content
                 self.reloads += 1
+                self.broken.pop(key, None)
             except ConfigError as e:
-                self.load_errors += 1
-                log.error("skipping %s", e)
+                self._skip(key, str(e), "library", "", name)
                 if name in old_libs:
                     self._libs[name] = old_libs[name]
                 return
@@ -975,15 +1122,15 @@ class EtcdStore(Store):
             if script.executor == "lua":
                 check_lua_syntax(script.content, key)
         except MsgscriptError as e:
-            self.load_errors += 1
-            text = first_line(str(e))
-            log.error("skipping %s", text if text.startswith(key) else f"{key}: {text}")
+            self._skip(key, str(e), "script", *where)
             return None
         self.reloads += 1
+        self.broken.pop(key, None)
         script.subject, script.name = where  # the key decides where a script serves
         return script
 
     def _forget(self, key: str) -> None:
+        self.broken.pop(key, None)
         lib = key[len(ETCD_LIBS):] if key.startswith(ETCD_LIBS) else None
         if self._entries.pop(key, None) is not None or (lib and self._libs.pop(lib, None) is not None):
             log.info("etcd: %s removed", key)
@@ -1007,6 +1154,9 @@ class EtcdStore(Store):
     def remove_script(self, subject: str, name: str) -> None:
         if not self.client.delete(f"{ETCD_SCRIPTS}{subject}/{name}"):
             raise ConfigError(f"no script {subject}/{name} in etcd at {self.client.where}")
+
+    def has_library(self, name: str) -> bool:
+        return bool(self.client.range(f"{ETCD_LIBS}{name}")[0])
 
     def add_library(self, name: str, content: str) -> None:
         self.client.put(f"{ETCD_LIBS}{name}", content)
@@ -1190,8 +1340,12 @@ class NatsBuckets:
 
     @classmethod
     def from_flags(cls, args) -> NatsBuckets:
+        try:
+            replicas = int(getattr(args, "replicas", 0) or 0)
+        except ValueError:
+            raise ConfigError(f"-replicas must be a number, not {args.replicas!r}") from None
         buckets = cls(*(getattr(args, f"{which}_bucket", None) or default for which, default in NATS_BUCKETS.items()),
-                      replicas=int(getattr(args, "replicas", 0) or 0))
+                      replicas=replicas)
         for name in (buckets.scripts, buckets.libs, buckets.wasm, buckets.locks):
             if not _BUCKET_NAME.match(name):
                 raise ConfigError(f"bucket name {name!r} may only have letters, digits, _ and -")
@@ -1505,7 +1659,7 @@ class NatsStore(Store):
         libs_watcher, libs = await self._read("libs")
         watchers.append(libs_watcher)
         old_entries, old_libs = self._entries, self._libs
-        self._entries, self._libs = {}, {}
+        self._entries, self._libs, self.broken = {}, {}, {}
         for entry in libs.values():
             if entry.operation is None:
                 self._take_library(entry.key, entry.value, old_libs)
@@ -1579,6 +1733,7 @@ class NatsStore(Store):
         self._seen[which] = max(self._seen[which], entry.revision or 0)
         label = f"{getattr(self.buckets, which)}/{entry.key}"
         if entry.operation in ("DEL", "PURGE"):
+            self.broken.pop(label, None)
             gone = self._entries.pop(entry.key, None) if which == "scripts" else \
                 self._libs.pop(kv_unescape(entry.key), None)
             if gone is not None:
@@ -1593,16 +1748,16 @@ class NatsStore(Store):
         return taken
 
     def _take_library(self, key: str, value: bytes, old_libs: dict) -> bool:
-        name = kv_unescape(key)
-        content = value.decode("utf-8", "surrogateescape")
+        name, label = kv_unescape(key), f"{self.buckets.libs}/{key}"
+        content = LuaSource(value.decode("utf-8", "surrogateescape"), label)
         try:
-            check_lua_syntax(content, f"{self.buckets.libs}/{key}")
+            check_lua_syntax(content, label)
             self._libs[name] = content
             self.reloads += 1
+            self.broken.pop(label, None)
             return True
         except ConfigError as e:
-            self.load_errors += 1
-            log.error("skipping %s", e)
+            self._skip(label, str(e), "library", "", name)
             if name in old_libs:
                 self._libs[name] = old_libs[name]
             return False
@@ -1622,13 +1777,12 @@ class NatsStore(Store):
             elif script.executor == "wasm" and self.cache_dir and script.content.strip().startswith(WASM_REF):
                 script.content = await self._module_file(script.content.strip(), label)
         except MsgscriptError as e:
-            self.load_errors += 1
-            text = first_line(str(e))
-            log.error("skipping %s", text if text.startswith(label) else f"{label}: {text}")
+            self._skip(label, str(e), "script", *where)
             if key in old_entries:
                 self._entries[key] = old_entries[key]
             return False
         self.reloads += 1
+        self.broken.pop(label, None)
         script.subject, script.name = where  # the key decides where a script serves
         self._entries[key] = script
         return True
@@ -1715,6 +1869,7 @@ class NatsStore(Store):
     def load(self) -> None:
         """Read the buckets once (the CLI's list and export); missing buckets are empty."""
         async def read():
+            self.broken = {}
             for which in ("scripts", "libs"):
                 kv = await self.bucket(which, create=False)
                 keys = []
@@ -1743,6 +1898,18 @@ class NatsStore(Store):
     def remove_script(self, subject: str, name: str) -> None:
         if not self._delete("scripts", kv_script_key(subject, name)):
             raise ConfigError(f"no script {subject}/{name} in bucket {self.buckets.scripts} at {self.where}")
+
+    def has_library(self, name: str) -> bool:
+        import nats.js.errors
+
+        async def get():
+            kv = await self.bucket("libs", create=False)
+            try:
+                return kv is not None and await kv.get(kv_escape(name)) is not None
+            except nats.js.errors.KeyNotFoundError:  # also deleted keys
+                return False
+
+        return self.run(get())
 
     def add_library(self, name: str, content: str) -> None:
         self._put("libs", kv_escape(name), content)
@@ -1862,6 +2029,7 @@ class Call:
     trace: Any = None  # the message's span (Tracing) when traced
     meta: tuple = ()  # a durable message's (id, stream, sequence, attempt, subject, tick): OnMessage's third argument
     limit: str = ""  # which limit set the deadline, for the timeout message
+    via: str = "NATS"  # the front it came from (HTTP, NATS, stream, cron, dev), for the failure log
 
     def remaining(self) -> float:
         return self.deadline - time.monotonic()
@@ -1886,6 +2054,9 @@ class Result:
     is_html: bool = False
     error: str = ""
     status: int = 200  # error status: 500 script error, 504 timeout, ...
+    seconds: float = 0.0  # how long the call took
+    compute: float = -1.0  # seconds a Lua call computed, not counting set-up (or, on a worker, GIL waits)
+    nil: bool = False  # the script returned no string: the Go original's JSON has "payload": null
 
     @classmethod
     def failure(cls, exc: BaseException) -> Result:
@@ -1894,12 +2065,12 @@ class Result:
         return cls(payload=getattr(exc, "payload", b""), http_code=getattr(exc, "http_code", None) or status,
                    headers=getattr(exc, "headers", {}), error=first_line(str(exc)) or "script failed", status=status)
 
-    def to_json(self, go: bool = False) -> dict:
-        """The Go original's ScriptResult; `go` gives its HEAD values (no status for non-HTTP results)."""
+    def to_json(self) -> dict:
+        """The ScriptResult of the Go original's first README (with -compat go: go_script_result)."""
         return {
-            "http_code": (self.http_code if self.is_html else 0) if go else self.http_code,
+            "http_code": self.http_code,
             "error": self.error,
-            "http_headers": (self.headers or None) if go else self.headers,
+            "http_headers": self.headers,
             "is_html": self.is_html,
             "payload": base64.b64encode(self.payload).decode(),
         }
@@ -1909,6 +2080,39 @@ def as_bytes(value: Any) -> bytes:
     if isinstance(value, bytes):
         return value
     return str(value).encode("utf-8", "surrogateescape")
+
+
+# -compat go: the Go original's JSON, as its encoding/json writes it (struct fields in order, map keys
+# sorted, no spaces, < > & U+2028 U+2029 escaped, bytes that are not UTF-8 as \ufffd).
+_GO_JSON_SPECIAL = re.compile("[<>&\u2028\u2029\udc80-\udcff]")
+_GO_JSON_ESCAPES = {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+
+
+def go_json(value: Any) -> bytes:
+    """`value` as Go's json.Marshal writes it (dicts keep their order: sort the maps' keys before)."""
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return _GO_JSON_SPECIAL.sub(lambda m: _GO_JSON_ESCAPES.get(m.group(), "\\ufffd"), text).encode()
+
+
+def go_script_result(script: Script, result: Result) -> dict:
+    """The Go original's ScriptResult for one script: an HTTP-mode script's always has headers (`{}`),
+    a normal one's `null`; an error, and a normal-mode return that is not a string, has payload null."""
+    html = script.http or result.is_html
+    failed = bool(result.error)
+    return {"http_code": 0 if failed or not html else result.http_code, "error": result.error,
+            "http_headers": ({} if failed else dict(sorted(result.headers.items()))) if html else None,
+            "is_html": html, "payload": None if failed or result.nil else base64.b64encode(result.payload).decode()}
+
+
+def go_reply(scripts: list[Script], results: list[Result]) -> bytes:
+    """The Go original's Reply to a message: `{"script_result": [...], "is_html": ...}`."""
+    items = [go_script_result(s, r) for s, r in zip(scripts, results, strict=True)]
+    return go_json({"script_result": items, "is_html": any(item["is_html"] for item in items)})
+
+
+def go_error_reply(error: str) -> bytes:
+    """The Go original's Reply when it found nothing to run: no results, the reason in `error`."""
+    return go_json({"script_result": None, "is_html": False, "error": error})
 
 
 ###############################################################################
@@ -1927,6 +2131,8 @@ def as_bytes(value: Any) -> bytes:
 
 LUA_INSTRUCTION_CHECK = 10000  # the hook looks at the clock this often (instructions)
 LUA_STEP = 2**20  # units of C work (about bytes) that make one C call a long step (about a millisecond)
+LUA_UNIT = 4e-9  # seconds one unit of C work may take (table.sort, the slowest per unit: 2-3.5 ns measured)
+LATE_STEP = 0.5  # seconds past the deadline that a C step may be expected to end, at most
 LUA_MEMORY_MARGIN = 256 * 2**10  # what a value handed to Lua must leave free of the memory cap
 INLINE_BUDGET = 0.002  # seconds an inline call may run on the event loop before it moves to a worker
 INLINE_SIZE = 256 * 2**10  # bytes of input that make a module function's work too big for the event loop
@@ -1948,7 +2154,12 @@ class ArgError(LuaError):
 
 
 class _MoveToPool(Exception):
-    """An inline call reached something that blocks: it is abandoned and re-run on a worker."""
+    """An inline call is abandoned and re-run on a worker: it reached something that blocks (`blocked`:
+    the script runs on workers from now on), or its budget, or a step too big for the event loop."""
+
+    def __init__(self, blocked: bool = False):
+        super().__init__()
+        self.blocked = blocked
 
 
 def lupa_error_text(exc: BaseException) -> str:
@@ -1977,15 +2188,42 @@ def is_table(value: Any) -> bool:
     return lua_type(value) == "table"
 
 
-def lua_number_text(value: float | int) -> str:
-    """A number as Lua 5.1 prints it (`%.14g`): 5, 2.5, 1e+15."""
-    if isinstance(value, int):
-        return str(value) if abs(value) < 10**15 else f"{value:.14g}"
+def go_float_text(value: float) -> str:
+    """Go's strconv.FormatFloat(x, 'g', -1, 64): the shortest digits that read back as x, with an
+    exponent below 1e-4 and from 1e6 up (1e+06, 1.2345675e+06, 1e-05), NaN, +Inf, -Inf."""
     if value != value:
-        return "nan" if math.copysign(1, value) > 0 else "-nan"
+        return "NaN"
     if value in (math.inf, -math.inf):
-        return "inf" if value > 0 else "-inf"
-    return f"{value:.14g}"
+        return "+Inf" if value > 0 else "-Inf"
+    if value == 0:
+        return "-0" if math.copysign(1, value) < 0 else "0"
+    sign, text = ("-", repr(-value)) if value < 0 else ("", repr(value))  # repr: the shortest digits
+    mantissa, _, exp = text.partition("e")
+    whole, _, fraction = mantissa.partition(".")
+    if exp:
+        digits, point = (whole + fraction).rstrip("0"), int(exp)
+    elif whole != "0":
+        digits, point = (whole + fraction).rstrip("0"), len(whole) - 1
+    else:
+        zeros = len(fraction) - len(fraction.lstrip("0"))
+        digits, point = fraction[zeros:].rstrip("0"), -zeros - 1
+    if point < -4 or point >= 6:
+        return f"{sign}{digits[0]}{'.' + digits[1:] if len(digits) > 1 else ''}e{'-' if point < 0 else '+'}" \
+            f"{abs(point):02d}"
+    if point < 0:
+        return f"{sign}0.{'0' * (-point - 1)}{digits}"
+    whole, fraction = digits[:point + 1].ljust(point + 1, "0"), digits[point + 1:]
+    return f"{sign}{whole}{'.' + fraction if fraction else ''}"
+
+
+def lua_number_text(value: float | int) -> str:
+    """A number as gopher-lua writes it (Go's fmt): integral values below 2^63 in full
+    (9007199254740992), others as go_float_text (0.30000000000000004, 1.2345675e+06, NaN, +Inf)."""
+    if type(value) is int and -2**63 <= value < 2**63:
+        return str(value)
+    if value == value and -2**63 <= value < 2**63 and float(value).is_integer():
+        return str(int(value))
+    return go_float_text(float(value))
 
 
 def lua_text(value: Any) -> str:
@@ -2101,7 +2339,8 @@ class LuaContext:
         self.deadline = float("inf")
         self.inline = False  # the call runs on the event loop: anything that blocks moves it
         self.inline_deadline = math.inf  # when an inline call has used its budget
-        self.moved = False
+        self.moved = False  # the inline call is abandoned, to run again on a worker
+        self.blocked = False  # ... because it reached something that blocks
         self.trace = None  # the running call's trace context (Tracing), if traced
         self._wrap = None  # the sandbox's Lua wrapper for Python functions
         self._state: dict[str, Any] = {}
@@ -2282,7 +2521,7 @@ class LuaContext:
 
         def answer(args) -> tuple:
             if ctx.inline and not is_pure:
-                ctx.moved = True
+                ctx.moved = ctx.blocked = True
                 return False, b"moved to a worker", True
             if len(args) < least:
                 args += (None,) * (least - len(args))
@@ -2522,14 +2761,20 @@ class LuaRunner:
             ("popen", self._popen, False), ("load_module", self._load_module, True),
             ("find_module", self._find_module, True), ("plain_find", _plain_find, True),
             ("open_path", self._open_path, False), ("path", self._path, False))})
-        py[b"close_fd"], py[b"watch_thread"] = _close_fd, self._watch_thread
+        py[b"close_fd"], py[b"watch_thread"], py[b"long_step"] = _close_fd, self._watch_thread, self._long_step
         self._run, compile_, ctx._wrap, self._run_message = self.lua.execute(
             lua_file("_sandbox.lua"), self._expired, self._blocking, names, py, lua_file("_patterns.lua").encode(),
             memory or 2**62, LUA_INSTRUCTION_CHECK, LUA_STEP, name="=sandbox")
+        self.source = source
         main = compile_(source.encode("utf-8", "surrogateescape"), f"={script.name}".encode())
         if isinstance(main, tuple):
-            raise MsgscriptError(f"syntax error: {self.ctx.text(main[1])}")
+            raise MsgscriptError(f"syntax error: {self.where(self.ctx.text(main[1]))}")
         self.main = main
+
+    def where(self, text: str) -> str:
+        """An error text with the chunk's positions (`name:N:`) as the files and lines they came from."""
+        source = self.source
+        return source.locate(text, self.script.name) if type(source) is LuaSource else text
 
     def _expired(self) -> bool:
         if self.ctx._lifted:
@@ -2539,8 +2784,16 @@ class LuaRunner:
             self.ctx.moved = True
         return now > self.ctx.deadline or self.ctx.moved
 
-    def _blocking(self) -> None:
+    def _blocking(self, effect: bool = True) -> None:
+        """From the sandbox: an inline call moves, before an effect (the script runs on workers from then
+        on) or a long C step (only this call)."""
         self.ctx.moved = True
+        self.ctx.blocked = self.ctx.blocked or effect
+
+    def _long_step(self, units: float) -> bool:
+        """Before a long C step (on a worker): False past the deadline, or when it would end well after it."""
+        left = self.ctx.deadline - time.monotonic()
+        return left >= 0 and units * LUA_UNIT <= left + LATE_STEP
 
     def _watch_thread(self, text: bytes) -> None:
         """A coroutine the script made (`thread: 0x...`): the watchdog trips it too."""
@@ -2550,7 +2803,7 @@ class LuaRunner:
         """From the watchdog: the call is past its time; a worker still in a system call well past its
         deadline (a read that never ends) gets a signal that interrupts it."""
         with self._lock:
-            if self not in self.watchdog.running or not self.state:
+            if not self.state or (self.watchdog.inline is not self and self not in self.watchdog.running):
                 return
             for state in (self.state, *self.threads):
                 LUPA.trip(state)
@@ -2637,27 +2890,28 @@ class LuaRunner:
         if type(fname) is str:
             fname = fname.encode()
         ctx = self.ctx
-        size = 0
-        for arg in args:
-            if type(arg) is bytes:
-                size += len(arg)
-        for arg in meta:
-            if type(arg) is bytes:
-                size += len(arg)
-        if ctx._max_memory and size + LUA_MEMORY_MARGIN > ctx._max_memory - self.lua.get_memory_used():
-            ctx.fits(size, "payload")
-        ctx.deadline, ctx.inline, ctx.moved = deadline, inline, False
+        if ctx._max_memory:  # a push into a full Lua state hangs lupa: the arguments must fit
+            size = sum(len(a) for a in args if type(a) is bytes) if len(args) != 2 else len(args[0]) + len(args[1])
+            if meta:
+                size += sum(len(a) for a in meta if type(a) is bytes)
+            if size + LUA_MEMORY_MARGIN > ctx._max_memory - self.lua.get_memory_used():
+                ctx.fits(size, "payload")
+        ctx.deadline, ctx.inline, ctx.moved, ctx.blocked = deadline, inline, False, False
         if self.threads:
             with self._lock:
                 self.threads = []
         watchdog = self.watchdog
-        if inline:
-            ctx.inline_deadline = time.monotonic() + INLINE_BUDGET
         if watchdog is not None:
-            self.stop_at = ctx.inline_deadline if inline else deadline
-            watchdog.running.add(self)
+            if inline:
+                self.stop_at = ctx.inline_deadline = time.monotonic() + INLINE_BUDGET
+                watchdog.inline = self
+            else:
+                self.stop_at = deadline
+                watchdog.running.add(self)
             if watchdog.sleeping:
                 watchdog.wake()
+        elif inline:
+            ctx.inline_deadline = time.monotonic() + INLINE_BUDGET
         try:
             if meta:
                 out = self._run_message(self.main, fname, inline, *args, *meta)
@@ -2665,19 +2919,21 @@ class LuaRunner:
                 out = self._run(self.main, fname, inline, *args)
         except self.lupa.LuaError:
             if ctx.moved:
-                raise _MoveToPool() from None
+                raise _MoveToPool(ctx.blocked) from None
             raise
         finally:
-            if watchdog is not None:
-                watchdog.running.discard(self)
             if inline:
                 ctx.inline, ctx.inline_deadline = False, math.inf
+                if watchdog is not None:
+                    watchdog.inline = None
+            elif watchdog is not None:
+                watchdog.running.discard(self)
             if ctx._lifted:
                 ctx.restore()
             if ctx._cwd is not None:
                 ctx.end_call()
         if ctx.moved:
-            raise _MoveToPool()
+            raise _MoveToPool(ctx.blocked)
         return out if type(out) is tuple else (out,)
 
 
@@ -2850,6 +3106,7 @@ class Services:
     watchdog: Any = None  # the Scheduler's Watchdog: stops calls past their time
     blocking: Any = None  # the Scheduler's executor for plugins' blocking work (LuaContext.blocking)
     nats_replicas: int = 0  # replicas of the JetStream buckets the kv module creates (0: 3 on a cluster, else 1)
+    compat: str = ""  # "go" (-compat go): HTTP-mode results converted as the Go original converts them
 
 
 # The bundled plugins: the `plugins/` folder beside this file in a checkout, installed as the package
@@ -2984,41 +3241,55 @@ class LuaExecutor(Executor):
         if not script.http:
             fname, first = b"OnMessage", call.subject.encode()
         elif not call.method:
+            if self.services.compat == "go":  # the Go original calls nothing and answers an empty page
+                return Result(b"", 200, {}, is_html=True)
             raise MethodNotAllowed(
                 f"script {script.name} is an HTTP-mode script: call it over HTTP or with an envelope that has a method"
             )
+        elif self.services.compat == "go":  # Go looks the verb up as it came (an envelope may say "get")
+            fname, first = call.method.encode(), call.url.encode()
         else:
             fname, first = call.method.upper().encode(), call.url.encode()
         runner = self._runner(script)
         if call.trace is not None:
             runner.ctx.trace = call.trace
+        clock = time.perf_counter if inline else time.thread_time  # a worker's CPU, not its waits for the GIL
+        started = clock()
         try:
             out = runner.call(fname, call.deadline, first, call.payload, inline=inline, meta=call.meta)
         except runner.lupa.LuaMemoryError:
             self._forget(script)
             raise self._memory_error(script) from None
         except runner.lupa.LuaError as e:
-            if time.monotonic() > call.deadline:
-                raise call.timed_out(script) from None
             text = lupa_error_text(e)
+            if time.monotonic() > call.deadline or text.startswith("script timed out"):  # or a step refused
+                raise call.timed_out(script) from None
             if "not enough memory" in text:
                 self._forget(script)
                 raise self._memory_error(script) from None
-            raise ScriptError(first_line(text)) from None
+            raise ScriptError(first_line(runner.where(text))) from None
         except LuaError as e:  # raised by the sandbox's own checks (a payload over the memory cap)
             raise ScriptError(f"script {script.name}: {e}") from None
         finally:
             if call.trace is not None:
                 runner.ctx.trace = None
+            spent = clock() - started
         if time.monotonic() > call.deadline:  # it caught the timeout error and carried on
             raise call.timed_out(script)
         if not out[0]:
             if script.http:
+                if self.services.compat == "go":
+                    return Result(b"", 200, {}, is_html=True)
                 raise MethodNotAllowed(f"script {script.name} does not handle {fname.decode()} requests")
             raise ScriptError(f"script {script.name} defines no OnMessage function")
         if not script.http and len(out) > 1 and type(out[1]) is bytes:  # the usual case: a string
-            return Result(out[1])
-        return self._result(script, out[1:])
+            result = Result(out[1])
+        elif script.http and self.services.compat == "go":
+            result = go_http_result(out[1:])
+        else:
+            result = self._result(script, out[1:])
+        result.compute = spent  # what the Scheduler's choice of inline or pool looks at
+        return result
 
     def _memory_error(self, script: Script) -> ScriptError:
         return ScriptError(f"script {script.name} exceeded its memory limit "
@@ -3032,7 +3303,7 @@ class LuaExecutor(Executor):
             if isinstance(body, (bytes, str)):
                 return Result(payload=as_bytes(body))
             log.warning("Script returned no response (%s/%s)", script.subject, script.name)
-            return Result()
+            return Result(nil=True)
         status = values[1] if len(values) > 1 else None
         if isinstance(status, bytes):  # "404", as the Go original accepts
             status = float(status) if re.fullmatch(rb"\s*\d+\s*", status) else -1
@@ -3044,6 +3315,62 @@ class LuaExecutor(Executor):
         headers = {lua_tostring(k): lua_tostring(v) for k, v in table.items()} if table is not None else {}
         payload = b"" if body is None else as_bytes(body if isinstance(body, (bytes, str)) else lua_tostring(body))
         return Result(payload=payload, http_code=int(status), headers=headers, is_html=True)
+
+
+_GO_OCTAL = re.compile(r"[+-]?0[0-7_]+")
+
+
+def go_parse_number(text: str) -> float | None:
+    """gopher-lua's parseNumber (a string status): trimmed of space, tab and newline, Go's ParseInt
+    with base prefixes (0x1F4, 017 octal, 0b101, 1_000), else ParseFloat; None if neither reads it."""
+    text = text.strip(" \t\n")
+    if not text or any(c.isspace() for c in text):
+        return None
+    try:
+        return float(int(text, 8 if _GO_OCTAL.fullmatch(text) else 0))
+    except ValueError:
+        pass
+    if "_" in text:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def go_text(value: Any) -> str:
+    """gopher-lua's LVAsString: strings as they are, numbers as Go writes them, anything else ""."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "surrogateescape")
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return lua_number_text(value)
+    return ""
+
+
+def go_int(value: Any) -> int:
+    """Go's int(LVAsNumber(v)): numbers truncated toward zero (NaN, infinities and |x| >= 2^63 give
+    -2^63, as on amd64), strings through go_parse_number, anything else 0."""
+    if isinstance(value, (bytes, str)):
+        value = go_parse_number(go_text(value))
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return 0
+    if value != value or not -2**63 <= value < 2**63:
+        return -2**63
+    return int(value)
+
+
+def go_http_result(values) -> Result:
+    """An HTTP-mode verb function's (body, status, headers) as the Go original converts them: the body
+    through LVAsString (tables and booleans give ""), the status truncated to an integer (0 is 200),
+    header names and values through LVAsString."""
+    body = go_text(values[0]) if values else ""
+    status = go_int(values[1]) if len(values) > 1 else 0
+    table = values[2] if len(values) > 2 and is_table(values[2]) else None
+    headers = {go_text(k): go_text(v) for k, v in table.items()} if table is not None else {}
+    return Result(payload=body.encode("utf-8", "surrogateescape"), http_code=status or 200, headers=headers,
+                  is_html=True)
 
 
 ###############################################################################
@@ -3775,6 +4102,8 @@ EXECUTORS: dict[str, type[Executor]] = {"lua": LuaExecutor, "wasm": WasmExecutor
 DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                     60.0, 120.0)
 LATE = 0.05  # seconds after a pooled call's deadline that its timer answers for it
+COMPUTE = 0.0002  # seconds: a script whose inline calls take longer computes (it may go to the pool when busy)
+LOAD_WINDOW = 0.02  # seconds over which the loop's share of time in inline calls is measured
 BLOCKING_THREADS = 32  # plugins' blocking work (LuaContext.blocking) at once
 WAKE_SIGNAL = signal.SIGURG  # interrupts a worker's system call (ignored unless a handler is set: Server.run)
 
@@ -3789,6 +4118,7 @@ class ScriptStats:
     buckets: list[int] = dataclasses.field(default_factory=lambda: [0] * (len(DURATION_BUCKETS) + 1))
     last_error: str = ""
     moved: int = 0  # inline calls that moved to a worker
+    average: float = 0.0  # moving average of its Lua calls' compute time: does it compute?
 
     def count(self, result: Result, seconds: float) -> None:
         self.calls += 1
@@ -3808,6 +4138,7 @@ class Scheduler:
         self.store = store
         self.executors = executors if executors is not None else make_executors(services, memory)
         self.timeout = timeout
+        self._limit = f"the server's -timeout {duration_text(timeout)}"
         self.max_inflight = max_inflight
         self.pool = WorkerPool(workers, max_workers)
         self.watchdog = services.watchdog = Watchdog(self.pool)
@@ -3818,7 +4149,9 @@ class Scheduler:
         self.stats: dict[tuple[str, str], ScriptStats] = {}
         self.loop: asyncio.AbstractEventLoop | None = None
         self.idle: asyncio.Event | None = None  # set while nothing is in flight (shutdown waits on it)
-        self._pooled: dict[tuple[str, str], int] = {}  # script key -> version that must run on the pool
+        self.loop_load = 0.0  # the share of the loop's time spent in inline calls (last window)
+        self._window = [time.perf_counter(), 0.0]  # the current window: its start, inline seconds so far
+        self.compute_calls = 0  # calls of scripts that compute, sent to the pool and not back yet
         self._done: collections.deque = collections.deque()  # finished pool calls, for the loop
         self._wake_pending = False
         self._wake_lock = threading.Lock()
@@ -3830,6 +4163,7 @@ class Scheduler:
         self.loop = loop
         self.idle = asyncio.Event()
         self.idle.set()
+        self.failures.later = lambda delay, fn: loop.call_soon_threadsafe(loop.call_later, max(0.0, delay), fn)
 
     def lookup(self, subject: str) -> list[Script]:
         """The scripts a message on `subject` runs (not those fed by a stream or a schedule), or NotFound."""
@@ -3849,7 +4183,7 @@ class Scheduler:
         if self.inflight >= self.max_inflight:
             self._refuse()
         if call.deadline == math.inf:  # the server's -timeout, unless the front set a shorter one
-            call.deadline, call.limit = time.monotonic() + self.timeout, f"the server's -timeout {self.timeout:g}s"
+            call.deadline, call.limit = time.monotonic() + self.timeout, self._limit
         single = on_result is None and len(scripts) == 1
         if single:
             result = self._try_inline(scripts[0], call)
@@ -3871,22 +4205,51 @@ class Scheduler:
         raise Busy(f"server busy: {self.inflight} calls in flight (limit {self.max_inflight})")
 
     def _try_inline(self, script: Script, call: Call) -> Result | None:
-        """Run `script` inline if it may; None when it must run on a worker (and is marked for it)."""
+        """Run `script` inline if it may; None when it must run on a worker (marked for it if it blocked).
+
+        A script that computes (its inline calls take more than COMPUTE) goes to the pool while the loop
+        is busy running scripts, so that its calls run in parallel on every core; a lone call stays inline.
+        """
+        if script.pooled or script.lock:
+            return None
         executor = self.executors.get(script.executor)
-        if (executor is None or not executor.inline_capable or script.lock
-                or self._pooled.get(script.key) == script.version):
+        if executor is None or not executor.inline_capable:
+            return None
+        stats = script.stats or self._stats(script)
+        if stats.average > COMPUTE and (stats.average >= INLINE_BUDGET or self._busy()):
             return None
         try:
-            return self._execute(script, call, executor)
-        except _MoveToPool:  # it reached something that blocks, or its budget: workers from now on
-            self._pooled[script.key] = script.version
-            self._stats(script).moved += 1
-            log.debug("script %s/%s runs on the worker pool from now on", script.subject, script.name)
+            result = self._execute(script, call, executor)
+        except _MoveToPool as e:
+            stats.moved += 1
+            if e.blocked:  # it reached something that blocks: workers from now on
+                script.pooled = True
+                log.debug("script %s/%s runs on the worker pool from now on", script.subject, script.name)
+            # else its budget, or a step too big: only this call (its run on a worker says whether it computes)
             return None
+        self._count(script, call, result, True)
+        if result.error:
+            self.failures.failed(script, call, result)
+        return result
+
+    def _busy(self) -> bool:
+        """Whether the loop is busy with scripts: compute calls in the pool, or most of the last window inline."""
+        return self.compute_calls > 0 or (time.perf_counter() - self._window[0] < 2 * LOAD_WINDOW
+                                          and self.loop_load > 0.5)
+
+    def _note_inline(self, seconds: float, now: float) -> None:
+        window = self._window
+        if now - window[0] > LOAD_WINDOW:
+            self.loop_load = window[1] / (now - window[0])
+            window[0], window[1] = now, 0.0
+        window[1] += seconds
 
     def _to_pool(self, job: _Job, index: int) -> None:
         script = job.scripts[index]
         call = _script_call(script, job.call)
+        if not script.pooled and script.stats is not None and script.stats.average > COMPUTE:
+            self.compute_calls += 1
+            job.compute += 1
         self.pool.submit(self._on_worker, job, index, call)
         if self.watchdog.sleeping:
             self.watchdog.wake()
@@ -3894,10 +4257,12 @@ class Scheduler:
             job.timers.append(self.loop.call_at(call.deadline + LATE, job.expire, index, call))
 
     def _on_worker(self, job: _Job, index: int, call: Call) -> None:
+        script = job.scripts[index]
         if job.results[index] is not None:  # answered already: its deadline passed while it was queued
-            return
-        result = self._execute(job.scripts[index], call)
-        self._done.append((job, index, result))
+            result = Result.failure(call.timed_out(script, " before it started"))
+        else:
+            result = self._execute(script, call)
+        self._done.append((job, index, call, result))
         with self._wake_lock:
             if self._wake_pending:
                 return
@@ -3909,9 +4274,10 @@ class Scheduler:
         with self._wake_lock:
             self._wake_pending = False
         while self._done:
-            job, index, result = self._done.popleft()
+            job, index, call, result = self._done.popleft()
+            self._count(job.scripts[index], call, result)
             try:
-                job.finish(index, result)
+                job.finish(index, result, log=True)
             except Exception:  # noqa: BLE001 - one front's failure must not stop the others' replies
                 log.exception("delivering the result of %s failed", job.scripts[index].name)
 
@@ -3923,10 +4289,12 @@ class Scheduler:
     def _execute(self, script: Script, call: Call, inline: Executor | None = None) -> Result:
         """Run one script within its deadline; every failure becomes a Result (except _MoveToPool).
 
-        `inline` is the script's executor when the call runs on the loop (see _try_inline).
+        `inline` is the script's executor when the call runs on the loop (see _try_inline). Failures are
+        logged where the answer is decided (_try_inline, _Job.finish), so a late one is not.
         """
         started = time.perf_counter()
-        call = _script_call(script, call)
+        if script.timeout is not None:
+            call = _script_call(script, call)
         span = None
         if self.tracing and call.trace is not None:
             span = self.tracing.script_span(script, call)
@@ -3956,25 +4324,37 @@ class Scheduler:
                 log.exception("script %s/%s crashed", script.subject, script.name)
                 e = MsgscriptError(f"script {script.name}: internal error (see the server log)")
             result = Result.failure(e)
-        stats = self.stats.get((script.subject, script.name)) or self._stats(script)
-        stats.count(result, time.perf_counter() - started)
+        result.seconds = time.perf_counter() - started
         if span is not None:
             span.end(result)
-        if result.error:
-            self.failures.failed(script, call, result)
         return result
 
+    def _count(self, script: Script, call: Call, result: Result, inline: bool = False) -> None:
+        """A finished call's counters (on the loop, so they need no lock)."""
+        stats = script.stats or self._stats(script)
+        stats.count(result, result.seconds)
+        if result.compute >= 0:
+            stats.average += (result.compute - stats.average) * 0.125
+        if inline:
+            self._note_inline(result.seconds, time.perf_counter())
+
     def _stats(self, script: Script) -> ScriptStats:
+        """The script's counters (they outlive its versions), remembered on this version."""
         stats = self.stats.get(script.key)
         if stats is None:
             stats = self.stats[script.key] = ScriptStats()
+        script.stats = stats
         return stats
 
     def run_blocking(self, script: Script, call: Call) -> Result:
         """Run one call on the caller's thread (the cli dev command)."""
         if call.deadline == math.inf:
             call.deadline = time.monotonic() + self.timeout
-        return self._execute(script, call)
+        result = self._execute(script, call)
+        self._count(script, call, result)
+        if result.error:
+            self.failures.failed(script, call, result)
+        return result
 
     def saturated(self) -> str:
         """Why the pool cannot take more work ("" when it can): /readyz."""
@@ -3992,13 +4372,13 @@ def _script_call(script: Script, call: Call) -> Call:
     """The call with the script's own `timeout` applied."""
     if script.timeout is None:
         return call
-    return call.limited(script.timeout, f"its timeout header {script.timeout:g}s")
+    return call.limited(script.timeout, f"its timeout header {duration_text(script.timeout)}")
 
 
 class _Job:
     """One message's scripts on their way; the last to finish releases the message."""
 
-    __slots__ = ("scheduler", "scripts", "call", "on_result", "on_done", "results", "left", "timers")
+    __slots__ = ("scheduler", "scripts", "call", "on_result", "on_done", "results", "left", "timers", "compute")
 
     def __init__(self, scheduler: Scheduler, scripts: list[Script], call: Call, on_result, on_done):
         self.scheduler, self.scripts, self.call = scheduler, scripts, call
@@ -4006,11 +4386,14 @@ class _Job:
         self.results: list[Result | None] = [None] * len(scripts)
         self.left = len(scripts)
         self.timers: list = []
+        self.compute = 0  # its calls counted in the scheduler's compute_calls
 
-    def finish(self, index: int, result: Result) -> None:
+    def finish(self, index: int, result: Result, log: bool = False) -> None:
         if self.results[index] is not None:  # a worker's result after its timer answered
             return
         self.results[index] = result
+        if log and result.error:
+            self.scheduler.failures.failed(self.scripts[index], self.call, result)
         self.left -= 1
         try:
             if self.on_result is not None:
@@ -4019,13 +4402,14 @@ class _Job:
             if self.left == 0:
                 for timer in self.timers:
                     timer.cancel()
+                self.scheduler.compute_calls -= self.compute
                 self.scheduler._release()
                 if self.on_done is not None:
                     self.on_done(self.results)
 
     def expire(self, index: int, call: Call) -> None:
         """The timer of a pooled call: its deadline has passed and its worker has not answered."""
-        self.finish(index, Result.failure(call.timed_out(self.scripts[index])))
+        self.finish(index, Result.failure(call.timed_out(self.scripts[index])), log=True)
 
 
 class RateLimitedLog:
@@ -4046,26 +4430,49 @@ class RateLimitedLog:
 
 
 class FailureLog:
-    """One WARNING per failed call, at most `burst` a minute per script, then one summary a minute."""
+    """One WARNING per failed call, at most `burst` a minute per script, then one summary a minute.
+
+    Calls fail on the loop and on workers, so the windows are kept under a lock. With `later` (set by
+    the Scheduler: runs a function on the loop after a delay) a window that left calls out is summed
+    up when it ends, even if the script fails no more.
+    """
 
     def __init__(self, burst: int = 10, every: float = 60.0):
         self.burst, self.every = burst, every
         self.windows: dict[tuple[str, str], list] = {}  # script -> [window start, logged, left out]
+        self.later: Callable[[float, Callable], None] | None = None
+        self._lock = threading.Lock()
 
     def failed(self, script: Script, call: Call, result: Result) -> None:
         now = time.monotonic()
-        window = self.windows.get(script.key)
-        if window is None or now - window[0] >= self.every:
-            if window is not None and window[2]:
-                log.warning("%s/%s: %d more failed calls in the last minute", script.subject, script.name,
-                            window[2])
-            window = self.windows[script.key] = [now, 0, 0]
-        if window[1] >= self.burst:
-            window[2] += 1
-            return
-        window[1] += 1
-        transport = "HTTP" if call.method and not call.meta else "stream" if call.meta else "NATS"
-        log.warning("%s/%s failed (%s, %s): %s", script.subject, script.name, transport, result.status, result.error)
+        with self._lock:
+            window = self.windows.get(script.key)
+            if window is None or now - window[0] >= self.every:
+                if window is not None:
+                    self._summary(script.key, window)
+                window = self.windows[script.key] = [now, 0, 0]
+            if window[1] >= self.burst:
+                window[2] += 1
+                if window[2] == 1 and self.later is not None:
+                    self.later(window[0] + self.every - now, functools.partial(self.flush, script.key, window))
+                return
+            window[1] += 1
+        log.warning("script %s/%s failed (%s, status %s): %s", script.subject, script.name, call.via, result.status,
+                    result.error)
+
+    def flush(self, key: tuple[str, str], window: list) -> None:
+        """The end of a window that left calls out: say how many."""
+        with self._lock:
+            if self.windows.get(key) is window:
+                self._summary(key, window)
+                del self.windows[key]
+
+    @staticmethod
+    def _summary(key: tuple[str, str], window: list) -> None:
+        if window[2]:
+            log.warning("script %s/%s: %s more failed calls not logged in the last minute", *key,
+                        f"{window[2]:,}")
+            window[2] = 0
 
 
 class WorkerPool:
@@ -4173,7 +4580,8 @@ class Watchdog:
 
     def __init__(self, pool: WorkerPool):
         self.pool = pool
-        self.running: set = set()
+        self.running: set = set()  # LuaRunners running a call on a worker
+        self.inline = None  # the LuaRunner running a call on the event loop
         self.sleeping = True
         self._wake = threading.Event()
         self._stopped = False
@@ -4197,14 +4605,15 @@ class Watchdog:
                 quiet = 0
                 continue
             now = time.monotonic()
-            for runner in list(self.running):
+            inline = self.inline
+            for runner in [*self.running, inline] if inline is not None else list(self.running):
                 if runner.stop_at <= now:
                     runner.trip(now)
             self.pool.grow(now)
-            quiet = 0 if self.running or self.pool.active else quiet + 1
+            quiet = 0 if self.running or inline is not None or self.pool.active else quiet + 1
             if quiet * self.poll > 1.0:
                 quiet, self.sleeping = 0, True
-                if self.running or self.pool.active:  # a call started meanwhile and saw us awake
+                if self.running or self.inline is not None or self.pool.active:  # a call started meanwhile
                     self.sleeping = False
                 continue
             time.sleep(self.poll)
@@ -4282,13 +4691,98 @@ def nats_reply(result: Result, name: str | None = None, limit: int = 0) -> tuple
     return result.payload, headers
 
 
-def envelope_reply(scripts: list[Script], results: list[Result], go: bool = False) -> bytes:
-    """The Go original's JSON reply to an envelope (with `go`, its HEAD shape, also for raw messages)."""
-    doc = {"script_result": [r.to_json(go) for r in results], "is_html": any(s.http for s in scripts)}
-    if not go:
-        errors = [r.error for r in results if r.error]
-        doc["error"] = errors[0] if errors and len(errors) == len(results) else ""
-    return json.dumps(doc, separators=(",", ":") if go else (", ", ": ")).encode()
+def envelope_reply(scripts: list[Script], results: list[Result]) -> bytes:
+    """The JSON reply to an envelope (the first README's shape; with -compat go: go_reply)."""
+    doc = {"script_result": [r.to_json() for r in results], "is_html": any(s.http for s in scripts)}
+    errors = [r.error for r in results if r.error]
+    doc["error"] = errors[0] if errors and len(errors) == len(results) else ""
+    return json.dumps(doc).encode()
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"invalid JSON value {name}")
+
+
+def go_message(subject: str, data: bytes) -> tuple[str, bytes, str, str, bool]:
+    """(subject, payload, method, url, async) of a message as the Go original reads it (-compat go).
+
+    A JSON object whose `payload` is base64 is an envelope, and its `subject` chooses the scripts (keys
+    match whatever their case, leading white space is fine). `payload` null or missing: the whole data
+    is the payload and everything else is dropped. Anything else is raw data on the NATS subject, except
+    that fields Go decoded before or after a field of the wrong type (bad base64, "async": "yes") stay.
+    """
+    if data.lstrip(b" \t\r\n")[:1] != b"{":
+        return subject, data, "", "", False
+    try:
+        doc = json.loads(data, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        return subject, data, "", "", False
+    fields: dict[str, Any] = {"subject": "", "payload": None, "method": "", "url": "", "async": False}
+    wrong = False
+    for key, value in doc.items():
+        name = key.lower()
+        if name == "payload":
+            if value is None or isinstance(value, str):
+                try:
+                    fields["payload"] = None if value is None else base64.b64decode(
+                        value.replace("\r", "").replace("\n", ""), validate=True)
+                except ValueError:
+                    wrong = True
+            else:
+                wrong = True
+        elif name in ("async", "raw"):
+            if isinstance(value, bool):
+                fields[name] = value
+            elif value is not None:
+                wrong = True
+        elif name in ("subject", "method", "url", "executor"):
+            if isinstance(value, str):
+                fields[name] = value
+            elif value is not None:
+                wrong = True
+    if wrong:
+        return subject, data, fields["method"], fields["url"], fields["async"]
+    if fields["payload"] is None:
+        return subject, data, "", "", False
+    return fields["subject"], fields["payload"], fields["method"], fields["url"], fields["async"]
+
+
+GO_SPECIAL_SUBJECTS = ("__listScripts", "__listNamesForScript", "__infoNamedScript")
+
+
+def _go_listing(items: list[str]) -> bytes:
+    result = {"http_code": 200, "error": "", "http_headers": {}, "is_html": True,
+              "payload": base64.b64encode(go_json(items or None)).decode()}
+    return go_json({"script_result": [result], "is_html": True})
+
+
+def go_special(store: Store, subject: str, data: bytes) -> bytes:
+    """The Go original's answers on __listScripts, __listNamesForScript (data: a subject) and
+    __infoNamedScript (data: "subject,name"), its Reply JSON."""
+    text = data.decode("utf-8", "replace")
+    if subject == "__listScripts":
+        return _go_listing(store.subjects())
+    if subject == "__listNamesForScript":
+        scripts = store.scripts(text)
+        return _go_listing([s.name for s in scripts]) if scripts else go_error_reply(
+            f"script not found for subject: {text}")
+    parts = text.split(",")
+    if len(parts) != 2:
+        return go_error_reply("invalid request")
+    script = next((s for s in store.scripts(parts[0]) if s.name == parts[1]), None)
+    if script is None:
+        return go_error_reply(f"no script found for subject {parts[0]} with name {parts[1]}")
+    result = {"http_code": 200, "error": "",
+              "http_headers": {"executor": script.executor, "libraries": ", ".join(script.libraries)},
+              "is_html": script.http, "payload": base64.b64encode(script.content.encode()).decode()}
+    return go_json({"script_result": [result], "is_html": script.http})
+
+
+def go_not_found(store: Store, subject: str) -> bytes:
+    """The Go original's Reply for a subject without scripts: its file store's error; etcd finds none."""
+    if store.kind == "etcd":
+        return go_json({"script_result": None, "is_html": False})
+    return go_error_reply(f"failed to get scripts for subject: script not found for subject: {subject}")
 
 
 @dataclasses.dataclass
@@ -4398,8 +4892,9 @@ class NatsWire:
     coroutine with a future: per message, that costs more than a short script. Here a message of one
     of our subscriptions is handed to `take` as the parser reads it (a stand-in for nats-py's
     `_process_msg`), and a reply's PUB is appended to the buffer with one flusher wake per read, so the
-    replies to one read leave in one write. Tested with nats-py 2.14 to 2.16 (pinned in
-    pyproject.toml); where its internals differ (`missing`), nats-py's callbacks and publish are used.
+    replies to one read leave in one write. Tested with nats-py 2.16 (pinned in pyproject.toml; 2.14
+    and 2.15 have the same internals but lack the connect option skip_subject_validation); where its
+    internals differ (`missing`), nats-py's callbacks and publish are used.
     """
 
     enabled = True  # False: the public API only (the tests run both paths)
@@ -4533,11 +5028,15 @@ class NatsFront:
             disconnected_cb=self._disconnected, reconnected_cb=self._reconnected, error_cb=self._error,
             pending_size=64 * 2**20, skip_subject_validation=True)
         log.info("connected to NATS at %s", self.connected_url)
-        self.wire = NatsWire(self.nc, self.take, want_headers=self.tracing is not None)
+        self.wire = NatsWire(self.nc, self.take_go if self.compat_go else self.take,
+                             want_headers=self.tracing is not None)
         self.services.nats = NatsBridge(self.nc, self.loop)
         for subject in ("$SRV.PING", "$SRV.INFO", "$SRV.STATS"):
             for name in (subject, f"{subject}.msgscript", f"{subject}.msgscript.{self.service_id}"):
                 await self.nc.subscribe(name, cb=self._discovery)
+        if self.compat_go:  # the Go original's introspection subjects (they hand out script sources)
+            for name in GO_SPECIAL_SUBJECTS:
+                await self.nc.subscribe(name, queue=self.queue, cb=self._go_special)
         self.store.on_change(lambda: self.loop.call_soon_threadsafe(self.spawn, self.sync()))
         await self.sync()
 
@@ -4599,16 +5098,44 @@ class NatsFront:
         except MsgscriptError as e:
             self.answer(reply, subject, Result.failure(e))
 
+    def take_go(self, subject: str, reply: str, data: bytes, headers: dict | None = None) -> None:
+        """The intake with -compat go: the message read as the Go original reads it (go_message), one
+        Reply JSON for all the scripts, errors inside it."""
+        try:
+            target, payload, method, url, run_async = go_message(subject, data)
+            scripts = self.store.triggered(target)
+            if not scripts:
+                return self.answer(reply, subject, Result(go_not_found(self.store, target)))
+            call = Call(target, payload, method, url)
+            if run_async:  # {} at once, then the Reply to the same subject
+                self.answer(reply, subject, Result(b"{}"))
+            if self.tracing:
+                call.trace = self.tracing.message_span(subject, data, headers, scripts)
+
+            def done(results):
+                if call.trace is not None:
+                    call.trace.end_message(results)
+                self.answer(reply, subject, Result(go_reply(scripts, results)))
+
+            result = self.scheduler.dispatch(scripts, call, None, done)
+            if result is not None:
+                done([result])
+        except MsgscriptError as e:
+            self.answer(reply, subject, Result(go_error_reply(first_line(str(e)))))
+
+    async def _go_special(self, msg) -> None:
+        self.answer(msg.reply, msg.subject, Result(go_special(self.store, msg.subject, msg.data)))
+
     def _answer(self, reply: str, subject: str, envelope: dict | None, scripts: list[Script], call: Call) -> tuple:
         """(on_result, on_done) for a message: what goes back to its requester, and when."""
         def done(results):
             if call.trace is not None:
                 call.trace.end_message(results)
 
-        if self.compat_go or (envelope is not None and not envelope.get("async")):
+        if envelope is not None and not envelope.get("async"):
             def reply_envelope(results):
                 done(results)
-                self.answer(reply, subject, Result(envelope_reply(scripts, results, self.compat_go)))
+                self.answer(reply, subject, Result(envelope_reply(scripts, results)))
             return None, reply_envelope
         if envelope is not None:  # async: answered already
             return None, done
@@ -4758,14 +5285,26 @@ def _die_with_parent() -> None:
         pass
 
 
-class EmbeddedNats:
-    """A private nats-server with JetStream on 127.0.0.1, stopped with the server (and killed with it)."""
+DEFAULT_NATS_PORT = 4222
 
-    def __init__(self, data_dir: str, port: int = 4222):
+
+class EmbeddedNats:
+    """A private nats-server with JetStream on 127.0.0.1, stopped with the server (and killed with it).
+
+    It listens on `port` (-nats-port). Without that flag it prefers 4222, and takes a free port, with
+    a warning, when 4222 is taken (another NATS runs there); a port given with -nats-port must be free.
+    """
+
+    def __init__(self, data_dir: str, port: int | None = None):
         self.binary = find_nats_server()
-        self.port = free_port(port)
-        if self.port != port:
-            log.info("port %d is taken; the embedded NATS server uses port %d", port, self.port)
+        self.port = free_port(port or DEFAULT_NATS_PORT)
+        if port and self.port != port:
+            raise ConfigError(f"-nats-port {port}: the port is taken (is another NATS server running? give "
+                              f"its URL with -natsurl, or another port)")
+        if self.port != DEFAULT_NATS_PORT:
+            log.warning("port %d is taken (another NATS server?); the embedded NATS server listens on port %d: "
+                        "reach it with -u nats://127.0.0.1:%d, or choose its port with -nats-port",
+                        DEFAULT_NATS_PORT, self.port, self.port)
         store_dir = os.path.join(data_dir, "jetstream")
         try:
             os.makedirs(store_dir, exist_ok=True)
@@ -4853,6 +5392,76 @@ def split_target(target: str) -> tuple[str, str, dict[str, list[str]]]:
     return subject, url, params
 
 
+_GO_PATH_KEPT = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.~$&+,/:;=@")
+_GO_RAW_PATH_OK = _GO_PATH_KEPT | frozenset(b"!'()*[]%")
+_GO_BAD_ESCAPE = re.compile(rb"%(?![0-9A-Fa-f]{2})")
+_GO_ABSOLUTE = re.compile(rb"([A-Za-z][A-Za-z0-9+.\-]*)(://[^/?]*)(.*)", re.S)
+
+
+@functools.lru_cache(maxsize=2048)
+def go_request_url(target: str) -> tuple[bytes, bytes, bytes, bytes]:
+    """A request target as Go's net/url reads it: (scheme://host, decoded path, escaped path, ?query).
+
+    The escaped path is URL.EscapedPath(): the path as sent when it is a valid encoding, else Go's own
+    escaping of the decoded path; `?query` is the raw query with its `?` (also when empty). BadRequest
+    for a bad % escape, as Go's server answers."""
+    raw, prefix = target.encode("latin-1"), b""
+    if not raw.startswith(b"/"):
+        m = _GO_ABSOLUTE.fullmatch(raw)
+        if not m or not m.group(3).startswith(b"/"):
+            raise BadRequest("request target must start with /")
+        prefix, raw = m.group(1).lower() + m.group(2), m.group(3)
+    raw_path, question, query = raw.partition(b"?")
+    if _GO_BAD_ESCAPE.search(raw_path):
+        raise BadRequest("invalid URL escape in the request target")
+    path = urllib.parse.unquote_to_bytes(raw_path)
+    escaped = raw_path if all(c in _GO_RAW_PATH_OK for c in raw_path) else go_escape_path(path)
+    return prefix, path, escaped, question + query
+
+
+def go_escape_path(path: bytes) -> bytes:
+    """Go's url escaping of a path (every byte but letters, digits and -_.~$&+,/:;=@ as %XX)."""
+    return b"".join(bytes((c,)) if c in _GO_PATH_KEPT else b"%%%02X" % c for c in path)
+
+
+def go_clean_path(path: bytes) -> bytes:
+    """gorilla/mux's cleanPath: path.Clean, keeping a trailing slash."""
+    import posixpath
+
+    if not path.startswith(b"/"):
+        path = b"/" + path
+    clean = posixpath.normpath(path)
+    if clean.startswith(b"//"):
+        clean = b"/" + clean.lstrip(b"/")
+    return clean + b"/" if path.endswith(b"/") and clean != b"/" else clean
+
+
+def go_query_first(query: bytes, key: str) -> str | None:
+    """The first value of `key` in a raw query, as Go's URL.Query().Get reads it (None: not there)."""
+    for part in query.split(b"&"):
+        if not part or b";" in part:
+            continue
+        name, _, value = part.partition(b"=")
+        if _GO_BAD_ESCAPE.search(part):
+            continue
+        if urllib.parse.unquote_plus(name.decode("latin-1"), "latin-1") == key:
+            return urllib.parse.unquote_plus(value.decode("latin-1"), "utf-8", "replace")
+    return None
+
+
+_HTTP_DATE = [0, ""]
+
+
+def http_date() -> str:
+    """The Date header's value (as Go's net/http sends it), made once a second."""
+    now = int(time.time())
+    if now != _HTTP_DATE[0]:
+        import email.utils
+
+        _HTTP_DATE[:] = [now, email.utils.formatdate(now, usegmt=True)]
+    return _HTTP_DATE[1]
+
+
 def status_line(status: int) -> str:
     try:
         phrase = http.HTTPStatus(status).phrase
@@ -4861,11 +5470,14 @@ def status_line(status: int) -> str:
     return f"HTTP/1.1 {status} {phrase}\r\n"
 
 
-def response_bytes(status: int, body: bytes, headers: dict[str, str], close: bool, head: bool = False) -> bytes:
-    """Status line, headers and body in one buffer. Header names and values were checked."""
+def response_bytes(status: int, body: bytes, headers: dict[str, str], close: bool, head: bool = False,
+                   go: bool = False) -> bytes:
+    """Status line, headers and body in one buffer. Header names and values were checked.
+    With `go` (-compat go), Go's net/http headers: a Date, no Server."""
     if status < 200 or status in (204, 304):
         body = b""
-    lines = [status_line(status), f"Server: msgscript/{__version__}\r\nContent-Length: {len(body)}\r\n"]
+    lines = [status_line(status), f"Date: {http_date()}\r\nContent-Length: {len(body)}\r\n" if go else
+             f"Server: msgscript/{__version__}\r\nContent-Length: {len(body)}\r\n"]
     for name, value in headers.items():
         if name.lower() not in ("content-length", "transfer-encoding", "connection", "server"):
             lines.append(f"{name}: {value}\r\n")
@@ -4883,6 +5495,9 @@ def check_headers(headers: dict[str, str], who: str) -> dict[str, str]:
         if _BAD_VALUE.search(value):
             raise ScriptError(f"{who} returned a control character in the value of HTTP header {name!r}")
     return headers
+
+
+GO_DEADLINE = (503, b"context deadline exceeded", {"Content-Type": "text/plain; charset=utf-8"})
 
 
 def text_response(status: int, message: str) -> tuple[int, bytes, dict[str, str]]:
@@ -5032,7 +5647,7 @@ class HttpConnection(asyncio.Protocol):
 
     def _write(self, status: int, body: bytes, headers: dict[str, str], close: bool, head: bool = False) -> None:
         """The one place a response is written (and counted)."""
-        self.transport.write(response_bytes(status, body, headers, close, head))
+        self.transport.write(response_bytes(status, body, headers, close, head, self.front.config.compat_go))
         self.front.count_response(status)
         if close:
             self.transport.close()
@@ -5109,14 +5724,21 @@ class HttpFront:
         self._sweeper: asyncio.Task | None = None
         self.closed: asyncio.Event | None = None  # set when no connection is busy (draining waits on it)
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, serve: bool = True) -> None:
+        """Listen on the port (ConfigError when it cannot); with `serve`, take connections at once."""
         self.loop = asyncio.get_running_loop()
         self.closed = asyncio.Event()
         try:
             self.server = await self.loop.create_server(lambda: HttpConnection(self), host or None, port,
-                                                        reuse_address=True, backlog=1024)
+                                                        reuse_address=True, backlog=1024, start_serving=False)
         except OSError as e:
             raise ConfigError(f"cannot listen on port {port}: {e.strerror or e}") from None
+        if serve:
+            await self.serve()
+
+    async def serve(self) -> None:
+        """Take connections on the port `start` listens on."""
+        await self.server.start_serving()
         self._sweeper = self.loop.create_task(self._sweep())
 
     async def _sweep(self) -> None:
@@ -5172,6 +5794,11 @@ class HttpFront:
         answer = functools.partial(conn.respond, request)
         path = request.target.partition("?")[0]
         try:
+            if self.config.compat_go:  # gorilla/mux first sends a path that is not clean to its clean form
+                prefix, decoded, _, query = go_request_url(request.target)
+                clean = go_clean_path(decoded)
+                if clean != decoded:
+                    return answer(301, b"", {"Location": (prefix + go_escape_path(clean) + query).decode("latin-1")})
             if path == "/healthz":
                 return answer(*text_response(200, "ok"))
             if path == "/readyz":
@@ -5183,6 +5810,11 @@ class HttpFront:
             if path.startswith("/_/") or path in ("/_", "/"):
                 self._allow(request, self.config.admin, "admin pages")
                 return answer(*AdminPages(self.scheduler).page(path))
+            if self.config.compat_go:
+                if path[1:] in GO_SPECIAL_SUBJECTS:  # script sources: the admin pages' rule
+                    self._allow(request, self.config.admin, "admin pages")
+                    return answer(*self._go_special_page(path[1:], request.body))
+                return self._run_go(request, answer)
             self._run(request, answer)
         except MsgscriptError as e:
             answer(*text_response(e.status, str(e)))
@@ -5207,13 +5839,13 @@ class HttpFront:
 
     def _run(self, request: HttpRequest, answer: Callable) -> None:
         subject, url, params = split_target(request.target)
-        timeout, limit = self.config.timeout, f"the HTTP wait {self.config.timeout:g}s"
+        timeout, limit = self.config.timeout, f"the HTTP wait {duration_text(self.config.timeout)}"
         if "_timeout" in params:
             asked = parse_duration(params["_timeout"][-1])
-            if self.config.compat_go or asked < timeout:
+            if asked < timeout:
                 timeout, limit = asked, f"?_timeout={params['_timeout'][-1]}"
         scripts = self.scheduler.lookup(subject)  # stream and cron scripts run from JetStream only
-        call = Call(subject, request.body, request.method, url, time.monotonic() + timeout, limit=limit)
+        call = Call(subject, request.body, request.method, url, time.monotonic() + timeout, limit=limit, via="HTTP")
         if self.tracing:
             call.trace = self.tracing.http_span(request, subject, scripts)
 
@@ -5230,6 +5862,84 @@ class HttpFront:
         if result is not None:
             done([result])
 
+    def _run_go(self, request: HttpRequest, answer: Callable) -> None:
+        """-compat go: as the Go original's HTTP front (its wait, its url argument, its answers)."""
+        prefix, path, escaped, query = go_request_url(request.target)
+        segment = path.split(b"/")[1]
+        subject = segment.decode("utf-8", "replace")
+        url = (prefix + escaped + query).replace(b"/" + segment, b"").decode("utf-8", "replace")
+        wait, given = self.config.timeout, go_query_first(query[1:], "_timeout")
+        if given is not None:
+            try:
+                wait = go_duration(given)
+            except ValueError:
+                pass  # Go: an invalid ?_timeout= is the default wait
+        if wait <= 0:
+            return answer(*GO_DEADLINE)
+        if not valid_subject(subject):
+            return answer(503, b"nats: invalid subject", {"Content-Type": "text/plain; charset=utf-8"})
+        scripts = self.store.triggered(subject)
+        if not scripts:
+            if self.store.kind == "etcd":
+                return answer(200, b"null", {"Content-Type": "text/plain; charset=utf-8"})
+            return answer(500, f"Error: failed to get scripts for subject: script not found for subject: {subject}"
+                          .encode(), {"Content-Type": "text/plain; charset=utf-8"})
+        # the scripts run to the server's -timeout (Go's 2 minutes) even when the wait ends first
+        call = Call(subject, request.body, request.method, url, time.monotonic() + self.scheduler.timeout,
+                    limit=f"the server's -timeout {self.scheduler.timeout:g}s")
+        if self.tracing:
+            call.trace = self.tracing.http_span(request, subject, scripts)
+        wait_until = self.loop.time() + wait
+        answered, timers = [], []
+
+        def give(response):
+            if not answered:
+                answered.append(True)
+                answer(*response)
+
+        def done(results):
+            for timer in timers:
+                timer.cancel()
+            response = self.go_response(scripts, results)
+            if call.trace is not None:
+                try:
+                    call.trace.end_message(results, response[0] if not answered else GO_DEADLINE[0])
+                except Exception:  # noqa: BLE001 - tracing must never keep an answer back
+                    log.exception("ending a trace failed")
+            give(response)
+
+        result = self.scheduler.dispatch(scripts, call, None, done)  # Busy: answered by handle()
+        if result is not None:
+            return done([result])
+        if not answered:  # the wait: 503 when it runs out, the scripts carry on
+            timers.append(self.loop.call_at(wait_until, give, GO_DEADLINE))
+
+    def go_response(self, scripts: list[Script], results: list[Result]) -> tuple[int, bytes, dict[str, str]]:
+        """(status, body, headers) of the Go original for a subject's results (-compat go)."""
+        for script, result in zip(scripts, results, strict=True):
+            if script.http or result.is_html:
+                if result.error:  # Go writes status 0 here: its server drops the connection
+                    return text_response(result.status, result.error)
+                if not 200 <= result.http_code <= 599:  # Go: 1xx, 600-999 sent, others a dropped connection
+                    return text_response(500, f"script {script.name} returned an invalid HTTP status "
+                                              f"{result.http_code}")
+                headers = dict(result.headers)
+                if not any(name.lower() == "content-type" for name in headers):
+                    headers["Content-Type"] = "text/html"
+                try:
+                    return result.http_code, result.payload, check_headers(headers, f"script {script.name}")
+                except ScriptError as e:
+                    return text_response(e.status, str(e))
+        body = go_json([go_script_result(s, r) for s, r in zip(scripts, results, strict=True)])
+        return 200, body, {"Content-Type": "text/plain; charset=utf-8"}
+
+    def _go_special_page(self, subject: str, body: bytes) -> tuple[int, bytes, dict[str, str]]:
+        """GET /__listScripts and the like, as the Go original answers them over HTTP."""
+        doc = json.loads(go_special(self.store, subject, body))
+        if doc.get("error"):
+            return 500, f"Error: {doc['error']}".encode(), {"Content-Type": "text/plain; charset=utf-8"}
+        return 200, base64.b64decode(doc["script_result"][0]["payload"]), {"Content-Type": "text/html"}
+
     def response(self, scripts: list[Script], results: list[Result]) -> tuple[int, bytes, dict[str, str]]:
         """(status, body, headers) for a subject's results."""
         for script, result in zip(scripts, results, strict=True):
@@ -5245,9 +5955,6 @@ class HttpFront:
             if results[0].error:
                 return text_response(results[0].status, results[0].error)
             return 200, results[0].payload, {"Content-Type": "text/plain; charset=utf-8"}
-        if self.config.compat_go:
-            body = json.dumps([r.to_json(go=True) for r in results], separators=(",", ":")).encode()
-            return 200, body, {"Content-Type": "application/json"}
         status = 200
         if all(r.error for r in results):
             status = ScriptTimeout.status if all(r.status == ScriptTimeout.status for r in results) \
@@ -5296,7 +6003,8 @@ def _is_loopback(address: str) -> bool:
 
 
 class AdminPages:
-    """The `/_/` pages: the README, the subjects, a subject's scripts, a script's headers and source."""
+    """The `/_/` pages: the README (and the files it links to), the subjects, a subject's scripts, a script's
+    headers and source."""
 
     def __init__(self, scheduler: Scheduler):
         self.scheduler, self.store = scheduler, scheduler.store
@@ -5305,23 +6013,42 @@ class AdminPages:
         parts = [urllib.parse.unquote(p) for p in path.split("/")[2:] if p]
         if not parts:
             return self.html("msgscript", render_markdown(readme_text()))
-        if parts[0] == "list":
-            items = "".join(f'<li><a href="/_/subject/{html.escape(s)}">{html.escape(s)}</a></li>'
+        if parts[0] == "file" and len(parts) > 1:
+            return self.file("/".join(parts[1:]))
+        if parts[0] == "list" and len(parts) == 1:
+            items = "".join(f'<li><a href="/_/subject/{_url(s)}">{html.escape(s)}</a></li>'
                             for s in self.store.subjects())
-            return self.html("Subjects", f"<ul>{items}</ul>")
+            broken = "".join(f"<li>{html.escape(why)}</li>" for _kind, _s, _n, why in self.store.broken.values())
+            missing = "".join(f"<li>{html.escape(f'{k[0]}/{k[1]}')}: runs without the missing librar"
+                              f"{'y' if len(libs) == 1 else 'ies'} {html.escape(', '.join(libs))}</li>"
+                              for k, libs in sorted(self.store.missing.items()))
+            return self.html("Subjects", f"<ul>{items}</ul>"
+                             + (f"<h2>Not loaded</h2><ul>{broken}</ul>" if broken else "")
+                             + (f"<h2>Missing libraries</h2><ul>{missing}</ul>" if missing else ""))
         if parts[0] == "subject" and len(parts) == 2:
             scripts = self._scripts(parts[1])
-            items = "".join(f'<li><a href="/_/info/{html.escape(s.subject)}/{html.escape(s.name)}">'
+            items = "".join(f'<li><a href="/_/info/{_url(s.subject)}/{_url(s.name)}">'
                             f"{html.escape(s.name)}</a></li>" for s in scripts)
             return self.html(f"Scripts on {html.escape(parts[1])}", f"<ul>{items}</ul>")
         if parts[0] == "info" and len(parts) == 3:
             script = next((s for s in self._scripts(parts[1]) if s.name == parts[2]), None)
             if script is None:
                 raise NotFound(f"no script {parts[2]!r} on subject {parts[1]!r}")
-            rows = "".join(f"<tr><th>{k}</th><td>{html.escape(str(v))}</td></tr>" for k, v in self.fields(script))
+            rows = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
+                           for k, v in self.fields(script).items())
             return self.html(f"{html.escape(script.subject)} / {html.escape(script.name)}",
                              f"<table>{rows}</table><pre><code>{html.escape(script.content)}</code></pre>")
         raise NotFound("no such admin page (try /_/list)")
+
+    def file(self, name: str) -> tuple[int, bytes, dict[str, str]]:
+        """A file the README links to (docs/modules.md, plugins/hello.py, ...): Markdown rendered, others as text."""
+        path = linked_files().get(name)
+        if path is None:
+            raise NotFound(f"{name} is not a file the README links to")
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if name.endswith(".md"):
+            return self.html(html.escape(name), render_markdown(text, posixpath.dirname(name)))
+        return 200, text.encode(), {"Content-Type": "text/plain; charset=utf-8"}
 
     def _scripts(self, subject: str) -> list[Script]:
         scripts = self.store.scripts(subject)
@@ -5329,19 +6056,23 @@ class AdminPages:
             raise NotFound(f"no script for subject {subject!r}")
         return scripts
 
-    def fields(self, script: Script) -> list[tuple[str, Any]]:
+    def fields(self, script: Script) -> dict[str, str]:
+        """A script's headers and state, each value as a user writes it (`-` when not set)."""
         stats = self.scheduler.stats.get(script.key) or ScriptStats()
-        rows = [("subject", script.subject), ("name", script.name), ("executor", script.executor),
-                ("http", script.http), ("require", ", ".join(script.libraries)), ("timeout", script.timeout),
-                ("memory", script.memory), ("lock", script.lock), ("path", script.path),
-                ("calls", stats.calls), ("errors", sum(stats.errors.values()))]
+        rows: dict[str, Any] = {
+            "subject": script.subject, "name": script.name, "executor": script.executor, "http": script.http,
+            "require": ", ".join(script.libraries), "timeout": script.timeout, "memory": script.memory,
+            "lock": script.lock, "path": script.path, "calls": stats.calls, "errors": sum(stats.errors.values())}
+        missing = self.store.missing.get(script.key)
+        if missing:
+            rows["missing libraries"] = ", ".join(missing) + " (the script runs without them)"
         if script.stream:
-            rows += [("stream", script.stream), ("retry", script.retry_text), ("deadletter", script.dead_letter)]
+            rows.update(stream=script.stream, retry=script.retry_text, deadletter=script.dead_letter)
         if script.cron:
-            rows += [("cron", script.cron), ("timezone", script.timezone or "UTC")]
+            rows.update(cron=script.cron, timezone=script.timezone or "UTC")
         if self.scheduler.durable_info is not None and (script.stream or script.cron):
-            rows += list(self.scheduler.durable_info(script).items())
-        return rows
+            rows.update(self.scheduler.durable_info(script))
+        return {k: _as_written(k, v) for k, v in rows.items()}
 
     @staticmethod
     def html(title: str, body: str) -> tuple[int, bytes, dict[str, str]]:
@@ -5350,8 +6081,42 @@ class AdminPages:
         return 200, doc.encode(), {"Content-Type": "text/html; charset=utf-8"}
 
 
+def _url(text: str) -> str:
+    return html.escape(urllib.parse.quote(text, safe=""))
+
+
+def _as_written(key: str, value: Any) -> str:
+    """An admin page value as it is written in a header or a flag: true, 5s, 16MiB; `-` when not set."""
+    if value is None or value == "":
+        return "-"
+    if value is True or value is False:
+        return "true" if value else "false"
+    if key == "timeout":
+        return duration_text(value)
+    if key == "memory":
+        return size_text(value)
+    return str(value)
+
+
+def duration_text(seconds: float) -> str:
+    """Seconds as a Go duration: 500ms, 5s, 2m, 1h30m."""
+    if seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    if seconds % 60 or seconds < 60:
+        return f"{seconds:g}s"
+    hours, minutes = divmod(int(seconds) // 60, 60)
+    return (f"{hours}h" if hours else "") + (f"{minutes}m" if minutes or not hours else "")
+
+
+def size_text(size: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= scale and size % scale == 0:
+            return f"{size // scale}{unit}"
+    return str(size)
+
+
 def readme_text() -> str:
-    path = Path(__file__).resolve().parent / "README.md"
+    path = _HERE / "README.md"
     if path.is_file():
         return path.read_text(encoding="utf-8")
     try:
@@ -5362,13 +6127,60 @@ def readme_text() -> str:
         return "# msgscript\n\nThe README is not installed."
 
 
-@functools.lru_cache(maxsize=4)
-def render_markdown(text: str) -> str:
-    """Markdown as HTML through markdown-it-py (CommonMark and tables), with GitHub-style heading ids."""
+def _markdown():
     from markdown_it import MarkdownIt
 
-    md = MarkdownIt("commonmark", {"html": False}).enable("table")
+    return MarkdownIt("commonmark", {"html": False}).enable("table")
+
+
+def _relative_link(href: str, base: str) -> tuple[str, str] | None:
+    """(file relative to the checkout, #fragment) of a relative link on a page in `base`; None for others."""
+    if not href or href.startswith(("#", "/")) or re.match(r"^[a-zA-Z][\w+.-]*:", href):
+        return None
+    target, _, fragment = href.partition("#")
+    target = posixpath.normpath(posixpath.join(base, urllib.parse.unquote(target)))
+    return target, f"#{fragment}" if fragment else ""
+
+
+def _link_file(name: str) -> Path | None:
+    """The file a README link names, if this installation has it (plugins/ is where the bundled plugins are)."""
+    parts = name.split("/")
+    if ".." in parts or not all(parts):
+        return None
+    path = BUNDLED_PLUGINS.joinpath(*parts[1:]) if parts[0] == "plugins" else _HERE.joinpath(*parts)
+    return path if path.is_file() else None
+
+
+@functools.lru_cache(maxsize=1)
+def linked_files() -> dict[str, Path]:
+    """The files the README links to, and those their Markdown links to, that this installation has."""
+    found: dict[str, Path] = {}
+    pages = [("", readme_text())]
+    while pages:
+        base, text = pages.pop()
+        for token in _markdown().parse(text):
+            for child in token.children or []:
+                link = _relative_link(str(child.attrGet("href") or ""), base) if child.type == "link_open" else None
+                if link is None or link[0] in found or link[0] == "README.md":
+                    continue
+                path = _link_file(link[0])
+                if path is not None:
+                    found[link[0]] = path
+                    if link[0].endswith(".md"):
+                        pages.append((posixpath.dirname(link[0]), path.read_text(encoding="utf-8", errors="replace")))
+    return found
+
+
+@functools.lru_cache(maxsize=8)
+def render_markdown(text: str, base: str = "") -> str:
+    """Markdown as HTML through markdown-it-py (CommonMark and tables), with GitHub-style heading ids.
+
+    Relative links point to /_/file/... when this installation has the file, and are plain text when it
+    has not (an installed package has no docs/ directory), so no link of the admin pages is broken.
+    """
+    md = _markdown()
     tokens = md.parse(text)
+    files = linked_files()
     seen: dict[str, int] = {}
     for i, token in enumerate(tokens):
         if token.type == "heading_open":
@@ -5377,7 +6189,30 @@ def render_markdown(text: str) -> str:
             n = seen.get(slug, 0)
             seen[slug] = n + 1
             token.attrSet("id", slug if n == 0 else f"{slug}-{n}")
+        if token.children:
+            token.children = _rewrite_links(token.children, base, files)
     return md.renderer.render(tokens, md.options, {})
+
+
+def _rewrite_links(children: list, base: str, files: dict[str, Path]) -> list:
+    """Inline tokens with relative links pointed into /_/ (links do not nest in Markdown)."""
+    kept, dropping = [], False
+    for child in children:
+        if child.type == "link_open":
+            link = _relative_link(str(child.attrGet("href") or ""), base)
+            if link is not None:
+                if link[0] == "README.md":
+                    child.attrSet("href", "/_/" + link[1])
+                elif link[0] in files:
+                    child.attrSet("href", f"/_/file/{urllib.parse.quote(link[0])}{link[1]}")
+                else:
+                    dropping = True
+                    continue
+        elif child.type == "link_close" and dropping:
+            dropping = False
+            continue
+        kept.append(child)
+    return kept
 
 
 ###############################################################################
@@ -5453,30 +6288,63 @@ class Metrics:
 
 
 def _otlp_endpoint(value: str) -> str:
-    """OTEL_ENDPOINT as the Go original takes it (host:port or a URL) -> the OTLP/HTTP traces URL."""
-    url = value if "://" in value else f"http://{value}"
-    parts = urllib.parse.urlsplit(url)
-    return url if parts.path not in ("", "/") else urllib.parse.urlunsplit(parts._replace(path="/v1/traces"))
+    """An OTEL_ENDPOINT URL (http:// or https://) -> the OTLP/HTTP traces URL (/v1/traces added to a bare URL)."""
+    parts = urllib.parse.urlsplit(value)
+    return value if parts.path not in ("", "/") else urllib.parse.urlunsplit(parts._replace(path="/v1/traces"))
+
+
+GRPC_EXPORTER = "opentelemetry-exporter-otlp-proto-grpc"
+
+
+def span_exporter(environ: dict[str, str]):
+    """Where spans go, read from the environment as the Go original reads it, plus the standard variables.
+
+    OTEL_ENDPOINT `host:port` (Go: `tempo:4317`): OTLP/gRPC without TLS, as Go dials it; an http:// or
+    https:// URL there: OTLP/HTTP. Without OTEL_ENDPOINT, OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT: OTLP/HTTP,
+    or gRPC when OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL is `grpc`. With no endpoint at all: printed on
+    standard output as JSON (Go prints its stdouttrace JSON there).
+    """
+    endpoint = environ.get("OTEL_ENDPOINT", "").strip()
+    if endpoint.startswith(("http://", "https://")):
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter(endpoint=_otlp_endpoint(endpoint))
+    protocol = environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or ""
+    if endpoint or protocol.strip().lower() == "grpc":
+        try:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+        except ImportError:
+            where = f"OTEL_ENDPOINT={endpoint} (OTLP/gRPC, as the Go original)" if endpoint else "OTLP/gRPC"
+            raise ConfigError(f"traces to {where} need the package {GRPC_EXPORTER}: pip install 'msgscript[grpc]' "
+                              f"(or give OTEL_ENDPOINT an http:// URL for OTLP/HTTP)") from None
+        return GrpcExporter(endpoint=endpoint, insecure=True) if endpoint else GrpcExporter()
+    if environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter()
+    from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+    return ConsoleSpanExporter(out=sys.stdout)
 
 
 class Tracing:
-    """OpenTelemetry traces: off unless TELEMETRY_TRACES=1.
+    """OpenTelemetry traces: on when TELEMETRY_TRACES is set to anything (as in the Go original).
 
-    A span per HTTP request and NATS message (its parent read from a W3C `traceparent` header),
-    children for the store look-up, each script call and the reply; scripts' outgoing
-    nats.request/publish and http calls carry the script span's `traceparent`.
+    A span per HTTP request and NATS message (its parent read from W3C `traceparent` and `baggage`
+    headers), children for the store look-up, each script call and the reply; scripts' outgoing
+    nats.request/publish and http calls carry the script span's `traceparent` (and the baggage).
     """
 
     def __init__(self, environ: dict[str, str]):
         from opentelemetry import trace
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.baggage.propagation import W3CBaggagePropagator
+        from opentelemetry.propagators.composite import CompositePropagator
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-        endpoint = environ.get("OTEL_ENDPOINT")
-        exporter = OTLPSpanExporter(endpoint=_otlp_endpoint(endpoint)) if endpoint else OTLPSpanExporter()
+        exporter = span_exporter(environ)
         resource = Resource.create({"service.name": environ.get("OTEL_SERVICE_NAME") or "msgscript",
                                     "service.version": __version__})
         self.provider = TracerProvider(resource=resource)
@@ -5484,21 +6352,22 @@ class Tracing:
         self.tracer = self.provider.get_tracer("msgscript", __version__)
         self.trace = trace
         self.kinds = trace.SpanKind
-        self.propagator = TraceContextTextMapPropagator()
+        self.propagator = CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()])
 
     @classmethod
     def from_env(cls, environ: dict[str, str]) -> Tracing | None:
-        if environ.get("TELEMETRY_TRACES", "").lower() not in ("1", "true", "yes", "on"):
+        if not environ.get("TELEMETRY_TRACES"):
             return None
         return cls(environ)
 
-    def _start(self, name: str, kind, parent, attributes: dict) -> _Span:
-        context = self.trace.set_span_in_context(parent) if parent is not None else None
-        return _Span(self, self.tracer.start_span(name, context=context, kind=kind, attributes=attributes))
+    def _start(self, name: str, kind, parent, attributes: dict, context=None) -> _Span:
+        if parent is not None:
+            context = self.trace.set_span_in_context(parent, context)
+        return _Span(self, self.tracer.start_span(name, context=context, kind=kind, attributes=attributes), context)
 
     def _root(self, name: str, kind, carrier: dict | None, attributes: dict, scripts: list[Script]) -> _Span:
         context = self.propagator.extract(carrier or {})
-        span = _Span(self, self.tracer.start_span(name, context=context, kind=kind, attributes=attributes))
+        span = _Span(self, self.tracer.start_span(name, context=context, kind=kind, attributes=attributes), context)
         span.child("store lookup", {"msgscript.scripts": len(scripts)}).end_plain()
         return span
 
@@ -5524,15 +6393,16 @@ class Tracing:
 class _Span:
     """One OpenTelemetry span of a call, with what msgscript needs of it."""
 
-    def __init__(self, tracing: Tracing, span):
-        self.tracing, self.span = tracing, span
+    def __init__(self, tracing: Tracing, span, context=None):
+        self.tracing, self.span, self.context = tracing, span, context  # context: the incoming one (baggage)
 
     def child(self, name: str, attributes: dict, kind=None) -> _Span:
-        return self.tracing._start(name, kind or self.tracing.kinds.INTERNAL, self.span, attributes)
+        return self.tracing._start(name, kind or self.tracing.kinds.INTERNAL, self.span, attributes, self.context)
 
     def headers(self) -> dict[str, str]:
         carrier: dict[str, str] = {}
-        self.tracing.propagator.inject(carrier, context=self.tracing.trace.set_span_in_context(self.span))
+        self.tracing.propagator.inject(carrier, context=self.tracing.trace.set_span_in_context(self.span,
+                                                                                                 self.context))
         return carrier
 
     def end_plain(self) -> None:
@@ -5727,6 +6597,8 @@ class Durable:
         except nats.js.errors.NotFoundError:
             await self.js.add_stream(name=CRON_STREAM, subjects=[f"{CRON_PREFIX}>"], max_age=86400.0,
                                      duplicate_window=120.0)
+            log.info("created stream %s (subjects %s>) on NATS at %s: it records the cron scripts' ticks",
+                     CRON_STREAM, CRON_PREFIX, self.nats.connected_url)
         return CRON_STREAM
 
     async def _ensure_stream(self, stream: str, subject: str, script: Script) -> None:
@@ -5910,7 +6782,8 @@ class _Consumer:
         msg_id = headers.get("Nats-Msg-Id") or f"{stream}:{sequence}"
         meta = (msg_id.encode(), stream.encode(), sequence, attempt, msg.subject.encode(),
                 headers.get("Msgscript-Tick", "").encode())
-        call = Call(self.script.subject, b"" if self.script.cron else msg.data, meta=meta)
+        call = Call(self.script.subject, b"" if self.script.cron else msg.data, meta=meta,
+                    via="cron" if self.script.cron else "stream")
         try:
             result = self.durable.scheduler.dispatch([self.script], call, None,
                                                      lambda results: self._settle.put_nowait((msg, results[0])))
@@ -6012,6 +6885,18 @@ class _Consumer:
 # Server ######################################################################
 ###############################################################################
 
+def event_loop_factory(environ: dict[str, str]) -> Callable | None:
+    """uvloop's event loop (libuv) where it is installed, unless MSGSCRIPT_LOOP=asyncio; else asyncio's own."""
+    if environ.get("MSGSCRIPT_LOOP", "uvloop") != "asyncio":
+        try:
+            import uvloop
+
+            return uvloop.new_event_loop
+        except ImportError:
+            pass
+    return None
+
+
 async def _wait_event(event: asyncio.Event, deadline: float) -> None:
     """Wait for `event` until `deadline` (time.monotonic())."""
     try:
@@ -6075,22 +6960,31 @@ class ServerConfig:
     queue: str = DEFAULT_QUEUE_GROUP
     drain_timeout: float = 30.0
     data_dir: str = ""
+    nats_port: int | None = None  # the embedded NATS server's port (-nats-port); None: 4222, else a free one
     create_streams: bool = False
     ack_wait: float = ACK_WAIT
     compat_go: bool = False
     environ: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
+# The Go original's levels (logrus): trace is debug here, fatal and panic show only critical messages.
+LOG_LEVELS = {"trace": "debug", "debug": "debug", "info": "info", "warn": "warn", "warning": "warning",
+              "error": "error", "fatal": "critical", "panic": "critical"}
+
+
 def _log_level(flag: str, environ: dict[str, str]) -> str:
-    level = "debug" if environ.get("DEBUG") in ("1", "true") else flag.lower()
-    if level not in ("debug", "info", "warn", "warning", "error"):
-        raise ConfigError(f"unknown log level {flag!r} (use debug, info, warn or error)")
-    return level
+    """The logging level of a -log flag; DEBUG set to anything (as the Go original reads it) means debug."""
+    level = LOG_LEVELS.get(flag.lower())
+    if level is None:
+        raise ConfigError(f"unknown log level {flag!r} (use trace, debug, info, warn, error, fatal or panic)")
+    return "debug" if environ.get("DEBUG") else level
 
 
 def _choice(value: str, flag: str, choices: tuple[str, ...]) -> str:
     if value not in choices:
-        raise ConfigError(f"-{flag} must be one of {', '.join(choices)} (got {value!r})")
+        named = ", ".join(c for c in choices if c)
+        raise ConfigError(f"-{flag} must be {'one of ' + named if ',' in named else named}"
+                          f"{' (or left out)' if '' in choices else ''}, not {value!r}")
     return value
 
 
@@ -6110,9 +7004,16 @@ def server_config(args: argparse.Namespace, environ: dict[str, str]) -> ServerCo
                         metrics=_choice(args.metrics, "metrics", ("local", "public", "off"))),
         memory=parse_size(args.memory), workers=args.workers, max_workers=args.max_workers,
         max_inflight=args.max_inflight, queue=args.queue, drain_timeout=parse_duration(args.drain_timeout),
-        data_dir=os.path.abspath(args.data or default_data_dir(environ)), create_streams=args.create_streams,
+        data_dir=os.path.abspath(args.data or default_data_dir(environ)), nats_port=args.nats_port,
+        create_streams=args.create_streams,
         ack_wait=parse_duration(args.ack_wait),
         compat_go=compat == "go", environ=environ)
+    if cfg.nats_port is not None:
+        if cfg.nats.url:
+            raise ConfigError("-nats-port sets the port of the embedded NATS server, which does not run with "
+                              "-natsurl or NATS_URL")
+        if not 0 < cfg.nats_port < 65536:
+            raise ConfigError(f"invalid -nats-port {cfg.nats_port}")
     cfg.store.nats, cfg.store.buckets = cfg.nats, NatsBuckets.from_flags(args)
     cfg.store.cache_dir = os.path.join(cfg.data_dir, "wasm")
     for d in cfg.plugin_dirs:
@@ -6148,6 +7049,7 @@ class Server:
         self.services = make_services(cfg.plugin_dirs, cfg.store.library_dir, cfg.store.etcd_endpoints)
         self.services.nats_options = cfg.nats
         self.services.nats_replicas = cfg.store.buckets.replicas
+        self.services.compat = "go" if cfg.compat_go else ""
         self.store = cfg.store.open()
         self.services.store = self.store
         self.tracing = Tracing.from_env(cfg.environ)
@@ -6169,7 +7071,8 @@ class Server:
             pass
         _glibc("mallopt", -8, 2)  # M_ARENA_MAX: threads share two malloc arenas, so freed memory is reused
         signal.signal(WAKE_SIGNAL, lambda *_: None)  # the watchdog's signal interrupts a worker's system call
-        asyncio.run(self._main())
+        with asyncio.Runner(loop_factory=event_loop_factory(self.cfg.environ)) as runner:
+            runner.run(self._main())
 
     def not_ready(self) -> str:
         """Why the server should not get traffic ("" when it should): /readyz."""
@@ -6200,9 +7103,12 @@ class Server:
             loop.add_signal_handler(sig, self._stopping.set)
         self.scheduler.attach(loop)
         try:
+            # The HTTP port first: when it is taken, the server stops before anything else has started.
+            self.http = HttpFront(self.scheduler, self.cfg.http, self.not_ready, self.metrics.text, self.tracing)
+            await self.http.start(self.cfg.host, self.cfg.port, serve=False)
             options = self.cfg.nats
             if not options.url:
-                self.embedded = EmbeddedNats(self.cfg.data_dir)
+                self.embedded = EmbeddedNats(self.cfg.data_dir, self.cfg.nats_port)
                 options = dataclasses.replace(options, url=self.embedded.url)
             if isinstance(self.store, NatsStore):
                 self.store.options = options
@@ -6210,15 +7116,15 @@ class Server:
             self.nats = NatsFront(options, self.scheduler, self.services, self.cfg.queue, self.cfg.compat_go,
                                   self.tracing)
             await self._until_stopped(self.nats.start())
-            self.http = HttpFront(self.scheduler, self.cfg.http, self.not_ready, self.metrics.text, self.tracing)
-            await self.http.start(self.cfg.host, self.cfg.port)
+            await self.http.serve()
             self.durable = Durable(self.nats, self.scheduler, self.cfg.create_streams, self.cfg.ack_wait)
             self.nats.extra_stats = self.durable.stats
             self.scheduler.durable_info = self.durable.info
             await self.durable.start()
-            log.info("msgscript %s serving %d scripts on %d subjects; NATS %s; HTTP on port %d; timeout %gs, "
+            log.info("msgscript %s serving %s on %s; NATS %s; HTTP on port %d; timeout %gs, "
                      "HTTP timeout %gs, memory %d MiB per Lua runtime, %d-%d workers, %d calls in flight at most",
-                     __version__, len(self.store.all_scripts()), len(self.store.subjects()), self.nats.connected_url,
+                     __version__, plural(len(self.store.all_scripts()), "script"),
+                     plural(len(self.store.subjects()), "subject"), self.nats.connected_url,
                      self.cfg.port, self.cfg.timeout, self.cfg.http.timeout, self.cfg.memory // 2**20,
                      self.cfg.workers, self.cfg.max_workers, self.cfg.max_inflight)
             sd_notify("READY=1")
@@ -6313,6 +7219,8 @@ def _server_parser(prog: str = "msgscript server") -> argparse.ArgumentParser:
     flag("metrics", default="local", help="GET /metrics: local, public or off (default local)")
     flag("compat", default="", help="go: the Go original's HEAD wire formats (NATS replies, HTTP JSON)")
     flag("data", default="", help="data directory of the embedded NATS (JetStream) (default ~/.local/state/msgscript)")
+    flag("nats-port", default=None, type=int, help="port of the embedded NATS server (default 4222; when not given "
+                                                   "and 4222 is taken, a free port, logged)")
     flag("create-streams", action="store_true", help="create a missing JetStream stream named by --* stream:")
     flag("ack-wait", default="30s", help="JetStream: redeliver a message whose server went silent after this "
                                          "(default 30s)")
@@ -6323,71 +7231,154 @@ def _server_parser(prog: str = "msgscript server") -> argparse.ArgumentParser:
     return p
 
 
+# The global flags of `msgscript cli`, by the group of commands that use them. They may come before the
+# command or after it; a flag the command does not use is refused (never silently ignored).
+_CLI_GROUPS = {
+    "store": (("-b", "--backend", "store: etcd, file or nats (default etcd)"),
+              ("--script-dir", "script directory for -b file (default .)")),
+    "library": (("--library", "library directory: for -b file, and the libraries of dev and devhttp"),),
+    "etcd": (("-e", "--etcdurls", "etcd endpoints, comma-separated (default localhost:2379; env ETCD_ENDPOINTS)"),),
+    "nats": (("-u", "--natsurl", "NATS URL(s) (env NATS_URL; default nats://127.0.0.1:4222 for request, "
+                                 "publish and -b nats, none for dev)"),
+             *((f"--{name}", help) for name, help in _NATS_SECURITY_FLAGS)),
+    "natsstore": (*((f"--{name}", help.replace("-backend", "-b")) for name, _default, help in _NATS_STORE_FLAGS[:3]),
+                  ("--replicas", "-b nats: replicas of buckets made when missing (default 0: 3 on a cluster of "
+                                 "three or more, else 1)")),
+    "executor": (("-x", "--executor", "executor of a script without an executor header: lua, wasm or podman"),),
+    "log": (("-L", "--log", "log level: trace, debug, info, warn, error, fatal, panic (default warn)"),),
+}
+_STORE_GROUPS = ("store", "library", "etcd", "nats", "natsstore")
+_CLI_COMMAND_GROUPS = {
+    "add": (*_STORE_GROUPS, "executor", "log"), "list": (*_STORE_GROUPS, "log"),
+    "rm": (*_STORE_GROUPS, "log"), "lib": (*_STORE_GROUPS, "log"),
+    "export": (*_STORE_GROUPS, "log"), "import": (*_STORE_GROUPS, "log"),
+    "dev": ("library", "etcd", "nats", "executor", "log"), "devhttp": ("library", "etcd", "nats", "executor", "log"),
+    "request": ("nats", "log"),
+    "publish": ("nats", "log"), "completion": (),
+}
+_CLI_ALIASES = {"ls": "list"}
+CLI_DEFAULTS = {"backend": "etcd", "etcdurls": "localhost:2379", "natsurl": "", "executor": "lua", "log": "warn",
+                "script_dir": ".", "library": "", **{name.replace("-", "_"): "" for name, _ in _NATS_SECURITY_FLAGS},
+                **{name.replace("-", "_"): default for name, default, _ in _NATS_STORE_FLAGS}, "replicas": "0"}
+
+
+def _cli_flags(parser: argparse.ArgumentParser, groups: tuple[str, ...]) -> None:
+    for group in groups:
+        if group == "library" and parser.prog.split()[-1] in ("dev", "devhttp"):
+            continue  # dev and devhttp have their own -l/--library
+        for *names, help in _CLI_GROUPS[group]:
+            parser.add_argument(*names, default=argparse.SUPPRESS, help=help)
+
+
 def _cli_parser(prog: str = "msgscript cli") -> argparse.ArgumentParser:
-    common = _Parser(add_help=False)
-    common.add_argument("-b", "--backend", default=argparse.SUPPRESS, help="store: etcd, file or nats (default etcd)")
-    common.add_argument("-e", "--etcdurls", default=argparse.SUPPRESS, help="etcd endpoints (default localhost:2379)")
-    common.add_argument("-u", "--natsurl", default=argparse.SUPPRESS,
-                        help=f"NATS URL (env NATS_URL): the -b nats store (default {NATS_STORE_URL}); dev, devhttp")
-    for name, help in _NATS_SECURITY_FLAGS:
-        common.add_argument(f"--{name}", default=argparse.SUPPRESS, help=help)
-    common.add_argument("-x", "--executor", default=argparse.SUPPRESS, help="lua, wasm or podman (default lua)")
-    common.add_argument("-L", "--log", default=argparse.SUPPRESS, help="log level (default warn)")
-    common.add_argument("--script-dir", default=argparse.SUPPRESS, help="script directory for -b file (default .)")
-    common.add_argument("--library", default=argparse.SUPPRESS, help="library directory for -b file")
-    for name, _default, help in _NATS_STORE_FLAGS[:3]:
-        common.add_argument(f"--{name}", default=argparse.SUPPRESS, help=help.replace("-backend", "-b"))
-    common.add_argument("--replicas", type=int, default=argparse.SUPPRESS,
-                        help="-b nats: replicas of buckets made when missing (default: 3 on a cluster, else 1)")
-    p = _Parser(prog=prog, description="Manage msgscript scripts and develop them locally.", parents=[common],
+    p = _Parser(prog=prog, description="Manage msgscript scripts, develop them locally, call them over NATS.",
                 allow_abbrev=False)
+    _cli_flags(p, tuple(_CLI_GROUPS))
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
     def command(name, help, aliases=()):
-        return sub.add_parser(name, help=help, description=help, parents=[common], aliases=list(aliases))
+        c = sub.add_parser(name, help=help, description=help, aliases=list(aliases), allow_abbrev=False)
+        _cli_flags(c, _CLI_COMMAND_GROUPS[name])
+        return c
 
-    c = command("add", "add a script to the store (subject and name default to its headers)")
-    c.add_argument("-s", "--subject", "-subject", default="")
-    c.add_argument("-n", "--name", "-name", default="")
+    c = command("add", "add a script to the store (subject and name default to its headers); a script that "
+                       "would not load is refused")
+    c.add_argument("-s", "--subject", default="")
+    c.add_argument("-n", "--name", default="")
     c.add_argument("file")
-    command("list", "list the scripts in the store", aliases=["ls"])
+    command("list", "list the scripts in the store, and those that cannot load with the reason", aliases=["ls"])
     c = command("rm", "remove a script from the store")
-    c.add_argument("-s", "--subject", "-subject", required=True)
-    c.add_argument("-n", "--name", "-name", required=True)
+    c.add_argument("-s", "--subject", required=True)
+    c.add_argument("-n", "--name", required=True)
     lib = command("lib", "manage libraries")
     libsub = lib.add_subparsers(dest="lib_command", metavar="LIBCOMMAND", parser_class=_Parser)
     libsub.required = True
-    c = libsub.add_parser("add", help="add library files (or directories with -r)", parents=[common])
+
+    def lib_command(name, help, aliases=()):
+        c = libsub.add_parser(name, help=help, description=help, aliases=list(aliases), allow_abbrev=False)
+        _cli_flags(c, _CLI_COMMAND_GROUPS["lib"])
+        return c
+
+    c = lib_command("add", "add library files (or the .lua files of directories, with -r)")
     c.add_argument("-r", "--recursive", action="store_true")
+    c.add_argument("--name", default="", help="the library's name when its file has no name header (one file)")
     c.add_argument("paths", nargs="+")
-    c = libsub.add_parser("rm", help="remove a library", parents=[common])
+    c = lib_command("rm", "remove a library")
     c.add_argument("name")
-    libsub.add_parser("list", help="list libraries", parents=[common], aliases=["ls"])
+    lib_command("list", "list libraries", aliases=["ls"])
     c = command("export", "write the store's scripts to DIR/*.lua (WASM modules beside them), libraries to "
                           "DIR/libs/*.lua")
     c.add_argument("dir")
     c = command("import", "add the scripts of DIR/*.lua and the libraries of DIR/libs/*.lua to the store "
                           "(as cli export writes them)")
     c.add_argument("dir")
-    for name, help in (("dev", "run a script locally once, as the server would"),
+    for name, help in (("dev", "run a script once, as the server would (any kind: NATS, HTTP, stream, cron)"),
                        ("devhttp", "serve one script over HTTP, re-reading it on every request")):
         c = command(name, help)
         c.add_argument("file")
         c.add_argument("-s", "--subject", default="")
         c.add_argument("-n", "--name", default="")
-        c.add_argument("-l", "--libdir", "--library-dir", dest="libdir", default="", help="library directory")
-        c.add_argument("-p", "--plugin", default=[], action="append", help="plugin directory")
+        c.add_argument("-l", "--library", "--libdir", "--library-dir", dest="library", default=argparse.SUPPRESS,
+                       help="library directory")
+        c.add_argument("-p", "--plugin", "--pluginDir", dest="plugin", default=[], action="append",
+                       help="plugin directory (repeatable)")
         if name == "dev":
-            c.add_argument("-i", "--input", required=True, help="payload: a file path, else the literal text")
-            c.add_argument("-m", "--method", default="GET", help="HTTP verb for HTTP-mode scripts (default GET)")
-            c.add_argument("-U", "--url", default="/", help="URL path for HTTP-mode scripts (default /)")
+            c.add_argument("-i", "--input", default=None,
+                           help="payload: a file if one exists by that name, - for standard input, else the text "
+                                "itself (default: empty)")
+            c.add_argument("-m", "--method", default=None, help="HTTP-mode scripts: the HTTP verb (default GET)")
+            c.add_argument("-U", "--url", default=None, help="HTTP-mode scripts: the URL path (default /)")
             c.add_argument("-t", "--timeout", default="2m", help="script timeout (default 2m)")
+            c.add_argument("-H", "--header", default=[], action="append",
+                           help="stream scripts: a message header 'Name: value' (Nats-Msg-Id sets msg.id); "
+                                "repeatable")
+            c.add_argument("--attempt", type=int, default=None, help="stream and cron scripts: msg.attempt (default 1)")
+            c.add_argument("--sequence", type=int, default=None,
+                           help="stream and cron scripts: msg.sequence (default 1)")
+            c.add_argument("--tick", default=None, help="cron scripts: tick.tick (default now, e.g. "
+                                                        "2026-01-31T12:00:00Z)")
         else:
             c.add_argument("--port", type=int, default=DEVHTTP_PORT, help=f"port (default {DEVHTTP_PORT})")
+    for name, help in (("request", "call the scripts of a subject over NATS and print the reply"),
+                       ("publish", "publish to a JetStream stream's subject and print the stream and sequence")):
+        c = command(name, help)
+        c.add_argument("subject")
+        c.add_argument("payload", nargs="?", default="", help="the payload (- for standard input; default: empty)")
+        c.add_argument("-H", "--header", default=[], action="append", help="a header 'Name: value'; repeatable")
+        c.add_argument("-t", "--timeout", default="5s", help="how long to wait for the answer (default 5s)")
     c = command("completion", "print a shell completion script")
     c.add_argument("shell", choices=["bash", "zsh", "fish"])
     return p
+
+
+def _all_flags(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option string of a parser and its subcommands."""
+    flags = set()
+    for action in parser._actions:
+        flags.update(action.option_strings)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                flags |= _all_flags(sub)
+    return flags
+
+
+def normalize_flags(argv: list[str], parser: argparse.ArgumentParser, prog: str) -> list[str]:
+    """One flag syntax: `-name` is `--name` for every long flag; a single-dash word that is not a flag is
+    refused instead of being read as a short flag with its value glued on (`-library` as `-l ibrary`)."""
+    known = _all_flags(parser)
+    out = []
+    for i, word in enumerate(argv):
+        if word == "--":
+            return out + argv[i:]
+        m = re.match(r"^-([A-Za-z][\w-]+)(=.*)?$", word)
+        if m and f"-{m.group(1)}" not in known:
+            if f"--{m.group(1)}" not in known:
+                raise ConfigError(f"{prog}: unknown flag -{m.group(1)} (a short flag takes its value as the next "
+                                  f"word; see --help)")
+            word = f"--{m.group(1)}{m.group(2) or ''}"
+        out.append(word)
+    return out
 
 
 def _parse_args(argv: list[str]) -> argparse.Namespace:
@@ -6401,9 +7392,19 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     if mode.startswith("-"):  # `msgscript -script DIR -port N`: the Go server binary's command line
         mode, rest = "server", argv
     if mode == "server":
-        args = _server_parser().parse_args(rest)
+        parser = _server_parser()
+        args = parser.parse_args(normalize_flags(rest, parser, "msgscript server"))
     elif mode == "cli":
-        args = _cli_parser().parse_args(rest)
+        parser = _cli_parser()
+        args = parser.parse_args(normalize_flags(rest, parser, "msgscript cli"))
+        args.command = _CLI_ALIASES.get(args.command, args.command)
+        allowed = {a.dest for a in _cli_parser_of(parser, args.command)._actions}
+        for group in _CLI_GROUPS.values():
+            for *names, _help in group:
+                dest = names[-1].lstrip("-").replace("-", "_")
+                if hasattr(args, dest) and dest not in allowed:
+                    raise ConfigError(f"msgscript cli {args.command}: {'/'.join(names)} does not apply to "
+                                      f"{args.command} (see msgscript cli {args.command} --help)")
         for name, default in CLI_DEFAULTS.items():  # global flags may come before or after the command
             if not hasattr(args, name):
                 setattr(args, name, default)
@@ -6413,9 +7414,9 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-CLI_DEFAULTS = {"backend": "etcd", "etcdurls": "localhost:2379", "natsurl": "", "executor": "lua", "log": "warn",
-                "script_dir": ".", "library": "", **{name.replace("-", "_"): "" for name, _ in _NATS_SECURITY_FLAGS},
-                **{name.replace("-", "_"): default for name, default, _ in _NATS_STORE_FLAGS}, "replicas": 0}
+def _cli_parser_of(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[command]
 
 
 def _usage() -> str:
@@ -6428,6 +7429,10 @@ def setup_logging(level: str) -> None:
     level = {"warn": "WARNING"}.get(level.lower(), level.upper())
     logging.basicConfig(level=getattr(logging, level, logging.INFO), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
+    # Libraries' own chatter says nothing to an operator: watchfiles' "N changes detected" (info) and
+    # "rust notify timeout, continuing" (debug, every second); asyncio's and nats-py's debug lines.
+    for name in ("watchfiles", "asyncio", "nats"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -6491,7 +7496,7 @@ class DevStore(Store):
         script = parse_script(text, self.args.file, self.args.subject, self.args.name)
         if "executor" not in parse_headers(text)[0] and self.executor != "lua":
             script.executor = self.executor
-        self._publish([script], read_libraries(self.args.libdir))
+        self._publish([script], read_libraries(self.args.library))
         self.script = Store.scripts(self, script.subject)[0]
         return self.script
 
@@ -6500,7 +7505,7 @@ def _dev_services(args, cfg: CliConfig, store: Store) -> Services:
     for d in args.plugin:
         if not os.path.isdir(d):
             raise ConfigError(f"plugin directory {d} does not exist")
-    services = make_services(args.plugin, args.libdir or None, cfg.store.etcd_endpoints)
+    services = make_services(args.plugin, args.library or None, cfg.store.etcd_endpoints)
     services.store, services.nats_options = store, cfg.nats
     if cfg.nats.url:  # optional: lets nats.* work while developing
         services.nats = _dev_nats(cfg.nats)
@@ -6535,16 +7540,85 @@ class _LazyExecutors(dict):
 def _cli_dev(args, cfg: CliConfig) -> int:
     store = DevStore(args, cfg.executor)
     script = store.script
+    call = dev_call(script, args)
     services = _dev_services(args, cfg, store)
     scheduler = Scheduler(store, services, _LazyExecutors(services), parse_duration(args.timeout))
-    payload = Path(args.input).read_bytes() if os.path.isfile(args.input) else args.input.encode()
-    url = args.url if args.url.startswith("/") else "/" + args.url
-    call = Call(script.subject, payload, args.method.upper() if script.http else "", url)
+    scheduler.failures.burst = 0  # the error is the command's output, not a log line
+    call.deadline, call.limit = time.monotonic() + scheduler.timeout, f"-t {args.timeout}"
     try:
         result = scheduler.run_blocking(script, call)
     finally:
         scheduler.close()
     return cli_report(script, result)
+
+
+def read_payload(value: str | None, literal_only: bool = False) -> bytes:
+    """A payload flag: `-` is standard input; else (unless `literal_only`) a file if one exists by that name;
+    else the text itself."""
+    if value is None:
+        return b""
+    if value == "-":
+        return sys.stdin.buffer.read()
+    if not literal_only and os.path.isfile(value):
+        try:
+            return Path(value).read_bytes()
+        except OSError as e:
+            raise ConfigError(f"cannot read {value}: {e.strerror}") from None
+    return value.encode("utf-8", "surrogateescape")
+
+
+def parse_header_flags(values: list[str]) -> dict[str, str]:
+    """`-H 'Name: value'` flags as a dict."""
+    headers = {}
+    for value in values:
+        name, sep, text = value.partition(":")
+        if not sep or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name.strip()):
+            raise ConfigError(f"-H {value!r}: a header is 'Name: value'")
+        headers[name.strip()] = text.strip()
+    return headers
+
+
+def dev_call(script: Script, args) -> Call:
+    """The Call `cli dev` makes for a script, as the server would make it for the script's kind. A flag that
+    does not apply to the kind is refused rather than ignored."""
+    def refuse(flag: str, applies: str) -> None:
+        raise ConfigError(f"{flag} applies to {applies}; {args.file} is {kind}")
+
+    kind = ("a cron script" if script.cron else "a stream script" if script.stream
+            else "an HTTP-mode script" if script.http else "a normal-mode script")
+    if not script.http:
+        for flag, value in (("-m/--method", args.method), ("-U/--url", args.url)):
+            if value is not None:
+                refuse(flag, "HTTP-mode scripts")
+    if not (script.stream or script.cron):
+        for flag, value in (("-H/--header", args.header), ("--attempt", args.attempt), ("--sequence", args.sequence)):
+            if value:
+                refuse(flag, "stream and cron scripts")
+    if not script.cron and args.tick is not None:
+        refuse("--tick", "cron scripts")
+    if script.cron and args.header:
+        refuse("-H/--header", "stream scripts")
+    if script.cron and args.input is not None:
+        refuse("-i/--input", "scripts that get a payload (a cron script's payload is empty)")
+    payload = read_payload(args.input)
+    if script.http:
+        url = args.url or "/"
+        return Call(script.subject, payload, (args.method or "GET").upper(), url if url.startswith("/") else "/" + url,
+                    via="dev")
+    if not (script.stream or script.cron):
+        return Call(script.subject, payload, via="dev")
+    attempt, sequence = args.attempt or 1, args.sequence or 1
+    if attempt < 1 or sequence < 1:
+        raise ConfigError("--attempt and --sequence count from 1")
+    if script.cron:
+        tick = args.tick or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        meta = (f"{script.subject}/{script.name}/{tick}".encode(), CRON_STREAM.encode(), sequence, attempt,
+                cron_subject(script).encode(), tick.encode())
+    else:
+        headers = parse_header_flags(args.header)
+        msg_id = headers.get("Nats-Msg-Id") or f"{script.stream}:{sequence}"
+        meta = (msg_id.encode(), script.stream.encode(), sequence, attempt, script.subject.encode(), b"")
+    return Call(script.subject, payload, meta=meta, via="dev")
 
 
 def cli_report(script: Script, result: Result) -> int:
@@ -6601,21 +7675,43 @@ def _cli_add(args, cfg: CliConfig) -> int:
         text = Path(args.file).read_text(encoding="utf-8", errors="surrogateescape")
     except OSError as e:
         raise ConfigError(f"cannot read {args.file}: {e.strerror}") from None
-    script = parse_script(text, args.file, args.subject, args.name)
-    if "executor" not in parse_headers(text)[0]:
-        script.executor = cfg.executor
+    try:  # what the server would not load is refused here (exit status 1: the file, not the usage, is wrong)
+        script = parse_script(text, args.file, args.subject, args.name)
+        if "executor" not in parse_headers(text)[0]:
+            script.executor = cfg.executor
+        if script.executor == "lua":
+            check_lua_syntax(script.content, args.file)
+    except ConfigError as e:
+        raise MsgscriptError(str(e)) from None
+    missing = [name for name in script.libraries if not store.has_library(name)]
+    if missing:
+        raise MsgscriptError(f"{args.file} requires the librar{'y' if len(missing) == 1 else 'ies'} "
+                             f"{', '.join(missing)}, not in the store: add {'it' if len(missing) == 1 else 'them'} "
+                             f"first with msgscript cli lib add")
     store.add_script(script)
     print(f"added {script.subject}/{script.name}")
     return 0
 
 
 def _cli_list(args, cfg: CliConfig) -> int:
+    """A Subject / Name table; scripts that are stored but cannot load (or lack a library) add a Problem column."""
     store = cfg.store.open()
+    store.quiet = True
     store.load()
-    rows = [("Subject", "Name")] + [(s.subject, s.name) for s in store.all_scripts()]
-    width = max(len(r[0]) for r in rows)
-    for subject, name in rows:
-        print(f"{subject:<{width}}  {name}")
+    def lacking(libs: tuple[str, ...]) -> str:
+        one = len(libs) == 1
+        return f"librar{'y' if one else 'ies'} {', '.join(libs)} not found (it runs without {'it' if one else 'them'})"
+
+    rows = [(s.subject, s.name, lacking(store.missing[s.key]) if s.key in store.missing else "")
+            for s in store.all_scripts()]
+    rows += [(subject or "-", name or "-", why) for kind, subject, name, why in store.broken.values()
+             if kind == "script"]
+    rows.sort()
+    header = ("Subject", "Name", "Problem") if any(r[2] for r in rows) else ("Subject", "Name")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
+    for row in [header, *rows]:
+        cells = row[:len(header)]
+        print("  ".join(f"{cell:<{width}}" for cell, width in zip(cells, widths, strict=False)) + "  " + cells[-1])
     return 0
 
 
@@ -6628,16 +7724,29 @@ def _cli_rm(args, cfg: CliConfig) -> int:
 def _cli_lib(args, cfg: CliConfig) -> int:
     store = cfg.store.open()
     if args.lib_command in ("list", "ls"):
+        store.quiet = True
         store.load()
         for name in store.libraries():
             print(name)
+        for kind, _subject, name, why in store.broken.values():
+            if kind == "library":
+                print(f"{name}  (cannot load: {why})")
         return 0
     if args.lib_command == "rm":
         store.remove_library(args.name)
         print(f"removed library {args.name}")
         return 0
-    for path in _library_files(args.paths, args.recursive):
-        name, content = _parse_library(path, path.read_text(encoding="utf-8", errors="surrogateescape"))
+    files = _library_files(args.paths, args.recursive)
+    if args.name and len(files) != 1:
+        raise ConfigError("--name names one library: give one file")
+    if store.kind == "file":
+        store.add_library(None)
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8", errors="surrogateescape")
+        except OSError as e:
+            raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+        name, content = _parse_library(path, text, args.name)
         store.add_library(name, content)
         print(f"added library {name} ({path})")
     return 0
@@ -6795,9 +7904,86 @@ complete -o default -F _msgscript_complete msgscript msgscriptcli"""
     return body
 
 
+def _cli_nats(cfg: CliConfig, work) -> int:
+    """Run `work(nc)` on a connection to the NATS the flags name (default nats://127.0.0.1:4222)."""
+    options = cfg.nats if cfg.nats.url else dataclasses.replace(cfg.nats, url=DEFAULT_CLI_NATS)
+
+    async def run():
+        try:
+            nc = await options.connect(name="msgscript-cli", max_reconnect_attempts=0, allow_reconnect=False)
+        except ConfigError as e:
+            hint = "" if cfg.nats.url else " (is msgscript server running? give its NATS URL with -u or NATS_URL)"
+            raise ConfigError(f"{e}{hint}") from None
+        try:
+            return await work(nc)
+        finally:
+            await nc.close()
+
+    return asyncio.run(run())
+
+
+DEFAULT_CLI_NATS = "nats://127.0.0.1:4222"
+
+
+def _cli_request(args, cfg: CliConfig) -> int:
+    """`cli request SUBJECT [PAYLOAD]`: the reply on standard output; an error reply as one line, exit 1."""
+    import nats.errors
+
+    payload, headers, timeout = read_payload(args.payload, literal_only=True), parse_header_flags(args.header), \
+        parse_duration(args.timeout)
+    if not valid_subject(args.subject):
+        raise ConfigError(f"subject {args.subject!r} is not a valid NATS subject: {subject_problem(args.subject)}")
+
+    async def work(nc):
+        try:
+            msg = await nc.request(args.subject, payload, timeout=timeout, headers=headers or None)
+        except nats.errors.NoRespondersError:
+            raise MsgscriptError(f"no script answers {args.subject} on NATS at {nc.connected_url.netloc} "
+                                 f"(no responders)") from None
+        except nats.errors.TimeoutError:
+            raise MsgscriptError(f"no reply on {args.subject} within {duration_text(timeout)}") from None
+        error = (msg.headers or {}).get(HEADER_ERROR)
+        if error is not None:
+            code = (msg.headers or {}).get(HEADER_ERROR_CODE, "")
+            raise MsgscriptError(f"{error}" + (f" (code {code})" if code else ""))
+        sys.stdout.buffer.write(msg.data + (b"" if msg.data.endswith(b"\n") else b"\n"))
+        return 0
+
+    return _cli_nats(cfg, work)
+
+
+def _cli_publish(args, cfg: CliConfig) -> int:
+    """`cli publish SUBJECT [PAYLOAD]`: a JetStream publish; prints the stream and sequence it was stored as."""
+    import nats.errors
+    import nats.js.errors
+
+    payload, headers, timeout = read_payload(args.payload, literal_only=True), parse_header_flags(args.header), \
+        parse_duration(args.timeout)
+    if not valid_subject(args.subject):
+        raise ConfigError(f"subject {args.subject!r} is not a valid NATS subject: {subject_problem(args.subject)}")
+
+    async def work(nc):
+        js = nc.jetstream(timeout=timeout)
+        try:
+            ack = await js.publish(args.subject, payload, timeout=timeout, headers=headers or None)
+        except nats.js.errors.NoStreamResponseError:
+            raise MsgscriptError(f"no JetStream stream takes subject {args.subject} (create one, or start the "
+                                 f"server with -create-streams)") from None
+        except (nats.errors.TimeoutError, TimeoutError):
+            raise MsgscriptError(f"no acknowledgement from JetStream within {duration_text(timeout)}") from None
+        except nats.js.errors.APIError as e:
+            raise MsgscriptError(f"JetStream refused the message: {e.description or e}") from None
+        print(f"stream {ack.stream} sequence {ack.seq}" + (" (a duplicate: the stream had this message id already)"
+                                                             if ack.duplicate else ""))
+        return 0
+
+    return _cli_nats(cfg, work)
+
+
 CLI_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "add": _cli_add, "list": _cli_list, "ls": _cli_list, "rm": _cli_rm, "lib": _cli_lib,
     "dev": _cli_dev, "devhttp": _cli_devhttp, "completion": _cli_completion,
+    "request": _cli_request, "publish": _cli_publish,
     "export": _cli_export, "import": _cli_import,
 }
 

@@ -101,12 +101,13 @@ def server_script() -> Path:
     return Path(os.environ.get("MSGSCRIPT") or ROOT / "msgscript.py").resolve()
 
 
-def server_command() -> list[str]:
+def server_command(checkout: str | Path | None = None) -> list[str]:
     """How to start msgscript: as the installed `msgscript` command would (the module, with its
-    bytecode cached), or the file $MSGSCRIPT names."""
-    if os.environ.get("MSGSCRIPT"):
+    bytecode cached), from this checkout or another one (`checkout`), or the file $MSGSCRIPT names."""
+    if os.environ.get("MSGSCRIPT") and checkout is None:
         return [PYTHON, str(server_script())]
-    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import msgscript; sys.exit(msgscript.main())"
+    root = Path(checkout).resolve() if checkout else ROOT
+    code = f"import sys; sys.path.insert(0, {str(root)!r}); import msgscript; sys.exit(msgscript.main())"
     return [PYTHON, "-c", code]
 
 
@@ -168,15 +169,16 @@ class Procs:
         return d
 
     def msgscript(self, script_dir: Path, nats_url: str, port: int | None = None, log: str = "warn",
-                  flags=(), ready=None, timeout: float = 60) -> subprocess.Popen:
+                  flags=(), ready=None, timeout: float = 60, env: dict | None = None,
+                  checkout: str | Path | None = None) -> subprocess.Popen:
         """Start `msgscript.py server` (stderr to a log file, path in p.log) and wait until its HTTP
         port is open and `ready(p)` (if given) is true. On failure, print the log's tail and exit."""
         p_port = port or free_port()
         log_path = self.tmp / f"msgscript-{p_port}.log"
         with open(log_path, "wb") as log_file:
-            p = self.spawn([*server_command(), "server", "-script", script_dir, "-port", p_port,
+            p = self.spawn([*server_command(checkout), "server", "-script", script_dir, "-port", p_port,
                             "-natsurl", nats_url, "-log", log, *server_flags(), *flags],
-                           stdout=log_file, stderr=subprocess.STDOUT)
+                           stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         p.log, p.port = log_path, p_port
         wait_until(lambda: port_open(p_port) and (ready is None or ready(p)), timeout,
                    f"msgscript server on port {p_port}", p)

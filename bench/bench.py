@@ -115,8 +115,8 @@ def show_http(r):
             f"(server at {r['server_pct']:.0f} % of a core)  {r['errors'] or 'no errors'}")
 
 
-def row(label, results, key, unit, target=None):
-    bare, ms = c.med(results["bare"], key), c.med(results["msgscript"], key)
+def row(label, results, key, unit, target=None, side="msgscript"):
+    bare, ms = c.med(results["bare"], key), c.med(results[side], key)
     return [label, c.fmt(bare, unit), c.fmt(ms, unit), f"{ms / bare:.2f}",
             c.check(ms / bare, *target) if target else ""]
 
@@ -131,6 +131,10 @@ def main() -> None:
                     help="load-generator processes sharing the 64 in-flight NATS requests (default 2: one "
                          "nats-py process does not saturate the bare responder)")
     ap.add_argument("--sequential", type=int, default=SEQUENTIAL, help="sequential requests per latency round")
+    ap.add_argument("--loops", action="store_true",
+                    help="also run msgscript on asyncio's own event loop (MSGSCRIPT_LOOP=asyncio) beside uvloop's")
+    ap.add_argument("--against", metavar="CHECKOUT",
+                    help="also run another checkout's msgscript (e.g. a git worktree of an older commit): before/after")
     args = ap.parse_args()
     if not args.nats and not args.http:
         args.nats = args.http = True
@@ -140,19 +144,43 @@ def main() -> None:
     with c.Procs() as procs:
         url = procs.nats()
         scripts = procs.script_dir("scripts", {"hello.lua": HELLO, "web.lua": HTTP_HELLO})
-        server = procs.msgscript(scripts, url, ready=lambda p: c.nats_request_once(url, "bench.hello", b"x")
-                                 == b"Hello, x" and c.http_get(f"http://127.0.0.1:{p.port}/bench.web")[0] == 200)
+        def ready(p):
+            return c.nats_request_once(url, "bench.hello", b"x") == b"Hello, x" and \
+                c.http_get(f"http://127.0.0.1:{p.port}/bench.web")[0] == 200
+        server = procs.msgscript(scripts, url, ready=ready)
+        other = None
+        if args.against:  # the same hello on another subject, from another checkout
+            other_scripts = procs.script_dir("other", {"hello.lua": HELLO.replace("bench.hello", "other.hello")})
+            other = procs.msgscript(other_scripts, url, checkout=args.against,
+                                    ready=lambda p: c.nats_request_once(url, "other.hello", b"x") == b"Hello, x")
+        std = None
+        if args.loops:  # the same hello on another subject, on asyncio's own event loop
+            std_scripts = procs.script_dir("std", {"hello.lua": HELLO.replace("bench.hello", "std.hello")})
+            std = procs.msgscript(std_scripts, url, env={"MSGSCRIPT_LOOP": "asyncio"},
+                                  ready=lambda p: c.nats_request_once(url, "std.hello", b"x") == b"Hello, x")
         if args.nats:
             bare = procs.python(BARE_NATS, url)
             print(f"NATS: {args.rounds} rounds × {args.seconds:g} s, {INFLIGHT} in flight from {args.clients} "
                   f"client process(es), then {args.sequential} sequential requests", flush=True)
-            res = c.alternate(args.rounds, {"bare": nats_side(procs, url, "bare.hello", bare.pid, args),
-                                            "msgscript": nats_side(procs, url, "bench.hello", server.pid, args)},
-                              show_nats)
+            sides = {"bare": nats_side(procs, url, "bare.hello", bare.pid, args),
+                     "msgscript": nats_side(procs, url, "bench.hello", server.pid, args)}
+            if std:
+                sides["asyncio-loop"] = nats_side(procs, url, "std.hello", std.pid, args)
+            if other:
+                sides["against"] = nats_side(procs, url, "other.hello", other.pid, args)
+            res = c.alternate(args.rounds, sides, show_nats)
             rows += [row("NATS server CPU per message", res, "cpu_us", "µs", ("<=", 1.5)),
                      row(f"NATS throughput, {INFLIGHT} in flight", res, "rate", "msg/s", (">=", 0.9)),
                      row("NATS sequential round trip p50", res, "p50", "µs", ("<=", 1.2)),
                      row("NATS sequential round trip p99", res, "p99", "µs")]
+            if other:
+                rows += [row(f"NATS server CPU per message, {args.against}", res, "cpu_us", "µs", None, "against"),
+                         row(f"NATS throughput, {args.against}", res, "rate", "msg/s", None, "against")]
+            if std:
+                rows += [row("NATS server CPU per message, asyncio's loop", res, "cpu_us", "µs", ("<=", 1.5),
+                             "asyncio-loop"),
+                         row(f"NATS throughput, {INFLIGHT} in flight, asyncio's loop", res, "rate", "msg/s",
+                             (">=", 0.9), "asyncio-loop")]
             busy = max(r["client_cpu"] for side in res.values() for r in side)
             notes.append(f"NATS load: {INFLIGHT} requests in flight from {args.clients} nats-py client process(es), "
                          f"the busiest at {busy:.0f} % of a core"

@@ -26,6 +26,242 @@ local string_mt, string_lib = raw_getmetatable(""), string
 -- during its call) must not be able to change what they do here
 local sbyte, sgsub, ssub, sfind = string.byte, string.gsub, string.sub, string.find
 
+-- == Values as text, as gopher-lua writes them (issue 20) =====================================
+-- Definitions here (with the C functions as they are before the sandbox wraps them); installed
+-- by the block "gopher-lua's text, installed" at the end. gopher-lua writes a number with Go's
+-- fmt: an integral value below 2^63 in full (2^53 is 9007199254740992), any other in the
+-- shortest text that reads back the same, with an exponent below 1e-4 and from 1e6 up
+-- (0.30000000000000004, 1.2345675e+06), and NaN, +Inf, -Inf; Lua 5.1 writes %.14g. Its
+-- string.format is Go's Sprintf: %s takes any value (nil, booleans, tables by address without
+-- their __tostring) and a missing argument is written %!s(MISSING) instead of raising.
+local gotext = {}
+do
+  local raw_format, raw_match, raw_rep, raw_char, raw_tostring = string.format, string.match, string.rep, string.char,
+    tostring
+  local huge, frexp, INT_LIMIT = math.huge, math.frexp, 2^63
+
+  -- At a power of two the values that read back as x reach twice as far above x as below: the
+  -- 16-digit text above the nearest one may read back when the nearest does not.
+  local function above16(x)
+    local ax = x < 0 and -x or x
+    local int, frac, exp = raw_match(raw_format("%.15e", ax), "^(%d)%.(%d+)e(.*)$")
+    local digits = int .. frac
+    local i = #digits
+    while i > 0 and sbyte(digits, i) == 57 do i = i - 1 end
+    if i == 0 then return nil end
+    digits = ssub(digits, 1, i - 1) .. raw_char(sbyte(digits, i) + 1) .. raw_rep("0", #digits - i)
+    local mantissa = ssub(digits, 1, 1) .. "." .. ssub(digits, 2)
+    if tonumber(mantissa .. "e" .. exp) ~= ax then return nil end
+    return (x < 0 and "-" or "") .. sgsub(mantissa, "%.?0+$", "") .. "e" .. exp
+  end
+
+  -- strconv.FormatFloat(x, 'g', -1, 64) of a finite x: the shortest digits that read back as x
+  local function shortest(x)
+    local s = raw_format("%.15g", x)  -- a normal double's shortest text has 15 digits or more only if needed
+    if tonumber(s) ~= x then
+      s = raw_format("%.16g", x)
+      if tonumber(s) ~= x then
+        s = raw_format("%.17g", x)
+        local m = frexp(x)
+        if m == 0.5 or m == -0.5 then s = above16(x) or s end
+      end
+    elseif x < 2.2250738585072014e-308 and x > -2.2250738585072014e-308 then  -- subnormal: fewer digits
+      for p = 1, 14 do
+        local t = raw_format("%." .. p .. "g", x)
+        if tonumber(t) == x then s = t; break end
+      end
+    end
+    if (x >= 1e6 or x <= -1e6) and not sfind(s, "e", 1, true) then  -- %.17g waits for e+17, Go for e+06
+      local sign, int, frac = raw_match(s, "^(-?)(%d+)%.?(%d*)$")
+      local digits = sgsub(int .. frac, "0+$", "")
+      s = sign .. ssub(digits, 1, 1) .. (#digits > 1 and "." .. ssub(digits, 2) or "")
+        .. raw_format("e+%02d", #int - 1)
+    end
+    return s
+  end
+
+  local function number(x)
+    if x % 1 == 0 and x >= -INT_LIMIT and x < INT_LIMIT then return raw_format("%d", x) end
+    if x ~= x then return "NaN" end
+    if x == huge then return "+Inf" end
+    if x == -huge then return "-Inf" end
+    return shortest(x)
+  end
+
+  function gotext.tostring(...)
+    local v = ...
+    local t = type(v)
+    if t == "number" then return number(v) end
+    if t == "string" then return v end  -- strings have no __tostring a script could set
+    if v == nil and select("#", ...) == 0 then error("bad argument #1 to 'tostring' (value expected)", 2) end
+    return raw_tostring(v)
+  end
+
+  -- what Go's %s and %v write for a value: tostring, except that a table's __tostring is not used
+  local function plain(v)
+    local t = type(v)
+    if t == "string" then return v end
+    if t == "number" then return number(v) end
+    if t == "table" then
+      local mt = module_metatable(v)
+      local f = mt and rawget(mt, "__tostring")
+      if f ~= nil then
+        rawset(mt, "__tostring", nil)
+        local s = raw_tostring(v)
+        rawset(mt, "__tostring", f)
+        return s
+      end
+    end
+    return raw_tostring(v)
+  end
+
+  -- NaN and infinities under a float verb, as Go writes them (never zero-padded)
+  local function special(x, flags)
+    local s = x ~= x and "NaN" or (x > 0 and "Inf" or "-Inf")
+    if s ~= "-Inf" then
+      if sfind(flags, "+", 1, true) or (s == "Inf" and not sfind(flags, " ", 1, true)) then s = "+" .. s
+      elseif sfind(flags, " ", 1, true) then s = " " .. s end
+    end
+    return s
+  end
+
+  -- %g and %G without a precision: Go's shortest form, with the flags Go honours
+  local function go_g(x, flags, width, upper)
+    if x ~= x or x == huge or x == -huge then return special(x, flags) end
+    local s = shortest(x)
+    if upper then s = sgsub(s, "e", "E") end
+    if sbyte(s, 1) ~= 45 then
+      if sfind(flags, "+", 1, true) then s = "+" .. s elseif sfind(flags, " ", 1, true) then s = " " .. s end
+    end
+    local w = #width <= 2 and tonumber(width) or 0  -- C refuses longer widths
+    if #s < w and sfind(flags, "0", 1, true) and not sfind(flags, "-", 1, true) then
+      local sign = raw_match(s, "^[-+ ]?")
+      s = sign .. raw_rep("0", w - #s) .. ssub(s, #sign + 1)
+    end
+    return s
+  end
+
+  local FLOAT = {e = true, E = true, f = true, g = true, G = true}
+  -- what an argument of a conversion is checked for: 1 %s, 2 %d %i, 3 %q, 4 %e %E %f %g %G, 0 the
+  -- others C writes as Go does (%c %o %u %x %X), 5 never written by C (%g %G without precision, %v, %F)
+  local KIND = {s = 1, d = 2, i = 2, q = 3, e = 4, E = 4, f = 4, g = 4, G = 4, n = 5, N = 5, v = 5, F = 5}
+
+  -- a format's conversions: {at, stop, flags, width, precision, conversion, kind}..., n = how many,
+  -- slow = one of them is never left to C
+  local function parse(fmt)
+    local list, n, pos = {slow = false}, 0, 1
+    while true do
+      local at = sfind(fmt, "%", pos, true)
+      if not at then break end
+      if sbyte(fmt, at + 1) == 37 then
+        pos = at + 2
+      else
+        local _, stop, flags, width, dot, prec, conv = sfind(fmt, "^([-+ #0]*)(%d*)(%.?)(%d*)(.?)", at + 1)
+        if conv == "" then break end
+        local kind = KIND[conv] or 0
+        if dot == "" and (conv == "g" or conv == "G") then kind = 5 end
+        n = n + 1
+        list[n] = {at, stop, flags, width, dot .. prec, conv, kind}
+        list[-n] = kind
+        list.slow = list.slow or kind == 5
+        pos = stop + 1
+      end
+    end
+    list.n = n
+    return list
+  end
+
+  -- may C write this argument of a conversion of this kind as Go would? (nil: it may be missing)
+  local function fine(kind, v)
+    local t = type(v)
+    if t == "number" then
+      if kind == 1 then  -- %.14g writes these integers in full (but -0 with its sign)
+        return v % 1 == 0 and v > -1e14 and v < 1e14 and (v ~= 0 or 1 / v > 0)
+      end
+      if kind == 4 then return v == v and v ~= huge and v ~= -huge end
+      return kind ~= 3
+    end
+    return t == "string" and (kind ~= 2 or tonumber(v) ~= nil)
+  end
+
+  local cache, ncache = {}, 0
+  local c_format  -- the sandbox's string.format, set where this one is installed
+  function gotext.set_c_format(f) c_format = f end
+
+  local function slow_format(fmt, specs, ...)
+    local n, parts, args, na, pos = select("#", ...), {}, {}, 0, 1
+    for i = 1, specs.n do
+      local sp = specs[i]
+      local flags, width, prec, conv = sp[3], sp[4], sp[5], sp[6]
+      parts[#parts + 1] = ssub(fmt, pos, sp[1] - 1)
+      pos = sp[2] + 1
+      local spec = ssub(fmt, sp[1], sp[2])
+      if i > n then
+        spec = "%%!" .. conv .. "(MISSING)"
+      else
+        local v = (select(i, ...))
+        local t = type(v)
+        if conv == "s" or conv == "v" then
+          v, spec = plain(v), "%" .. flags .. width .. prec .. "s"
+        elseif conv == "q" then
+          v = plain(v)
+        elseif conv == "d" or conv == "i" then
+          if t == "string" and tonumber(v) == nil then v = 0 end
+        elseif FLOAT[conv] or conv == "F" then
+          local x = tonumber(v)
+          if conv == "F" then spec = "%" .. flags .. width .. prec .. "f" end
+          if x ~= nil and (t == "number" or t == "string") then
+            if prec == "" and (conv == "g" or conv == "G") then
+              v, spec = go_g(x, flags, width, conv == "G"), "%" .. (sfind(flags, "-", 1, true) and "-" or "") .. width .. "s"
+            elseif x ~= x or x == huge or x == -huge then
+              v, spec = special(x, flags), "%" .. (sfind(flags, "-", 1, true) and "-" or "") .. width .. "s"
+            end
+          end
+        end
+        na = na + 1
+        args[na] = v
+      end
+      parts[#parts + 1] = spec
+    end
+    parts[#parts + 1] = ssub(fmt, pos)
+    return c_format(concat(parts), unpack(args, 1, na))
+  end
+
+  function gotext.format(fmt, ...)
+    if type(fmt) ~= "string" then return c_format(fmt, ...) end
+    local specs = cache[fmt]
+    if specs == nil then
+      specs = parse(fmt)
+      if #fmt <= 512 then
+        if ncache >= 256 then cache, ncache = {}, 0 end
+        cache[fmt], ncache = specs, ncache + 1
+      end
+    end
+    local n = specs.n
+    if n == 0 then return c_format(fmt, ...) end
+    if not specs.slow then  -- does any argument need Go's treatment?
+      if n == 1 then  -- (strings without a call: the usual case)
+        local a = ...
+        if type(a) == "string" and specs[-1] ~= 2 or fine(specs[-1], a) then return c_format(fmt, ...) end
+      elseif n == 2 then
+        local a, b = ...
+        if (type(a) == "string" and specs[-1] ~= 2 or fine(specs[-1], a))
+            and (type(b) == "string" and specs[-2] ~= 2 or fine(specs[-2], b)) then
+          return c_format(fmt, ...)
+        end
+      else
+        local i = 1
+        while i <= n and fine(specs[-i], (select(i, ...))) do i = i + 1 end
+        if i > n then return c_format(fmt, ...) end
+      end
+    end
+    return slow_format(fmt, specs, ...)
+  end
+
+  gotext.number, gotext.plain = number, plain
+end
+-- == end of the definitions of "Values as text" ================================================
+
 -- Python objects share one metatable (its __call runs the clock check); files share another.
 local python_mt = raw_getmetatable(expired)
 python_mt.__metatable = false
@@ -48,12 +284,16 @@ end
 local inline = false
 -- Called before anything with an effect outside Lua: an inline call moves to a worker first.
 local function guard()
-  if inline then blocking(); sethook(hook, "", 1); error(TIMEOUT, 0) end
+  if inline then blocking(true); sethook(hook, "", 1); error(TIMEOUT, 0) end
 end
--- Called before a C call of `n` units of work (about bytes): a long one is not for the event loop,
--- and none starts past the deadline.
+-- Called before a C call of `n` units of work (about bytes): a long one is not for the event loop, and
+-- none starts past the deadline or so close to it that it would run long after it (long_step).
+local long_step = py.long_step
 local function step(n)
-  if n > STEP then guard(); stop_if_expired() end
+  if n > STEP then
+    if inline then blocking(false); sethook(hook, "", 1); error(TIMEOUT, 0) end  -- this call only
+    if not long_step(n) then sethook(hook, "", 1); error(TIMEOUT, 0) end
+  end
 end
 local function size(v)
   local t = type(v)
@@ -329,9 +569,11 @@ function io.lines(path)
     return line
   end
 end
+local io_changed = false  -- the call moved io's default files: they are the process's again after it
 local function default_file(raw, mode)
   return function(file)
     guard()
+    io_changed = io_changed or file ~= nil
     if type(file) == "string" then
       local f, err = open(file, mode)
       if not f then error(err, 2) end
@@ -392,8 +634,9 @@ local function steps(s, p, plain)
 end
 local function slow(s, p, plain)
   local n = steps(s, p, plain)
+  if n > PATTERN_STEPS then return true end  -- the matcher in Lua, which the hook stops
   step(n)
-  return n > PATTERN_STEPS
+  return false
 end
 local lua_patterns
 local function patterns()
@@ -460,7 +703,8 @@ function string.gmatch(s, p)
   return select(1, patterns().gmatch(s, p))
 end
 function string.gsub(s, p, repl, n)
-  if type(repl) == "string" then step(size(s) * (#repl + 1)) end
+  local tr = type(repl)  -- a string or table replacement runs in C for every match; a function is Lua
+  if tr == "string" then step(size(s) * (#repl + 1)) elseif tr == "table" then step(size(s) * 16) end
   if not slow(s, p) then return select(1, c_result("gsub", pcall(cgsub, s, p, repl, n))) end
   return select(1, patterns().gsub(s, p, repl, n))
 end
@@ -487,7 +731,22 @@ function table.sort(t, f)
   if n > 1 then step(n * log(n) * 12) end
   return c_sort(t, f)
 end
-function table.maxn(t)  -- in Lua: C would walk a large table where the hook cannot stop it
+-- In Lua: C would walk a large table (calling a C function for each entry) where the hook cannot stop it.
+function table.foreach(t, f)
+  if type(t) ~= "table" then error("bad argument #1 to 'foreach' (table expected, got " .. type(t) .. ")", 2) end
+  for k, v in next, t do
+    local r = f(k, v)
+    if r ~= nil then return r end
+  end
+end
+function table.foreachi(t, f)
+  if type(t) ~= "table" then error("bad argument #1 to 'foreachi' (table expected, got " .. type(t) .. ")", 2) end
+  for i = 1, #t do
+    local r = f(i, t[i])
+    if r ~= nil then return r end
+  end
+end
+function table.maxn(t)
   if type(t) ~= "table" then error("bad argument #1 to 'maxn' (table expected, got " .. type(t) .. ")", 2) end
   local m = 0
   for k in next, t do
@@ -495,6 +754,36 @@ function table.maxn(t)  -- in Lua: C would walk a large table where the hook can
   end
   return m
 end
+
+-- == gopher-lua's text, installed (issue 20; definitions at "Values as text" above) ===========
+do
+  local number = gotext.number
+  gotext.set_c_format(string.format)
+  string.format = gotext.format
+  S.tostring = gotext.tostring  -- print (C) calls the global tostring, so it writes numbers this way too
+
+  -- io.write and file:write take strings and numbers; numbers written as tostring writes them
+  local function with_numbers(write)
+    return function(...)
+      local n = select("#", ...)
+      for i = 1, n do
+        if type((select(i, ...))) == "number" then
+          local args = {...}
+          for j = i, n do
+            if type(args[j]) == "number" then args[j] = number(args[j]) end
+          end
+          return write(unpack(args, 1, n))
+        end
+      end
+      return write(...)
+    end
+  end
+  io.write = with_numbers(io.write)
+  file_methods.write = with_numbers(file_methods.write)
+  local popen_write = popen_methods.write
+  popen_methods.write = with_numbers(popen_write)
+end
+-- == end of "gopher-lua's text, installed" ====================================================
 
 for name, f in next, S do G[name] = f end
 newproxy, gcinfo, python = nil, nil, nil  -- newproxy: userdata finalizers run with no time limit
@@ -535,9 +824,11 @@ local function invoke(main, env, fname, ...)
   return true, f(...)
 end
 local function finish(ok, ...)
-  sethook()
-  if io_output() ~= stdout then io_output(stdout) end  -- the default files are the process's
-  if io_input() ~= stdin then io_input(stdin) end
+  if io_changed then
+    io_changed = false
+    if io_output() ~= stdout then io_output(stdout) end
+    if io_input() ~= stdin then io_input(stdin) end
+  end
   inline, current_env, current_loaded = false, nil, nil
   string_mt.__index = string_lib
   if not ok then
@@ -556,7 +847,6 @@ local function run(main, fname, in_line, ...)
   env._G = env
   current_env = env
   raw_setfenv(main, env)
-  sethook(hook, "", CHECK)
   return finish(pcall(invoke, main, env, fname, ...))
 end
 local function compile(source, chunkname)
@@ -567,4 +857,6 @@ local function run_message(main, fname, in_line, a, b, id, stream, sequence, att
   return run(main, fname, in_line, a, b,
              {id = id, stream = stream, sequence = sequence, attempt = attempt, subject = subject, tick = tick})
 end
+-- The hook stays set between calls (no Lua runs then): setting it per call would cost more than it does.
+sethook(hook, "", CHECK)
 return run, compile, wrap, run_message

@@ -326,7 +326,7 @@ def test_msgscriptcli_answers_help():
 
 @pytest.mark.parametrize("args, word", [
     (["cli", "nosuch"], "nosuch"),
-    (["cli", "dev", "x.lua"], "-i"),
+    (["cli", "dev", "x.lua"], "x.lua"),  # -i is optional: the missing file is the error
     (["server", "-port", "notanumber"], "notanumber"),
     (["nosuch"], "nosuch"),
     (["cli", "devhttp", "nope.lua"], "nope.lua"),

@@ -142,7 +142,8 @@ def test_lock_waits_until_its_deadline_then_times_out(etcd):
                     other.hold(script, msgscript.Call("x", deadline=time.monotonic() + 0.3)):
                 pass
             assert 0.25 < time.monotonic() - started < 1
-        with other.hold(script, msgscript.Call("x", deadline=time.monotonic() + 1)):  # released: the other takes it at once
+        # released: the other takes it at once
+        with other.hold(script, msgscript.Call("x", deadline=time.monotonic() + 1)):
             pass
         assert etcd.get("msgscript/locks/", prefix=True) == {}
     finally:
@@ -268,6 +269,8 @@ def test_cli_add_list_rm_round_trip(etcd, tmp_path):
     ep = etcd.endpoint
     f = write_script(tmp_path, "hello.lua", "--* subject: cli.hello\n--* name: hello\n--* require: web\n"
                      "function OnMessage(s, p) return p end\n")
+    assert_one_line_error(cli("-e", ep, "add", str(f)), "requires the library web")  # not in the store yet
+    etcd.put("msgscript/libs/web", "function route() end")
     out = cli("-e", ep, "add", str(f))
     assert out.returncode == 0, out.stderr
     doc = json.loads(etcd.get("msgscript/scripts/cli.hello/hello")["msgscript/scripts/cli.hello/hello"])

@@ -217,8 +217,8 @@ def test_missing_podman_socket_server_starts_and_lua_still_serves(start_server, 
     assert requests.get(f"{server.base}/pod.echo", timeout=10).status_code == 500
     # the reason once, then one warning per failed call (naming the script and the transport)
     assert server.log.count("podman scripts will fail") == 1, server.log
-    assert "pod.echo/echo failed (NATS, 500): podman is unavailable" in server.log
-    assert "pod.echo/echo failed (HTTP, 500): podman is unavailable" in server.log
+    assert "script pod.echo/echo failed (NATS, status 500): podman is unavailable" in server.log
+    assert "script pod.echo/echo failed (HTTP, status 500): podman is unavailable" in server.log
 
 
 # cli dev ----------------------------------------------------------------------------------------

@@ -31,11 +31,21 @@ def test_lib_list_on_the_file_store_lists_the_library_directory():
 
 
 def test_list_on_the_file_store_prints_the_table_and_nothing_else():
-    out = cli("list", "-b", "file", "--script-dir", str(EXAMPLES))
+    out = cli("list", "-b", "file", "--script-dir", str(EXAMPLES), "--library", str(EXAMPLES / "libs"))
     assert out.returncode == 0, out.stderr
     rows = [line.split() for line in out.stdout.strip().splitlines()]
     assert rows[0] == ["Subject", "Name"] and ["funcs.hello", "hello"] in rows
     assert out.stderr == ""  # no INFO line per file
+
+
+def test_list_without_the_library_directory_says_what_web_lacks():
+    out = cli("list", "-b", "file", "--script-dir", str(EXAMPLES))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].split() == ["Subject", "Name", "Problem"]
+    web = next(line for line in lines if line.startswith("example.libs.web"))
+    assert "library web not found (it runs without it)" in web
+    assert out.stderr == ""
 
 
 def test_cli_dev_on_an_http_script_takes_a_path_prints_the_status_and_fails_on_errors():

@@ -569,10 +569,10 @@ def test_http_mode_values_are_converted_like_the_go_original(go_site):
     r = requests.get(f"{go_site.base}/gcgo.web/fraction", timeout=5)
     assert (r.status_code, r.text) == (201, "2.5")
     r = requests.get(f"{go_site.base}/gcgo.web/table", timeout=5)
-    assert r.status_code == 200 and r.text.startswith("table")
+    assert (r.status_code, r.text) == (200, "")  # gopher-lua's LVAsString: a table is ""
     r = requests.get(f"{go_site.base}/gcgo.web/headers", timeout=5)
     assert r.status_code == 200
-    assert (r.headers["X-Count"], r.headers["X-Ratio"], r.headers["X-Flag"]) == ("3", "1.5", "true")
+    assert (r.headers["X-Count"], r.headers["X-Ratio"], r.headers["X-Flag"]) == ("3", "1.5", "")
 
 
 def test_default_nats_format_without_the_flag(site, client):

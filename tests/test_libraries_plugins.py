@@ -33,17 +33,17 @@ function OnMessage(_, p) return shout(p) end
     wait_for(lambda: nats_client.request("lib.user", b"hi").data == b"V2 HI")
 
 
-def test_missing_library_fails_only_that_script(start_server, tmp_path, nats_client):
+def test_missing_library_loads_the_script_without_it_and_warns_once(start_server, tmp_path, nats_client):
     write_script(tmp_path, "needs.lua", """--* subject: lib.needs
 --* name: needs
 --* require: nowhere
-function OnMessage() return "unreachable" end
+function OnMessage() return helper and "with it" or "without it" end
 """)
     write_script(tmp_path, "fine.lua", "--* subject: lib.fine\n--* name: fine\nfunction OnMessage() return 'ok' end\n")
     srv = start_server("-script", str(tmp_path))
-    msg = nats_client.request("lib.needs", b"")
-    assert msg.headers["Nats-Service-Error-Code"] == "500"
-    assert "library 'nowhere' not found" in msg.headers["Nats-Service-Error"]
+    assert nats_client.request("lib.needs", b"").data == b"without it"
+    assert nats_client.request("lib.needs", b"").data == b"without it"
+    assert srv.log.count("requires library 'nowhere', which does not exist: it runs without it") == 1
     assert nats_client.request("lib.fine", b"").data == b"ok"
     assert requests.get(f"{srv.base}/lib.fine").status_code == 200
 
