@@ -17,6 +17,7 @@ import base64
 import bisect
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -1510,9 +1511,9 @@ def check_number(value: Any, n: int) -> float | int:
     """Argument `n` as a number; numeric strings are converted, as Lua's checknumber does."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return value
-    if isinstance(value, str):
+    if isinstance(value, str) and value.strip():
         try:
-            return float(value.strip()) if value.strip() else _raise(ValueError)
+            return float(value)
         except ValueError:
             pass
     raise ArgError(n, f"number expected, got {lua_type(value)}")
@@ -1558,10 +1559,6 @@ def pure(func: Callable) -> Callable:
     """
     func.lua_pure = True
     return func
-
-
-def _raise(exc):
-    raise exc
 
 
 def error_text(exc: BaseException) -> str:
@@ -2136,9 +2133,10 @@ class LuaRunner:
             fname = fname.encode()
         ctx = self.ctx
         if ctx._max_memory:  # a push into a full Lua state hangs lupa: the arguments must fit
-            size = sum(len(a) for a in args if type(a) is bytes) if len(args) != 2 else len(args[0]) + len(args[1])
-            if meta:
-                size += sum(len(a) for a in meta if type(a) is bytes)
+            size = 0
+            for arg in (*args, *meta) if meta else args:
+                if type(arg) is bytes:
+                    size += len(arg)
             if size + LUA_MEMORY_MARGIN > ctx._max_memory - self.lua.get_memory_used():
                 ctx.fits(size, "payload")
         ctx.deadline, ctx.inline, ctx.moved, ctx.blocked = deadline, inline, False, False
@@ -2183,11 +2181,8 @@ class LuaRunner:
 
 
 def _close_fd(fd=None) -> None:
-    if isinstance(fd, int):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    with contextlib.suppress(OSError, TypeError):
+        os.close(fd)
 
 
 @pure
@@ -2203,12 +2198,10 @@ def _plain_find(s=None, p=None, init=None):
     return None if pos < 0 else (pos + 1, pos + len(needle))
 
 
+@pure
 def _lua_clock() -> float:
     """os.clock as gopher-lua has it: wall-clock seconds since the server started."""
     return time.monotonic() - _START
-
-
-_lua_clock.lua_pure = True
 
 
 def _lua_setenv(name=None, value=None) -> bool:
@@ -2261,9 +2254,8 @@ def run_command(command: str, timeout: float, max_output: int, stdin: bytes | No
                                 cwd=cwd)
     except OSError as e:
         raise LuaError(error_text(e)) from None
-    out = _ProcessOutput(proc, max_output)
     try:
-        stdout, stderr = out.communicate(stdin, timeout)
+        stdout, stderr = _communicate(proc, stdin, timeout, max_output)
     except subprocess.TimeoutExpired:
         _kill_group(proc)
         raise CommandTimeout("script timed out") from None
@@ -2274,53 +2266,40 @@ def run_command(command: str, timeout: float, max_output: int, stdin: bytes | No
     return CommandResult(128 - status if status < 0 else status, stdout, stderr, signal=max(0, -status))
 
 
-class _ProcessOutput:
-    """Read a process's stdout and stderr with a size limit and a deadline."""
-
-    def __init__(self, proc: subprocess.Popen, limit: int):
-        self.proc, self.limit = proc, limit
-
-    def communicate(self, stdin: bytes | None, timeout: float) -> tuple[bytes, bytes]:
-        deadline = time.monotonic() + timeout
-        proc, parts, size = self.proc, {}, 0
-        sel = selectors.DefaultSelector()
-        for stream in (proc.stdout, proc.stderr):
+def _communicate(proc: subprocess.Popen, stdin: bytes | None, timeout: float, limit: int) -> tuple[bytes, bytes]:
+    """A process's stdout and stderr, read with a size limit and a deadline (its stdin written meanwhile)."""
+    deadline, parts, size = time.monotonic() + timeout, {}, 0
+    pending = memoryview(stdin or b"")
+    with selectors.DefaultSelector() as sel:
+        for stream, event in ((proc.stdout, selectors.EVENT_READ), (proc.stderr, selectors.EVENT_READ),
+                              (proc.stdin, selectors.EVENT_WRITE)):
             if stream is not None:
                 os.set_blocking(stream.fileno(), False)
-                sel.register(stream, selectors.EVENT_READ)
+                sel.register(stream, event)
                 parts[stream] = []
-        pending = memoryview(stdin or b"")
-        if proc.stdin is not None:
-            os.set_blocking(proc.stdin.fileno(), False)
-            sel.register(proc.stdin, selectors.EVENT_WRITE)
-        try:
-            while sel.get_map():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise subprocess.TimeoutExpired(proc.args, timeout)
-                for key, _ in sel.select(left):
-                    if key.fileobj is proc.stdin:
-                        try:
-                            pending = pending[os.write(proc.stdin.fileno(), pending[:65536]):]
-                        except BrokenPipeError:
-                            pending = memoryview(b"")
-                        if not pending:
-                            sel.unregister(proc.stdin)
-                            proc.stdin.close()
-                        continue
-                    chunk = os.read(key.fileobj.fileno(), 65536)
-                    if not chunk:
-                        sel.unregister(key.fileobj)
-                        continue
-                    size += len(chunk)
-                    if size > self.limit:
-                        raise LuaError(f"command output exceeds the script's memory limit ({self.limit} bytes)")
-                    parts[key.fileobj].append(chunk)
+        while sel.get_map():
             left = deadline - time.monotonic()
-            proc.wait(max(left, 0.001))
-        finally:
-            sel.close()
-        return (b"".join(parts.get(proc.stdout, [])), b"".join(parts.get(proc.stderr, [])))
+            if left <= 0:
+                raise subprocess.TimeoutExpired(proc.args, timeout)
+            for key, _ in sel.select(left):
+                if key.fileobj is proc.stdin:
+                    try:
+                        pending = pending[os.write(proc.stdin.fileno(), pending[:65536]):]
+                    except BrokenPipeError:  # the command does not read its input: fine
+                        pending = pending[:0]
+                    if not pending:
+                        sel.unregister(proc.stdin)
+                        proc.stdin.close()
+                    continue
+                chunk = os.read(key.fileobj.fileno(), 65536)
+                if not chunk:
+                    sel.unregister(key.fileobj)
+                size += len(chunk)
+                if size > limit:
+                    raise LuaError(f"command output exceeds the script's memory limit ({limit} bytes)")
+                parts[key.fileobj].append(chunk)
+        proc.wait(max(deadline - time.monotonic(), 0.001))
+    return b"".join(parts.get(proc.stdout, [])), b"".join(parts.get(proc.stderr, []))
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -2582,22 +2561,11 @@ def go_parse_number(text: str) -> float | None:
         return None
 
 
-def go_text(value: Any) -> str:
-    """gopher-lua's LVAsString: strings as they are, numbers as Go writes them, anything else ""."""
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "surrogateescape")
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return lua_number_text(value)
-    return ""
-
-
 def go_int(value: Any) -> int:
     """Go's int(LVAsNumber(v)): numbers truncated toward zero (NaN, infinities and |x| >= 2^63 give
     -2^63, as on amd64), strings through go_parse_number, anything else 0."""
     if isinstance(value, (bytes, str)):
-        value = go_parse_number(go_text(value))
+        value = go_parse_number(lua_text(value))
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return 0
     if value != value or not -2**63 <= value < 2**63:
@@ -2609,10 +2577,10 @@ def go_http_result(values) -> Result:
     """An HTTP-mode verb function's (body, status, headers) as the Go original converts them: the body
     through LVAsString (tables and booleans give ""), the status truncated to an integer (0 is 200),
     header names and values through LVAsString."""
-    body = go_text(values[0]) if values else ""
+    body = lua_text(values[0]) if values else ""
     status = go_int(values[1]) if len(values) > 1 else 0
     table = values[2] if len(values) > 2 and is_table(values[2]) else None
-    headers = {go_text(k): go_text(v) for k, v in table.items()} if table is not None else {}
+    headers = {lua_text(k): lua_text(v) for k, v in table.items()} if table is not None else {}
     return Result(payload=body.encode("utf-8", "surrogateescape"), http_code=status or 200, headers=headers,
                   is_html=True)
 
