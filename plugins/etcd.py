@@ -46,8 +46,8 @@ def _loader(ctx):
         if not kvs:
             return None, None
         ctx.fits(sum(len(k) + len(v) + 200 for k, v in kvs), "etcd values")
-        new = ctx.lua.globals().EtcdKV.new
-        return ctx.lua.table_from([new(k, v) for k, v in kvs]), None
+        new = ctx.state("etcd.kv", lambda: ctx.execute("return EtcdKV.new", name="etcd"))
+        return ctx.table([new(k, v) for k, v in kvs]), None
 
     def delete(key=None):
         try:

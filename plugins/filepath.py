@@ -5,17 +5,6 @@ import re
 
 from msgscript import check_string, pure
 
-# join() passes each argument through Lua's tostring, as the original does.
-_LUA_JOIN = """
-local join = ...
-return function(...)
-  local parts = {}
-  for i = 1, select("#", ...) do parts[i] = tostring((select(i, ...))) end
-  return join(parts)
-end
-"""
-
-
 class BadPattern(ValueError):
     """Go's filepath.ErrBadPattern."""
 
@@ -257,7 +246,7 @@ def _load(ctx):
     }
     module = ctx.module(members)
     join = pure(lambda parts=None: join_list(ctx.to_python(parts) or []))
-    module[b"join"] = ctx.lua.execute(_LUA_JOIN, ctx.fn(join, "join"), name="=filepath")
+    module[b"join"] = ctx.execute_file("filepath.lua", ctx.fn(join, "join"))
     return module
 
 

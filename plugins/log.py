@@ -9,91 +9,7 @@ import threading
 
 from msgscript import ArgError, check_string, check_table, error_text, lua_type
 
-from msgscript import PRELUDE
 from msgscript_plugins.template import go_float
-
-_LUA = PRELUDE + r"""
-local M, py = ...
-local state = setmetatable({}, {__mode = "k"})
-local getinfo = debug.getinfo
-
-local function check(self, fname)
-  local st = state[self]
-  if st == nil then error("bad argument #1 to '" .. fname .. "' (logger_ud expected, got " .. type(self) .. ")", 3) end
-  return st
-end
-
--- "chunk:line:" of the script line that called the logger method (gopher-lua's L.Where(1))
-local function where()
-  local info = getinfo(3, "Sl")
-  if info and info.currentline and info.currentline > 0 then
-    return info.short_src .. ":" .. info.currentline .. ":"
-  end
-  return ""
-end
-
-local Logger
-Logger, M.Logger = class({
-  print = function(self, ...) call(py.print, check(self, "print"), where(), ...) end,
-  println = function(self, ...) call(py.println, check(self, "println"), where(), ...) end,
-  printf = function(self, fmt, ...) call(py.printf, check(self, "printf"), where(), fmt, ...) end,
-  set_prefix = function(self, prefix) call(py.set_prefix, check(self, "set_prefix"), prefix) end,
-  set_flags = function(self, flags) call(py.set_flags, check(self, "set_flags"), flags) end,
-  set_output = function(self, output) return call(py.set_output, check(self, "set_output"), output) end,
-  close = function(self) return call(py.close, check(self, "close")) end,
-}, {__newindex = readonly_error})  -- loglevel's loggers are shared by every call: not to be changed
-
-function M.new(...)
-  local st = call(py.new, ...)
-  local logger = setmetatable({}, Logger)
-  state[logger] = st
-  return logger
-end
-return M
-"""
-
-# loglevel: one logger per level, those below the current level write to /dev/null.
-_LOGLEVEL_LUA = PRELUDE + r"""
-local log = require("log")
-local LEVELS = {DEBUG = 0, INFO = 1, WARN = 2, ERROR = 3}
-local loglevel = {
-  levels = readonly(LEVELS),
-  defaultOutput = "STDERR",
-  _level = "INFO",
-}
-for k, v in pairs(log) do loglevel[k] = v end  -- log's functions are reachable too (the original's __index)
-
-local function level_name(level)
-  local name = type(level) == "string" and level:upper() or nil
-  if name == nil or LEVELS[name] == nil then error("illegal level " .. tostring(level), 3) end
-  return name
-end
-
-local function output_for(level)
-  if LEVELS[level] >= LEVELS[loglevel._level] then return loglevel.defaultOutput end
-  return "/dev/null"
-end
-
-local function apply()
-  for level in pairs(LEVELS) do loglevel[level]:set_output(output_for(level)) end
-end
-
-for level in pairs(LEVELS) do
-  loglevel[level] = log.new(output_for(level), "[" .. level .. "] ", {date = true})
-end
-
-function loglevel.get_level() return loglevel._level end
-function loglevel.set_level(level)
-  loglevel._level = level_name(level)
-  apply()
-end
-function loglevel.default_output() return loglevel.defaultOutput end
-function loglevel.set_default_output(output)
-  loglevel.defaultOutput = output
-  apply()
-end
-return loglevel
-"""
 
 _FLAGS = ("date", "time", "microseconds", "utc", "longfile")
 _VERB = re.compile(r"%([-+# 0]*)(\d+|\*)?(?:\.(\d*|\*))?(.)", re.S)
@@ -322,9 +238,9 @@ def _load_log(ctx):
         "set_output": lambda logger, output=None: logger.set_output(check_string(output, 1)),
         "close": lambda logger: logger.close(),
     })
-    return ctx.lua.execute(_LUA, ctx.table(), py, name="=log")
+    return ctx.execute_file("log.lua", ctx.table(), py)
 
 
 def lua_modules():
     """Modules this plugin provides: `log`, and `loglevel` built on it."""
-    return {"log": _load_log, "loglevel": lambda ctx: ctx.lua.execute(_LOGLEVEL_LUA, name="=loglevel")}
+    return {"log": _load_log, "loglevel": lambda ctx: ctx.execute_file("loglevel.lua")}

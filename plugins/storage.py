@@ -16,7 +16,6 @@ import types
 
 from msgscript import ArgError, check_string, error_text, lua_type, opt_string
 
-from msgscript import PRELUDE
 from msgscript_plugins.json import holes, json_to_lua, lua_to_json, parse
 
 log = logging.getLogger("msgscript.storage")
@@ -24,37 +23,6 @@ log = logging.getLogger("msgscript.storage")
 SYNC_INTERVAL = 60.0
 FOREVER_SECONDS = 10_000_000_000_000  # the original's "no ttl"
 _INT64_MAX = 2**63 - 1
-
-_LUA = PRELUDE + r"""
-local M, py = ...
-local state = setmetatable({}, {__mode = "k"})
-local function check(self, name)
-  local st = state[self]
-  if st == nil then error("bad argument #1 to '" .. name .. "' (storage_ud expected, got " .. type(self) .. ")", 3) end
-  return st
-end
-local methods = {}
-for _, name in ipairs({"set", "get", "keys", "dump", "sync", "close"}) do
-  local f = py[name]
-  methods[name] = function(self, ...) return call(f, check(self, name), ...) end
-end
--- Every open gives a new object (nothing a call does to it outlives the call); objects of one
--- store are equal.
-local Storage
-Storage, M.Storage = class(methods, {
-  __newindex = readonly_error,
-  __eq = function(a, b) return py.identity(state[a]) == py.identity(state[b]) end,
-})
-function M.open(path, driver)
-  local store, err = call(py.open, path, driver)
-  if store == nil then return nil, err end
-  local obj = setmetatable({}, Storage)
-  state[obj] = store
-  return obj
-end
-return M
-"""
-
 
 ###############################################################################
 # Stores ######################################################################
@@ -246,7 +214,7 @@ def _load(ctx):
         "open": open_, "identity": id, "set": set_, "get": get, "keys": lambda store: store.keys(),
         "dump": dump, "sync": sync_or_close(Store.sync), "close": sync_or_close(Store.close),
     })
-    return ctx.lua.execute(_LUA, ctx.table(), py, name="=storage")
+    return ctx.execute_file("storage.lua", ctx.table(), py)
 
 
 def lua_modules():

@@ -23,52 +23,9 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 from msgscript import ArgError, LuaError, check_number, check_string, error_text
 
-from msgscript import PRELUDE
 
 TIMEOUTS = {"dialTimeout": 5.0, "writeTimeout": 1.0, "readTimeout": 1.0, "closeTimeout": 1.0}
 _NUMBER = re.compile(rb"[+-]?(?:0[xX][0-9a-fA-F]+|(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)")
-
-_LUA = PRELUDE + r"""
-local py = ...
-local state = setmetatable({}, {__mode = "k"})
-local FIELDS = {dialTimeout = true, writeTimeout = true, readTimeout = true, closeTimeout = true}
-
-local function check(self, name)
-  local st = state[self]
-  if st == nil then
-    error("bad argument #1 to '" .. name .. "' (tcp connection expected, got " .. type(self) .. ")", 3)
-  end
-  return st
-end
-
-local methods = {}
-function methods.write(self, ...) call(py.write, check(self, "write"), ...) end
-function methods.read(self, ...)
-  local st = check(self, "read")
-  if select("#", ...) == 0 then return call(py.read, st, 1024) end
-  return call(py.read, st, (...))
-end
-function methods.close(self) call(py.close, check(self, "close")) end
-
-local Conn = class(methods, {
-  __index = function(self, k)
-    if FIELDS[k] then return py.__index(check(self, "__index"), k) end
-    return methods[k]
-  end,
-  __newindex = function(self, k, v)
-    if FIELDS[k] then call(py.__newindex, check(self, "__newindex"), k, v) end  -- other keys are ignored, as in Go
-  end,
-})
-
-return function(addr, timeout)
-  local st, err = call(py.open, addr, timeout)
-  if st == nil then return nil, err end
-  local conn = setmetatable({}, Conn)
-  state[conn] = st
-  return conn
-end
-"""
-
 
 def _resolve(host: str, port: int, timeout: float) -> list:
     """getaddrinfo on a daemon thread, so a hung DNS lookup cannot outlive `timeout`."""
@@ -266,7 +223,7 @@ def _load(ctx):
         "open": open_, "write": lambda conn, *args: conn.write(*args), "read": lambda conn, fmt=None: conn.read(fmt),
         "close": lambda conn: conn.close(), "__index": lambda conn, key: conn.timeouts[key], "__newindex": set_field,
     })
-    return {"open": ctx.lua.execute(_LUA, py, name="=tcp")}
+    return {"open": ctx.execute_file("tcp.lua", py)}
 
 
 def lua_modules():

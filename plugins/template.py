@@ -23,7 +23,6 @@ from decimal import Decimal
 
 from msgscript import ArgError, LuaError, check_string, error_text, is_table, lua_tostring, lua_type, pure
 
-from msgscript import PRELUDE
 
 MAX_DEPTH = 100  # nesting of values and of partials
 INLINE_STEPS = 4096  # a rendering this long is not "quick": a call on the event loop moves to a worker
@@ -402,8 +401,7 @@ def _loader(ctx):
         except (TemplateError, RecursionError) as e:
             return None, _error(e)
 
-    engine = ctx.lua.execute(_ENGINE_LUA, ctx.module({"render": render_, "render_file": render_file}),
-                             name="=template")
+    engine = ctx.execute_file("template.lua", ctx.module({"render": render_, "render_file": render_file}))
 
     @pure
     def choose(name=None):
@@ -413,15 +411,6 @@ def _loader(ctx):
         return None, f"unknown template engine: {lua_tostring(name)}"
 
     return {"choose": choose}
-
-
-# The engine has no state: each choose() gives a new read-only object (so nothing one call does
-# to it reaches another), and they are all equal, as the original's one shared engine.
-_ENGINE_LUA = PRELUDE + r"""
-local methods = ...
-local Engine = class(methods, {__newindex = readonly_error, __eq = function() return true end})
-return function() return setmetatable({}, Engine) end
-"""
 
 
 def _error(exc: Exception) -> str:

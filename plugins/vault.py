@@ -31,7 +31,6 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from msgscript import (ArgError, LuaError, check_string, check_table, error_text, first_line, go_duration, lua_text,
                        lua_type, opt_string, parse_bool)
 
-from msgscript import PRELUDE
 
 VAULT_TIMEOUT = 5.0  # seconds one request may take (the Go plugin's DEFAULT_VAULT_TIMEOUT); VAULT_CLIENT_TIMEOUT
 _GRACE = 0.05  # how long past its timeout a request is waited for before it is abandoned
@@ -41,45 +40,6 @@ _REPR = re.compile(r"[\w.]+\(")
 _STATUS = {"InvalidRequest": 400, "Unauthorized": 401, "Forbidden": 403, "InvalidPath": 404,
            "RateLimitExceeded": 429, "InternalServerError": 500, "VaultNotInitialized": 501,
            "BadGateway": 502, "VaultDown": 503}
-
-_LUA = PRELUDE + r"""
-local py = ...
-local state = setmetatable({}, {__mode = "k"})
-
-local function check(self, name)
-  local st = state[self]
-  if st == nil then
-    error("bad argument #1 to '" .. name .. "' (VaultKV expected, got " .. type(self) .. ")", 3)
-  end
-  return st
-end
-
--- As in Go: read, list and new return two values (value, nil or nil, err), write and delete one.
-local methods = {}
-for _, name in ipairs({"read", "list"}) do
-  local f = py[name]
-  methods[name] = function(self, ...)
-    local value, err = call(f, check(self, name), ...)
-    return value, err
-  end
-end
-for _, name in ipairs({"write", "delete"}) do
-  local f = py[name]
-  methods[name] = function(self, ...) return (call(f, check(self, name), ...)) end
-end
-local Client = class(methods, {__newindex = readonly_error})
-
-local M = {}
-function M.new(...)
-  local st, err = call(py.new, ...)
-  if st == nil then return nil, err end
-  local client = setmetatable({}, Client)
-  state[client] = st
-  return client, nil
-end
-return M
-"""
-
 
 class _Failure(Exception):
     """A failed request, worded for the script."""
@@ -439,7 +399,7 @@ def _load(ctx):
         return keys
 
     py = ctx.module({"new": new, "read": read, "write": write, "delete": delete, "list": list_})
-    return ctx.execute(_LUA, py, name="vault")
+    return ctx.execute_file("vault.lua", py)
 
 
 def lua_modules():
