@@ -25,8 +25,6 @@ import socket
 import ssl
 import threading
 import urllib.parse
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 
 from msgscript import (ArgError, LuaError, check_string, check_table, error_text, first_line, go_duration, lua_text,
                        lua_type, opt_string, parse_bool)
@@ -117,8 +115,48 @@ def _session(ctx, verify):
         session = requests.Session()
         session.trust_env = False
         session.verify = verify
+        adapter = _capped_adapter()
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
         sessions[verify] = session
     return sessions[verify]
+
+
+_LIMIT = threading.local()  # the bytes a response may take, for the request being made on this thread
+
+
+class _TooLarge(Exception):
+    def __init__(self, limit: int):
+        super().__init__(f"an answer of more than {limit} bytes does not fit in the script's memory limit")
+
+
+def _capped_adapter():
+    """A requests transport that reads an answer as it arrives and stops once it (or what decoding it
+    as JSON makes) passes _LIMIT.bytes."""
+    import requests.adapters
+
+    from msgscript_plugins._bounds import json_cost
+
+    class Capped(requests.adapters.HTTPAdapter):
+        def send(self, request, stream=False, **kwargs):
+            resp = super().send(request, stream=True, **kwargs)
+            if stream:
+                return resp
+            limit = getattr(_LIMIT, "bytes", 2**62)
+            chunks, size = [], 0
+            for chunk in resp.iter_content(65536):
+                size += len(chunk)
+                if size > limit:
+                    resp.close()
+                    raise _TooLarge(limit)
+                chunks.append(chunk)
+            body = b"".join(chunks)
+            if json_cost(body) > limit:
+                raise _TooLarge(limit)
+            resp._content, resp._content_consumed = body, True  # what reading it without `stream` sets
+            return resp
+
+    return Capped()
 
 
 ###############################################################################
@@ -129,23 +167,20 @@ def _blocking(ctx, client: _Client, fn, *args):
     """Run `fn(client.kv(timeout), *args)`, the one place where this module blocks.
 
     `timeout` is what the script's deadline leaves, at most the client's limit; hvac passes it
-    to requests (per connect and per read). The call runs on a daemon thread that is waited for
-    only that long, so nothing (a hung DNS lookup, a server that answers a byte at a time) keeps
-    the script past it. Raises what `fn` raises, or TimeoutError.
+    to requests (per connect and per read). The call runs on the scheduler's executor for blocking
+    work, waited for only that long, so nothing (a hung DNS lookup, a server that answers a byte at a
+    time) keeps the script past it. Raises what `fn` raises, or TimeoutError.
     """
     timeout = ctx.remaining(client.limit)
-    done: Future = Future()
+    limit = ctx.max_bytes()
 
     def run():
-        try:
-            done.set_result(fn(client.kv(timeout), *args))
-        except BaseException as e:  # noqa: BLE001 - handed to the waiting script
-            done.set_exception(e)
+        _LIMIT.bytes = limit
+        return fn(client.kv(timeout), *args)
 
-    threading.Thread(target=run, daemon=True, name="lua-vault").start()
     try:
-        return done.result(timeout + _GRACE)
-    except FutureTimeout:
+        return ctx.blocking(run, cap=timeout + _GRACE)
+    except LuaError:
         raise TimeoutError(_DEADLINE) from None
 
 
@@ -197,6 +232,8 @@ def _reason(exc: BaseException) -> str:
         return where + text[:1].lower() + text[1:]
     if isinstance(exc, TimeoutError):
         return _DEADLINE
+    if isinstance(exc, _TooLarge):
+        return str(exc)
     if isinstance(exc, OSError):
         return error_text(exc)
     raise exc
