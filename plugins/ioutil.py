@@ -1,8 +1,14 @@
-"""`ioutil`: read_file/write_file/copy/copyn as gopher-lua-libs v0.5.0 exposes them."""
+"""`ioutil`: read_file/write_file/copy/copyn as gopher-lua-libs v0.5.0 exposes them.
+
+Relative paths are the call's working directory's; FIFOs, sockets and devices are refused (a read
+from them could wait for ever); read_file reads at most what the script's memory cap leaves.
+"""
 
 import os
 
-from msgscript import check_string
+from msgscript import check_string, open_file
+
+from msgscript_plugins._bounds import read_file as read_bounded
 
 def os_error(op, path, exc):
     """An OSError worded like Go's *PathError: "open /x: no such file or directory"."""
@@ -16,24 +22,19 @@ def _load(ctx):
         path = check_string(path, 1)
         limit = ctx.max_bytes()
         try:
-            with open(path, "rb") as f:
-                if os.fstat(f.fileno()).st_size <= limit:
-                    data = f.read(limit + 1)  # files in /proc report size 0: bound the read itself too
-                else:
-                    data = None
+            return read_bounded(ctx, path, limit)
         except IsADirectoryError as e:
             return None, os_error("read", path, e)
         except OSError as e:
             return None, os_error("open", path, e)
-        if data is None or len(data) > limit:
+        except ValueError:
             return None, f"read {path}: file larger than the script's memory limit allows ({limit} bytes)"
-        return data
 
     def write_file(path=None, data=None):
         """Write (truncating, mode 0644); nothing on success, err on failure."""
         path, data = check_string(path, 1), check_string(data, 2).encode("utf-8", "surrogateescape")
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fd = open_file(ctx.path(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
         except OSError as e:

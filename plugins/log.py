@@ -1,14 +1,21 @@
-"""`log` and `loglevel`: Go-style loggers as gopher-lua-libs v0.5.0 exposes them."""
+"""`log` and `loglevel`: Go-style loggers as gopher-lua-libs v0.5.0 exposes them.
+
+A file output's relative path is the call's working directory's; FIFOs, sockets and devices other
+than /dev/null are refused. A printf width or precision is bounded by what the script's memory cap
+leaves.
+"""
 
 import datetime
 import json
+import math
 import os
 import re
 import sys
 import threading
 
-from msgscript import ArgError, check_string, check_table, error_text, lua_type
+from msgscript import ArgError, LuaError, check_string, check_table, error_text, lua_type, open_file
 
+from msgscript_plugins._bounds import ticker
 from msgscript_plugins.template import go_float
 
 _FLAGS = ("date", "time", "microseconds", "utc", "longfile")
@@ -31,8 +38,10 @@ def go_number(value):
 class GoFormatter:
     """Go's fmt.Sprint / Sprintln / Sprintf over Lua values (as lupa hands them to Python)."""
 
-    def __init__(self, tostring):
+    def __init__(self, tostring, limit=lambda: 2**62, tick=lambda n=1: None):
         self.tostring = tostring  # Lua's tostring, for tables, functions...
+        self.limit = limit  # how many bytes a width or a precision may ask for
+        self.tick = tick  # called for each verb (a look at the call's clock now and then)
 
     def text(self, value):
         if isinstance(value, str):
@@ -61,6 +70,7 @@ class GoFormatter:
     def sprintf(self, fmt, args):
         out, pos, used = [], 0, 0
         for m in _VERB.finditer(fmt):
+            self.tick()
             out.append(fmt[pos:m.start()])
             pos = m.end()
             flags, width, prec, verb = m.groups()
@@ -70,7 +80,10 @@ class GoFormatter:
             if width == "*" or prec == "*":
                 star = args[used] if used < len(args) else 0
                 used += 1
-                width, prec = (str(int(star)), prec) if width == "*" else (width, str(int(star)))
+                star = int(star) if isinstance(star, (int, float)) and math.isfinite(star) else 0
+                width, prec = (str(star), prec) if width == "*" else (width, str(star))
+            if max(len(width or ""), len(prec or "")) > 18 or max(int(width or 0), int(prec or 0)) > self.limit():
+                raise LuaError("printf: a width or precision larger than the script's memory limit allows")
             if used >= len(args):
                 out.append(f"%!{verb}(MISSING)")
                 continue
@@ -128,15 +141,16 @@ class Logger:
         self.flags = dict.fromkeys(_FLAGS, False)
         self.target, self.file = "STDOUT", None
 
-    def set_output(self, output):
-        """Switch output; returns an error text when the file cannot be opened (stdout is used then)."""
+    def set_output(self, output, where=lambda path: path):
+        """Switch output (`where` resolves a relative path); returns an error text when the file cannot be
+        opened (stdout is used then)."""
         with self.lock:
             self._close()
             self.target = "STDERR" if output == "STDERR" else "STDOUT"
             if output in ("-", "STDOUT", "STDERR"):
                 return None
             try:
-                fd = os.open(output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                fd = open_file(where(output), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
             except OSError as e:
                 return f"open {output}: {(e.strerror or str(e)).lower()}"
             self.file, self.target = os.fdopen(fd, "ab"), "FILE"
@@ -192,7 +206,7 @@ def _write_stream(stream, data):
 
 
 def _load_log(ctx):
-    fmt = GoFormatter(ctx.execute("return tostring"))
+    fmt = GoFormatter(ctx.execute("return tostring"), ctx.max_bytes, ticker(ctx))
 
     # The functions below get the logger (a Python object the Lua side keeps) first; argument
     # numbers in errors count from the method's first argument, as Lua does for methods.
@@ -208,7 +222,7 @@ def _load_log(ctx):
     def new_logger(output=None, prefix=None, flags=None):
         logger = Logger()
         if output is not None:
-            logger.set_output(check_string(output, 1))
+            logger.set_output(check_string(output, 1), ctx.path)
         if prefix is not None:
             logger.prefix = check_string(prefix, 2)
         if flags is not None:
@@ -235,7 +249,7 @@ def _load_log(ctx):
     py = ctx.module({
         "new": new_logger, "print": print_, "println": println, "printf": printf,
         "set_prefix": set_prefix, "set_flags": set_flags,
-        "set_output": lambda logger, output=None: logger.set_output(check_string(output, 1)),
+        "set_output": lambda logger, output=None: logger.set_output(check_string(output, 1), ctx.path),
         "close": lambda logger: logger.close(),
     })
     return ctx.execute_file("log.lua", ctx.table(), py)

@@ -1,16 +1,27 @@
-"""`strings`: Go's strings package as gopher-lua-libs v0.5.0 exposes it, plus Reader and Builder."""
+"""`strings`: Go's strings package as gopher-lua-libs v0.5.0 exposes it, plus Reader and Builder.
+
+Bounds: a string longer than INLINE_SIZE is not worked on on the event loop (the call moves to a
+worker first); split and fields count their pieces before making them and refuse a result that would
+not fit in what the script's memory cap leaves; trim with a long cutset is linear in the string.
+"""
 
 import re
 
-from msgscript import check_string, opt_string, pure
+from msgscript import INLINE_SIZE, check_string, opt_string, pure
 
-from msgscript import INLINE_SIZE
-
+from msgscript_plugins._bounds import off_loop, refuse_if_over
 
 # Go's unicode.IsSpace set (Python's str.isspace also counts \x1c-\x1f, Go does not).
 _GO_SPACE = "\t\n\v\f\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a" \
     "\u2028\u2029\u202f\u205f\u3000"
 _FIELDS = re.compile("[" + re.escape(_GO_SPACE) + "]+")
+_PIECE = 80  # bytes one piece of a split takes besides its text (a Python str, then a Lua string in a table)
+SMALL_CUTSET = 64  # trim checks each character against a cutset this short; a longer one is a character class
+
+
+def _pieces_cost(count: int, s: str) -> int:
+    return _PIECE * count + 2 * len(s)
+
 
 @pure
 def split(s=None, sep=None):
@@ -46,7 +57,17 @@ def contains(s=None, sub=None):
 @pure
 def trim(s=None, cutset=None):
     """Remove any of the characters in cutset from both ends."""
-    return check_string(s, 1).strip(check_string(cutset, 2))
+    s, cutset = check_string(s, 1), check_string(cutset, 2)
+    if len(cutset) <= SMALL_CUTSET:
+        return s.strip(cutset)
+    chars = "".join(sorted(set(cutset)))  # str.strip looks through the cutset for each character
+    if len(chars) <= SMALL_CUTSET:
+        return s.strip(chars)
+    run = re.compile("[" + re.escape(chars) + "]*")
+    start = run.match(s).end()
+    if start == len(s):
+        return ""
+    return s[start:len(s) - run.match(s[::-1]).end()]
 
 
 @pure
@@ -68,24 +89,38 @@ def trim_suffix(s=None, suffix=None):
 
 
 def _load(ctx):
-    def big(s) -> None:
-        if isinstance(s, str) and len(s) > INLINE_SIZE:
-            ctx.move_to_worker()
+    def sized(func):
+        """`func`, moved off the event loop first when its strings are long."""
+        def call(*args):
+            size = 0
+            for a in args:
+                if type(a) is str:
+                    size += len(a)
+            if size > INLINE_SIZE:
+                ctx.move_to_worker()
+            return func(*args)
+
+        return pure(call)
 
     @pure
     def split_(s=None, sep=None):
-        big(s)
+        s, sep = check_string(s, 1), opt_string(sep, 2, "")
+        off_loop(ctx, len(s))
+        refuse_if_over(ctx, _pieces_cost(len(s) if sep == "" else s.count(sep) + 1, s), "strings.split's result")
         return split(s, sep)
 
     @pure
     def fields_(s=None):
-        big(s)
+        s = check_string(s, 1)
+        off_loop(ctx, len(s))
+        spaces = sum(s.count(c) for c in (_GO_SPACE[:6] if s.isascii() else _GO_SPACE))  # at most this many + 1
+        refuse_if_over(ctx, _pieces_cost(spaces + 1, s), "strings.fields' result")
         return fields(s)
 
     members = {
-        "split": split_, "fields": fields_, "has_prefix": has_prefix, "has_suffix": has_suffix,
-        "contains": contains, "trim": trim, "trim_space": trim_space, "trim_prefix": trim_prefix,
-        "trim_suffix": trim_suffix,
+        "split": split_, "fields": fields_, "has_prefix": sized(has_prefix), "has_suffix": sized(has_suffix),
+        "contains": sized(contains), "trim": sized(trim), "trim_space": sized(trim_space),
+        "trim_prefix": sized(trim_prefix), "trim_suffix": sized(trim_suffix),
     }
     return ctx.execute_file("strings.lua", ctx.module(members))
 
