@@ -29,7 +29,10 @@ import weakref
 import msgscript
 from msgscript import ArgError, LuaError, check_string, is_table, lua_type, open_file, opt_number, pure
 
+from msgscript_plugins._bounds import off_loop, refuse_if_over
+
 _ESCAPES = {"\r": "\\r", "\n": "\\n", "\\": "\\\\", "'": "\\'", '"': '\\"', "\032": "\\Z"}
+_ESCAPE_TABLE = str.maketrans(_ESCAPES)
 _SQLITE_URI_KEYS = ("cache", "mode", "immutable", "vfs", "nolock")
 _ROW_QUERY = re.compile(r"\s*\(*\s*(select|with|values|table|show)\b", re.I)  # streamed on PostgreSQL
 _INT64 = range(-(2**63), 2**63)
@@ -526,7 +529,7 @@ def _connector(ctx, client: Client, make_opener):
 @pure
 def escape(text=None) -> str:
     """`mysql.escape`: backslash-escape \\r \\n \\\\ ' " and \\032."""
-    return "".join(_ESCAPES.get(c, c) for c in check_string(text, 1))
+    return check_string(text, 1).translate(_ESCAPE_TABLE)
 
 
 def _server_module(make_opener, with_escape: bool):
@@ -541,7 +544,14 @@ def _server_module(make_opener, with_escape: bool):
 
         members = {"new": new, "_DEBUG": False, "_VERSION": "0.0.0"}
         if with_escape:
-            members["escape"] = escape
+            @pure
+            def escape_(text=None):
+                text = check_string(text, 1)
+                off_loop(ctx, len(text))
+                refuse_if_over(ctx, 4 * len(text), "mysql.escape's result")
+                return escape(text)
+
+            members["escape"] = escape_
         return members
 
     return loader
