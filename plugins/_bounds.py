@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 
-from msgscript import INLINE_SIZE, LuaError, open_file
+from msgscript import INLINE_SIZE, open_file
 
 CHECK_EVERY = 1024  # iterations of a module's loop between two looks at the call's clock
 
@@ -71,11 +71,10 @@ def yaml_cost(text: str) -> int:
 
 def refuse_if_over(ctx, cost: int, what: str) -> None:
     """LuaError when `cost` bytes (what the work would allocate in Python) do not fit in what the script's
-    memory cap leaves."""
-    limit = ctx.max_bytes()
-    if cost > limit:
-        raise LuaError(f"{what} would take about {cost} bytes, more than the script's memory limit leaves "
-                       f"({limit} bytes)")
+    memory cap leaves, garbage collected: "<what> of about N bytes does not fit in the script's memory
+    limit (16 MiB)"."""
+    if cost > ctx.max_bytes():
+        ctx.fits(cost, what)  # collects the script's garbage first; raises if it still does not fit
 
 
 def read_file(ctx, path: str, limit: int) -> bytes:

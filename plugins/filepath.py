@@ -12,7 +12,7 @@ import stat
 
 import re2
 
-from msgscript import LuaError, check_string, pure
+from msgscript import check_string, pure
 
 from msgscript_plugins._bounds import off_loop, ticker
 
@@ -199,16 +199,23 @@ class _Budget:
     """What glob may hold (names being sorted, matches found) before it fails, and its clock."""
 
     def __init__(self, ctx):
+        self.ctx, self.taken = ctx, 0
         self.left = ctx.max_bytes() if ctx is not None else 2**62
         self.tick = ticker(ctx, 256) if ctx is not None else (lambda n=1: None)
 
     def take(self, text: str) -> int:
         size = len(text) + _NAME_COST
+        self.taken += size
         self.left -= size
         if self.left < 0:
-            raise LuaError("glob: the names found are larger than the script's memory limit allows")
+            self.ctx.fits(self.taken, "glob's names and matches")  # garbage collected first; raises if over
+            self.left = self.ctx.max_bytes() - self.taken
         self.tick()
         return size
+
+    def give_back(self, size: int) -> None:
+        self.taken -= size
+        self.left += size
 
 
 def _glob_dir(directory, pattern, matches, budget, where):
@@ -235,7 +242,7 @@ def _glob_dir(directory, pattern, matches, budget, where):
             found = join_list([directory, n])
             budget.take(found)
             matches.append(found)
-    budget.left += held
+    budget.give_back(held)
 
 
 def glob(pattern: str, ctx=None) -> list[str]:

@@ -335,12 +335,12 @@ def decode_text(ctx, text: str, holey=None, keep_nulls: bool = True):
     """json.decode's work: the cost checked before the text is parsed, the clock looked at as it goes."""
     if len(text) <= SMALL_TEXT:
         if 65 * len(text) + 64 > ctx.max_bytes():  # json_cost's largest answer for this length
-            refuse_if_over(ctx, json_cost(text), "decoding this JSON text")
+            refuse_if_over(ctx, json_cost(text), "JSON decoding work")
         if text.isascii() and "null" not in text and "\\u" not in text:
             return ctx.to_lua(parse(text))  # nothing to drop, mark or replace: the quick path
         return json_to_lua(ctx, parse(text), holey, keep_nulls)
     off_loop(ctx, len(text))
-    refuse_if_over(ctx, json_cost(text), "decoding this JSON text")
+    refuse_if_over(ctx, json_cost(text), "JSON decoding work")
     tick = ticker(ctx)
     return json_to_lua(ctx, parse(text, tick), holey, keep_nulls, tick)
 

@@ -54,12 +54,13 @@ def _unimplemented(*_):
 
 def _names(ctx, path: str) -> list[str]:
     """The names in a directory, read within the script's memory cap and deadline."""
-    names, left, tick = [], ctx.max_bytes(), ticker(ctx, 256)
+    names, taken, left, tick = [], 0, ctx.max_bytes(), ticker(ctx, 256)
     with os.scandir(path) as entries:
         for entry in entries:
-            left -= len(entry.name) + 64
-            if left < 0:
-                raise LuaError(f"dir {path}: the names are larger than the script's memory limit allows")
+            taken += len(entry.name) + 64
+            if taken > left:
+                ctx.fits(taken, "lfs.dir's names")  # garbage collected first; raises if still over
+                left = ctx.max_bytes()
             tick()
             names.append(entry.name)
     return names

@@ -334,7 +334,7 @@ def _loader(ctx):
                 raw.decode("utf-8")
             except UnicodeDecodeError:
                 invalid = len(raw) - len(raw.decode("utf-8", "ignore").encode())
-                refuse_if_over(ctx, 3 * len(raw) + _INVALID_BYTE_COST * invalid, "searching this string")
+                refuse_if_over(ctx, 3 * len(raw) + _INVALID_BYTE_COST * invalid, "a map of its invalid bytes")
         return _Subject(raw)
 
     @pure

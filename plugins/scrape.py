@@ -207,7 +207,7 @@ def by_tag(tag: str):
 def _loader(ctx):
     def matches(document, matcher) -> list[Node]:
         document = check_string(document, 1)
-        refuse_if_over(ctx, 2 * text_cost(document) + NODE_COST * document.count("<"), "parsing this document")
+        refuse_if_over(ctx, 2 * text_cost(document) + NODE_COST * document.count("<"), "the tree of this document")
         return find_all(parse(document, ctx.check), matcher, ticker(ctx))
 
     def attr_finder(make_matcher):

@@ -93,7 +93,7 @@ class Store:
         raw = read_file(ctx, self.path, min(ctx.max_bytes(), STORE_LIMIT * 2))
         if not raw.strip():
             return
-        refuse_if_over(ctx, json_cost(raw), f"reading storage {self.path}")
+        refuse_if_over(ctx, json_cost(raw), "the storage file's decoding work")
         doc = parse(raw.decode("utf-8", "replace"), ticker(ctx))
         entries = (doc.get("data") or {}).items() if isinstance(doc, dict) else ()
         tick = ticker(ctx)
@@ -207,7 +207,7 @@ def _load(ctx):
 
     def decoded(data: bytes):
         """A stored value for Lua; nulls in arrays are dropped, as in the original. ValueError if corrupt."""
-        refuse_if_over(ctx, json_cost(data), "decoding the stored value")
+        refuse_if_over(ctx, json_cost(data), "the stored value's decoding work")
         tick = ticker(ctx)
         return json_to_lua(ctx, parse(data.decode("utf-8", "replace"), tick), keep_nulls=False, tick=tick)
 
@@ -249,7 +249,7 @@ def _load(ctx):
 
     def dump(store):
         values = store.live()
-        refuse_if_over(ctx, sum(json_cost(v) + 64 + len(k) for k, v in values.items()), "dumping the storage")
+        refuse_if_over(ctx, sum(json_cost(v) + 64 + len(k) for k, v in values.items()), "storage.dump's work")
         tick = ticker(ctx)
         try:
             values = {k: parse(v.decode("utf-8", "replace"), tick) for k, v in values.items()}

@@ -388,7 +388,7 @@ def _load(ctx):
 
     def costly(text: str) -> None:
         off_loop(ctx, len(text))
-        refuse_if_over(ctx, yaml_cost(text), "decoding this YAML text")
+        refuse_if_over(ctx, yaml_cost(text), "YAML decoding work")
 
     @pure
     def decode(text=None):
