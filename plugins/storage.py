@@ -8,7 +8,8 @@ original runs in one): give an absolute path to keep the data. The file is writt
 when the server stops, and otherwise at most every SYNC_INTERVAL seconds: the first store call after the
 interval hands the writing to the scheduler's executor for blocking work (there is no thread of its own,
 so data set since the last write is lost if the server is killed). One store keeps at most STORE_LIMIT
-bytes of values; a set beyond that fails ("storage full").
+bytes of keys and values, all the stores of the server TOTAL_LIMIT; a set beyond either fails ("storage
+full"). A store nothing uses any more is forgotten (its memory freed) at the next periodic write.
 """
 
 import atexit
@@ -30,6 +31,7 @@ log = logging.getLogger("msgscript.storage")
 
 SYNC_INTERVAL = 60.0
 STORE_LIMIT = 64 * 2**20  # bytes of keys and values one store keeps
+TOTAL_LIMIT = 256 * 2**20  # bytes of keys and values all the stores of the process keep
 FOREVER_SECONDS = 10_000_000_000_000  # the original's "no ttl"
 _INT64_MAX = 2**63 - 1
 _ENTRY = 64  # bytes counted for each key besides its text and value
@@ -44,7 +46,7 @@ def _process_state():
     name = "_msgscript_storage_state"
     holder = sys.modules.setdefault(name, types.ModuleType(name))
     fresh = types.SimpleNamespace(stores={}, lock=threading.Lock(), synced=time.monotonic(), syncing=False,
-                                  at_exit=False)
+                                  at_exit=False, total=0)
     return vars(holder).setdefault("state", fresh)  # setdefault: atomic if two imports race
 
 
@@ -52,8 +54,16 @@ _STATE = _process_state()
 
 
 class StoreFull(ValueError):
-    def __init__(self):
-        super().__init__(f"storage full ({STORE_LIMIT} bytes of keys and values)")
+    def __init__(self, limit: int = STORE_LIMIT, what: str = "this store"):
+        super().__init__(f"storage full ({limit} bytes of keys and values in {what})")
+
+
+def _grow_total(delta: int) -> None:
+    """Count `delta` more bytes kept by all the stores; StoreFull past TOTAL_LIMIT (a shrink always works)."""
+    with _STATE.lock:
+        if delta > 0 and _STATE.total + delta > TOTAL_LIMIT:
+            raise StoreFull(TOTAL_LIMIT, "all the stores of the server")
+        _STATE.total += delta
 
 
 class Store:
@@ -82,6 +92,8 @@ class Store:
                     atexit.register(_sync_all)
             if store is fresh:
                 store.sync()
+            else:  # another call opened it meanwhile: its copy is the one kept
+                _grow_total(-fresh.size)
         with store.lock:
             store.users += 1
         return store
@@ -102,14 +114,18 @@ class Store:
             value = base64.b64decode(v.get("value") or "") if isinstance(v, dict) else b""
             self.data[k] = (value, int(v.get("max_valid_at") or 0) if isinstance(v, dict) else 0)
             self.size += _ENTRY + len(k) + len(value)
+        if self.size > STORE_LIMIT:
+            raise StoreFull()
+        _grow_total(self.size)
 
     def set(self, key, value, ttl):
         ttl_ns = min((ttl if ttl and ttl > 0 else FOREVER_SECONDS) * 1e9, _INT64_MAX)
         with self.lock:
             old = self.data.get(key)
             size = self.size + len(value) - (len(old[0]) if old else -(_ENTRY + len(key)))
-            if size > STORE_LIMIT and (old is None or len(value) > len(old[0])):
+            if size > STORE_LIMIT and size > self.size:
                 raise StoreFull()
+            _grow_total(size - self.size)
             self.data[key] = (value, min(time.time_ns() + int(ttl_ns), _INT64_MAX))
             self.size = size
 
@@ -136,7 +152,9 @@ class Store:
             with self.lock:
                 now = time.time_ns()
                 self.data = {k: e for k, e in self.data.items() if e[1] > now}
-                self.size = sum(_ENTRY + len(k) + len(v) for k, (v, _) in self.data.items())
+                size = sum(_ENTRY + len(k) + len(v) for k, (v, _) in self.data.items())
+                _grow_total(size - self.size)
+                self.size = size
                 entries = list(self.data.items())
             doc = {"data": {k: {"value": base64.b64encode(v).decode(), "max_valid_at": until}
                             for k, (v, until) in entries}}
@@ -159,17 +177,22 @@ def _sync_all(forget_unused=False):
         try:
             store.sync()
         except FileNotFoundError:
-            # Its directory is gone (deleted while the server ran): nothing left to save into.
-            with _STATE.lock:
-                _STATE.stores.pop(store.path, None)
+            # Its directory is gone (a call's own directory, or deleted while the server ran): nothing
+            # left to save into.
+            _forget(store)
             continue
         except OSError as e:
             log.error("storage %s: sync failed: %s", store.path, e)
             continue
-        if forget_unused:
-            with _STATE.lock:
-                if store.users == 0:
-                    _STATE.stores.pop(store.path, None)
+        if forget_unused and store.users == 0:
+            _forget(store)
+
+
+def _forget(store: Store) -> None:
+    with _STATE.lock:
+        if _STATE.stores.get(store.path) is store:
+            del _STATE.stores[store.path]
+            _STATE.total -= store.size
 
 
 def _sync_job():
