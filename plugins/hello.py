@@ -27,7 +27,8 @@ HOW A PLUGIN WORKS
      - a dict of member name -> value: Python functions become Lua functions named after
        their key, other values are converted (str, numbers, booleans, lists, dicts);
      - a Lua value made with the safe `ctx` methods below, e.g. Lua code around Python functions
-       passed in as `ctx.module({...})` or `ctx.fn(func)` (`strings.py`, `yaml.py`).
+       passed in as `ctx.module({...})` or `ctx.fn(func)` (`strings.py`, `yaml.py`);
+     - a str of Lua source that `return`s the module table (run as ctx.execute would run it).
    Lua code longer than a line or two lives in a `.lua` file beside the plugin and is run with
    `ctx.execute_file("name.lua", args...)` (a bare name is the bundled plugins' folder; give a
    user plugin's own file by absolute path, e.g. `Path(__file__).with_name("x.lua")`). The file
