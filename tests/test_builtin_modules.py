@@ -366,7 +366,8 @@ def test_http_batch_runs_concurrently(server):
 
     services = msgscript.Services(blocking=concurrent.futures.ThreadPoolExecutor(4))
     msgscript.load_plugins([], services.modules)
-    src = 'function OnMessage(u) return #require("http").request_batch({{"get", u .. "/slow"}, {"get", u .. "/slow"}}) end'
+    src = ('function OnMessage(u) return #require("http").request_batch({{"get", u .. "/slow"}, '
+           '{"get", u .. "/slow"}}) end')
     runner = msgscript.LuaRunner(msgscript.Script("t.sub", "t", src), src, services, 64 * 2**20)
     t0 = time.monotonic()
     out = runner.call("OnMessage", time.monotonic() + 5, server.encode())
