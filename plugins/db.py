@@ -79,16 +79,16 @@ def bind_value(value):
     raise DbError(f"cannot bind a {lua_type(value)} value (use strings, numbers, booleans or nil)")
 
 
-def prepare(sql: str, binds: tuple, backslash_escapes: bool) -> tuple[str, list | None]:
+def prepare(sql: str, binds: tuple, backslash_escapes: bool, deadline: float = math.inf) -> tuple[str, list | None]:
     """(sql, parameters) for a format-style driver: `?` placeholders bound to `binds` (none: the SQL as is)."""
     if binds:
-        return format_placeholders(sql, len(binds), backslash_escapes), [bind_value(b) for b in binds]
+        return format_placeholders(sql, len(binds), backslash_escapes, deadline), [bind_value(b) for b in binds]
     return sql, None
 
 
-def execute(cursor, sql: str, binds: tuple, backslash_escapes: bool) -> None:
+def execute(cursor, sql: str, binds: tuple, backslash_escapes: bool, deadline: float = math.inf) -> None:
     """Run `sql` with its `?` placeholders bound to `binds`."""
-    query, params = prepare(sql, binds, backslash_escapes)
+    query, params = prepare(sql, binds, backslash_escapes, deadline)
     cursor.execute(query) if params is None else cursor.execute(query, params)
 
 
@@ -128,13 +128,17 @@ class Rows:
         return self.rows
 
 
-def format_placeholders(sql: str, count: int, backslash_escapes: bool) -> str:
-    """Turn `?` placeholders (outside quotes) into `%s`, and `%` into `%%`, for a driver's format style."""
+def format_placeholders(sql: str, count: int, backslash_escapes: bool, deadline: float = math.inf) -> str:
+    """Turn `?` placeholders (outside quotes) into `%s`, and `%` into `%%`, for a driver's format style
+    (DbError past `deadline`: this runs on the executor for blocking work, which nothing else stops)."""
     quoted = r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"" if backslash_escapes else r"'[^']*'|\"[^\"]*\""
-    found = 0
+    found = steps = 0
 
     def replace(m: re.Match) -> str:
-        nonlocal found
+        nonlocal found, steps
+        steps += 1
+        if not steps % 4096 and time.monotonic() > deadline:
+            raise DbError("timed out while preparing the query")
         token = m.group()
         if token == "?":
             found += 1
@@ -258,7 +262,7 @@ class MysqlBackend(Backend):
         self.conn._read_timeout = min(timeout, self.caps.get("read_cap", timeout))
         self.conn._write_timeout = min(timeout, self.caps.get("write_cap", timeout))
         with self.conn.cursor(pymysql.cursors.SSCursor) as cursor:  # unbuffered: rows are counted as they come
-            execute(cursor, sql, binds, backslash_escapes=True)
+            execute(cursor, sql, binds, backslash_escapes=True, deadline=time.monotonic() + timeout)
             try:
                 return Rows(limit).read(cursor)
             except ResultTooLarge:
@@ -314,10 +318,10 @@ class PostgresBackend(Backend):
             # A server-side limit: the statement is cancelled when the script's time is up.
             cursor.execute(f"SET statement_timeout = {max(1, int(timeout * 1000))}")
             if not _ROW_QUERY.match(sql) or ";" in sql.strip().rstrip(";"):
-                execute(cursor, sql, binds, backslash_escapes=False)
+                execute(cursor, sql, binds, backslash_escapes=False, deadline=time.monotonic() + timeout)
                 return Rows(limit).read(cursor)
             # One query that returns rows: streamed, so a huge result is never held in memory.
-            query, params = prepare(sql, binds, backslash_escapes=False)
+            query, params = prepare(sql, binds, backslash_escapes=False, deadline=time.monotonic() + timeout)
             rows, stream = Rows(limit), cursor.stream(query, params)
             try:
                 for values in stream:

@@ -23,6 +23,8 @@ import zlib
 import msgscript
 from msgscript import ArgError, LuaError, check_string, error_text, go_duration, is_table, lua_text, lua_type, truthy
 
+from msgscript_plugins._bounds import ticker
+
 
 _REDIRECTS = (301, 302, 303, 307, 308)
 _DEADLINE = "context deadline exceeded"
@@ -42,8 +44,14 @@ def _canonical(name: str) -> str:
     return "-".join(p[:1].upper() + p[1:].lower() for p in name.split("-"))
 
 
-def _pairs(table) -> dict:
-    return {lua_text(k): lua_text(v) for k, v in table.items()} if is_table(table) else {}
+def _pairs(ctx, table) -> dict:
+    if not is_table(table):
+        return {}
+    tick, out = ticker(ctx), {}
+    for k, v in table.items():
+        tick()
+        out[lua_text(k)] = lua_text(v)
+    return out
 
 
 def _time_limit(ctx, timeout) -> float:
@@ -69,7 +77,7 @@ def _prepare(ctx, method: str, url: str, options) -> tuple:
         body = opt(b"form") if isinstance(opt(b"form"), bytes) else None
         if body is not None:
             headers["Content-Type"] = "application/x-www-form-urlencoded"
-    cookies = _pairs(opt(b"cookies"))
+    cookies = _pairs(ctx, opt(b"cookies"))
     if cookies:
         headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in cookies.items())
     auth = opt(b"auth")
@@ -79,7 +87,7 @@ def _prepare(ctx, method: str, url: str, options) -> tuple:
             raise _HttpError("auth table must contain no nil user and pass fields")
         token = base64.b64encode(_raw(f"{lua_text(user)}:{lua_text(password)}")).decode()
         headers["Authorization"] = f"Basic {token}"
-    headers.update({_canonical(k): v for k, v in _pairs(opt(b"headers")).items()})
+    headers.update({_canonical(k): v for k, v in _pairs(ctx, opt(b"headers")).items()})
     return method.upper(), url, headers, body, _time_limit(ctx, opt(b"timeout"))
 
 

@@ -29,6 +29,8 @@ import urllib.parse
 from msgscript import (ArgError, LuaError, check_string, check_table, error_text, first_line, go_duration, lua_text,
                        lua_type, opt_string, parse_bool)
 
+from msgscript_plugins._bounds import ticker
+
 
 VAULT_TIMEOUT = 5.0  # seconds one request may take (the Go plugin's DEFAULT_VAULT_TIMEOUT); VAULT_CLIENT_TIMEOUT
 _GRACE = 0.05  # how long past its timeout a request is waited for before it is abandoned
@@ -257,7 +259,7 @@ def _key(key, n: int) -> str:
     raise ArgError(n, f"table keys must be strings or numbers, got {lua_type(key)}")
 
 
-def _nested(value, n: int, depth: int = 0):
+def _nested(value, n: int, depth: int = 0, tick=lambda n=1: None):
     """A value inside a written table's value, as JSON (tables by the json module's rules)."""
     if depth > 100:
         raise ArgError(n, "table nested too deeply")
@@ -272,19 +274,21 @@ def _nested(value, n: int, depth: int = 0):
     if lua_type(value) != "table":
         raise ArgError(n, f"a {lua_type(value)} cannot be written")
     items = list(value.items())
+    tick(len(items))
     if not items:
         return []  # as the json module encodes an empty table
     numbers = sorted(k for k, _ in items if isinstance(k, (int, float)) and not isinstance(k, bool))
     if numbers == list(range(1, len(items) + 1)):  # keys 1..n: an array
-        return [_nested(v, n, depth + 1) for _, v in sorted(items, key=lambda kv: kv[0])]
-    return {_key(k, n): _nested(v, n, depth + 1) for k, v in items}
+        return [_nested(v, n, depth + 1, tick) for _, v in sorted(items, key=lambda kv: kv[0])]
+    return {_key(k, n): _nested(v, n, depth + 1, tick) for k, v in items}
 
 
-def _secret_data(table, n: int) -> dict:
+def _secret_data(table, n: int, tick=lambda n=1: None) -> dict:
     """The table written as a secret: strings, numbers and booleans are stored as their text, as
     the Go plugin does; a table value is stored as a JSON object or array."""
     data = {}
     for k, v in table.items():
+        tick()
         if isinstance(v, bytes):
             data[_key(k, n)] = v.decode("utf-8", "replace")  # JSON holds text: invalid bytes become U+FFFD
         elif isinstance(v, bool):
@@ -292,7 +296,7 @@ def _secret_data(table, n: int) -> dict:
         elif isinstance(v, (int, float)):
             data[_key(k, n)] = lua_text(v)
         else:
-            data[_key(k, n)] = _nested(v, n)
+            data[_key(k, n)] = _nested(v, n, tick=tick)
     return data
 
 
@@ -402,7 +406,7 @@ def _load(ctx):
     def write(client, path=None, table=None, mount=None):
         """v:write(path, table, mount) -> nil | err"""
         path, mount = check_string(path, 1), check_string(mount, 3)
-        data = _secret_data(check_table(table, 2), 2)
+        data = _secret_data(check_table(table, 2), 2, ticker(ctx))
         try:
             _call(ctx, client, _write, _path(path), data, mount)
         except _Failure as e:
