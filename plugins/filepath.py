@@ -14,7 +14,7 @@ import re2
 
 from msgscript import check_string, pure
 
-from msgscript_plugins._bounds import off_loop, ticker
+from msgscript_plugins._bounds import off_loop, refuse_if_over, ticker
 
 _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.encoding = re2.Options.Encoding.UTF8  # Go matches names as UTF-8 runes
@@ -31,13 +31,20 @@ class BadPattern(ValueError):
 
 # Lexical functions on str #####################################################
 
-def clean(path: str) -> str:
+def _no_tick(n=1):
+    pass
+
+
+def clean(path: str, tick=_no_tick) -> str:
     """Go filepath.Clean: the shortest lexically equivalent path."""
     if path == "":
         return "."
+    if "." not in path and "//" not in path and (len(path) == 1 or not path.endswith("/")):
+        return path  # nothing to clean (a quick answer for a long path too)
     rooted = path.startswith("/")
     out = []
     for part in path.split("/"):
+        tick()
         if part in ("", "."):
             continue
         if part != "..":
@@ -58,19 +65,15 @@ def basename(path: str) -> str:
     return path.rsplit("/", 1)[-1] if path else "/"
 
 
-def dirname(path: str) -> str:
+def dirname(path: str, tick=_no_tick) -> str:
     """Go filepath.Dir: all but the last element, cleaned."""
-    return clean(path[:path.rfind("/") + 1])
+    return clean(path[:path.rfind("/") + 1], tick)
 
 
 def ext(path: str) -> str:
     """Go filepath.Ext: the extension of the last element, with its dot."""
-    i = len(path) - 1
-    while i >= 0 and path[i] != "/":
-        if path[i] == ".":
-            return path[i:]
-        i -= 1
-    return ""
+    dot = path.rfind(".", path.rfind("/") + 1)
+    return path[dot:] if dot >= 0 else ""
 
 
 def split(path: str) -> tuple[str, str]:
@@ -79,17 +82,17 @@ def split(path: str) -> tuple[str, str]:
     return path[:i], path[i:]
 
 
-def join_list(parts) -> str:
+def join_list(parts, tick=_no_tick) -> str:
     """Go filepath.Join: empty elements are ignored; "" if all are empty."""
     for i, part in enumerate(parts):
         if part:
-            return clean("/".join(parts[i:]))
+            return clean("/".join(parts[i:]), tick)
     return ""
 
 
-def rel(basepath: str, targpath: str):
+def rel(basepath: str, targpath: str, tick=_no_tick):
     """Go filepath.Rel (purely lexical); err as a 2nd value when impossible."""
-    base, targ = clean(basepath), clean(targpath)
+    base, targ = clean(basepath, tick), clean(targpath, tick)
     if base == targ:
         return "."
     failure = "", f"Rel: can't make {targpath} relative to {basepath}"
@@ -99,6 +102,7 @@ def rel(basepath: str, targpath: str):
     targ_parts = [] if targ in (".", "/") else targ.strip("/").split("/")
     common = 0
     while common < min(len(base_parts), len(targ_parts)) and base_parts[common] == targ_parts[common]:
+        tick()
         common += 1
     if ".." in base_parts[common:common + 1]:
         return failure
@@ -144,10 +148,11 @@ def _class_regex(pattern, i):
     return "[" + ("^" if negated else "") + "".join(ranges) + "]", i
 
 
-def _pattern_regex(pattern: str) -> str:
+def _pattern_regex(pattern: str, tick=_no_tick) -> str:
     """A Go filepath pattern as an RE2 regular expression; BadPattern for a malformed one."""
     out, i = [], 0
     while i < len(pattern):
+        tick()
         c = pattern[i]
         if c == "*":
             out.append("[^/]*")
@@ -168,11 +173,20 @@ def _pattern_regex(pattern: str) -> str:
     return "".join(out)
 
 
-@functools.lru_cache(maxsize=256)
-def _compiled(pattern: str):
-    """The RE2 matcher of a pattern (whole names only); BadPattern for a malformed one."""
+def _compiled(pattern: str, tick=_no_tick):
+    """The RE2 matcher of a pattern (whole names only); BadPattern for a malformed one. Short patterns
+    are kept compiled."""
+    return _cached(pattern) if len(pattern) <= 4096 else _compile(pattern, tick)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached(pattern: str):
+    return _compile(pattern)
+
+
+def _compile(pattern: str, tick=_no_tick):
     try:
-        return re2.compile(_utf8(_pattern_regex(pattern)), options=_RE2_OPTIONS).fullmatch
+        return re2.compile(_utf8(_pattern_regex(pattern, tick)), options=_RE2_OPTIONS).fullmatch
     except re2.error:
         raise BadPattern() from None  # e.g. a pattern too large for RE2's memory budget
 
@@ -186,9 +200,9 @@ def _utf8(name: str) -> bytes:
         return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace").encode()
 
 
-def match(pattern: str, name: str) -> bool:
+def match(pattern: str, name: str, tick=_no_tick) -> bool:
     """Go filepath.Match; BadPattern for a malformed pattern."""
-    return _compiled(pattern)(_utf8(name)) is not None
+    return _compiled(pattern, tick)(_utf8(name)) is not None
 
 
 def _has_meta(path):
@@ -248,7 +262,8 @@ def _glob_dir(directory, pattern, matches, budget, where):
 def glob(pattern: str, ctx=None) -> list[str]:
     """Go filepath.Glob: the sorted matches; raises BadPattern. Relative paths are `ctx`'s call's."""
     where = ctx.path if ctx is not None else (lambda p: p)
-    _compiled(pattern)
+    tick = ticker(ctx) if ctx is not None else _no_tick
+    _compiled(pattern, tick)
     if not _has_meta(pattern):
         return [pattern] if os.path.lexists(where(pattern)) else []
     budget = _Budget(ctx)
@@ -261,7 +276,7 @@ def glob(pattern: str, ctx=None) -> list[str]:
             break
         if directory == pattern:
             raise BadPattern()
-        _compiled(directory)
+        _compiled(directory, tick)
         pattern = directory
     found = [directory]
     for file in reversed(files):
@@ -273,19 +288,25 @@ def glob(pattern: str, ctx=None) -> list[str]:
 
 # The Lua module ###############################################################
 
-def _lexical(func):
-    """A Lua function of one path string."""
-    return pure(lambda path=None: func(check_string(path, 1)))
-
-
 def _load(ctx):
+    def lexical(func, long=False):
+        """A Lua function of one path string; `long` work (a loop over the path) looks at the clock."""
+        def call(path=None):
+            path = check_string(path, 1)
+            if not long:
+                return func(path)
+            off_loop(ctx, len(path))
+            return func(path, ticker(ctx))
+
+        return pure(call)
+
     @pure
     def match_(pattern=None, name=None):
         """Go filepath.Match: bool, plus err for a malformed pattern."""
         pattern, name = check_string(pattern, 1), check_string(name, 2)
         off_loop(ctx, len(pattern) + len(name))
         try:
-            return match(pattern, name)
+            return match(pattern, name, ticker(ctx))
         except BadPattern as e:
             return False, str(e)
 
@@ -299,7 +320,7 @@ def _load(ctx):
     def abs_(path=None):
         """Go filepath.Abs: the path made absolute (in the call's working directory) and cleaned."""
         path = check_string(path, 1)
-        return clean(path) if path.startswith("/") else join_list([ctx.cwd(), path])
+        return clean(path, ticker(ctx)) if path.startswith("/") else join_list([ctx.cwd(), path], ticker(ctx))
 
     def eval_symlinks(path=None):
         """Go filepath.EvalSymlinks; a relative path stays relative when it resolves inside the working
@@ -312,23 +333,38 @@ def _load(ctx):
         if not path.startswith("/"):
             cwd = os.path.realpath(ctx.cwd())
             if resolved == cwd or resolved.startswith(cwd.rstrip("/") + "/"):
-                return clean(os.path.relpath(resolved, cwd))
+                return os.path.relpath(resolved, cwd)
         return resolved
 
     @pure
+    def split_list(path=None):
+        """Go filepath.SplitList, its pieces counted before they are made."""
+        path = check_string(path, 1)
+        off_loop(ctx, len(path))
+        refuse_if_over(ctx, 80 * path.count(":") + 2 * len(path), "filepath.split_list's result")
+        return path.split(":") if path else []
+
+    @pure
     def rel_(basepath=None, targpath=None):
-        return rel(check_string(basepath, 1), check_string(targpath, 2))
+        basepath, targpath = check_string(basepath, 1), check_string(targpath, 2)
+        off_loop(ctx, len(basepath) + len(targpath))
+        return rel(basepath, targpath, ticker(ctx))
 
     members = {
-        "basename": _lexical(basename), "clean": _lexical(clean), "dir": _lexical(dirname),
-        "ext": _lexical(ext), "from_slash": _lexical(str), "to_slash": _lexical(str),
-        "volume_name": _lexical(lambda path: ""), "is_abs": _lexical(lambda path: path.startswith("/")),
-        "split": _lexical(split), "split_list": _lexical(lambda path: path.split(":") if path else []),
+        "basename": lexical(basename), "clean": lexical(clean, True), "dir": lexical(dirname, True),
+        "ext": lexical(ext), "from_slash": lexical(str), "to_slash": lexical(str),
+        "volume_name": lexical(lambda path: ""), "is_abs": lexical(lambda path: path.startswith("/")),
+        "split": lexical(split), "split_list": split_list,
         "separator": pure(lambda: "/"), "list_separator": pure(lambda: ":"),
         "glob": glob_, "match": match_, "abs": abs_, "eval_symlinks": eval_symlinks, "rel": rel_,
     }
     module = ctx.module(members)
-    join = pure(lambda parts=None: join_list(ctx.to_python(parts) or []))
+    @pure
+    def join(parts=None):
+        parts = ctx.to_python(parts) or []
+        off_loop(ctx, sum(len(p) for p in parts if isinstance(p, str)))
+        return join_list(parts, ticker(ctx))
+
     module[b"join"] = ctx.execute_file("filepath.lua", ctx.fn(join, "join"))
     return module
 

@@ -16,6 +16,7 @@ than the cap, and writes one over JSON_C_SIZE in short steps too.
 
 from __future__ import annotations
 
+import codecs
 import json
 import json.decoder
 import json.scanner
@@ -200,11 +201,16 @@ def lua_to_json(value, holey_len=lambda t: None, limit: int = 2**62, on_big=None
     return enc.text(value)
 
 
+def _replace_with_fffd(error: UnicodeEncodeError):
+    return "\ufffd" * (error.end - error.start), error.end
+
+
+codecs.register_error("msgscript-json-fffd", _replace_with_fffd)
+
+
 def _lua_text(s: str) -> bytes:
-    try:
-        return s.encode("utf-8")
-    except UnicodeEncodeError:  # lone surrogates from \ud800 escapes or invalid input bytes
-        return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in s).encode("utf-8")
+    """A decoded string as UTF-8; lone surrogates (from \\ud800 escapes or invalid input bytes) become U+FFFD."""
+    return s.encode("utf-8", "msgscript-json-fffd")
 
 
 def _reject_constant(name: str):
