@@ -30,6 +30,18 @@ def ticker(ctx, every: int = CHECK_EVERY, check=None):
     return tick
 
 
+def table_items(table, tick) -> list:
+    """A Lua table's (key, value) pairs, read with a `tick()` every CHECK_EVERY: a table of millions of
+    keys takes a while to read from Python, so an inline call moves off the event loop on the way."""
+    items = []
+    append = items.append
+    for pair in table.items():
+        append(pair)
+        if len(items) % CHECK_EVERY == 0:
+            tick(CHECK_EVERY)
+    return items
+
+
 def off_loop(ctx, size: int) -> None:
     """Work on `size` bytes of input is not for the event loop: an inline call moves to a worker first."""
     if size > INLINE_SIZE:

@@ -27,7 +27,7 @@ import secrets
 from msgscript import ArgError, LuaError, check_string, is_table, lua_type, pure
 
 from msgscript import INLINE_SIZE, OutputBudget
-from msgscript_plugins._bounds import json_cost, off_loop, refuse_if_over, ticker
+from msgscript_plugins._bounds import json_cost, off_loop, refuse_if_over, table_items, ticker
 
 JSON_C_SIZE = 512 * 2**10  # text json.loads/json.dumps handle in one C call (at most ~20 ms holding the GIL)
 SMALL_TEXT = 4096  # a text this short is decoded without looking at the clock (well under a millisecond)
@@ -134,25 +134,29 @@ class _Encoder(OutputBudget):
         return value
 
     def members(self, t):
-        keys = list(t.keys())  # the values are read one at a time below
-        if not keys:
+        items = table_items(t, self.tick) if self.check is not None else list(t.items())
+        if not items:
             return []
+        keys = [k for k, _ in items]
         if type(keys[0]) is bytes:
-            return self.object(t, keys)
+            return self.object(items, keys)
         if type(keys[0]) in (int, float):
-            return self.array(t, keys)
+            return self.array(t, items, keys)
         raise ValueError("cannot encode mixed or invalid key types")
 
-    def object(self, t, keys) -> dict:
+    def tick(self, n: int = 1) -> None:
+        self.grow(n)  # counts toward the next look at the clock (a key costs a few bytes anyway)
+
+    def object(self, items, keys) -> dict:
         if any(type(k) is not bytes for k in keys):
             raise ValueError("cannot encode mixed or invalid key types")
         out = {}
-        for k, v in t.items():
+        for k, v in items:
             self.grow(len(k) + 4)
             out[k.decode("utf-8", "replace")] = self.plain(v)
         return out
 
-    def array(self, t, keys) -> list:
+    def array(self, t, items, keys) -> list:
         n = len(keys)
         if any(type(k) not in (int, float) for k in keys):
             raise ValueError("cannot encode mixed or invalid key types")
@@ -162,7 +166,7 @@ class _Encoder(OutputBudget):
                 raise ValueError("cannot encode sparse array")
         self.grow(n)
         out = [None] * n
-        for k, v in t.items():
+        for k, v in items:
             out[k - 1] = self.plain(v)
         return out
 

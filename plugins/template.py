@@ -24,7 +24,7 @@ from decimal import Decimal
 
 from msgscript import ArgError, check_string, error_text, is_table, lua_tostring, lua_type, open_file, pure
 
-from msgscript_plugins._bounds import off_loop, ticker
+from msgscript_plugins._bounds import off_loop, table_items, ticker
 
 
 MAX_DEPTH = 100  # nesting of values and of partials
@@ -105,8 +105,7 @@ def to_value(value, depth: int = 0, done: dict | None = None, tick=lambda n=1: N
     done = {} if done is None else done
     key = repr(value)  # the table's address
     if key not in done:
-        items = dict(value.items())
-        tick(len(items))
+        items = dict(table_items(value, tick))
         n = _border(items)
         if n:
             done[key] = [to_value(items[i], depth + 1, done, tick) for i in range(1, n + 1)]
@@ -119,8 +118,7 @@ def top_values(values, n: int = 2, tick=lambda n=1: None):
     """The top-level `values` argument (argument `n`): a map, or the original's error for an array."""
     if not is_table(values):
         raise ArgError(n, f"table expected, got {lua_type(values)}")
-    items = dict(values.items())
-    tick(len(items))
+    items = dict(table_items(values, tick))
     if _border(items):
         raise TemplateError("arguments #1 must be a table, but got an array")
     done: dict = {}

@@ -18,7 +18,7 @@ import re
 from msgscript import ArgError, check_string, is_table, pure
 
 from msgscript import OutputBudget
-from msgscript_plugins._bounds import off_loop, refuse_if_over, ticker, yaml_cost
+from msgscript_plugins._bounds import off_loop, refuse_if_over, table_items, ticker, yaml_cost
 
 
 _INT64 = range(-(2**63), 2**63)
@@ -309,7 +309,7 @@ class LuaToYaml(OutputBudget):
             self.active.discard(address)
 
     def members(self, t):
-        items = list(t.items())
+        items = table_items(t, self.grow)
         if [k for k, _ in items] == list(range(1, len(items) + 1)):
             out = []
             for k, v in items:
