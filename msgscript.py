@@ -1564,7 +1564,7 @@ def pure(func: Callable) -> Callable:
 def error_text(exc: BaseException) -> str:
     """An exception as a one-line message in Go's words ("no such file or directory")."""
     if isinstance(exc, OSError) and (exc.strerror or exc.errno):
-        text = os.strerror(exc.errno) if exc.errno else exc.strerror
+        text = exc.strerror or os.strerror(exc.errno)
         if exc.filename:
             return f"{exc.filename}: {text[:1].lower() + text[1:]}"
         return text[:1].lower() + text[1:]
@@ -1626,7 +1626,7 @@ class LuaContext:
             return future.result(self.remaining(cap))
         except concurrent.futures.TimeoutError:
             future.cancel()
-            raise LuaError("script timed out" if cap is None or self.remaining() <= cap else "timed out") from None
+            raise TimedOut("script timed out" if cap is None or self.remaining() <= cap else "timed out") from None
 
     def remaining(self, cap: float | None = None) -> float:
         """Seconds left for the current call (at least a millisecond), capped at `cap` (None: no cap)."""
@@ -1716,10 +1716,21 @@ class LuaContext:
         if self.inline and now > self.inline_deadline:
             raise _MoveToPool()
 
-    def move_to_worker(self) -> None:
-        """From a pure function whose work turns out big: an inline call moves to a worker (no-op elsewhere)."""
-        if self.inline:
+    def move_to_worker(self, size: int | None = None) -> None:
+        """From a pure function whose work turns out big (`size` bytes of input over INLINE_SIZE, or any
+        with no size): an inline call moves to a worker (no-op elsewhere)."""
+        if self.inline and (size is None or size > INLINE_SIZE):
             raise _MoveToPool()
+
+    def read_file(self, path: str, limit: int | None = None) -> bytes:
+        """The bytes of a file a script names (relative to the call's working directory), at most `limit`
+        (default: what the memory cap leaves): OSError if it cannot be opened (open_file), ValueError if larger."""
+        limit = self.max_bytes() if limit is None else limit
+        with os.fdopen(open_file(self.path(path)), "rb") as f:
+            data = f.read(limit + 1)  # files in /proc report size 0: the read itself is bounded
+        if len(data) > limit:
+            raise ValueError(f"{path}: file larger than the script's memory limit allows ({limit} bytes)")
+        return data
 
     def state(self, key: str, make: Callable[[], Any]) -> Any:
         """Per-runtime state shared by a plugin's loaders and functions (made on first use)."""
@@ -1854,8 +1865,9 @@ def _lua_size(value: Any, budget: list | None = None) -> int:
         budget[0] -= len(value)
         if budget[0] < 0:
             return 2**40  # millions of elements: more than any cap
-        items = value.items() if isinstance(value, dict) else ((None, v) for v in value)
-        return 64 + sum(40 + _lua_size(k, budget) + _lua_size(v, budget) for k, v in items)
+        if isinstance(value, dict):  # a hash node is 40 bytes, and the part is sized to a power of two
+            return 64 + sum(80 + _lua_size(k, budget) + _lua_size(v, budget) for k, v in value.items())
+        return 64 + sum(32 + _lua_size(v, budget) for v in value)
     return 64
 
 
@@ -1885,6 +1897,36 @@ def lua_file(name: str) -> str:
 @functools.lru_cache(maxsize=64)
 def _read_lua(path: str) -> str:
     return Path(path).read_text(encoding="utf-8")
+
+
+CHECK_EVERY = 1024  # iterations of a module's loop between two looks at the call's clock
+
+
+def ticker(check: Callable[[], None], every: int = CHECK_EVERY) -> Callable[[int], None]:
+    """A function to call once per iteration of a loop a script controls (or `tick(n)` for n units of work):
+    every `every` units it calls `check` (ctx.check: a timeout past the deadline, off the event loop past
+    the inline budget)."""
+    done = 0
+
+    def tick(n: int = 1) -> None:
+        nonlocal done
+        done += n
+        if done >= every:
+            done = 0
+            check()
+
+    return tick
+
+
+def table_keys(table, tick: Callable[[int], None]) -> list:
+    """A Lua table's keys, with a tick() as they are read (values are best read one at a time: a table may
+    hold the same big string many times, which lupa copies at each read)."""
+    keys = []
+    for key in table:  # a lupa table iterates over its keys
+        keys.append(key)
+        if len(keys) % CHECK_EVERY == 0:
+            tick(CHECK_EVERY)
+    return keys
 
 
 class OutputBudget:
@@ -2236,8 +2278,8 @@ class CommandResult:
     signal: int = 0  # the signal that killed the command, 0 when it exited
 
 
-class CommandTimeout(LuaError):
-    """run_command reached its timeout (the command was killed)."""
+class TimedOut(LuaError):
+    """A module's wait reached the call's deadline (run_command's command was killed, ctx.blocking gave up)."""
 
 
 def run_command(command: str, timeout: float, max_output: int, stdin: bytes | None = None,
@@ -2258,7 +2300,7 @@ def run_command(command: str, timeout: float, max_output: int, stdin: bytes | No
         stdout, stderr = _communicate(proc, stdin, timeout, max_output)
     except subprocess.TimeoutExpired:
         _kill_group(proc)
-        raise CommandTimeout("script timed out") from None
+        raise TimedOut("script timed out") from None
     except LuaError:
         _kill_group(proc)
         raise

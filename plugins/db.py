@@ -29,7 +29,6 @@ import weakref
 import msgscript
 from msgscript import ArgError, LuaError, check_string, is_table, lua_type, open_file, opt_number, pure
 
-from msgscript_plugins._bounds import off_loop, refuse_if_over
 
 _ESCAPES = {"\r": "\\r", "\n": "\\n", "\\": "\\\\", "'": "\\'", '"': '\\"', "\032": "\\Z"}
 _ESCAPE_TABLE = str.maketrans(_ESCAPES)
@@ -551,8 +550,8 @@ def _server_module(make_opener, with_escape: bool):
             @pure
             def escape_(text=None):
                 text = check_string(text, 1)
-                off_loop(ctx, len(text))
-                refuse_if_over(ctx, 4 * len(text), "mysql.escape's result")
+                ctx.move_to_worker(len(text))
+                ctx.fits(4 * len(text), "mysql.escape's result")
                 return escape(text)
 
             members["escape"] = escape_

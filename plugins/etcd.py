@@ -15,8 +15,8 @@ import threading
 
 import msgscript
 from msgscript import LuaError, check_string
+from msgscript_plugins.json import json_cost
 
-from msgscript_plugins._bounds import json_cost
 
 _clients: dict[tuple, msgscript.EtcdClient] = {}
 _lock = threading.Lock()

@@ -13,8 +13,8 @@ import stat
 import re2
 
 from msgscript import check_string, pure
+from msgscript import ticker
 
-from msgscript_plugins._bounds import off_loop, refuse_if_over, ticker
 
 _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.encoding = re2.Options.Encoding.UTF8  # Go matches names as UTF-8 runes
@@ -215,7 +215,7 @@ class _Budget:
     def __init__(self, ctx):
         self.ctx, self.taken = ctx, 0
         self.left = ctx.max_bytes() if ctx is not None else 2**62
-        self.tick = ticker(ctx, 256) if ctx is not None else (lambda n=1: None)
+        self.tick = ticker(ctx.check, 256) if ctx is not None else (lambda n=1: None)
 
     def take(self, text: str) -> int:
         size = len(text) + _NAME_COST
@@ -262,7 +262,7 @@ def _glob_dir(directory, pattern, matches, budget, where):
 def glob(pattern: str, ctx=None) -> list[str]:
     """Go filepath.Glob: the sorted matches; raises BadPattern. Relative paths are `ctx`'s call's."""
     where = ctx.path if ctx is not None else (lambda p: p)
-    tick = ticker(ctx) if ctx is not None else _no_tick
+    tick = ticker(ctx.check) if ctx is not None else _no_tick
     _compiled(pattern, tick)
     if not _has_meta(pattern):
         return [pattern] if os.path.lexists(where(pattern)) else []
@@ -295,8 +295,8 @@ def _load(ctx):
             path = check_string(path, 1)
             if not long:
                 return func(path)
-            off_loop(ctx, len(path))
-            return func(path, ticker(ctx))
+            ctx.move_to_worker(len(path))
+            return func(path, ticker(ctx.check))
 
         return pure(call)
 
@@ -304,9 +304,9 @@ def _load(ctx):
     def match_(pattern=None, name=None):
         """Go filepath.Match: bool, plus err for a malformed pattern."""
         pattern, name = check_string(pattern, 1), check_string(name, 2)
-        off_loop(ctx, len(pattern) + len(name))
+        ctx.move_to_worker(len(pattern) + len(name))
         try:
-            return match(pattern, name, ticker(ctx))
+            return match(pattern, name, ticker(ctx.check))
         except BadPattern as e:
             return False, str(e)
 
@@ -320,7 +320,8 @@ def _load(ctx):
     def abs_(path=None):
         """Go filepath.Abs: the path made absolute (in the call's working directory) and cleaned."""
         path = check_string(path, 1)
-        return clean(path, ticker(ctx)) if path.startswith("/") else join_list([ctx.cwd(), path], ticker(ctx))
+        tick = ticker(ctx.check)
+        return clean(path, tick) if path.startswith("/") else join_list([ctx.cwd(), path], tick)
 
     def eval_symlinks(path=None):
         """Go filepath.EvalSymlinks; a relative path stays relative when it resolves inside the working
@@ -340,15 +341,15 @@ def _load(ctx):
     def split_list(path=None):
         """Go filepath.SplitList, its pieces counted before they are made."""
         path = check_string(path, 1)
-        off_loop(ctx, len(path))
-        refuse_if_over(ctx, 80 * path.count(":") + 2 * len(path), "filepath.split_list's result")
+        ctx.move_to_worker(len(path))
+        ctx.fits(80 * path.count(":") + 2 * len(path), "filepath.split_list's result")
         return path.split(":") if path else []
 
     @pure
     def rel_(basepath=None, targpath=None):
         basepath, targpath = check_string(basepath, 1), check_string(targpath, 2)
-        off_loop(ctx, len(basepath) + len(targpath))
-        return rel(basepath, targpath, ticker(ctx))
+        ctx.move_to_worker(len(basepath) + len(targpath))
+        return rel(basepath, targpath, ticker(ctx.check))
 
     members = {
         "basename": lexical(basename), "clean": lexical(clean, True), "dir": lexical(dirname, True),
@@ -362,8 +363,8 @@ def _load(ctx):
     @pure
     def join(parts=None):
         parts = ctx.to_python(parts) or []
-        off_loop(ctx, sum(len(p) for p in parts if isinstance(p, str)))
-        return join_list(parts, ticker(ctx))
+        ctx.move_to_worker(sum(len(p) for p in parts if isinstance(p, str)))
+        return join_list(parts, ticker(ctx.check))
 
     module[b"join"] = ctx.execute_file("filepath.lua", ctx.fn(join, "join"))
     return module

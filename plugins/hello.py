@@ -15,7 +15,8 @@ HOW A PLUGIN WORKS
    and skipped; it never stops the server. Everything a plugin needs comes from `msgscript`:
        from msgscript import LuaError, ArgError, check_string, opt_string, check_number, opt_number,
            check_integer, opt_integer, check_table, check_function, truthy, lua_type, is_table,
-           lua_tostring, lua_text, pure, error_text, run_command, open_file, OutputBudget, INLINE_SIZE
+           lua_tostring, lua_text, pure, error_text, run_command, open_file, OutputBudget, INLINE_SIZE,
+           ticker, table_keys, TimedOut
    The API is versioned: msgscript.PLUGIN_API is 2. A plugin may set `API = 2` (the version it was
    written for); one that needs a newer API than the server has is refused when it loads.
 
@@ -71,22 +72,27 @@ HOW A PLUGIN WORKS
 6. Mark a function `@msgscript.pure` only if it has no side effects and is quick on small input
    (string helpers, encoders): a script running inline on the event loop may call it there. Calling
    any other Python function moves the call to a worker thread first. A pure function whose input
-   turns out big calls `ctx.move_to_worker()` before the work (the call is run again on a worker):
-   anything over INLINE_SIZE bytes is not for the event loop.
+   turns out big calls `ctx.move_to_worker(size)` before the work (the call is run again on a worker
+   when `size` is over INLINE_SIZE bytes: that is not for the event loop).
 
 7. Bounds: every function a script can reach has a bounded cost, checked before the work.
      - Time. Anything that blocks waits at most `ctx.remaining()` seconds, the time left before the
        script's deadline (`ctx.remaining(cap)` caps it). Work that cannot be given a timeout (a DNS
        lookup, a library's connect) runs with `ctx.blocking(func, *args, cap=None)` on the
        scheduler's bounded executor, waited for until the deadline (LuaError "script timed out";
-       "timed out" when `cap` came first); a plugin never starts a thread of its own.
+       "timed out" when `cap` came first; both are msgscript.TimedOut); a plugin never starts a thread
+       of its own.
        msgscript.run_command runs a shell command within a limit (pass `cwd=ctx.cwd()`). A Python
        loop whose length a script controls calls `ctx.check()` every thousand iterations or so: it
        fails past the deadline and, on the event loop past the inline budget, moves the call to a
-       worker. A single long C call that holds the interpreter lock must be bounded in size (a
+       worker (`tick = msgscript.ticker(ctx.check)`, then `tick()` once per iteration, does the
+       counting; `msgscript.table_keys(table, tick)` reads a big table's keys that way: read its
+       values one at a time, as a table may hold one big string many times). A single long C call
+       that holds the interpreter lock must be bounded in size (a
        few tens of milliseconds at most) or split.
      - Memory. Anything that reads files, sockets or command output reads at most
-       `ctx.max_bytes()`, what the script's memory cap leaves; memory a function spends in Python
+       `ctx.max_bytes()`, what the script's memory cap leaves (`ctx.read_file(path)` reads a file
+       that way); memory a function spends in Python
        (a decoder's objects, a split's pieces) is estimated from its input and refused before it is
        allocated when it does not fit (`ctx.fits(size, what)` raises the usual LuaError).
      - Files. Every file a plugin opens for a script goes through `msgscript.open_file(path, flags)`,

@@ -22,8 +22,8 @@ import zlib
 
 import msgscript
 from msgscript import ArgError, LuaError, check_string, error_text, go_duration, is_table, lua_text, lua_type, truthy
+from msgscript import ticker
 
-from msgscript_plugins._bounds import ticker
 
 
 _REDIRECTS = (301, 302, 303, 307, 308)
@@ -47,7 +47,7 @@ def _canonical(name: str) -> str:
 def _pairs(ctx, table) -> dict:
     if not is_table(table):
         return {}
-    tick, out = ticker(ctx), {}
+    tick, out = ticker(ctx.check), {}
     for k, v in table.items():
         tick()
         out[lua_text(k)] = lua_text(v)

@@ -8,7 +8,6 @@ import os
 
 from msgscript import check_string, open_file
 
-from msgscript_plugins._bounds import read_file as read_bounded
 
 def os_error(op, path, exc):
     """An OSError worded like Go's *PathError: "open /x: no such file or directory"."""
@@ -22,7 +21,7 @@ def _load(ctx):
         path = check_string(path, 1)
         limit = ctx.max_bytes()
         try:
-            return read_bounded(ctx, path, limit)
+            return ctx.read_file(path, limit)
         except IsADirectoryError as e:
             return None, os_error("read", path, e)
         except OSError as e:

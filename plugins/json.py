@@ -27,7 +27,7 @@ import secrets
 from msgscript import ArgError, LuaError, check_string, is_table, lua_type, pure
 
 from msgscript import INLINE_SIZE, OutputBudget
-from msgscript_plugins._bounds import json_cost, off_loop, refuse_if_over, table_items, ticker
+from msgscript import table_keys, ticker
 
 JSON_C_SIZE = 512 * 2**10  # text json.loads/json.dumps handle in one C call (at most ~20 ms holding the GIL)
 SMALL_TEXT = 4096  # a text this short is decoded without looking at the clock (well under a millisecond)
@@ -55,6 +55,31 @@ def go_json_float(f: float) -> str:
     return text[:-2] if text.endswith(".0") else text
 
 
+BIG_STRING = 2**16  # a string this long is decoded once however often a table holds it
+
+
+def text_cost(text: str | bytes) -> int:
+    """Bytes a string of this text takes in Python (1, 2 or 4 a character)."""
+    if isinstance(text, bytes) or text.isascii():
+        return len(text) + 64
+    return 4 * len(text) + 64
+
+
+def json_cost(text: str | bytes) -> int:
+    """About how many bytes of Python objects json.loads makes of `text`, from a scan that allocates nothing.
+
+    Measured on CPython 3.11: a container is 56-64 bytes, a number 24 plus its list slot, a string about
+    50 plus its text, a member of an object about 60; so `[[],[],...]` makes 21 times its text and
+    `[{},{},...]` 24 times. Each count errs on the large side.
+    """
+    count = text.count
+    if isinstance(text, bytes):
+        brackets, colons, commas, quotes = count(b"{") + count(b"["), count(b":"), count(b","), count(b'"')
+    else:
+        brackets, colons, commas, quotes = count("{") + count("["), count(":"), count(","), count('"')
+    return text_cost(text) + 64 * brackets + 64 * colons + 32 * commas + 25 * quotes
+
+
 class _Encoder(OutputBudget):
     """Lua value -> plain Python value, with the original's table rules.
 
@@ -73,6 +98,7 @@ class _Encoder(OutputBudget):
         self.mark = min(limit, CHECK_SIZE)  # when grow looks at the limits and the clock next
         self.active: set[str] = set()
         self.done: dict[str, tuple] = {}  # table address -> (value made, its size)
+        self.strings: dict[bytes, str] = {}  # big strings decoded so far
         self.floats: list[str] = []
         self.marker = f"\0{secrets.token_hex(8)}:"  # for floats json.dumps would print otherwise
 
@@ -96,7 +122,13 @@ class _Encoder(OutputBudget):
         t = type(v)
         if t is bytes:
             self.grow(len(v) + 2)
-            return v.decode("utf-8", "replace")
+            if len(v) < BIG_STRING:
+                return v.decode("utf-8", "replace")
+            # one Lua string met many times (lupa hands over a copy each time): decoded once, kept once
+            text = self.strings.get(v)
+            if text is None:
+                text = self.strings[v] = v.decode("utf-8", "replace")
+            return text
         if t is float:
             return self.number(v)
         self.grow(8)
@@ -134,29 +166,28 @@ class _Encoder(OutputBudget):
         return value
 
     def members(self, t):
-        items = table_items(t, self.tick) if self.check is not None else list(t.items())
-        if not items:
+        keys = table_keys(t, self.tick)  # the values are read one at a time below
+        if not keys:
             return []
-        keys = [k for k, _ in items]
         if type(keys[0]) is bytes:
-            return self.object(items, keys)
+            return self.object(t, keys)
         if type(keys[0]) in (int, float):
-            return self.array(t, items, keys)
+            return self.array(t, keys)
         raise ValueError("cannot encode mixed or invalid key types")
 
     def tick(self, n: int = 1) -> None:
         self.grow(n)  # counts toward the next look at the clock (a key costs a few bytes anyway)
 
-    def object(self, items, keys) -> dict:
+    def object(self, t, keys) -> dict:
         if any(type(k) is not bytes for k in keys):
             raise ValueError("cannot encode mixed or invalid key types")
         out = {}
-        for k, v in items:
+        for k in keys:
             self.grow(len(k) + 4)
-            out[k.decode("utf-8", "replace")] = self.plain(v)
+            out[k.decode("utf-8", "replace")] = self.plain(t[k])
         return out
 
-    def array(self, t, items, keys) -> list:
+    def array(self, t, keys) -> list:
         n = len(keys)
         if any(type(k) not in (int, float) for k in keys):
             raise ValueError("cannot encode mixed or invalid key types")
@@ -166,8 +197,8 @@ class _Encoder(OutputBudget):
                 raise ValueError("cannot encode sparse array")
         self.grow(n)
         out = [None] * n
-        for k, v in items:
-            out[k - 1] = self.plain(v)
+        for k in keys:
+            out[k - 1] = self.plain(t[k])
         return out
 
     def text(self, value) -> str:
@@ -175,7 +206,7 @@ class _Encoder(OutputBudget):
         if self.size <= JSON_C_SIZE or self.check is None:
             return self.finish(json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True))
         encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), sort_keys=True)
-        tick = ticker(None, check=self.check)
+        tick = ticker(self.check)
         parts = []
         for chunk in encoder.iterencode(value):  # the Python encoder: a chunk per value
             parts.append(self.finish(chunk))
@@ -269,7 +300,7 @@ _DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_go_num
 def parse(text: str, tick=None):
     """json.loads with Go's number and error rules; ValueError with a Go-like message.
 
-    With `tick` (see _bounds.ticker), a text over JSON_C_SIZE is parsed in short steps.
+    With `tick` (msgscript.ticker), a text over JSON_C_SIZE is parsed in short steps.
     """
     try:
         if tick is None or len(text) <= JSON_C_SIZE:
@@ -345,13 +376,13 @@ def decode_text(ctx, text: str, holey=None, keep_nulls: bool = True):
     """json.decode's work: the cost checked before the text is parsed, the clock looked at as it goes."""
     if len(text) <= SMALL_TEXT:
         if 65 * len(text) + 64 > ctx.max_bytes():  # json_cost's largest answer for this length
-            refuse_if_over(ctx, json_cost(text), "JSON decoding work")
+            ctx.fits(json_cost(text), "JSON decoding work")
         if text.isascii() and "null" not in text and "\\u" not in text:
             return ctx.to_lua(parse(text))  # nothing to drop, mark or replace: the quick path
         return json_to_lua(ctx, parse(text), holey, keep_nulls)
-    off_loop(ctx, len(text))
-    refuse_if_over(ctx, json_cost(text), "JSON decoding work")
-    tick = ticker(ctx)
+    ctx.move_to_worker(len(text))
+    ctx.fits(json_cost(text), "JSON decoding work")
+    tick = ticker(ctx.check)
     return json_to_lua(ctx, parse(text, tick), holey, keep_nulls, tick)
 
 

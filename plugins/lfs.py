@@ -14,8 +14,8 @@ import stat
 import time
 
 from msgscript import LuaError, check_number, check_string, opt_string, truthy
+from msgscript import ticker
 
-from msgscript_plugins._bounds import ticker
 
 
 _MODES = ((stat.S_ISREG, "file"), (stat.S_ISDIR, "directory"), (stat.S_ISLNK, "link"), (stat.S_ISSOCK, "socket"),
@@ -54,7 +54,7 @@ def _unimplemented(*_):
 
 def _names(ctx, path: str) -> list[str]:
     """The names in a directory, read within the script's memory cap and deadline."""
-    names, taken, left, tick = [], 0, ctx.max_bytes(), ticker(ctx, 256)
+    names, taken, left, tick = [], 0, ctx.max_bytes(), ticker(ctx.check, 256)
     with os.scandir(path) as entries:
         for entry in entries:
             taken += len(entry.name) + 64

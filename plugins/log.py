@@ -14,8 +14,8 @@ import sys
 import threading
 
 from msgscript import ArgError, LuaError, check_string, check_table, error_text, lua_type, open_file
+from msgscript import ticker
 
-from msgscript_plugins._bounds import ticker
 from msgscript_plugins.template import go_float
 
 _FLAGS = ("date", "time", "microseconds", "utc", "longfile")
@@ -206,7 +206,7 @@ def _write_stream(stream, data):
 
 
 def _load_log(ctx):
-    fmt = GoFormatter(ctx.execute("return tostring"), ctx.max_bytes, ticker(ctx))
+    fmt = GoFormatter(ctx.execute("return tostring"), ctx.max_bytes, ticker(ctx.check))
 
     # The functions below get the logger (a Python object the Lua side keeps) first; argument
     # numbers in errors count from the method's first argument, as Lua does for methods.

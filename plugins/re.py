@@ -25,7 +25,6 @@ from re2 import _re2
 
 from msgscript import ArgError, LuaError, check_string, is_table, lua_number_text, lua_type, opt_integer, pure, truthy
 
-from msgscript_plugins._bounds import off_loop, refuse_if_over
 
 _OPTIONS = re2.Options()
 _OPTIONS.encoding = re2.Options.Encoding.UTF8  # Go: the pattern and the text are UTF-8
@@ -334,14 +333,14 @@ def _loader(ctx):
                 raw.decode("utf-8")
             except UnicodeDecodeError:
                 invalid = len(raw) - len(raw.decode("utf-8", "ignore").encode())
-                refuse_if_over(ctx, 3 * len(raw) + _INVALID_BYTE_COST * invalid, "a map of its invalid bytes")
+                ctx.fits(3 * len(raw) + _INVALID_BYTE_COST * invalid, "a map of its invalid bytes")
         return _Subject(raw)
 
     @pure
     def find(*args):
         args += (None,) * (2 - len(args))
         s, pattern = check_string(args[0], 1), check_string(args[1], 2)
-        off_loop(ctx, len(s) + len(pattern))
+        ctx.move_to_worker(len(s) + len(pattern))
         if not s and not pattern:
             return 1, 0
         raw = _bytes(s)
@@ -365,7 +364,7 @@ def _loader(ctx):
     @pure
     def match(s=None, pattern=None, init=None):
         s, pattern = check_string(s, 1), check_string(pattern, 2)
-        off_loop(ctx, len(s) + len(pattern))
+        ctx.move_to_worker(len(s) + len(pattern))
         raw = _bytes(s)
         offset = opt_integer(init, 3, 1)
         offset = max((len(raw) + offset + 1 if offset < 0 else offset) - 1, 0)
@@ -379,7 +378,7 @@ def _loader(ctx):
     @pure
     def gmatch(s=None, pattern=None):
         s, pattern = check_string(s, 1), check_string(pattern, 2)
-        off_loop(ctx, len(s) + len(pattern))
+        ctx.move_to_worker(len(s) + len(pattern))
         rx = _regexp(pattern)
         found_in = subject(_bytes(s))
         first = 1 if rx.groups else 0  # the groups, or the whole match
@@ -410,7 +409,7 @@ def _loader(ctx):
         if not isinstance(repl, str) and not is_table(repl) and lua_type(repl) != "function":
             raise ArgError(3, f"string/table/function expected, got {lua_type(repl)}")
         limit = opt_integer(n, 4, -1)
-        off_loop(ctx, len(s) + len(pattern) + (len(repl) if isinstance(repl, str) else 0))
+        ctx.move_to_worker(len(s) + len(pattern) + (len(repl) if isinstance(repl, str) else 0))
         rx = _regexp(pattern)
         found_in = subject(_bytes(s))
         if isinstance(repl, str):
@@ -446,8 +445,8 @@ def _loader(ctx):
     @pure
     def quote(s=None):
         s = check_string(s, 1)
-        off_loop(ctx, len(s))
-        refuse_if_over(ctx, 4 * len(s), "re.quote's result")
+        ctx.move_to_worker(len(s))
+        ctx.fits(4 * len(s), "re.quote's result")
         return _bytes(s.translate(_QUOTE))
 
     return {"find": find, "match": match, "gmatch": gmatch, "gsub": gsub, "quote": quote}

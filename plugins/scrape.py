@@ -16,8 +16,9 @@ from __future__ import annotations
 from html.parser import HTMLParser
 
 from msgscript import ArgError, check_integer, check_string
+from msgscript import ticker
+from msgscript_plugins.json import text_cost
 
-from msgscript_plugins._bounds import refuse_if_over, text_cost, ticker
 
 NODE_COST = 700  # bytes of Python objects a tag (its Node, attributes, a text node beside it) takes, about
 
@@ -207,8 +208,8 @@ def by_tag(tag: str):
 def _loader(ctx):
     def matches(document, matcher) -> list[Node]:
         document = check_string(document, 1)
-        refuse_if_over(ctx, 2 * text_cost(document) + NODE_COST * document.count("<"), "the tree of this document")
-        return find_all(parse(document, ctx.check), matcher, ticker(ctx))
+        ctx.fits(2 * text_cost(document) + NODE_COST * document.count("<"), "the tree of this document")
+        return find_all(parse(document, ctx.check), matcher, ticker(ctx.check))
 
     def attr_finder(make_matcher):
         def find(document=None, attr=None, query=None):
@@ -236,7 +237,7 @@ def _loader(ctx):
         def find(document=None, query=None):
             """The text of every matching node."""
             query = check_string(query, 2)
-            tick = ticker(ctx)
+            tick = ticker(ctx.check)
             return [text_of(n, tick) for n in matches(document, make_matcher(query))], None
 
         return find

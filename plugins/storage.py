@@ -23,8 +23,9 @@ import time
 import types
 
 from msgscript import ArgError, check_string, error_text, lua_type, open_file, opt_string
+from msgscript import ticker
+from msgscript_plugins.json import json_cost
 
-from msgscript_plugins._bounds import json_cost, read_file, refuse_if_over, ticker
 from msgscript_plugins.json import holes, json_to_lua, lua_to_json, parse
 
 log = logging.getLogger("msgscript.storage")
@@ -102,13 +103,13 @@ class Store:
         """Read the file (bounded by the script's memory cap, as what parsing it makes)."""
         if not os.path.lexists(self.path):
             return
-        raw = read_file(ctx, self.path, min(ctx.max_bytes(), STORE_LIMIT * 2))
+        raw = ctx.read_file(self.path, min(ctx.max_bytes(), STORE_LIMIT * 2))
         if not raw.strip():
             return
-        refuse_if_over(ctx, json_cost(raw), "the storage file's decoding work")
-        doc = parse(raw.decode("utf-8", "replace"), ticker(ctx))
+        ctx.fits(json_cost(raw), "the storage file's decoding work")
+        doc = parse(raw.decode("utf-8", "replace"), ticker(ctx.check))
         entries = (doc.get("data") or {}).items() if isinstance(doc, dict) else ()
-        tick = ticker(ctx)
+        tick = ticker(ctx.check)
         for k, v in entries:
             tick()
             value = base64.b64decode(v.get("value") or "") if isinstance(v, dict) else b""
@@ -230,8 +231,8 @@ def _load(ctx):
 
     def decoded(data: bytes):
         """A stored value for Lua; nulls in arrays are dropped, as in the original. ValueError if corrupt."""
-        refuse_if_over(ctx, json_cost(data), "the stored value's decoding work")
-        tick = ticker(ctx)
+        ctx.fits(json_cost(data), "the stored value's decoding work")
+        tick = ticker(ctx.check)
         return json_to_lua(ctx, parse(data.decode("utf-8", "replace"), tick), keep_nulls=False, tick=tick)
 
     def open_(path=None, driver=None):
@@ -272,8 +273,8 @@ def _load(ctx):
 
     def dump(store):
         values = store.live()
-        refuse_if_over(ctx, sum(json_cost(v) + 64 + len(k) for k, v in values.items()), "storage.dump's work")
-        tick = ticker(ctx)
+        ctx.fits(sum(json_cost(v) + 64 + len(k) for k, v in values.items()), "storage.dump's work")
+        tick = ticker(ctx.check)
         try:
             values = {k: parse(v.decode("utf-8", "replace"), tick) for k, v in values.items()}
             return json_to_lua(ctx, values, keep_nulls=False, tick=tick)

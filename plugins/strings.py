@@ -9,7 +9,6 @@ import re
 
 from msgscript import INLINE_SIZE, check_string, opt_string, pure
 
-from msgscript_plugins._bounds import off_loop, refuse_if_over
 
 # Go's unicode.IsSpace set (Python's str.isspace also counts \x1c-\x1f, Go does not).
 _GO_SPACE = "\t\n\v\f\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a" \
@@ -105,16 +104,16 @@ def _load(ctx):
     @pure
     def split_(s=None, sep=None):
         s, sep = check_string(s, 1), opt_string(sep, 2, "")
-        off_loop(ctx, len(s))
-        refuse_if_over(ctx, _pieces_cost(len(s) if sep == "" else s.count(sep) + 1, s), "strings.split's result")
+        ctx.move_to_worker(len(s))
+        ctx.fits(_pieces_cost(len(s) if sep == "" else s.count(sep) + 1, s), "strings.split's result")
         return split(s, sep)
 
     @pure
     def fields_(s=None):
         s = check_string(s, 1)
-        off_loop(ctx, len(s))
+        ctx.move_to_worker(len(s))
         spaces = sum(s.count(c) for c in (_GO_SPACE[:6] if s.isascii() else _GO_SPACE))  # at most this many + 1
-        refuse_if_over(ctx, _pieces_cost(spaces + 1, s), "strings.fields' result")
+        ctx.fits(_pieces_cost(spaces + 1, s), "strings.fields' result")
         return fields(s)
 
     members = {

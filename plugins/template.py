@@ -23,8 +23,8 @@ import re
 from decimal import Decimal
 
 from msgscript import ArgError, check_string, error_text, is_table, lua_tostring, lua_type, open_file, pure
+from msgscript import table_keys, ticker
 
-from msgscript_plugins._bounds import off_loop, table_items, ticker
 
 
 MAX_DEPTH = 100  # nesting of values and of partials
@@ -105,7 +105,7 @@ def to_value(value, depth: int = 0, done: dict | None = None, tick=lambda n=1: N
     done = {} if done is None else done
     key = repr(value)  # the table's address
     if key not in done:
-        items = dict(table_items(value, tick))
+        items = {k: value[k] for k in table_keys(value, tick)}
         n = _border(items)
         if n:
             done[key] = [to_value(items[i], depth + 1, done, tick) for i in range(1, n + 1)]
@@ -118,7 +118,7 @@ def top_values(values, n: int = 2, tick=lambda n=1: None):
     """The top-level `values` argument (argument `n`): a map, or the original's error for an array."""
     if not is_table(values):
         raise ArgError(n, f"table expected, got {lua_type(values)}")
-    items = dict(table_items(values, tick))
+    items = {k: values[k] for k in table_keys(values, tick)}
     if _border(items):
         raise TemplateError("arguments #1 must be a table, but got an array")
     done: dict = {}
@@ -313,7 +313,7 @@ class Renderer:
 
     def __init__(self, limit: int = 2**62, partial_dirs: list[str] = (), check=None):
         self.left, self.partial_dirs = limit, list(partial_dirs)
-        self.tick = ticker(None, 256, check) if check is not None else (lambda n=1: None)
+        self.tick = ticker(check, 256) if check is not None else (lambda n=1: None)
         self.partials: dict[str, list | None] = {}  # each partial is read and parsed once
         self.out: list[str] = []
 
@@ -386,7 +386,7 @@ def _loader(ctx):
     def render_(_engine, text=None, values=None):
         """engine:render(text, values) -> string | nil, err"""
         text = check_string(text, 1)
-        off_loop(ctx, len(text))
+        ctx.move_to_worker(len(text))
         r = renderer()
         try:
             return finish(render(text, top_values(values, tick=r.tick), r))

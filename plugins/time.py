@@ -13,8 +13,8 @@ import time
 import zoneinfo
 
 from msgscript import ArgError, LuaError, check_number, check_string, opt_string, pure
+from msgscript import ticker
 
-from msgscript_plugins._bounds import off_loop, ticker
 
 DEFAULT_LAYOUT = "Mon Jan 2 15:04:05 -0700 MST 2006"
 _MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
@@ -486,8 +486,8 @@ def _load(ctx):
     @pure
     def parse(value=None, layout=None, location=None):
         value, layout, location = check_string(value, 1), check_string(layout, 2), opt_string(location, 3)
-        off_loop(ctx, 64 * (len(value) + len(layout)))
-        tick = ticker(ctx)
+        ctx.move_to_worker(64 * (len(value) + len(layout)))
+        tick = ticker(ctx.check)
         try:
             if location is None:
                 return go_parse(value, layout, tick=tick)
@@ -513,8 +513,8 @@ def _load(ctx):
             dt = datetime.datetime.fromtimestamp(sec, tz)
         except (OverflowError, OSError, ValueError):
             raise ArgError(1, "time value out of range") from None
-        off_loop(ctx, 64 * len(layout))
-        return go_format(dt, min(nsec, 999_999_999), layout, ticker(ctx))
+        ctx.move_to_worker(64 * len(layout))
+        return go_format(dt, min(nsec, 999_999_999), layout, ticker(ctx.check))
 
     return {
         "unix": pure(lambda: time.time()),

@@ -27,9 +27,8 @@ import threading
 import urllib.parse
 
 from msgscript import (ArgError, LuaError, check_string, check_table, error_text, first_line, go_duration, lua_text,
-                       lua_type, opt_string, parse_bool)
+                       lua_type, opt_string, parse_bool, ticker)
 
-from msgscript_plugins._bounds import ticker
 
 
 VAULT_TIMEOUT = 5.0  # seconds one request may take (the Go plugin's DEFAULT_VAULT_TIMEOUT); VAULT_CLIENT_TIMEOUT
@@ -137,7 +136,7 @@ def _capped_adapter():
     as JSON makes) passes _LIMIT.bytes."""
     import requests.adapters
 
-    from msgscript_plugins._bounds import json_cost
+    from msgscript_plugins.json import json_cost
 
     class Capped(requests.adapters.HTTPAdapter):
         def send(self, request, stream=False, **kwargs):
@@ -406,7 +405,7 @@ def _load(ctx):
     def write(client, path=None, table=None, mount=None):
         """v:write(path, table, mount) -> nil | err"""
         path, mount = check_string(path, 1), check_string(mount, 3)
-        data = _secret_data(check_table(table, 2), 2, ticker(ctx))
+        data = _secret_data(check_table(table, 2), 2, ticker(ctx.check))
         try:
             _call(ctx, client, _write, _path(path), data, mount)
         except _Failure as e:

@@ -18,10 +18,22 @@ import re
 from msgscript import ArgError, check_string, is_table, pure
 
 from msgscript import OutputBudget
-from msgscript_plugins._bounds import off_loop, refuse_if_over, table_items, ticker, yaml_cost
+from msgscript import table_keys, ticker
+from msgscript_plugins.json import text_cost
 
 
 _INT64 = range(-(2**63), 2**63)
+
+
+def yaml_cost(text: str) -> int:
+    """About how many bytes of Python objects PyYAML makes of `text` (its node graph, then the values).
+
+    A node (a scalar, a sequence or a mapping, with its two marks) costs PyYAML 370-480 bytes; every node
+    but the first follows a line break, a ",", a ":", a "[", a "{", a "- " or a "? ", which the scan counts.
+    """
+    count = text.count
+    nodes = 1 + count("\n") + count(",") + count(":") + count("[") + count("{") + count("- ") + count("? ")
+    return 2 * text_cost(text) + 500 * nodes
 
 
 class EncodeError(ValueError):
@@ -309,7 +321,7 @@ class LuaToYaml(OutputBudget):
             self.active.discard(address)
 
     def members(self, t):
-        items = table_items(t, self.grow)
+        items = [(k, t[k]) for k in table_keys(t, self.grow)]
         if [k for k, _ in items] == list(range(1, len(items) + 1)):
             out = []
             for k, v in items:
@@ -387,8 +399,8 @@ def _load(ctx):
     yaml_errors = (_yaml().YAMLError, ValueError, RecursionError)
 
     def costly(text: str) -> None:
-        off_loop(ctx, len(text))
-        refuse_if_over(ctx, yaml_cost(text), "YAML decoding work")
+        ctx.move_to_worker(len(text))
+        ctx.fits(yaml_cost(text), "YAML decoding work")
 
     @pure
     def decode(text=None):
@@ -396,7 +408,7 @@ def _load(ctx):
         text = check_string(text, 1)
         costly(text)
         try:
-            return decode_text(text, ctx.max_bytes(), tick=ticker(ctx))
+            return decode_text(text, ctx.max_bytes(), tick=ticker(ctx.check))
         except yaml_errors as e:
             return None, _decode_error(e)
 
@@ -406,7 +418,7 @@ def _load(ctx):
         if not args:
             raise ArgError(1, "value expected")
         try:
-            return encode_value(args[0], ctx.max_bytes(), ctx.move_to_worker, ticker(ctx)).encode(
+            return encode_value(args[0], ctx.max_bytes(), ctx.move_to_worker, ticker(ctx.check)).encode(
                 "utf-8", "surrogateescape")
         except EncodeError as e:
             return None, str(e)
@@ -416,7 +428,7 @@ def _load(ctx):
     def feed(stream, text=None):
         text = check_string(text, 1)
         costly(text)
-        stream.feed(text, ticker(ctx))
+        stream.feed(text, ticker(ctx.check))
 
     py = ctx.module({
         "new_stream": pure(lambda: _Stream()), "encode": encode,
