@@ -48,6 +48,15 @@ def test_bundled_plugins_push_nothing_raw_into_lua():
     assert not found, "raw Lua pushes in bundled plugins:\n" + "\n".join(found)
 
 
+def test_bundled_plugins_import_their_helpers_from_msgscript_only():
+    """One documented place for the plugin API: no private helper module shared by the bundled plugins
+    (a plugin may still import another plugin's public functions, as storage uses json's)."""
+    private = re.compile(r"^\s*(from|import)\s+(msgscript_)?plugins\.?_|^\s*from\s+plugins\b", re.M)
+    found = [name for name, text in _bundled_sources().items() if private.search(text)]
+    assert not found, found
+    assert not [p for p in PLUGINS.glob("_*.py")], "a private helper module beside the plugins"
+
+
 def test_bundled_plugins_start_no_threads():
     """Blocking work goes to the scheduler's executor (ctx.blocking), never to a thread of a plugin's own."""
     started = re.compile(r"threading\.Thread\(|_thread\.start|Thread\(target|ThreadPoolExecutor\(")
