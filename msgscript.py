@@ -17,6 +17,7 @@ import base64
 import bisect
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -2265,9 +2266,9 @@ def check_number(value: Any, n: int) -> float | int:
     """Argument `n` as a number; numeric strings are converted, as Lua's checknumber does."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return value
-    if isinstance(value, str):
+    if isinstance(value, str) and value.strip():
         try:
-            return float(value.strip()) if value.strip() else _raise(ValueError)
+            return float(value)
         except ValueError:
             pass
     raise ArgError(n, f"number expected, got {lua_type(value)}")
@@ -2315,14 +2316,10 @@ def pure(func: Callable) -> Callable:
     return func
 
 
-def _raise(exc):
-    raise exc
-
-
 def error_text(exc: BaseException) -> str:
     """An exception as a one-line message in Go's words ("no such file or directory")."""
     if isinstance(exc, OSError) and (exc.strerror or exc.errno):
-        text = os.strerror(exc.errno) if exc.errno else exc.strerror
+        text = exc.strerror or os.strerror(exc.errno)
         if exc.filename:
             return f"{exc.filename}: {text[:1].lower() + text[1:]}"
         return text[:1].lower() + text[1:]
@@ -2384,7 +2381,7 @@ class LuaContext:
             return future.result(self.remaining(cap))
         except concurrent.futures.TimeoutError:
             future.cancel()
-            raise LuaError("script timed out" if cap is None or self.remaining() <= cap else "timed out") from None
+            raise TimedOut("script timed out" if cap is None or self.remaining() <= cap else "timed out") from None
 
     def remaining(self, cap: float | None = None) -> float:
         """Seconds left for the current call (at least a millisecond), capped at `cap` (None: no cap)."""
@@ -2474,10 +2471,21 @@ class LuaContext:
         if self.inline and now > self.inline_deadline:
             raise _MoveToPool()
 
-    def move_to_worker(self) -> None:
-        """From a pure function whose work turns out big: an inline call moves to a worker (no-op elsewhere)."""
-        if self.inline:
+    def move_to_worker(self, size: int | None = None) -> None:
+        """From a pure function whose work turns out big (`size` bytes of input over INLINE_SIZE, or any
+        with no size): an inline call moves to a worker (no-op elsewhere)."""
+        if self.inline and (size is None or size > INLINE_SIZE):
             raise _MoveToPool()
+
+    def read_file(self, path: str, limit: int | None = None) -> bytes:
+        """The bytes of a file a script names (relative to the call's working directory), at most `limit`
+        (default: what the memory cap leaves): OSError if it cannot be opened (open_file), ValueError if larger."""
+        limit = self.max_bytes() if limit is None else limit
+        with os.fdopen(open_file(self.path(path)), "rb") as f:
+            data = f.read(limit + 1)  # files in /proc report size 0: the read itself is bounded
+        if len(data) > limit:
+            raise ValueError(f"{path}: file larger than the script's memory limit allows ({limit} bytes)")
+        return data
 
     def state(self, key: str, make: Callable[[], Any]) -> Any:
         """Per-runtime state shared by a plugin's loaders and functions (made on first use)."""
@@ -2612,8 +2620,9 @@ def _lua_size(value: Any, budget: list | None = None) -> int:
         budget[0] -= len(value)
         if budget[0] < 0:
             return 2**40  # millions of elements: more than any cap
-        items = value.items() if isinstance(value, dict) else ((None, v) for v in value)
-        return 64 + sum(40 + _lua_size(k, budget) + _lua_size(v, budget) for k, v in items)
+        if isinstance(value, dict):  # a hash node is 40 bytes, and the part is sized to a power of two
+            return 64 + sum(80 + _lua_size(k, budget) + _lua_size(v, budget) for k, v in value.items())
+        return 64 + sum(32 + _lua_size(v, budget) for v in value)
     return 64
 
 
@@ -2643,6 +2652,36 @@ def lua_file(name: str) -> str:
 @functools.lru_cache(maxsize=64)
 def _read_lua(path: str) -> str:
     return Path(path).read_text(encoding="utf-8")
+
+
+CHECK_EVERY = 1024  # iterations of a module's loop between two looks at the call's clock
+
+
+def ticker(check: Callable[[], None], every: int = CHECK_EVERY) -> Callable[[int], None]:
+    """A function to call once per iteration of a loop a script controls (or `tick(n)` for n units of work):
+    every `every` units it calls `check` (ctx.check: a timeout past the deadline, off the event loop past
+    the inline budget)."""
+    done = 0
+
+    def tick(n: int = 1) -> None:
+        nonlocal done
+        done += n
+        if done >= every:
+            done = 0
+            check()
+
+    return tick
+
+
+def table_keys(table, tick: Callable[[int], None]) -> list:
+    """A Lua table's keys, with a tick() as they are read (values are best read one at a time: a table may
+    hold the same big string many times, which lupa copies at each read)."""
+    keys = []
+    for key in table:  # a lupa table iterates over its keys
+        keys.append(key)
+        if len(keys) % CHECK_EVERY == 0:
+            tick(CHECK_EVERY)
+    return keys
 
 
 class OutputBudget:
@@ -2891,9 +2930,10 @@ class LuaRunner:
             fname = fname.encode()
         ctx = self.ctx
         if ctx._max_memory:  # a push into a full Lua state hangs lupa: the arguments must fit
-            size = sum(len(a) for a in args if type(a) is bytes) if len(args) != 2 else len(args[0]) + len(args[1])
-            if meta:
-                size += sum(len(a) for a in meta if type(a) is bytes)
+            size = 0
+            for arg in (*args, *meta) if meta else args:
+                if type(arg) is bytes:
+                    size += len(arg)
             if size + LUA_MEMORY_MARGIN > ctx._max_memory - self.lua.get_memory_used():
                 ctx.fits(size, "payload")
         ctx.deadline, ctx.inline, ctx.moved, ctx.blocked = deadline, inline, False, False
@@ -2938,11 +2978,8 @@ class LuaRunner:
 
 
 def _close_fd(fd=None) -> None:
-    if isinstance(fd, int):
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+    with contextlib.suppress(OSError, TypeError):
+        os.close(fd)
 
 
 @pure
@@ -2958,12 +2995,10 @@ def _plain_find(s=None, p=None, init=None):
     return None if pos < 0 else (pos + 1, pos + len(needle))
 
 
+@pure
 def _lua_clock() -> float:
     """os.clock as gopher-lua has it: wall-clock seconds since the server started."""
     return time.monotonic() - _START
-
-
-_lua_clock.lua_pure = True
 
 
 def _lua_setenv(name=None, value=None) -> bool:
@@ -2998,8 +3033,8 @@ class CommandResult:
     signal: int = 0  # the signal that killed the command, 0 when it exited
 
 
-class CommandTimeout(LuaError):
-    """run_command reached its timeout (the command was killed)."""
+class TimedOut(LuaError):
+    """A module's wait reached the call's deadline (run_command's command was killed, ctx.blocking gave up)."""
 
 
 def run_command(command: str, timeout: float, max_output: int, stdin: bytes | None = None,
@@ -3016,12 +3051,11 @@ def run_command(command: str, timeout: float, max_output: int, stdin: bytes | No
                                 cwd=cwd)
     except OSError as e:
         raise LuaError(error_text(e)) from None
-    out = _ProcessOutput(proc, max_output)
     try:
-        stdout, stderr = out.communicate(stdin, timeout)
+        stdout, stderr = _communicate(proc, stdin, timeout, max_output)
     except subprocess.TimeoutExpired:
         _kill_group(proc)
-        raise CommandTimeout("script timed out") from None
+        raise TimedOut("script timed out") from None
     except LuaError:
         _kill_group(proc)
         raise
@@ -3029,53 +3063,40 @@ def run_command(command: str, timeout: float, max_output: int, stdin: bytes | No
     return CommandResult(128 - status if status < 0 else status, stdout, stderr, signal=max(0, -status))
 
 
-class _ProcessOutput:
-    """Read a process's stdout and stderr with a size limit and a deadline."""
-
-    def __init__(self, proc: subprocess.Popen, limit: int):
-        self.proc, self.limit = proc, limit
-
-    def communicate(self, stdin: bytes | None, timeout: float) -> tuple[bytes, bytes]:
-        deadline = time.monotonic() + timeout
-        proc, parts, size = self.proc, {}, 0
-        sel = selectors.DefaultSelector()
-        for stream in (proc.stdout, proc.stderr):
+def _communicate(proc: subprocess.Popen, stdin: bytes | None, timeout: float, limit: int) -> tuple[bytes, bytes]:
+    """A process's stdout and stderr, read with a size limit and a deadline (its stdin written meanwhile)."""
+    deadline, parts, size = time.monotonic() + timeout, {}, 0
+    pending = memoryview(stdin or b"")
+    with selectors.DefaultSelector() as sel:
+        for stream, event in ((proc.stdout, selectors.EVENT_READ), (proc.stderr, selectors.EVENT_READ),
+                              (proc.stdin, selectors.EVENT_WRITE)):
             if stream is not None:
                 os.set_blocking(stream.fileno(), False)
-                sel.register(stream, selectors.EVENT_READ)
+                sel.register(stream, event)
                 parts[stream] = []
-        pending = memoryview(stdin or b"")
-        if proc.stdin is not None:
-            os.set_blocking(proc.stdin.fileno(), False)
-            sel.register(proc.stdin, selectors.EVENT_WRITE)
-        try:
-            while sel.get_map():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise subprocess.TimeoutExpired(proc.args, timeout)
-                for key, _ in sel.select(left):
-                    if key.fileobj is proc.stdin:
-                        try:
-                            pending = pending[os.write(proc.stdin.fileno(), pending[:65536]):]
-                        except BrokenPipeError:
-                            pending = memoryview(b"")
-                        if not pending:
-                            sel.unregister(proc.stdin)
-                            proc.stdin.close()
-                        continue
-                    chunk = os.read(key.fileobj.fileno(), 65536)
-                    if not chunk:
-                        sel.unregister(key.fileobj)
-                        continue
-                    size += len(chunk)
-                    if size > self.limit:
-                        raise LuaError(f"command output exceeds the script's memory limit ({self.limit} bytes)")
-                    parts[key.fileobj].append(chunk)
+        while sel.get_map():
             left = deadline - time.monotonic()
-            proc.wait(max(left, 0.001))
-        finally:
-            sel.close()
-        return (b"".join(parts.get(proc.stdout, [])), b"".join(parts.get(proc.stderr, [])))
+            if left <= 0:
+                raise subprocess.TimeoutExpired(proc.args, timeout)
+            for key, _ in sel.select(left):
+                if key.fileobj is proc.stdin:
+                    try:
+                        pending = pending[os.write(proc.stdin.fileno(), pending[:65536]):]
+                    except BrokenPipeError:  # the command does not read its input: fine
+                        pending = pending[:0]
+                    if not pending:
+                        sel.unregister(proc.stdin)
+                        proc.stdin.close()
+                    continue
+                chunk = os.read(key.fileobj.fileno(), 65536)
+                if not chunk:
+                    sel.unregister(key.fileobj)
+                size += len(chunk)
+                if size > limit:
+                    raise LuaError(f"command output exceeds the script's memory limit ({limit} bytes)")
+                parts[key.fileobj].append(chunk)
+        proc.wait(max(deadline - time.monotonic(), 0.001))
+    return b"".join(parts.get(proc.stdout, [])), b"".join(parts.get(proc.stderr, []))
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -3338,22 +3359,11 @@ def go_parse_number(text: str) -> float | None:
         return None
 
 
-def go_text(value: Any) -> str:
-    """gopher-lua's LVAsString: strings as they are, numbers as Go writes them, anything else ""."""
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "surrogateescape")
-    if isinstance(value, str):
-        return value
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return lua_number_text(value)
-    return ""
-
-
 def go_int(value: Any) -> int:
     """Go's int(LVAsNumber(v)): numbers truncated toward zero (NaN, infinities and |x| >= 2^63 give
     -2^63, as on amd64), strings through go_parse_number, anything else 0."""
     if isinstance(value, (bytes, str)):
-        value = go_parse_number(go_text(value))
+        value = go_parse_number(lua_text(value))
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return 0
     if value != value or not -2**63 <= value < 2**63:
@@ -3365,10 +3375,10 @@ def go_http_result(values) -> Result:
     """An HTTP-mode verb function's (body, status, headers) as the Go original converts them: the body
     through LVAsString (tables and booleans give ""), the status truncated to an integer (0 is 200),
     header names and values through LVAsString."""
-    body = go_text(values[0]) if values else ""
+    body = lua_text(values[0]) if values else ""
     status = go_int(values[1]) if len(values) > 1 else 0
     table = values[2] if len(values) > 2 and is_table(values[2]) else None
-    headers = {go_text(k): go_text(v) for k, v in table.items()} if table is not None else {}
+    headers = {lua_text(k): lua_text(v) for k, v in table.items()} if table is not None else {}
     return Result(payload=body.encode("utf-8", "surrogateescape"), http_code=status or 200, headers=headers,
                   is_html=True)
 

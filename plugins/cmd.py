@@ -1,4 +1,5 @@
-"""`cmd`: cmd.exec(command [, timeout]) running `sh -c`, bounded by the script's deadline and memory cap."""
+"""`cmd`: cmd.exec(command [, timeout]) running `sh -c` in the call's working directory, bounded by the
+script's deadline and memory cap."""
 
 from msgscript import LuaError, check_string, opt_number, run_command
 
@@ -14,7 +15,7 @@ def _load(ctx):
         left = ctx.remaining()
         try:
             # the whole process group is killed at the limit; stdout + stderr may not exceed the memory cap
-            result = run_command(command, max(0.0, min(timeout, left)), ctx.max_bytes())
+            result = run_command(command, max(0.0, min(timeout, left)), ctx.max_bytes(), cwd=ctx.cwd())
         except LuaError as e:
             if str(e) != _TIMED_OUT:
                 return None, str(e)  # could not start, or too much output

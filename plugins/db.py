@@ -8,24 +8,34 @@ each imported only when a script connects. Differences from the Go original, on 
 - `sqlite3`'s `c:open` accepts nil or `{}` options (cache, mode, immutable, vfs, nolock are
   used; go-sqlite3-only keys such as _auth or _txlock are ignored) and `c:query` binds `?` arguments.
 - Booleans from PostgreSQL are Lua booleans; DECIMAL/NUMERIC and other types stay strings.
-Every connect and query is bounded by the script's deadline (and `c:set_timeout(ms)`).
+Every connect and query is bounded by the script's deadline (and `c:set_timeout(ms)`): it runs on the
+scheduler's executor for blocking work (a connect's DNS lookup cannot be given a timeout), waited for
+until then, and the driver's own timeouts end it there too. Rows are fetched in batches (streamed on
+PostgreSQL for one SELECT, WITH, VALUES, TABLE or SHOW statement) and counted as they come: a result
+larger than what the script's memory cap leaves is an error. (libpq holds the whole result of other
+PostgreSQL statements, e.g. INSERT ... RETURNING or several statements in one query, before it is
+counted.) A relative sqlite3 path is in the call's working directory.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 import urllib.parse
 import weakref
 
 import msgscript
-from msgscript import ArgError, LuaError, check_string, is_table, lua_type, opt_number, pure
+from msgscript import ArgError, LuaError, check_string, is_table, lua_type, open_file, opt_number, pure
+
 
 _ESCAPES = {"\r": "\\r", "\n": "\\n", "\\": "\\\\", "'": "\\'", '"': '\\"', "\032": "\\Z"}
+_ESCAPE_TABLE = str.maketrans(_ESCAPES)
 _SQLITE_URI_KEYS = ("cache", "mode", "immutable", "vfs", "nolock")
 _ROW_QUERY = re.compile(r"\s*\(*\s*(select|with|values|table|show)\b", re.I)  # streamed on PostgreSQL
 _INT64 = range(-(2**63), 2**63)
+_GRACE = 0.5  # how long past its timeout a driver call is waited for (the driver's own error comes first)
 
 
 class DbError(Exception):
@@ -68,16 +78,16 @@ def bind_value(value):
     raise DbError(f"cannot bind a {lua_type(value)} value (use strings, numbers, booleans or nil)")
 
 
-def prepare(sql: str, binds: tuple, backslash_escapes: bool) -> tuple[str, list | None]:
+def prepare(sql: str, binds: tuple, backslash_escapes: bool, deadline: float = math.inf) -> tuple[str, list | None]:
     """(sql, parameters) for a format-style driver: `?` placeholders bound to `binds` (none: the SQL as is)."""
     if binds:
-        return format_placeholders(sql, len(binds), backslash_escapes), [bind_value(b) for b in binds]
+        return format_placeholders(sql, len(binds), backslash_escapes, deadline), [bind_value(b) for b in binds]
     return sql, None
 
 
-def execute(cursor, sql: str, binds: tuple, backslash_escapes: bool) -> None:
+def execute(cursor, sql: str, binds: tuple, backslash_escapes: bool, deadline: float = math.inf) -> None:
     """Run `sql` with its `?` placeholders bound to `binds`."""
-    query, params = prepare(sql, binds, backslash_escapes)
+    query, params = prepare(sql, binds, backslash_escapes, deadline)
     cursor.execute(query) if params is None else cursor.execute(query, params)
 
 
@@ -117,13 +127,17 @@ class Rows:
         return self.rows
 
 
-def format_placeholders(sql: str, count: int, backslash_escapes: bool) -> str:
-    """Turn `?` placeholders (outside quotes) into `%s`, and `%` into `%%`, for a driver's format style."""
+def format_placeholders(sql: str, count: int, backslash_escapes: bool, deadline: float = math.inf) -> str:
+    """Turn `?` placeholders (outside quotes) into `%s`, and `%` into `%%`, for a driver's format style
+    (DbError past `deadline`: this runs on the executor for blocking work, which nothing else stops)."""
     quoted = r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"" if backslash_escapes else r"'[^']*'|\"[^\"]*\""
-    found = 0
+    found = steps = 0
 
     def replace(m: re.Match) -> str:
-        nonlocal found
+        nonlocal found, steps
+        steps += 1
+        if not steps % 4096 and time.monotonic() > deadline:
+            raise DbError("timed out while preparing the query")
         token = m.group()
         if token == "?":
             found += 1
@@ -247,7 +261,7 @@ class MysqlBackend(Backend):
         self.conn._read_timeout = min(timeout, self.caps.get("read_cap", timeout))
         self.conn._write_timeout = min(timeout, self.caps.get("write_cap", timeout))
         with self.conn.cursor(pymysql.cursors.SSCursor) as cursor:  # unbuffered: rows are counted as they come
-            execute(cursor, sql, binds, backslash_escapes=True)
+            execute(cursor, sql, binds, backslash_escapes=True, deadline=time.monotonic() + timeout)
             try:
                 return Rows(limit).read(cursor)
             except ResultTooLarge:
@@ -303,10 +317,10 @@ class PostgresBackend(Backend):
             # A server-side limit: the statement is cancelled when the script's time is up.
             cursor.execute(f"SET statement_timeout = {max(1, int(timeout * 1000))}")
             if not _ROW_QUERY.match(sql) or ";" in sql.strip().rstrip(";"):
-                execute(cursor, sql, binds, backslash_escapes=False)
+                execute(cursor, sql, binds, backslash_escapes=False, deadline=time.monotonic() + timeout)
                 return Rows(limit).read(cursor)
             # One query that returns rows: streamed, so a huge result is never held in memory.
-            query, params = prepare(sql, binds, backslash_escapes=False)
+            query, params = prepare(sql, binds, backslash_escapes=False, deadline=time.monotonic() + timeout)
             rows, stream = Rows(limit), cursor.stream(query, params)
             try:
                 for values in stream:
@@ -352,6 +366,13 @@ class SqliteBackend(Backend):
         self.conn.close()
 
 
+def _regular_or_missing(path: str) -> None:
+    """OSError unless `path` is missing, ":memory:" or a file msgscript.open_file opens (no FIFO or device,
+    whose reads could block the driver for ever)."""
+    if path != ":memory:" and os.path.lexists(path):
+        os.close(open_file(path))
+
+
 def _sqlite_option(value) -> str:
     if isinstance(value, bool):
         return "1" if value else "0"
@@ -375,12 +396,25 @@ class Client:
         cap = self.timeout_ms / 1000 if self.timeout_ms else None
         return self.ctx.remaining(cap)
 
+    def blocking(self, func, *args):
+        """`func(timeout, *args)` on the executor for blocking work, waited for until the timeout (plus
+        a grace for the driver's own error): LuaError("script timed out") past the script's deadline."""
+        timeout = self.timeout()
+        try:
+            return self.ctx.blocking(func, timeout, *args, cap=timeout + _GRACE)
+        except LuaError as e:
+            if str(e) == "timed out":  # c:set_timeout's limit, before the script's deadline
+                raise DbError(f"timed out after {timeout:g}s") from None
+            raise
+
     def connect(self, opener):
         """Open a connection (closing the previous one): true, or false, err."""
         self.close()
         self.opener = opener
         try:
-            self.backend = opener(self.timeout())
+            self.backend = self.blocking(opener)
+        except LuaError:
+            raise
         except Exception as e:  # noqa: BLE001 - any driver, socket or DSN error is `false, err`
             return False, _error_text(e)
         return True
@@ -391,10 +425,14 @@ class Client:
             raise ArgError(1, "SQL string expected, got an empty string")
         if self.backend is None:
             return ()
+        limit = self.ctx.max_bytes()
         try:
             if self.backend.closed:
-                self.backend = self.opener(self.timeout())
-            return self.backend.query(sql, list(binds), self.timeout(), self.ctx.max_bytes())
+                self.backend = self.blocking(self.opener)
+            backend = self.backend
+            return self.blocking(lambda timeout: backend.query(sql, list(binds), timeout, limit))
+        except LuaError:
+            raise
         except Exception as e:  # noqa: BLE001 - driver, binding and timeout errors are all `nil, err`
             return None, _error_text(e)
 
@@ -494,7 +532,7 @@ def _connector(ctx, client: Client, make_opener):
 @pure
 def escape(text=None) -> str:
     """`mysql.escape`: backslash-escape \\r \\n \\\\ ' " and \\032."""
-    return "".join(_ESCAPES.get(c, c) for c in check_string(text, 1))
+    return check_string(text, 1).translate(_ESCAPE_TABLE)
 
 
 def _server_module(make_opener, with_escape: bool):
@@ -509,7 +547,14 @@ def _server_module(make_opener, with_escape: bool):
 
         members = {"new": new, "_DEBUG": False, "_VERSION": "0.0.0"}
         if with_escape:
-            members["escape"] = escape
+            @pure
+            def escape_(text=None):
+                text = check_string(text, 1)
+                ctx.move_to_worker(len(text))
+                ctx.fits(4 * len(text), "mysql.escape's result")
+                return escape(text)
+
+            members["escape"] = escape_
         return members
 
     return loader
@@ -526,7 +571,12 @@ def _sqlite_loader(ctx):
             opts = ctx.to_python(options) if is_table(options) else {}
             if not isinstance(opts, dict):
                 raise ArgError(2, "options excepted")
-            return client.connect(lambda timeout: SqliteBackend(path, opts, timeout))
+            where = path if path == ":memory:" else ctx.path(path)
+            try:
+                _regular_or_missing(where)
+            except OSError as e:
+                return False, msgscript.error_text(e)
+            return client.connect(lambda timeout: SqliteBackend(where, opts, timeout))
 
         return ctx.module(client.lua_methods({"open": open_}))
 

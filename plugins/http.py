@@ -3,25 +3,33 @@
 Deliberate differences from the original: responses are plain tables (pairs and json.encode
 work; there is no http.response metatable); numeric timeouts keep their fractions; every
 request is also bounded by the script's deadline; a body larger than what the script's memory
-cap leaves is an error instead of a crash; HTTP_PROXY is not honoured.
+cap leaves is an error instead of a crash; HTTP_PROXY is not honoured; request_batch runs at
+most BATCH_PARALLEL requests at a time.
+
+Requests run on the scheduler's executor for blocking work (a DNS lookup cannot be given a timeout),
+which the call waits for until the request's deadline; the body is read as it arrives (and inflated
+as it is read), and reading stops once it passes what the script's memory cap leaves.
 """
 
 from __future__ import annotations
 
 import base64
-import zlib
+import concurrent.futures
 import http.client
-import threading
 import time
 import urllib.parse
-from concurrent.futures import Future, TimeoutError as FutureTimeout
+import zlib
 
 import msgscript
-from msgscript import ArgError, check_string, error_text, go_duration, is_table, lua_text, lua_type, truthy
+from msgscript import ArgError, LuaError, check_string, error_text, go_duration, is_table, lua_text, lua_type, truthy
+from msgscript import ticker
+
 
 
 _REDIRECTS = (301, 302, 303, 307, 308)
 _DEADLINE = "context deadline exceeded"
+_GRACE = 0.05  # how long past its deadline a request is waited for (its own timeouts end it first)
+BATCH_PARALLEL = 8  # requests of one request_batch in flight at once
 
 
 def _raw(s: str) -> bytes:
@@ -36,8 +44,14 @@ def _canonical(name: str) -> str:
     return "-".join(p[:1].upper() + p[1:].lower() for p in name.split("-"))
 
 
-def _pairs(table) -> dict:
-    return {lua_text(k): lua_text(v) for k, v in table.items()} if is_table(table) else {}
+def _pairs(ctx, table) -> dict:
+    if not is_table(table):
+        return {}
+    tick, out = ticker(ctx.check), {}
+    for k, v in table.items():
+        tick()
+        out[lua_text(k)] = lua_text(v)
+    return out
 
 
 def _time_limit(ctx, timeout) -> float:
@@ -63,7 +77,7 @@ def _prepare(ctx, method: str, url: str, options) -> tuple:
         body = opt(b"form") if isinstance(opt(b"form"), bytes) else None
         if body is not None:
             headers["Content-Type"] = "application/x-www-form-urlencoded"
-    cookies = _pairs(opt(b"cookies"))
+    cookies = _pairs(ctx, opt(b"cookies"))
     if cookies:
         headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in cookies.items())
     auth = opt(b"auth")
@@ -73,11 +87,13 @@ def _prepare(ctx, method: str, url: str, options) -> tuple:
             raise _HttpError("auth table must contain no nil user and pass fields")
         token = base64.b64encode(_raw(f"{lua_text(user)}:{lua_text(password)}")).decode()
         headers["Authorization"] = f"Basic {token}"
-    headers.update({_canonical(k): v for k, v in _pairs(opt(b"headers")).items()})
+    headers.update({_canonical(k): v for k, v in _pairs(ctx, opt(b"headers")).items()})
     return method.upper(), url, headers, body, _time_limit(ctx, opt(b"timeout"))
 
 
-def _read_body(conn, resp, deadline: float, limit: int) -> bytes:
+def _read_body(conn, resp, deadline: float, limit: int, gzipped: bool) -> bytes:
+    """The body as it arrives (inflated as it comes when gzipped), failing once it passes `limit` bytes."""
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS) if gzipped else None
     chunks, size = [], 0
     while True:
         left = deadline - time.monotonic()
@@ -86,7 +102,11 @@ def _read_body(conn, resp, deadline: float, limit: int) -> bytes:
         if conn.sock:
             conn.sock.settimeout(left)
         chunk = resp.read1(65536)
-        if not chunk:
+        if inflater is not None:
+            chunk = inflater.decompress(chunk, limit + 1 - size) if chunk else inflater.flush()
+            if inflater.unconsumed_tail:
+                raise _TooBig(limit)
+        if not chunk and (inflater is None or inflater.eof or not resp.fp):
             return b"".join(chunks)
         size += len(chunk)
         if size > limit:
@@ -99,7 +119,7 @@ class _TooBig(Exception):
         super().__init__(f"response body larger than the script's memory limit allows ({limit} bytes)")
 
 
-def _response(url: str, resp, body: bytes, gzipped: bool, limit: int) -> dict:
+def _response(url: str, conn, resp, deadline: float, gzipped: bool, limit: int) -> dict:
     headers, cookies = {}, {}
     for name, value in resp.getheaders():
         value = value.encode("latin-1", "replace").decode("utf-8", "surrogateescape")
@@ -107,13 +127,11 @@ def _response(url: str, resp, body: bytes, gzipped: bool, limit: int) -> dict:
         if name.lower() == "set-cookie":
             key, _, val = value.split(";", 1)[0].partition("=")
             cookies[key.strip()] = val.strip().strip('"')
-    if gzipped and headers.get("Content-Encoding", "").lower() == "gzip":
-        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        body = inflater.decompress(body, limit + 1)
-        if len(body) > limit:
-            raise _TooBig(limit)
+    inflate = gzipped and headers.get("Content-Encoding", "").lower() == "gzip"
+    if inflate:
         headers.pop("Content-Encoding")
         headers.pop("Content-Length", None)
+    body = _read_body(conn, resp, deadline, limit, inflate)
     return {"body": body, "body_size": len(body), "status_code": resp.status,
             "headers": headers, "cookies": cookies, "url": url}
 
@@ -142,7 +160,7 @@ def _fetch(method: str, url: str, headers: dict, body, deadline: float, limit: i
             resp = conn.getresponse()
             location = resp.getheader("Location")
             if resp.status not in _REDIRECTS or not location:
-                return _response(url, resp, _read_body(conn, resp, deadline, limit), gzipped, limit)
+                return _response(url, conn, resp, deadline, gzipped, limit)
         except _TooBig as e:
             raise _HttpError(f'{verb} "{url}": {e}') from None
         except Exception as e:  # noqa: BLE001 - every failure is the script's `nil, err`
@@ -160,34 +178,62 @@ def _fetch(method: str, url: str, headers: dict, body, deadline: float, limit: i
     raise _HttpError(f'{verb} "{url}": stopped after 10 redirects')
 
 
-def _in_thread(func, *args) -> Future:
-    """Run `func` on a daemon thread, so a hung DNS lookup cannot outlive the script's deadline."""
-    fut: Future = Future()
+class _Request:
+    """One request, prepared from the script's arguments: what _fetch needs, and its deadline."""
 
-    def run():
+    def __init__(self, ctx, method, url, options):
+        method, url, headers, body, timeout = _prepare(ctx, method, url, options)
+        self.deadline = time.monotonic() + timeout
+        self.what = f'{method[:1]}{method[1:].lower()} "{url}"'
+        self.args = (method, url, headers, body, self.deadline, ctx.max_bytes())
+
+    def run(self, ctx) -> dict:
+        """Do it on the scheduler's executor for blocking work, waiting until its deadline."""
         try:
-            fut.set_result(func(*args))
-        except BaseException as e:  # noqa: BLE001 - handed to the waiting script
-            fut.set_exception(e)
-
-    threading.Thread(target=run, daemon=True, name="lua-http").start()
-    return fut
+            return ctx.blocking(_fetch, *self.args, cap=max(0.0, self.deadline - time.monotonic()) + _GRACE)
+        except LuaError:
+            raise _HttpError(f"{self.what}: {_DEADLINE}") from None
 
 
-def _start(ctx, method, url, options) -> tuple:
-    """Start one request; returns (future, verb+url for errors, deadline)."""
-    method, url, headers, body, timeout = _prepare(ctx, method, url, options)
-    deadline = time.monotonic() + timeout
-    what = f'{method[:1]}{method[1:].lower()} "{url}"'
-    return _in_thread(_fetch, method, url, headers, body, deadline, ctx.max_bytes()), what, deadline
-
-
-def _finish(started) -> dict:
-    fut, what, deadline = started
+def _run_all(ctx, requests: list[_Request]) -> list:
+    """Each request's response or _HttpError, BATCH_PARALLEL at a time on the executor for blocking work."""
+    pool = ctx.services.blocking
+    if pool is None:  # no scheduler (a test's runner): one after the other
+        return [_outcome(lambda r=r: r.run(ctx)) for r in requests]
+    outcomes: list = [None] * len(requests)
+    stop = time.monotonic() + ctx.remaining()  # the script's deadline
+    waiting = list(enumerate(requests))
+    running: dict = {}  # future -> index
     try:
-        return fut.result(timeout=max(0.0, deadline - time.monotonic()) + 0.05)
-    except FutureTimeout:
-        raise _HttpError(f"{what}: {_DEADLINE}") from None
+        while waiting or running:
+            while waiting and len(running) < BATCH_PARALLEL:
+                i, r = waiting.pop(0)
+                running[pool.submit(_fetch, *r.args)] = i
+            soonest = min(requests[i].deadline for i in running.values())
+            done, _ = concurrent.futures.wait(running, max(0.0, min(soonest - time.monotonic(), ctx.remaining()))
+                                              + _GRACE, return_when=concurrent.futures.FIRST_COMPLETED)
+            now = time.monotonic()
+            for future in list(running):
+                i = running[future]
+                if future in done:
+                    outcomes[i] = _outcome(future.result)
+                elif now > requests[i].deadline or now > stop:
+                    future.cancel()  # its own timeouts end it soon: it is not waited for
+                    outcomes[i] = _HttpError(f"{requests[i].what}: {_DEADLINE}")
+                else:
+                    continue
+                del running[future]
+    finally:
+        for future in running:
+            future.cancel()
+    return outcomes
+
+
+def _outcome(func):
+    try:
+        return func()
+    except _HttpError as e:
+        return e
 
 
 def _loader(ctx):
@@ -195,7 +241,7 @@ def _loader(ctx):
         """http.request(method, url [, options]) -> response | nil, err"""
         method, url = check_string(method, 1), check_string(url, 2)
         try:
-            return _finish(_start(ctx, method, url, options))
+            return _Request(ctx, method, url, options).run(ctx)
         except _HttpError as e:
             return None, str(e)
 
@@ -208,23 +254,24 @@ def _loader(ctx):
         """http.request_batch({{method, url [, options]}, ...}) -> responses [, errors]"""
         if not is_table(requests):
             raise ArgError(1, f"table expected, got {lua_type(requests)}")
-        started, errors = [], []
+        prepared, errors = [], []
         for entry in requests.values():
+            ctx.check()
             try:
                 if not is_table(entry):
                     raise _HttpError("Request must be a table")
                 method, url = entry[1], entry[2]
                 if not isinstance(method, bytes) or not isinstance(url, bytes):
                     raise _HttpError("Request must have a method and a url")
-                started.append(_start(ctx, lua_text(method), lua_text(url), entry[3]))
+                prepared.append(_Request(ctx, lua_text(method), lua_text(url), entry[3]))
             except _HttpError as e:
                 errors.append(str(e))
         responses = []
-        for item in started:
-            try:
-                responses.append(_finish(item))
-            except _HttpError as e:
-                errors.append(str(e))
+        for outcome in _run_all(ctx, prepared):
+            if isinstance(outcome, _HttpError):
+                errors.append(str(outcome))
+            else:
+                responses.append(outcome)
         return (responses, errors) if errors else responses
 
     members = {name: verb(name) for name in ("get", "post", "put", "patch", "delete", "head")}

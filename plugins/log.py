@@ -1,99 +1,22 @@
-"""`log` and `loglevel`: Go-style loggers as gopher-lua-libs v0.5.0 exposes them."""
+"""`log` and `loglevel`: Go-style loggers as gopher-lua-libs v0.5.0 exposes them.
+
+A file output's relative path is the call's working directory's; FIFOs, sockets and devices other
+than /dev/null are refused. A printf width or precision is bounded by what the script's memory cap
+leaves.
+"""
 
 import datetime
 import json
+import math
 import os
 import re
 import sys
 import threading
 
-from msgscript import ArgError, check_string, check_table, error_text, lua_type
+from msgscript import ArgError, LuaError, check_string, check_table, error_text, lua_type, open_file
+from msgscript import ticker
 
-from msgscript import PRELUDE
 from msgscript_plugins.template import go_float
-
-_LUA = PRELUDE + r"""
-local M, py = ...
-local state = setmetatable({}, {__mode = "k"})
-local getinfo = debug.getinfo
-
-local function check(self, fname)
-  local st = state[self]
-  if st == nil then error("bad argument #1 to '" .. fname .. "' (logger_ud expected, got " .. type(self) .. ")", 3) end
-  return st
-end
-
--- "chunk:line:" of the script line that called the logger method (gopher-lua's L.Where(1))
-local function where()
-  local info = getinfo(3, "Sl")
-  if info and info.currentline and info.currentline > 0 then
-    return info.short_src .. ":" .. info.currentline .. ":"
-  end
-  return ""
-end
-
-local Logger
-Logger, M.Logger = class({
-  print = function(self, ...) call(py.print, check(self, "print"), where(), ...) end,
-  println = function(self, ...) call(py.println, check(self, "println"), where(), ...) end,
-  printf = function(self, fmt, ...) call(py.printf, check(self, "printf"), where(), fmt, ...) end,
-  set_prefix = function(self, prefix) call(py.set_prefix, check(self, "set_prefix"), prefix) end,
-  set_flags = function(self, flags) call(py.set_flags, check(self, "set_flags"), flags) end,
-  set_output = function(self, output) return call(py.set_output, check(self, "set_output"), output) end,
-  close = function(self) return call(py.close, check(self, "close")) end,
-}, {__newindex = readonly_error})  -- loglevel's loggers are shared by every call: not to be changed
-
-function M.new(...)
-  local st = call(py.new, ...)
-  local logger = setmetatable({}, Logger)
-  state[logger] = st
-  return logger
-end
-return M
-"""
-
-# loglevel: one logger per level, those below the current level write to /dev/null.
-_LOGLEVEL_LUA = PRELUDE + r"""
-local log = require("log")
-local LEVELS = {DEBUG = 0, INFO = 1, WARN = 2, ERROR = 3}
-local loglevel = {
-  levels = readonly(LEVELS),
-  defaultOutput = "STDERR",
-  _level = "INFO",
-}
-for k, v in pairs(log) do loglevel[k] = v end  -- log's functions are reachable too (the original's __index)
-
-local function level_name(level)
-  local name = type(level) == "string" and level:upper() or nil
-  if name == nil or LEVELS[name] == nil then error("illegal level " .. tostring(level), 3) end
-  return name
-end
-
-local function output_for(level)
-  if LEVELS[level] >= LEVELS[loglevel._level] then return loglevel.defaultOutput end
-  return "/dev/null"
-end
-
-local function apply()
-  for level in pairs(LEVELS) do loglevel[level]:set_output(output_for(level)) end
-end
-
-for level in pairs(LEVELS) do
-  loglevel[level] = log.new(output_for(level), "[" .. level .. "] ", {date = true})
-end
-
-function loglevel.get_level() return loglevel._level end
-function loglevel.set_level(level)
-  loglevel._level = level_name(level)
-  apply()
-end
-function loglevel.default_output() return loglevel.defaultOutput end
-function loglevel.set_default_output(output)
-  loglevel.defaultOutput = output
-  apply()
-end
-return loglevel
-"""
 
 _FLAGS = ("date", "time", "microseconds", "utc", "longfile")
 _VERB = re.compile(r"%([-+# 0]*)(\d+|\*)?(?:\.(\d*|\*))?(.)", re.S)
@@ -115,8 +38,10 @@ def go_number(value):
 class GoFormatter:
     """Go's fmt.Sprint / Sprintln / Sprintf over Lua values (as lupa hands them to Python)."""
 
-    def __init__(self, tostring):
+    def __init__(self, tostring, limit=lambda: 2**62, tick=lambda n=1: None):
         self.tostring = tostring  # Lua's tostring, for tables, functions...
+        self.limit = limit  # how many bytes a width or a precision may ask for
+        self.tick = tick  # called for each verb (a look at the call's clock now and then)
 
     def text(self, value):
         if isinstance(value, str):
@@ -145,6 +70,7 @@ class GoFormatter:
     def sprintf(self, fmt, args):
         out, pos, used = [], 0, 0
         for m in _VERB.finditer(fmt):
+            self.tick()
             out.append(fmt[pos:m.start()])
             pos = m.end()
             flags, width, prec, verb = m.groups()
@@ -154,7 +80,10 @@ class GoFormatter:
             if width == "*" or prec == "*":
                 star = args[used] if used < len(args) else 0
                 used += 1
-                width, prec = (str(int(star)), prec) if width == "*" else (width, str(int(star)))
+                star = int(star) if isinstance(star, (int, float)) and math.isfinite(star) else 0
+                width, prec = (str(star), prec) if width == "*" else (width, str(star))
+            if max(len(width or ""), len(prec or "")) > 18 or max(int(width or 0), int(prec or 0)) > self.limit():
+                raise LuaError("printf: a width or precision larger than the script's memory limit allows")
             if used >= len(args):
                 out.append(f"%!{verb}(MISSING)")
                 continue
@@ -212,15 +141,16 @@ class Logger:
         self.flags = dict.fromkeys(_FLAGS, False)
         self.target, self.file = "STDOUT", None
 
-    def set_output(self, output):
-        """Switch output; returns an error text when the file cannot be opened (stdout is used then)."""
+    def set_output(self, output, where=lambda path: path):
+        """Switch output (`where` resolves a relative path); returns an error text when the file cannot be
+        opened (stdout is used then)."""
         with self.lock:
             self._close()
             self.target = "STDERR" if output == "STDERR" else "STDOUT"
             if output in ("-", "STDOUT", "STDERR"):
                 return None
             try:
-                fd = os.open(output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                fd = open_file(where(output), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
             except OSError as e:
                 return f"open {output}: {(e.strerror or str(e)).lower()}"
             self.file, self.target = os.fdopen(fd, "ab"), "FILE"
@@ -276,7 +206,7 @@ def _write_stream(stream, data):
 
 
 def _load_log(ctx):
-    fmt = GoFormatter(ctx.execute("return tostring"))
+    fmt = GoFormatter(ctx.execute("return tostring"), ctx.max_bytes, ticker(ctx.check))
 
     # The functions below get the logger (a Python object the Lua side keeps) first; argument
     # numbers in errors count from the method's first argument, as Lua does for methods.
@@ -292,7 +222,7 @@ def _load_log(ctx):
     def new_logger(output=None, prefix=None, flags=None):
         logger = Logger()
         if output is not None:
-            logger.set_output(check_string(output, 1))
+            logger.set_output(check_string(output, 1), ctx.path)
         if prefix is not None:
             logger.prefix = check_string(prefix, 2)
         if flags is not None:
@@ -319,12 +249,12 @@ def _load_log(ctx):
     py = ctx.module({
         "new": new_logger, "print": print_, "println": println, "printf": printf,
         "set_prefix": set_prefix, "set_flags": set_flags,
-        "set_output": lambda logger, output=None: logger.set_output(check_string(output, 1)),
+        "set_output": lambda logger, output=None: logger.set_output(check_string(output, 1), ctx.path),
         "close": lambda logger: logger.close(),
     })
-    return ctx.lua.execute(_LUA, ctx.table(), py, name="=log")
+    return ctx.execute_file("log.lua", ctx.table(), py)
 
 
 def lua_modules():
     """Modules this plugin provides: `log`, and `loglevel` built on it."""
-    return {"log": _load_log, "loglevel": lambda ctx: ctx.lua.execute(_LOGLEVEL_LUA, name="=loglevel")}
+    return {"log": _load_log, "loglevel": lambda ctx: ctx.execute_file("loglevel.lua")}

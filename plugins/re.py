@@ -3,6 +3,13 @@
 Matching is linear in the input, whatever the pattern. It works on the bytes of the Lua strings,
 so positions are byte offsets. It reads them as Go's regexp package does: as UTF-8 (`.` is one
 character), with each byte that is not part of valid UTF-8 taken as one U+FFFD character.
+
+Bounds: RE2 releases the interpreter lock while it searches, so a long search stops nothing else; a
+string longer than INLINE_SIZE is searched on a worker, never on the event loop. Loops over matches
+look at the call's clock, and results (and the map of a string's invalid bytes) are counted against
+the script's memory cap before they are made. One search of a long string is one C call that cannot be
+stopped midway: RE2 is linear, but with a pattern whose automaton does not fit RE2's cache it can take
+about 0.1-0.3 µs per byte per few dozen states of the pattern.
 """
 
 from __future__ import annotations
@@ -10,7 +17,6 @@ from __future__ import annotations
 import bisect
 import functools
 import re as pyre  # only for the fixed, linear pattern in _Subject; user patterns go to RE2
-import time
 from array import array
 from itertools import chain
 
@@ -19,15 +25,16 @@ from re2 import _re2
 
 from msgscript import ArgError, LuaError, check_string, is_table, lua_number_text, lua_type, opt_integer, pure, truthy
 
+
 _OPTIONS = re2.Options()
 _OPTIONS.encoding = re2.Options.Encoding.UTF8  # Go: the pattern and the text are UTF-8
 _OPTIONS.log_errors = False  # RE2 would print every invalid pattern to stderr
 # Other options keep RE2's defaults, which are Go's: leftmost-first, Perl classes, `$` = end of
 # text, `.` not matching \n, and max_mem 8 MiB per pattern (larger programs are "too large").
 _UNANCHORED = _re2.RE2.Anchor.UNANCHORED
-_CACHE_SIZE = 128  # compiled patterns kept (each takes at most max_mem)
+_CACHE_SIZE = 32  # compiled patterns kept (each may hold up to max_mem, its DFA cache included)
 _CHECK_EVERY = 256  # matches between two looks at the clock
-_INLINE_SLICE = 0.002  # seconds a loop may hold the event loop (an inline call) before moving
+_INVALID_BYTE_COST = 48  # bytes of Python objects _Subject keeps for each byte that is not UTF-8
 
 # RE2's error texts -> Go's (regexp/syntax ErrorCode strings)
 _GO_ERRORS = {
@@ -220,27 +227,20 @@ def _start(length: int, init: int) -> int:
 
 
 class _Work:
-    """Bounds a loop over matches: the call's deadline, the memory cap, and for a call running
-    inline on the event loop its slice of it (past which the call moves to a worker thread)."""
+    """Bounds a loop over matches: the memory cap, and the call's clock (ctx.check: its deadline, and for
+    a call running inline on the event loop its budget, past which the call moves to a worker thread;
+    these functions have no effects, so they are simply run again there)."""
 
-    __slots__ = ("ctx", "started", "limit", "what")
+    __slots__ = ("ctx", "limit", "what", "check")
 
     def __init__(self, ctx, what: str):
-        self.ctx, self.what = ctx, what
-        self.started = time.monotonic()
+        self.ctx, self.what, self.check = ctx, what, ctx.check
         self.limit = ctx.max_bytes()  # a result up to this size fits: no need to ask again
 
     def fits(self, size: int) -> None:
         """Raise unless `size` bytes of results fit in the script's memory."""
         self.ctx.fits(size, self.what)  # collects garbage first; raises if still too big
         self.limit = self.ctx.max_bytes()
-
-    def check(self) -> None:
-        now = time.monotonic()
-        if now > self.ctx.deadline:
-            raise LuaError("script timed out")
-        if self.ctx.inline and now - self.started > _INLINE_SLICE:
-            self.ctx.move_to_worker()  # re-run on a worker thread: these functions have no effects
 
 
 ###############################################################################
@@ -326,10 +326,21 @@ def _captures(rx: _Regexp, raw: bytes, spans: list) -> tuple:
 
 
 def _loader(ctx):
+    def subject(raw: bytes) -> _Subject:
+        """A _Subject, its cost counted first when the string is not valid UTF-8."""
+        if not raw.isascii() and len(raw) > 4096:
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                invalid = len(raw) - len(raw.decode("utf-8", "ignore").encode())
+                ctx.fits(3 * len(raw) + _INVALID_BYTE_COST * invalid, "a map of its invalid bytes")
+        return _Subject(raw)
+
     @pure
     def find(*args):
         args += (None,) * (2 - len(args))
         s, pattern = check_string(args[0], 1), check_string(args[1], 2)
+        ctx.move_to_worker(len(s) + len(pattern))
         if not s and not pattern:
             return 1, 0
         raw = _bytes(s)
@@ -344,7 +355,7 @@ def _loader(ctx):
         if init > len(raw):
             return None
         raw = raw[init:]
-        spans = _Subject(raw).search(rx)
+        spans = subject(raw).search(rx)
         if spans is None or (rx.groups and spans[1][0] < 0):
             return None
         end = spans[-1][1] if spans[-1][0] >= 0 else spans[0][1]  # quirk: the end of the last group
@@ -353,6 +364,7 @@ def _loader(ctx):
     @pure
     def match(s=None, pattern=None, init=None):
         s, pattern = check_string(s, 1), check_string(pattern, 2)
+        ctx.move_to_worker(len(s) + len(pattern))
         raw = _bytes(s)
         offset = opt_integer(init, 3, 1)
         offset = max((len(raw) + offset + 1 if offset < 0 else offset) - 1, 0)
@@ -360,25 +372,26 @@ def _loader(ctx):
         if offset > len(raw):
             return None
         raw = raw[offset:]
-        spans = _Subject(raw).search(rx)
+        spans = subject(raw).search(rx)
         return None if spans is None else _captures(rx, raw, spans)
 
     @pure
     def gmatch(s=None, pattern=None):
         s, pattern = check_string(s, 1), check_string(pattern, 2)
+        ctx.move_to_worker(len(s) + len(pattern))
         rx = _regexp(pattern)
-        subject = _Subject(_bytes(s))
+        found_in = subject(_bytes(s))
         first = 1 if rx.groups else 0  # the groups, or the whole match
         width = 2 * (rx.groups or 1)
         work = _Work(ctx, "gmatch results")
         found = array("q")  # (start, end) of each yielded group of each match
         size, step = 0, 8 * width
-        for spans in subject.find_all(rx, -1, work):
+        for spans in found_in.find_all(rx, -1, work):
             found.extend(chain.from_iterable(spans[first:]))
             size += step
             if size > work.limit:
                 work.fits(size)
-        raw, index = subject.raw, 0
+        raw, index = found_in.raw, 0
 
         @pure
         def gmatch_iterator(*_):
@@ -396,8 +409,9 @@ def _loader(ctx):
         if not isinstance(repl, str) and not is_table(repl) and lua_type(repl) != "function":
             raise ArgError(3, f"string/table/function expected, got {lua_type(repl)}")
         limit = opt_integer(n, 4, -1)
+        ctx.move_to_worker(len(s) + len(pattern) + (len(repl) if isinstance(repl, str) else 0))
         rx = _regexp(pattern)
-        subject = _Subject(_bytes(s))
+        found_in = subject(_bytes(s))
         if isinstance(repl, str):
             replace = _expander(rx, repl)
         elif is_table(repl):
@@ -407,10 +421,10 @@ def _loader(ctx):
             def replace(raw, spans):
                 out = repl(*_captures(rx, raw, spans))
                 return _replacement(out[0] if out else None) if isinstance(out, tuple) else _replacement(out)
-        raw = subject.raw
+        raw = found_in.raw
         work = _Work(ctx, "gsub result")
         out, last, count, size = [], 0, 0, 0
-        for spans in subject.find_all(rx, limit, work):
+        for spans in found_in.find_all(rx, limit, work):
             count += 1
             text = replace(raw, spans)
             if text is None:
@@ -430,7 +444,10 @@ def _loader(ctx):
 
     @pure
     def quote(s=None):
-        return _bytes(check_string(s, 1).translate(_QUOTE))
+        s = check_string(s, 1)
+        ctx.move_to_worker(len(s))
+        ctx.fits(4 * len(s), "re.quote's result")
+        return _bytes(s.translate(_QUOTE))
 
     return {"find": find, "match": match, "gmatch": gmatch, "gsub": gsub, "quote": quote}
 

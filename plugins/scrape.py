@@ -5,14 +5,22 @@ Every function returns `result, nil`. Results are plain Lua lists, so `#res`, `r
 gives nil instead of raising). Matching does not descend into a node that matched, as in
 yhat/scrape. Tags are compared by lower-cased name, so unlike Go an unknown tag name never
 matches text nodes.
+
+Bounds: the tree a document makes (a few hundred bytes of Python objects per tag) is estimated from
+a count of its "<" and refused before parsing when it would not fit in what the script's memory cap
+leaves; parsing and matching look at the call's clock as they go.
 """
 
 from __future__ import annotations
 
-import time
 from html.parser import HTMLParser
 
-from msgscript import ArgError, LuaError, check_integer, check_string
+from msgscript import ArgError, check_integer, check_string
+from msgscript import ticker
+from msgscript_plugins.json import text_cost
+
+
+NODE_COST = 700  # bytes of Python objects a tag (its Node, attributes, a text node beside it) takes, about
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "param", "source", "track",
         "wbr", "keygen", "command", "basefont", "bgsound", "frame"}
@@ -56,18 +64,25 @@ class Node:
 
 
 class _TreeBuilder(HTMLParser):
-    """A lenient DOM builder: void elements, implied end tags, stray end tags ignored."""
+    """A lenient DOM builder: void elements, implied end tags, stray end tags ignored.
+
+    Linear in the document: where each tag name is open on the stack is kept (`open`), so an end tag or
+    an implied end finds its element without walking the stack, and text is joined once at the end.
+    """
 
     def __init__(self):
         super().__init__(convert_charrefs=True)
         self.root = Node("#document")
         self.stack = [self.root]
+        self.open: dict[str, list[int]] = {}  # tag -> stack positions of its open elements, innermost last
+        self.texts: list[Node] = []  # text nodes, their text a list of pieces until close() joins it
 
     def handle_starttag(self, tag, attrs):
         self._imply_end(tag)
         node = Node(tag, attrs)
         self.stack[-1].children.append(node)
         if tag not in VOID:
+            self.open.setdefault(tag, []).append(len(self.stack))
             self.stack.append(node)
 
     def handle_startendtag(self, tag, attrs):
@@ -75,40 +90,58 @@ class _TreeBuilder(HTMLParser):
         self.stack[-1].children.append(Node(tag, attrs))
 
     def handle_endtag(self, tag):
-        for i in range(len(self.stack) - 1, 0, -1):
-            if self.stack[i].tag == tag:
-                del self.stack[i:]
-                return
+        where = self.open.get(tag)
+        if where:
+            self._close_from(where[-1])
 
     def handle_data(self, data):
         children = self.stack[-1].children
         if children and children[-1].tag is None:
-            children[-1].text += data
+            children[-1].text.append(data)
         else:
-            children.append(Node(None, text=data))
+            node = Node(None)
+            node.text = [data]
+            self.texts.append(node)
+            children.append(node)
+
+    def _close_from(self, i: int) -> None:
+        """Close the element at stack position `i` and every one inside it."""
+        for node in self.stack[i:]:
+            self.open[node.tag].pop()
+        del self.stack[i:]
 
     def _imply_end(self, tag: str) -> None:
         names, boundaries = IMPLIED_END.get(tag, (set(), set()))
         if tag in CLOSES_P:
             names, boundaries = names | {"p"}, boundaries | {"button", "table", "td", "th"}
-        for i in range(len(self.stack) - 1, 0, -1):
-            current = self.stack[i].tag
-            if current in boundaries:
+        innermost = 0
+        for name in names:
+            where = self.open.get(name)
+            if where and where[-1] > innermost:
+                innermost = where[-1]
+        if not innermost:
+            return
+        for name in boundaries:
+            where = self.open.get(name)
+            if where and where[-1] > innermost:
                 return
-            if current in names:
-                del self.stack[i:]
-                return
+        self._close_from(innermost)
+
+    def close(self):
+        super().close()
+        for node in self.texts:
+            node.text = "".join(node.text)
+        self.texts = []
 
 
-def parse(document: str, deadline: float = float("inf")) -> Node:
+def parse(document: str, check=lambda: None) -> Node:
     """Parse HTML into a tree with html, head and body elements, like an HTML5 parser would.
 
-    The text is fed in pieces; past `deadline` (time.monotonic()) parsing stops with a LuaError.
+    The text is fed in pieces, with a `check()` (ctx.check: a timeout past the deadline) before each.
     """
     builder = _TreeBuilder()
     for start in range(0, len(document), 65536):
-        if time.monotonic() > deadline:
-            raise LuaError("script timed out")
+        check()
         builder.feed(document[start:start + 65536])
     builder.close()
     return _complete(builder.root)
@@ -133,11 +166,12 @@ def _complete(root: Node) -> Node:
     return root
 
 
-def find_all(node: Node, match) -> list[Node]:
+def find_all(node: Node, match, tick=lambda n=1: None) -> list[Node]:
     """Matching nodes in document order, not descending into a node that matched."""
     found: list[Node] = []
     pending = [node]
     while pending:
+        tick()
         current = pending.pop()
         if match(current):
             found.append(current)
@@ -146,12 +180,12 @@ def find_all(node: Node, match) -> list[Node]:
     return found
 
 
-def text_of(node: Node) -> str:
+def text_of(node: Node, tick=lambda n=1: None) -> str:
     """Every descendant text node, trimmed, empty ones dropped, joined by single spaces."""
     if node.tag is None:
         pieces = [node.text]
     else:
-        pieces = [n.text for n in find_all(node, lambda n: n.tag is None)]
+        pieces = [n.text for n in find_all(node, lambda n: n.tag is None, tick)]
     return " ".join(p.strip() for p in pieces if p.strip())
 
 
@@ -173,7 +207,9 @@ def by_tag(tag: str):
 
 def _loader(ctx):
     def matches(document, matcher) -> list[Node]:
-        return find_all(parse(check_string(document, 1), time.monotonic() + ctx.remaining()), matcher)
+        document = check_string(document, 1)
+        ctx.fits(2 * text_cost(document) + NODE_COST * document.count("<"), "the tree of this document")
+        return find_all(parse(document, ctx.check), matcher, ticker(ctx.check))
 
     def attr_finder(make_matcher):
         def find(document=None, attr=None, query=None):
@@ -189,7 +225,8 @@ def _loader(ctx):
             count = check_integer(count, 2)
             if count < 0:
                 raise ArgError(2, "the count of attribute names cannot be negative")
-            rest = rest + (None,) * (count + 1 - len(rest))
+            if count >= len(rest):  # fewer arguments than the count says: the first missing one is reported
+                check_string(None, 3 + len(rest))
             names = [check_string(rest[i], 3 + i) for i in range(count)]
             query = check_string(rest[count], 3 + count)
             return [{a: n.attr(a.lower()) for a in names} for n in matches(document, make_matcher(query))], None
@@ -200,7 +237,8 @@ def _loader(ctx):
         def find(document=None, query=None):
             """The text of every matching node."""
             query = check_string(query, 2)
-            return [text_of(n) for n in matches(document, make_matcher(query))], None
+            tick = ticker(ctx.check)
+            return [text_of(n, tick) for n in matches(document, make_matcher(query))], None
 
         return find
 

@@ -6,12 +6,17 @@
 
 The file is read backwards in 4 KiB blocks, so a big file costs no more than its last lines.
 Lines lose their "\\n" and a trailing "\\r". As in the original, lines are limited to 8 KiB: a
-longer line ends the scan (`line()` gives nil from there on).
+longer line ends the scan (`line()` gives nil from there on). A relative path is the call's working
+directory's; FIFOs, sockets and devices are refused.
 """
 
 from __future__ import annotations
 
-from msgscript import check_string, error_text
+import errno
+import os
+import stat
+
+from msgscript import check_string, error_text, open_file
 
 BLOCK = 4096
 MAX_LINE = 8 * 1024
@@ -21,7 +26,11 @@ class TacReader:
     """Complete lines of a file, last first, found by reading blocks from its end."""
 
     def __init__(self, path: str):
-        self.file = open(path, "rb")  # noqa: SIM115 - closed by close(), or when the reader goes away
+        fd = open_file(path)
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise IsADirectoryError(errno.EISDIR, "is a directory", path)
+        self.file = os.fdopen(fd, "rb")  # closed by close(), or when the reader goes away
         self.offset = self.file.seek(0, 2)  # the file position where `partial` starts
         self.partial = b""  # the start of the file's text not yet split into lines
         self.ready: list[bytes] = []  # complete lines in file order; line() takes the last
@@ -62,7 +71,7 @@ def _load(ctx):
         """tac.open(path) -> scanner | nil, err"""
         path = check_string(path, 1)
         try:
-            reader = TacReader(path)
+            reader = TacReader(ctx.path(path))
         except OSError as e:
             return None, f"open {error_text(e)}"
         return ctx.module({"line": lambda _self=None: reader.line(), "close": lambda _self=None: reader.close()})

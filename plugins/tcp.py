@@ -9,81 +9,27 @@
 bytes), "*l" (a line without its "\\n"), "*a" (everything until the peer closes), "*n" (a
 number). The fields dialTimeout = 5, writeTimeout = 1, readTimeout = 1 and closeTimeout = 1
 (seconds) can be read and set on the connection. Every step also ends at the script's deadline,
-and what one read returns is bounded by the script's memory cap.
+and what one read returns is bounded by the script's memory cap. The DNS lookup (which cannot be given
+a timeout) runs on the scheduler's executor for blocking work, waited for until the dial's deadline.
 """
 
 from __future__ import annotations
 
 import re
 import socket
-import threading
 import time
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 
 from msgscript import ArgError, LuaError, check_number, check_string, error_text
 
-from msgscript import PRELUDE
 
 TIMEOUTS = {"dialTimeout": 5.0, "writeTimeout": 1.0, "readTimeout": 1.0, "closeTimeout": 1.0}
 _NUMBER = re.compile(rb"[+-]?(?:0[xX][0-9a-fA-F]+|(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)")
 
-_LUA = PRELUDE + r"""
-local py = ...
-local state = setmetatable({}, {__mode = "k"})
-local FIELDS = {dialTimeout = true, writeTimeout = true, readTimeout = true, closeTimeout = true}
-
-local function check(self, name)
-  local st = state[self]
-  if st == nil then
-    error("bad argument #1 to '" .. name .. "' (tcp connection expected, got " .. type(self) .. ")", 3)
-  end
-  return st
-end
-
-local methods = {}
-function methods.write(self, ...) call(py.write, check(self, "write"), ...) end
-function methods.read(self, ...)
-  local st = check(self, "read")
-  if select("#", ...) == 0 then return call(py.read, st, 1024) end
-  return call(py.read, st, (...))
-end
-function methods.close(self) call(py.close, check(self, "close")) end
-
-local Conn = class(methods, {
-  __index = function(self, k)
-    if FIELDS[k] then return py.__index(check(self, "__index"), k) end
-    return methods[k]
-  end,
-  __newindex = function(self, k, v)
-    if FIELDS[k] then call(py.__newindex, check(self, "__newindex"), k, v) end  -- other keys are ignored, as in Go
-  end,
-})
-
-return function(addr, timeout)
-  local st, err = call(py.open, addr, timeout)
-  if st == nil then return nil, err end
-  local conn = setmetatable({}, Conn)
-  state[conn] = st
-  return conn
-end
-"""
-
-
-def _resolve(host: str, port: int, timeout: float) -> list:
-    """getaddrinfo on a daemon thread, so a hung DNS lookup cannot outlive `timeout`."""
-    fut: Future = Future()
-
-    def run():
-        try:
-            fut.set_result(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
-        except BaseException as e:  # noqa: BLE001 - handed to the waiting script
-            fut.set_exception(e)
-
-    threading.Thread(target=run, daemon=True, name="lua-tcp-resolve").start()
+def _resolve(ctx, host: str, port: int, timeout: float) -> list:
+    """getaddrinfo on the executor for blocking work, waited for `timeout` seconds at most."""
     try:
-        return fut.result(timeout)
-    except FutureTimeout:
+        return ctx.blocking(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM, cap=max(0.001, timeout))
+    except LuaError:
         raise TimeoutError("i/o timeout") from None
 
 
@@ -94,9 +40,11 @@ def _split_address(addr: str) -> tuple[str, int]:
         raise ValueError(f"address {addr}: missing port in address")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     try:
-        number = int(port) if port.isdigit() else socket.getservbyname(port, "tcp")
-    except OSError:
+        number = int(port) if port.isascii() and port.isdigit() and len(port) < 6 else socket.getservbyname(port, "tcp")
+    except (OSError, UnicodeError, ValueError):
         raise ValueError(f"address {addr}: unknown port") from None
+    if number > 65535:
+        raise ValueError(f"address {addr}: invalid port")
     return host or "127.0.0.1", number
 
 
@@ -229,7 +177,7 @@ def _dial(ctx, addr: str, timeouts: dict) -> Connection:
     deadline = time.monotonic() + (min(dial, ctx.remaining()) if dial > 0 else ctx.remaining())
     host, port = _split_address(addr)
     try:
-        infos = _resolve(host, port, deadline - time.monotonic())
+        infos = _resolve(ctx, host, port, deadline - time.monotonic())
     except socket.gaierror as e:
         raise OSError(f"lookup {host}: {_reason(e)}") from None
     error: OSError = OSError("no addresses found")
@@ -266,7 +214,7 @@ def _load(ctx):
         "open": open_, "write": lambda conn, *args: conn.write(*args), "read": lambda conn, fmt=None: conn.read(fmt),
         "close": lambda conn: conn.close(), "__index": lambda conn, key: conn.timeouts[key], "__newindex": set_field,
     })
-    return {"open": ctx.lua.execute(_LUA, py, name="=tcp")}
+    return {"open": ctx.execute_file("tcp.lua", py)}
 
 
 def lua_modules():

@@ -9,29 +9,31 @@ Values follow the original's conversion: every number is a float64 printed like 
 dropped), other tables are maps keyed by tostring(key). Deliberate difference: a nested empty
 table is an empty list (falsy in a section) where Go would see an empty map (truthy).
 
-Bounds: rendering stops at the script's deadline (a Lua error) and fails with `nil, err` once
-the text outgrows what the script's memory cap leaves; `{{> name}}` partials are read only
-from the script's directory and the library directory.
+Bounds: converting the values, parsing and rendering look at the call's clock as they go (a call
+on the event loop moves to a worker past its inline budget, any call stops at its deadline with a Lua
+error); rendering fails with `nil, err` once the text outgrows what the script's memory cap leaves.
+`{{> name}}` partials are read only from the script's directory and the library directory (each once
+per rendering); render_file's relative path is the call's working directory's.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import time
 from decimal import Decimal
 
-from msgscript import ArgError, LuaError, check_string, error_text, is_table, lua_tostring, lua_type, pure
+from msgscript import ArgError, check_string, error_text, is_table, lua_tostring, lua_type, open_file, pure
+from msgscript import table_keys, ticker
 
-from msgscript import PRELUDE
+
 
 MAX_DEPTH = 100  # nesting of values and of partials
-INLINE_STEPS = 4096  # a rendering this long is not "quick": a call on the event loop moves to a worker
 PARTIAL_EXTENSIONS = ("", ".mustache", ".stache")
 
 _ESCAPES = {"&": "&amp;", "<": "&lt;", ">": "&gt;", "'": "&#39;", '"': "&#34;", "\0": "\ufffd"}
 _ESCAPE_RE = re.compile("[&<>'\"\0]")
 _STANDALONE_KINDS = "#^/!>="
+_BLANK_TO_EOL = re.compile(r"[^\S\n]*(?:\n|\Z)")  # the rest of a line, if it is only white space
 _TOO_LARGE = "rendered text larger than the script's memory limit allows"
 
 
@@ -67,7 +69,7 @@ def go_float(x: float) -> str:
 
 def _border(table) -> int:
     """The count of consecutive values from t[1], read raw (an __index cannot make it endless)."""
-    keys = {k for k, _ in table.items() if type(k) is int}
+    keys = {k for k in (table if isinstance(table, dict) else dict(table.items())) if type(k) is int}
     n = 0
     while n + 1 in keys:
         n += 1
@@ -84,7 +86,7 @@ def _key_text(key) -> str:
     return str(key)
 
 
-def to_value(value, depth: int = 0, done: dict | None = None):
+def to_value(value, depth: int = 0, done: dict | None = None, tick=lambda n=1: None):
     """A Lua value as the renderer sees it: str, float, bool, None, list or dict.
 
     A table reachable twice is converted once (`done`, keyed by its address), so a table
@@ -103,26 +105,27 @@ def to_value(value, depth: int = 0, done: dict | None = None):
     done = {} if done is None else done
     key = repr(value)  # the table's address
     if key not in done:
-        n = _border(value)
+        items = {k: value[k] for k in table_keys(value, tick)}
+        n = _border(items)
         if n:
-            items = dict(value.items())
-            done[key] = [to_value(items[i], depth + 1, done) for i in range(1, n + 1)]
+            done[key] = [to_value(items[i], depth + 1, done, tick) for i in range(1, n + 1)]
         else:
-            done[key] = {_key_text(k): to_value(v, depth + 1, done) for k, v in value.items()} or []
+            done[key] = {_key_text(k): to_value(v, depth + 1, done, tick) for k, v in items.items()} or []
     return done[key]
 
 
-def top_values(values, n: int = 2):
+def top_values(values, n: int = 2, tick=lambda n=1: None):
     """The top-level `values` argument (argument `n`): a map, or the original's error for an array."""
     if not is_table(values):
         raise ArgError(n, f"table expected, got {lua_type(values)}")
-    if _border(values):
+    items = {k: values[k] for k in table_keys(values, tick)}
+    if _border(items):
         raise TemplateError("arguments #1 must be a table, but got an array")
     done: dict = {}
-    return {_key_text(k): to_value(v, 1, done) for k, v in values.items()}
+    return {_key_text(k): to_value(v, 1, done, tick) for k, v in items.items()}
 
 
-def as_text(value, limit: int = 2**62, done: dict | None = None) -> str:
+def as_text(value, limit: int = 2**62, done: dict | None = None, tick=lambda n=1: None) -> str:
     """A value as Go's fmt.Sprint prints it ([a b], map[k:v]); TemplateError past `limit` characters.
 
     The text of a list or map met again (a shared table) is reused from `done`.
@@ -138,11 +141,12 @@ def as_text(value, limit: int = 2**62, done: dict | None = None) -> str:
     done = {} if done is None else done
     if id(value) not in done:
         if isinstance(value, list):
-            head, pieces = "[", (as_text(v, limit, done) for v in value)
+            head, pieces = "[", (as_text(v, limit, done, tick) for v in value)
         else:
-            head, pieces = "map[", (f"{k}:{as_text(value[k], limit, done)}" for k in sorted(value))
+            head, pieces = "map[", (f"{k}:{as_text(value[k], limit, done, tick)}" for k in sorted(value))
         parts, size = [], len(head) + 1
         for piece in pieces:
+            tick()
             size += len(piece) + 1
             if size > limit:
                 raise TemplateError(_TOO_LARGE)
@@ -218,13 +222,15 @@ class _Parser:
     def _standalone(self, pos: int, start: int, end: int, before: str) -> tuple[str, int, str]:
         """Drop the line of a tag that stands alone on it; returns (text before, new end, indent)."""
         text = self.text
-        line_start = text.rfind("\n", 0, start) + 1
-        line_end = text.find("\n", end)
-        line_end = len(text) if line_end < 0 else line_end + 1
-        head, tail = text[line_start:start], text[end:line_end]
-        if line_start < pos or head.strip() or tail.strip():  # another tag or text shares the line
+        newline = text.rfind("\n", pos, start)  # looked for in `before` only: the parse stays linear
+        if newline < 0 and pos > 0 and text[pos - 1] != "\n":
+            return before, end, ""  # another tag shares the line
+        line_start = newline + 1 if newline >= 0 else pos
+        head = text[line_start:start]
+        rest = _BLANK_TO_EOL.match(text, end)
+        if head.strip() or rest is None:  # text shares the line
             return before, end, ""
-        return before[: len(before) - len(head)], line_end, head
+        return before[: len(before) - len(head)], rest.end(), head
 
     @staticmethod
     def _add(stack: list, kind: str, name: str, indent: str) -> None:
@@ -293,8 +299,9 @@ def partial_path(name: str, dirs: list[str]) -> str | None:
 
 
 def read_text(path: str, limit: int) -> str:
-    """A template file's text; TemplateError if it is larger than `limit` bytes."""
-    with open(path, "rb") as f:
+    """A template file's text; TemplateError if it is larger than `limit` bytes; OSError for what cannot be
+    opened (FIFOs, sockets and devices are refused: a read from them could wait for ever)."""
+    with os.fdopen(open_file(path), "rb") as f:
         data = f.read(limit + 1)
     if len(data) > limit:
         raise TemplateError(f"{path}: {_TOO_LARGE}")
@@ -302,14 +309,13 @@ def read_text(path: str, limit: int) -> str:
 
 
 class Renderer:
-    """Renders parsed nodes into `out`, within a deadline and an output size."""
+    """Renders parsed nodes into `out`, within an output size; `check` (ctx.check) looks at the call's clock."""
 
-    def __init__(self, deadline: float = float("inf"), limit: int = 2**62, partial_dirs: list[str] = (),
-                 on_big=None):
-        self.deadline, self.left, self.partial_dirs = deadline, limit, list(partial_dirs)
-        self.on_big = on_big  # called once the rendering takes INLINE_STEPS steps
+    def __init__(self, limit: int = 2**62, partial_dirs: list[str] = (), check=None):
+        self.left, self.partial_dirs = limit, list(partial_dirs)
+        self.tick = ticker(check, 256) if check is not None else (lambda n=1: None)
+        self.partials: dict[str, list | None] = {}  # each partial is read and parsed once
         self.out: list[str] = []
-        self.steps = 0
 
     def emit(self, text: str) -> None:
         self.left -= len(text)
@@ -317,23 +323,13 @@ class Renderer:
             raise TemplateError(_TOO_LARGE)
         self.out.append(text)
 
-    def tick(self) -> None:
-        """Called for every node and section item: stops at the deadline."""
-        self.steps += 1
-        if self.steps % 256 == 0:
-            if time.monotonic() > self.deadline:
-                raise LuaError("script timed out")
-            if self.steps >= INLINE_STEPS and self.on_big is not None:
-                on_big, self.on_big = self.on_big, None
-                on_big()
-
     def nodes(self, nodes: list, stack: list, depth: int = 0) -> None:
         for node in nodes:
             self.tick()
             if isinstance(node, str):
                 self.emit(node)
             elif node[0] == "var":
-                text = as_text(lookup(node[1], stack), self.left)
+                text = as_text(lookup(node[1], stack), self.left, tick=self.tick)
                 self.emit(html_escape(text) if node[2] else text)
             elif node[0] == "section":
                 self.section(node, stack, depth)
@@ -354,13 +350,18 @@ class Renderer:
     def partial(self, node: tuple, stack: list, depth: int) -> None:
         if depth >= MAX_DEPTH:
             raise TemplateError(f"partials nested more than {MAX_DEPTH} deep (recursive partial {node[1]!r}?)")
-        path = partial_path(node[1], self.partial_dirs)
-        if path is None:
-            return  # a missing partial renders as nothing
-        text, indent = read_text(path, max(self.left, 0)), node[2]
-        if indent:
-            text = re.sub(r"^(?=.)", lambda _: indent, text, flags=re.M)
-        self.nodes(parse(text), stack, depth + 1)
+        key = f"{node[2]}\0{node[1]}"
+        if key not in self.partials:
+            path = partial_path(node[1], self.partial_dirs)
+            if path is None:
+                self.partials[key] = None  # a missing partial renders as nothing
+            else:
+                text, indent = read_text(path, max(self.left, 0)), node[2]
+                if indent:
+                    text = re.sub(r"^(?=.)", lambda _: indent, text, flags=re.M)
+                self.partials[key] = parse(text)
+        if self.partials[key] is not None:
+            self.nodes(self.partials[key], stack, depth + 1)
 
 
 def render(text: str, values: dict, renderer: Renderer | None = None) -> str:
@@ -376,7 +377,7 @@ def render(text: str, values: dict, renderer: Renderer | None = None) -> str:
 def _loader(ctx):
     def renderer() -> Renderer:
         dirs = [ctx.script.base_dir] + ([ctx.services.library_dir] if ctx.services.library_dir else [])
-        return Renderer(time.monotonic() + ctx.remaining(), ctx.max_bytes(), dirs, ctx.move_to_worker)
+        return Renderer(ctx.max_bytes(), dirs, ctx.check)
 
     def finish(text: str) -> bytes:
         return text.encode("utf-8", "surrogateescape")  # bytes: the size check sees the real length
@@ -385,25 +386,26 @@ def _loader(ctx):
     def render_(_engine, text=None, values=None):
         """engine:render(text, values) -> string | nil, err"""
         text = check_string(text, 1)
+        ctx.move_to_worker(len(text))
+        r = renderer()
         try:
-            return finish(render(text, top_values(values), renderer()))
+            return finish(render(text, top_values(values, tick=r.tick), r))
         except (TemplateError, RecursionError) as e:
             return None, _error(e)
 
     def render_file(_engine, path=None, values=None):
         """engine:render_file(path, values) -> string | nil, err"""
         path = check_string(path, 1)
+        r = renderer()
         try:
-            data = top_values(values)
-            r = renderer()
-            return finish(render(read_text(path, r.left), data, r))
+            data = top_values(values, tick=r.tick)
+            return finish(render(read_text(ctx.path(path), r.left), data, r))
         except OSError as e:
             return None, error_text(e)
         except (TemplateError, RecursionError) as e:
             return None, _error(e)
 
-    engine = ctx.lua.execute(_ENGINE_LUA, ctx.module({"render": render_, "render_file": render_file}),
-                             name="=template")
+    engine = ctx.execute_file("template.lua", ctx.module({"render": render_, "render_file": render_file}))
 
     @pure
     def choose(name=None):
@@ -413,15 +415,6 @@ def _loader(ctx):
         return None, f"unknown template engine: {lua_tostring(name)}"
 
     return {"choose": choose}
-
-
-# The engine has no state: each choose() gives a new read-only object (so nothing one call does
-# to it reaches another), and they are all equal, as the original's one shared engine.
-_ENGINE_LUA = PRELUDE + r"""
-local methods = ...
-local Engine = class(methods, {__newindex = readonly_error, __eq = function() return true end})
-return function() return setmetatable({}, Engine) end
-"""
 
 
 def _error(exc: Exception) -> str:

@@ -1,13 +1,20 @@
-"""`time`: gopher-lua-libs v0.5.0 time module, with Go reference-time layouts."""
+"""`time`: gopher-lua-libs v0.5.0 time module, with Go reference-time layouts.
+
+Bounds: parse and format are linear in their layout and value and look at the call's clock as they go
+(a long layout is not worked on on the event loop); sleep never sleeps past the call's deadline.
+"""
 
 import calendar
 import datetime
 import math
 import os
+import re
 import time
 import zoneinfo
 
 from msgscript import ArgError, LuaError, check_number, check_string, opt_string, pure
+from msgscript import ticker
+
 
 DEFAULT_LAYOUT = "Mon Jan 2 15:04:05 -0700 MST 2006"
 _MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
@@ -15,6 +22,10 @@ _MONTHS = ["January", "February", "March", "April", "May", "June", "July", "Augu
 _DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 _NUMERIC_ZONES = ("070000", "07:00:00", "0700", "07:00", "07")
 _DIGITS = "0123456789"
+_DIGIT_RUN = re.compile("[0-9]*")
+_SPACE_RUN = re.compile(" *")
+_FRACTION_RUN = {"0": re.compile("0*"), "9": re.compile("9*")}
+_NO_TICK = lambda n=1: None  # noqa: E731
 
 
 class ParseError(ValueError):
@@ -77,22 +88,28 @@ def _token_at(rest):
     return None
 
 
-def tokenize(layout):
+def tokenize(layout, tick=_NO_TICK):
     """Split a Go layout into (is_literal, text_or_token) pairs."""
-    out, literal, i = [], "", 0
-    while i < len(layout):
-        tok = _token_at(layout[i:])
+    out, literal, i, n = [], [], 0, len(layout)
+    while i < n:
+        tick()
+        c = layout[i]
+        if c in ".," and i + 1 < n and layout[i + 1] in "09":  # a fraction: its run of 0s or 9s
+            end = _FRACTION_RUN[layout[i + 1]].match(layout, i + 1).end()
+            tok = None if end < n and layout[end] in _DIGITS else ("frac" + layout[i + 1], end - i - 1, c)
+        else:
+            tok = _token_at(layout[i:i + 10])  # no other element is longer
         if tok is None:
-            literal += layout[i]
+            literal.append(c)
             i += 1
             continue
         if literal:
-            out.append((True, literal))
-            literal = ""
+            out.append((True, "".join(literal)))
+            literal = []
         out.append((False, tok))
         i += 1 + tok[1] if isinstance(tok, tuple) else len(tok)
     if literal:
-        out.append((True, literal))
+        out.append((True, "".join(literal)))
     return out
 
 
@@ -154,27 +171,35 @@ def _format_token(tok, dt, nsec):
     return _format_zone(tok, int(dt.utcoffset().total_seconds()))
 
 
-def go_format(dt, nsec, layout):
+def go_format(dt, nsec, layout, tick=_NO_TICK):
     """Format an aware datetime (plus nanoseconds) with a Go layout."""
-    return "".join(tok if literal else _format_token(tok, dt, nsec) for literal, tok in tokenize(layout))
+    out = []
+    for literal, tok in tokenize(layout, tick):
+        tick()
+        out.append(tok if literal else _format_token(tok, dt, nsec))
+    return "".join(out)
 
 
 ###############################################################################
 # Parsing #####################################################################
 ###############################################################################
 
-def _skip(value, literal):
+def _skip(value, literal, tick=_NO_TICK):
     """Consume `literal`; a run of spaces in the layout matches any run of spaces (Go's skip)."""
-    while literal:
-        if literal[0] == " ":
-            if value and value[0] != " ":
+    i = j = 0
+    while i < len(literal):
+        tick()
+        if literal[i] == " ":
+            if j < len(value) and value[j] != " ":
                 raise ParseError("literal mismatch")
-            literal, value = literal.lstrip(" "), value.lstrip(" ")
+            i, j = _SPACE_RUN.match(literal, i).end(), _SPACE_RUN.match(value, j).end()
             continue
-        if not value or value[0] != literal[0]:
+        k = literal.find(" ", i)
+        k = len(literal) if k < 0 else k
+        if not value.startswith(literal[i:k], j):
             raise ParseError("literal mismatch")
-        literal, value = literal[1:], value[1:]
-    return value
+        i, j = k, j + k - i
+    return value[j:]
 
 
 def _getnum(value, fixed, width=2):
@@ -195,7 +220,7 @@ def _lookup(names, value):
 
 def _nanoseconds(value, nbytes):
     digits = value[1:nbytes]
-    if value[0] not in ".," or not digits or any(d not in _DIGITS for d in digits):
+    if value[0] not in ".," or not digits or _DIGIT_RUN.match(digits).end() != len(digits):
         raise ParseError("bad fractional second")
     return int(digits[:9].ljust(9, "0")), value[nbytes:]
 
@@ -303,10 +328,7 @@ def _parse_clock_token(tok, value, f, following):
             raise ParseError("second out of range")
         # a fraction in the value but not in the layout is still accepted (Go does this)
         if len(value) >= 2 and value[0] in ".," and value[1] in _DIGITS and not isinstance(following, tuple):
-            n = 2
-            while n < len(value) and value[n] in _DIGITS:
-                n += 1
-            f.nsec, value = _nanoseconds(value, n)
+            f.nsec, value = _nanoseconds(value, _DIGIT_RUN.match(value, 1).end())
         return value
     if tok in ("PM", "pm"):
         word = value[:2]
@@ -336,10 +358,7 @@ def _parse_zone_token(tok, value, f):
             return value
         if len(value) < 2 or value[0] not in ".," or value[1] not in _DIGITS:
             return value  # ".999" fractions are optional
-        n = 1
-        while n < len(value) and value[n] in _DIGITS:
-            n += 1
-        f.nsec, value = _nanoseconds(value, n)
+        f.nsec, value = _nanoseconds(value, _DIGIT_RUN.match(value, 1).end())
         return value
     if tok[0] == "Z" and value.startswith("Z"):
         f.utc = True
@@ -385,16 +404,23 @@ def _to_unix(f, default, local):
     return int(naive.replace(tzinfo=default).timestamp())
 
 
-def go_parse(value, layout, default=datetime.UTC, local=None):
+def go_parse(value, layout, default=datetime.UTC, local=None, tick=_NO_TICK):
     """Parse `value` with a Go layout; returns unix seconds (int, or float with a fraction)."""
     f = _Fields()
     rest = value
-    tokens = tokenize(layout)
+    tokens = tokenize(layout, tick)
+    following_tokens, following = [], None  # the next element after each token
+    for literal, tok in reversed(tokens):
+        following_tokens.append(following)
+        if not literal:
+            following = tok
+    following_tokens.reverse()
     for i, (literal, tok) in enumerate(tokens):
+        tick(64)  # each step may copy what is left of the value
         if literal:
-            rest = _skip(rest, tok)
+            rest = _skip(rest, tok, tick)
             continue
-        following = next((t for lit, t in tokens[i + 1:] if not lit), None)
+        following = following_tokens[i]
         out = _parse_date_token(tok, rest, f)
         if out is None:
             out = _parse_clock_token(tok, rest, f, following)
@@ -460,11 +486,13 @@ def _load(ctx):
     @pure
     def parse(value=None, layout=None, location=None):
         value, layout, location = check_string(value, 1), check_string(layout, 2), opt_string(location, 3)
+        ctx.move_to_worker(64 * (len(value) + len(layout)))
+        tick = ticker(ctx.check)
         try:
             if location is None:
-                return go_parse(value, layout)
+                return go_parse(value, layout, tick=tick)
             loc = load_location(location)
-            return go_parse(value, layout, default=loc, local=loc)
+            return go_parse(value, layout, default=loc, local=loc, tick=tick)
         except ValueError as e:
             return None, f'parsing time "{value}" as "{layout}": {e}'
         except OverflowError:
@@ -485,7 +513,8 @@ def _load(ctx):
             dt = datetime.datetime.fromtimestamp(sec, tz)
         except (OverflowError, OSError, ValueError):
             raise ArgError(1, "time value out of range") from None
-        return go_format(dt, min(nsec, 999_999_999), layout)
+        ctx.move_to_worker(64 * len(layout))
+        return go_format(dt, min(nsec, 999_999_999), layout, ticker(ctx.check))
 
     return {
         "unix": pure(lambda: time.time()),

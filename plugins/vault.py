@@ -25,13 +25,11 @@ import socket
 import ssl
 import threading
 import urllib.parse
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 
 from msgscript import (ArgError, LuaError, check_string, check_table, error_text, first_line, go_duration, lua_text,
-                       lua_type, opt_string, parse_bool)
+                       lua_type, opt_string, parse_bool, ticker)
 
-from msgscript import PRELUDE
+
 
 VAULT_TIMEOUT = 5.0  # seconds one request may take (the Go plugin's DEFAULT_VAULT_TIMEOUT); VAULT_CLIENT_TIMEOUT
 _GRACE = 0.05  # how long past its timeout a request is waited for before it is abandoned
@@ -41,45 +39,6 @@ _REPR = re.compile(r"[\w.]+\(")
 _STATUS = {"InvalidRequest": 400, "Unauthorized": 401, "Forbidden": 403, "InvalidPath": 404,
            "RateLimitExceeded": 429, "InternalServerError": 500, "VaultNotInitialized": 501,
            "BadGateway": 502, "VaultDown": 503}
-
-_LUA = PRELUDE + r"""
-local py = ...
-local state = setmetatable({}, {__mode = "k"})
-
-local function check(self, name)
-  local st = state[self]
-  if st == nil then
-    error("bad argument #1 to '" .. name .. "' (VaultKV expected, got " .. type(self) .. ")", 3)
-  end
-  return st
-end
-
--- As in Go: read, list and new return two values (value, nil or nil, err), write and delete one.
-local methods = {}
-for _, name in ipairs({"read", "list"}) do
-  local f = py[name]
-  methods[name] = function(self, ...)
-    local value, err = call(f, check(self, name), ...)
-    return value, err
-  end
-end
-for _, name in ipairs({"write", "delete"}) do
-  local f = py[name]
-  methods[name] = function(self, ...) return (call(f, check(self, name), ...)) end
-end
-local Client = class(methods, {__newindex = readonly_error})
-
-local M = {}
-function M.new(...)
-  local st, err = call(py.new, ...)
-  if st == nil then return nil, err end
-  local client = setmetatable({}, Client)
-  state[client] = st
-  return client, nil
-end
-return M
-"""
-
 
 class _Failure(Exception):
     """A failed request, worded for the script."""
@@ -157,8 +116,48 @@ def _session(ctx, verify):
         session = requests.Session()
         session.trust_env = False
         session.verify = verify
+        adapter = _capped_adapter()
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
         sessions[verify] = session
     return sessions[verify]
+
+
+_LIMIT = threading.local()  # the bytes a response may take, for the request being made on this thread
+
+
+class _TooLarge(Exception):
+    def __init__(self, limit: int):
+        super().__init__(f"an answer of more than {limit} bytes does not fit in the script's memory limit")
+
+
+def _capped_adapter():
+    """A requests transport that reads an answer as it arrives and stops once it (or what decoding it
+    as JSON makes) passes _LIMIT.bytes."""
+    import requests.adapters
+
+    from msgscript_plugins.json import json_cost
+
+    class Capped(requests.adapters.HTTPAdapter):
+        def send(self, request, stream=False, **kwargs):
+            resp = super().send(request, stream=True, **kwargs)
+            if stream:
+                return resp
+            limit = getattr(_LIMIT, "bytes", 2**62)
+            chunks, size = [], 0
+            for chunk in resp.iter_content(65536):
+                size += len(chunk)
+                if size > limit:
+                    resp.close()
+                    raise _TooLarge(limit)
+                chunks.append(chunk)
+            body = b"".join(chunks)
+            if json_cost(body) > limit:
+                raise _TooLarge(limit)
+            resp._content, resp._content_consumed = body, True  # what reading it without `stream` sets
+            return resp
+
+    return Capped()
 
 
 ###############################################################################
@@ -169,23 +168,20 @@ def _blocking(ctx, client: _Client, fn, *args):
     """Run `fn(client.kv(timeout), *args)`, the one place where this module blocks.
 
     `timeout` is what the script's deadline leaves, at most the client's limit; hvac passes it
-    to requests (per connect and per read). The call runs on a daemon thread that is waited for
-    only that long, so nothing (a hung DNS lookup, a server that answers a byte at a time) keeps
-    the script past it. Raises what `fn` raises, or TimeoutError.
+    to requests (per connect and per read). The call runs on the scheduler's executor for blocking
+    work, waited for only that long, so nothing (a hung DNS lookup, a server that answers a byte at a
+    time) keeps the script past it. Raises what `fn` raises, or TimeoutError.
     """
     timeout = ctx.remaining(client.limit)
-    done: Future = Future()
+    limit = ctx.max_bytes()
 
     def run():
-        try:
-            done.set_result(fn(client.kv(timeout), *args))
-        except BaseException as e:  # noqa: BLE001 - handed to the waiting script
-            done.set_exception(e)
+        _LIMIT.bytes = limit
+        return fn(client.kv(timeout), *args)
 
-    threading.Thread(target=run, daemon=True, name="lua-vault").start()
     try:
-        return done.result(timeout + _GRACE)
-    except FutureTimeout:
+        return ctx.blocking(run, cap=timeout + _GRACE)
+    except LuaError:
         raise TimeoutError(_DEADLINE) from None
 
 
@@ -237,6 +233,8 @@ def _reason(exc: BaseException) -> str:
         return where + text[:1].lower() + text[1:]
     if isinstance(exc, TimeoutError):
         return _DEADLINE
+    if isinstance(exc, _TooLarge):
+        return str(exc)
     if isinstance(exc, OSError):
         return error_text(exc)
     raise exc
@@ -260,7 +258,7 @@ def _key(key, n: int) -> str:
     raise ArgError(n, f"table keys must be strings or numbers, got {lua_type(key)}")
 
 
-def _nested(value, n: int, depth: int = 0):
+def _nested(value, n: int, depth: int = 0, tick=lambda n=1: None):
     """A value inside a written table's value, as JSON (tables by the json module's rules)."""
     if depth > 100:
         raise ArgError(n, "table nested too deeply")
@@ -275,19 +273,21 @@ def _nested(value, n: int, depth: int = 0):
     if lua_type(value) != "table":
         raise ArgError(n, f"a {lua_type(value)} cannot be written")
     items = list(value.items())
+    tick(len(items))
     if not items:
         return []  # as the json module encodes an empty table
     numbers = sorted(k for k, _ in items if isinstance(k, (int, float)) and not isinstance(k, bool))
     if numbers == list(range(1, len(items) + 1)):  # keys 1..n: an array
-        return [_nested(v, n, depth + 1) for _, v in sorted(items, key=lambda kv: kv[0])]
-    return {_key(k, n): _nested(v, n, depth + 1) for k, v in items}
+        return [_nested(v, n, depth + 1, tick) for _, v in sorted(items, key=lambda kv: kv[0])]
+    return {_key(k, n): _nested(v, n, depth + 1, tick) for k, v in items}
 
 
-def _secret_data(table, n: int) -> dict:
+def _secret_data(table, n: int, tick=lambda n=1: None) -> dict:
     """The table written as a secret: strings, numbers and booleans are stored as their text, as
     the Go plugin does; a table value is stored as a JSON object or array."""
     data = {}
     for k, v in table.items():
+        tick()
         if isinstance(v, bytes):
             data[_key(k, n)] = v.decode("utf-8", "replace")  # JSON holds text: invalid bytes become U+FFFD
         elif isinstance(v, bool):
@@ -295,7 +295,7 @@ def _secret_data(table, n: int) -> dict:
         elif isinstance(v, (int, float)):
             data[_key(k, n)] = lua_text(v)
         else:
-            data[_key(k, n)] = _nested(v, n)
+            data[_key(k, n)] = _nested(v, n, tick=tick)
     return data
 
 
@@ -405,7 +405,7 @@ def _load(ctx):
     def write(client, path=None, table=None, mount=None):
         """v:write(path, table, mount) -> nil | err"""
         path, mount = check_string(path, 1), check_string(mount, 3)
-        data = _secret_data(check_table(table, 2), 2)
+        data = _secret_data(check_table(table, 2), 2, ticker(ctx.check))
         try:
             _call(ctx, client, _write, _path(path), data, mount)
         except _Failure as e:
@@ -439,7 +439,7 @@ def _load(ctx):
         return keys
 
     py = ctx.module({"new": new, "read": read, "write": write, "delete": delete, "list": list_})
-    return ctx.execute(_LUA, py, name="vault")
+    return ctx.execute_file("vault.lua", py)
 
 
 def lua_modules():

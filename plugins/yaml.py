@@ -1,74 +1,39 @@
 """`yaml`: decode/encode (and stream decoders/encoders) like gopher-lua-libs v0.5.0, on PyYAML.
 
-A decoded document is bounded by the script's memory cap as the tree it becomes: PyYAML shares
-the object of an anchor among its aliases, so a "billion laughs" document is small as a graph
-and huge as Lua tables; it gives `nil, err` before anything is expanded.
+Bounds. PyYAML makes 400-500 bytes of Python objects per node of a document, so decode refuses,
+before parsing, a text whose nodes (estimated from a scan) would not fit in what the script's memory
+cap leaves. It parses with libyaml (PyYAML's C loader) when it is there, and looks at the call's clock
+at every node, so a long document stops at the deadline. A decoded document is bounded by the cap
+as the tree it becomes: PyYAML shares the object of an anchor among its aliases, so a "billion
+laughs" document is small as a graph and huge as Lua tables; it gives `nil, err` before anything
+is expanded. encode refuses a table met twice (shared or cyclic, as the original does) and an output
+larger than the cap, and writes its text in steps that look at the clock.
 """
 
 import functools
+import io
+import json
+import re
 
 from msgscript import ArgError, check_string, is_table, pure
 
-from msgscript import INLINE_SIZE, PRELUDE, OutputBudget
+from msgscript import OutputBudget
+from msgscript import table_keys, ticker
+from msgscript_plugins.json import text_cost
 
-
-# The decoder and encoder objects read from / write to any Lua object with :read / :write.
-_LUA = PRELUDE + r"""
-local M, py = ...
-local state = setmetatable({}, {__mode = "k"})
-
-local function get(self, kind, fname)
-  local st = state[self]
-  if st == nil or st.kind ~= kind then
-    error("bad argument #1 to '" .. fname .. "' (yaml." .. kind .. " expected, got " .. type(self) .. ")", 3)
-  end
-  return st
-end
-
-local Decoder, Encoder
-Decoder, M.Decoder = class({
-  decode = function(self)
-    local st = get(self, "Decoder", "decode")
-    if not st.loaded then
-      local ok, data = pcall(st.reader.read, st.reader, "*a")
-      st.loaded = true
-      if not ok then return nil, tostring(data) end
-      py.feed(st.py, data or "")
-    end
-    return py.next_document(st.py)
-  end,
-  set_strict = function(self, strict)
-    py.set_strict(get(self, "Decoder", "set_strict").py, strict)
-  end,
-})
-
-Encoder, M.Encoder = class({
-  encode = function(self, value)
-    local st = get(self, "Encoder", "encode")
-    local text, err = py.encode(value)
-    if text == nil then return err end
-    if st.count > 0 then text = "---\n" .. text end
-    local ok, werr = st.writer:write(text)
-    if ok == nil and werr ~= nil then return tostring(werr) end
-    st.count = st.count + 1
-  end,
-})
-
-function M.new_decoder(reader)
-  local d = setmetatable({}, Decoder)
-  state[d] = {kind = "Decoder", reader = reader, py = py.new_stream()}
-  return d
-end
-
-function M.new_encoder(writer)
-  local e = setmetatable({}, Encoder)
-  state[e] = {kind = "Encoder", writer = writer, count = 0}
-  return e
-end
-return M
-"""
 
 _INT64 = range(-(2**63), 2**63)
+
+
+def yaml_cost(text: str) -> int:
+    """About how many bytes of Python objects PyYAML makes of `text` (its node graph, then the values).
+
+    A node (a scalar, a sequence or a mapping, with its two marks) costs PyYAML 370-480 bytes; every node
+    but the first follows a line break, a ",", a ":", a "[", a "{", a "- " or a "? ", which the scan counts.
+    """
+    count = text.count
+    nodes = 1 + count("\n") + count(",") + count(":") + count("[") + count("{") + count("- ") + count("? ")
+    return 2 * text_cost(text) + 500 * nodes
 
 
 class EncodeError(ValueError):
@@ -83,11 +48,21 @@ def _yaml():
 
 @functools.cache
 def _loaders():
-    """(lenient, strict) PyYAML loaders: timestamps stay strings, as in yaml.v2 decoding into interface{}."""
+    """(lenient, strict) PyYAML loader classes (libyaml's parser when available): timestamps stay strings, as
+    in yaml.v2 decoding into interface{}; every node resolved or constructed calls the loader's `tick`."""
     yaml = _yaml()
+    base = getattr(yaml, "CSafeLoader", None) or yaml.SafeLoader
 
-    class Loader(yaml.SafeLoader):
-        pass
+    class Loader(base):
+        tick = staticmethod(lambda n=1: None)
+
+        def resolve(self, kind, value, implicit):  # called for each node as the parser composes it
+            self.tick()
+            return super().resolve(kind, value, implicit)
+
+        def construct_object(self, node, deep=False):
+            self.tick()
+            return super().construct_object(node, deep)
 
     Loader.add_constructor("tag:yaml.org,2002:timestamp", lambda loader, node: loader.construct_scalar(node))
 
@@ -105,13 +80,31 @@ def _loaders():
     return Loader, StrictLoader
 
 
+def documents(text: str, strict: bool = False, tick=None):
+    """The documents of `text`, one at a time (PyYAML's load_all, with `tick` called at every node)."""
+    loader = _loaders()[1 if strict else 0](text)
+    if tick is not None:
+        loader.tick = tick
+    try:
+        while loader.check_data():
+            yield loader.get_data()
+    finally:
+        loader.dispose()
+
+
 @functools.cache
 def _dumper():
     yaml = _yaml()
 
     class Dumper(yaml.SafeDumper):
+        tick = staticmethod(lambda n=1: None)
+
         def ignore_aliases(self, data):
             return True
+
+        def emit(self, event):
+            self.tick()
+            super().emit(event)
 
     def text(dumper, value):
         style = "|" if "\n" in value else None
@@ -125,18 +118,21 @@ def _dumper():
 # YAML -> Lua #################################################################
 ###############################################################################
 
-def to_lua_value(value):
+def to_lua_value(value, tick=lambda n=1: None):
     """Decoded YAML -> values ctx.to_lua can take: nulls dropped from sequences, oversized ints as floats."""
     if isinstance(value, dict):
+        tick(len(value))
         out = {}
         for k, v in value.items():
             if k is not None and v is not None:
-                out[to_lua_value(k)] = to_lua_value(v)
+                out[to_lua_value(k, tick)] = to_lua_value(v, tick)
         return out
     if isinstance(value, (list, tuple)):
-        return [to_lua_value(v) for v in value if v is not None]
+        tick(len(value))
+        return [to_lua_value(v, tick) for v in value if v is not None]
     if isinstance(value, set):
-        return {to_lua_value(k): True for k in value if k is not None}
+        tick(len(value))
+        return {to_lua_value(k, tick): True for k in value if k is not None}
     if isinstance(value, int) and not isinstance(value, bool) and value not in _INT64:
         return float(value)
     return value
@@ -146,7 +142,7 @@ class DecodeError(ValueError):
     """A document that cannot be handed to Lua."""
 
 
-def tree_size(value, limit: int) -> int:
+def tree_size(value, limit: int, tick=lambda n=1: None) -> int:
     """About how many bytes `value` takes as Lua values with every alias expanded; DecodeError past `limit`.
 
     Each shared object is measured once (by id) and counted at every place it appears, so the
@@ -169,6 +165,7 @@ def tree_size(value, limit: int) -> int:
             raise DecodeError("yaml: anchor value contains itself")
         active.add(key)
         total = 64
+        tick(len(v))
         for k, x in (v.items() if isinstance(v, dict) else ((None, x) for x in v)):
             total += 40 + size(k) + size(x)
             if total > limit:
@@ -189,20 +186,19 @@ def yaml_error(exc) -> str:
     return f"yaml: {str(exc).splitlines()[0] if str(exc) else 'invalid document'}"
 
 
-def lua_document(document, limit: int):
+def lua_document(document, limit: int, tick=lambda n=1: None):
     """A decoded document as values for Lua, checked against `limit` as an expanded tree first."""
     try:
-        tree_size(document, limit)
-        return to_lua_value(document)
+        tree_size(document, limit, tick)
+        return to_lua_value(document, tick)
     except RecursionError:
         raise DecodeError("yaml: document nested too deeply") from None
 
 
-def decode_text(text, limit: int, strict=False):
+def decode_text(text, limit: int, strict=False, tick=None):
     """The first YAML document of text (None if there is none)."""
-    loader = _loaders()[1 if strict else 0]
-    for document in _yaml().load_all(text, Loader=loader):
-        return lua_document(document, limit)
+    for document in documents(text, strict, tick):
+        return lua_document(document, limit, tick or (lambda n=1: None))
     return None
 
 
@@ -250,18 +246,51 @@ def _key_compare(a, b):
     return -1 if _natural_less(a, b) else 1 if _natural_less(b, a) else 0
 
 
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _step(key) -> str:
+    """One step of a path to a value, as Lua code would write it: .name, [1], ["a b"]."""
+    if isinstance(key, bytes):
+        text = key.decode("utf-8", "replace")
+        return f".{text}" if _IDENTIFIER.fullmatch(text) else "[" + json.dumps(text, ensure_ascii=False) + "]"
+    if isinstance(key, bool) or key is None:
+        return f"[{str(key).lower()}]"
+    if isinstance(key, (int, float)):
+        return f"[{int(key) if float(key).is_integer() else key}]"
+    return f"[{_address(key)}]"
+
+
+def _address(t) -> str:
+    """A table as tostring shows it without a __tostring: table: 0x..."""
+    return "table: " + repr(t).rpartition(" ")[2].rstrip(">")
+
+
+def _where(path: list) -> str:
+    return "".join(path).lstrip(".") or "the top"
+
+
 class LuaToYaml(OutputBudget):
     """Convert a Lua value to plain Python for PyYAML, with the original's encoding rules.
 
     `grow` counts about how long the text gets: past `limit` the encoding stops with a LuaError,
-    and past INLINE_SIZE `on_big()` is called once.
+    past INLINE_SIZE `on_big()` is called once, and `tick` looks at the call's clock as the walk goes.
+    A table met twice is refused, as the original does ("nested table table: 0x..."), with where.
     """
 
     what = "encoded YAML"
 
-    def __init__(self, limit: int = 2**62, on_big=None):
+    def __init__(self, limit: int = 2**62, on_big=None, tick=None):
         super().__init__(limit, on_big)
-        self.seen = set()  # addresses of the tables met so far
+        self.tick = tick
+        self.seen: dict[str, str] = {}  # address of each table met -> where it was met
+        self.active: set[str] = set()  # the tables being converted (a path from the top)
+        self.path: list[str] = []
+
+    def grow(self, n: int) -> None:
+        super().grow(n)
+        if self.tick is not None:
+            self.tick()
 
     def convert(self, value):
         self.grow(len(value) if isinstance(value, (bytes, str)) else 8)
@@ -279,26 +308,56 @@ class LuaToYaml(OutputBudget):
 
     def table(self, t):
         address = repr(t)  # the table's address, whatever its __tostring says
+        where = _where(self.path)
         if address in self.seen:
-            raise EncodeError("nested table is shared or cyclic")
-        self.seen.add(address)
-        items = list(t.items())
+            first = self.seen[address]
+            how = f"cycle at {where}" if address in self.active else f"shared: at {first} and at {where}"
+            raise EncodeError(f"nested table {_address(t)} ({how})")
+        self.seen[address] = where
+        self.active.add(address)
+        try:
+            return self.members(t)
+        finally:
+            self.active.discard(address)
+
+    def members(self, t):
+        items = [(k, t[k]) for k in table_keys(t, self.grow)]
         if [k for k, _ in items] == list(range(1, len(items) + 1)):
-            return [self.convert(v) for _, v in items]
-        if any(is_table(k) for k, _ in items):
-            raise EncodeError("cannot encode tables as mapping keys")
-        pairs = [(self.convert(k), self.convert(v)) for k, v in items]
+            out = []
+            for k, v in items:
+                self.path.append(f"[{k}]")
+                out.append(self.convert(v))
+                self.path.pop()
+            return out
+        pairs = []
+        for k, v in items:
+            self.path.append(_step(k))
+            key = self.convert(k)  # keys go through the same walk, as in the original
+            if isinstance(key, (dict, list)):
+                raise EncodeError("cannot encode tables as mapping keys")
+            pairs.append((key, self.convert(v)))
+            self.path.pop()
         pairs.sort(key=functools.cmp_to_key(lambda x, y: _key_compare(x[0], y[0])))
         return dict(pairs)
 
 
-def encode_value(value, limit: int = 2**62, on_big=None):
-    """YAML text for a Lua value (one document, no '---'); see LuaToYaml for `limit` and `on_big`."""
+def encode_value(value, limit: int = 2**62, on_big=None, tick=None):
+    """YAML text for a Lua value (one document, no '---'); see LuaToYaml for `limit`, `on_big`, `tick`."""
     try:
-        data = LuaToYaml(limit, on_big).convert(value)
+        data = LuaToYaml(limit, on_big, tick).convert(value)
+        out = io.StringIO()
+        dumper = _dumper()(out, default_flow_style=False, allow_unicode=True, sort_keys=False)
+        if tick is not None:
+            dumper.tick = tick
+        try:
+            dumper.open()
+            dumper.represent(data)
+            dumper.close()
+        finally:
+            dumper.dispose()
     except RecursionError:
         raise EncodeError("nested table is too deep") from None
-    text = _yaml().dump(data, Dumper=_dumper(), default_flow_style=False, allow_unicode=True, sort_keys=False)
+    text = out.getvalue()
     if not isinstance(data, (list, dict)) and text.endswith("\n...\n"):
         text = text[:-4]  # PyYAML closes a bare scalar document with "...", yaml.v2 does not
     return text
@@ -310,14 +369,15 @@ class _Stream:
     def __init__(self):
         self.strict = False
         self.documents = iter(())
+        self.tick = None
 
-    def feed(self, text):
-        loader = _loaders()[1 if self.strict else 0]
-        self.documents = _yaml().load_all(text, Loader=loader)
+    def feed(self, text, tick):
+        self.tick = tick
+        self.documents = documents(text, self.strict, tick)
 
     def next_document(self, limit: int):
         try:
-            return lua_document(next(self.documents), limit), None
+            return lua_document(next(self.documents), limit, self.tick or (lambda n=1: None)), None
         except StopIteration:
             return None, "EOF"
         except (_yaml().YAMLError, ValueError, RecursionError) as e:
@@ -338,14 +398,17 @@ def _decode_error(exc) -> str:
 def _load(ctx):
     yaml_errors = (_yaml().YAMLError, ValueError, RecursionError)
 
+    def costly(text: str) -> None:
+        ctx.move_to_worker(len(text))
+        ctx.fits(yaml_cost(text), "YAML decoding work")
+
     @pure
     def decode(text=None):
         """yaml.decode(text) -> value | nil, err"""
         text = check_string(text, 1)
-        if len(text) > INLINE_SIZE:
-            ctx.move_to_worker()
+        costly(text)
         try:
-            return decode_text(text, ctx.max_bytes())
+            return decode_text(text, ctx.max_bytes(), tick=ticker(ctx.check))
         except yaml_errors as e:
             return None, _decode_error(e)
 
@@ -355,7 +418,7 @@ def _load(ctx):
         if not args:
             raise ArgError(1, "value expected")
         try:
-            return encode_value(args[0], ctx.max_bytes(), ctx.move_to_worker).encode(
+            return encode_value(args[0], ctx.max_bytes(), ctx.move_to_worker, ticker(ctx.check)).encode(
                 "utf-8", "surrogateescape")
         except EncodeError as e:
             return None, str(e)
@@ -364,9 +427,8 @@ def _load(ctx):
 
     def feed(stream, text=None):
         text = check_string(text, 1)
-        if len(text) > INLINE_SIZE:
-            ctx.move_to_worker()
-        stream.feed(text)
+        costly(text)
+        stream.feed(text, ticker(ctx.check))
 
     py = ctx.module({
         "new_stream": pure(lambda: _Stream()), "encode": encode,
@@ -374,7 +436,7 @@ def _load(ctx):
         "next_document": pure(lambda st: st.next_document(ctx.max_bytes())),
         "set_strict": pure(lambda st, strict=None: setattr(st, "strict", bool(strict))),
     })
-    return ctx.lua.execute(_LUA, ctx.module({"decode": decode, "encode": encode}), py, name="=yaml")
+    return ctx.execute_file("yaml.lua", ctx.module({"decode": decode, "encode": encode}), py)
 
 
 def lua_modules():

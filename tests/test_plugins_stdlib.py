@@ -167,24 +167,27 @@ def test_filepath_match_and_rel_conventions():
     assert out == [True, False, False, b"string", b"../c/d", b"", b"string"]
 
 
-def test_filepath_glob_abs_eval_symlinks(tmp_path, monkeypatch):
+def test_filepath_glob_abs_eval_symlinks(tmp_path):
     for name in ("b.txt", "a.txt", ".hidden.txt", "c.md"):
         (tmp_path / name).write_text("x")
     os.symlink(tmp_path / "a.txt", tmp_path / "link")
-    monkeypatch.chdir(tmp_path)
     out = lua("""
-      local fp = require("filepath")
+      local fp, lfs = require("filepath"), require("lfs")
       local g = fp.glob(... .. "/*.txt")
       local none = fp.glob(... .. "/*.nothing")
       local bad, err = fp.glob("[")
       local ev = fp.eval_symlinks(... .. "/link")
       local missing, merr = fp.eval_symlinks(... .. "/missing")
-      return #g, g[1], g[3], type(none), #none, bad, type(err), fp.abs("sub/../x"), ev, missing, type(merr),
-             fp.eval_symlinks("link")
+      -- relative paths are the call's working directory's
+      local cwd = lfs.currentdir()
+      lfs.link(... .. "/a.txt", "link", true)
+      lfs.mkdir("sub")
+      return #g, g[1], g[3], type(none), #none, bad, type(err), fp.abs("sub/../x") == cwd .. "/x", ev, missing,
+             type(merr), fp.eval_symlinks("link"), fp.eval_symlinks("sub/../sub"), table.concat(fp.glob("*"), ",")
     """, str(tmp_path).encode())
     base = str(tmp_path).encode()
-    assert out == [3, base + b"/.hidden.txt", base + b"/b.txt", b"table", 0, None, b"string", base + b"/x",
-                   base + b"/a.txt", b"", b"string", b"a.txt"]
+    assert out == [3, base + b"/.hidden.txt", base + b"/b.txt", b"table", 0, None, b"string", True,
+                   base + b"/a.txt", b"", b"string", base + b"/a.txt", b"sub", b"link,sub"]
 
 
 # ioutil #######################################################################

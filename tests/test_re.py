@@ -463,4 +463,4 @@ def test_compiled_patterns_are_cached_in_a_bounded_lru():
     assert lua('for i = 1, 3 do M.find("abc", "b+") end for i = 1, 300 do M.find("abc", "x" .. i) end '
                "return true") == [True]
     info = re_plugin._compile.cache_info()
-    assert info.maxsize == 128 and info.currsize == 128 and info.hits >= 2
+    assert info.maxsize == info.currsize == re_plugin._CACHE_SIZE and info.hits >= 2
