@@ -66,7 +66,6 @@ def test_each_call_has_its_own_working_directory_for_io_os_and_commands(tmp_path
     assert not Path(pwd_a).exists() and not (Path.cwd() / "kept.txt").exists()  # removed when the call ends
 
 
-@pytest.mark.xfail(strict=True, reason="issue 20.4 gap: modules resolve relative paths in the server's directory")
 def test_modules_resolve_relative_paths_in_the_calls_directory():
     (cwd, pwd) = lua("""function OnMessage()
       local p = io.popen("pwd") local pwd = p:read("*l") p:close()
