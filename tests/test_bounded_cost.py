@@ -438,7 +438,7 @@ def retry_timing(target: Target, mode: str, lua: str, times: int = 2) -> str | N
 
 
 @pytest.mark.timeout(0 if ROUNDS else 420)  # the budget bounds it (an explicit BC_ROUNDS runs them all)
-def test_every_reachable_function_has_a_bounded_cost(reachable, target, peers):
+def test_every_reachable_function_has_a_bounded_cost(reachable, target, peers, tmp_path_factory):
     started = time.monotonic()
     hard_stop = started + max(BUDGET * 1.8, 240)  # a server broken by most calls still ends in time
     failures, noise, hellos, rss = [], [], [], []
@@ -478,7 +478,7 @@ def test_every_reachable_function_has_a_bounded_cost(reachable, target, peers):
         print(f"a timing miss that did not repeat: {line}")
     report = group(failures)
     if failures:
-        path = Path(os.environ.get("BC_REPORT", target.base.parent / "bounded-cost-report.txt"))
+        path = Path(os.environ.get("BC_REPORT", tmp_path_factory.getbasetemp() / "bounded-cost-report.txt"))
         path.write_text(report + "\n\n" + "\n\n".join(
             f"--- {title} [{m.mode}]\n{m.summary()}\n{m.lua}" for title, _cls, _d, m in failures))
         print(f"full report with the Lua of each failing call: {path}")
