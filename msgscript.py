@@ -3430,12 +3430,10 @@ def result_from_output(stdout: bytes, is_html: bool = False) -> Result:
 
     A result object with an `error` raises ScriptError carrying its payload, status and headers.
     """
-    doc = None
-    if stdout.lstrip()[:1] == b"{":
-        try:
-            doc = json.loads(stdout)
-        except ValueError:
-            pass
+    try:
+        doc = json.loads(stdout) if stdout.lstrip()[:1] == b"{" else None
+    except ValueError:
+        doc = None
     if not (isinstance(doc, dict) and doc and RESULT_KEYS.issuperset(doc)):
         return Result(payload=stdout, is_html=is_html)
     try:
@@ -3608,7 +3606,7 @@ class WasmExecutor(Executor):
         remaining = call.remaining()
         if remaining <= 0:
             raise call.timed_out(script)
-        store.set_epoch_deadline(math.ceil(min(remaining, 1e9) / EPOCH_TICK) + 1)  # 1e9: an infinite deadline
+        store.set_epoch_deadline(math.ceil(min(remaining, 1e9) / EPOCH_TICK) + 1)  # 1e9 s: no deadline, finitely
         return store
 
     def _memory_size(self, store, instance) -> int:
