@@ -5167,6 +5167,24 @@ def free_port(preferred: int = 0) -> int:
     raise ConfigError("no free port")
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the parent dies, even by SIGKILL (Linux)."""
+    _glibc("prctl", 1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise ConfigError(f"process exited with status {proc.returncode} before listening on port {port}")
+        try:
+            socket.create_connection((host, port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise ConfigError(f"nothing listens on {host}:{port} after {timeout:g}s")
+
+
 class EmbeddedNats:
     """A private nats-server with JetStream on 127.0.0.1, stopped with the server (and killed with it).
 
@@ -5189,26 +5207,12 @@ class EmbeddedNats:
             os.makedirs(store_dir, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"data directory {data_dir}: {error_text(e)}") from None
-        die_with_parent = functools.partial(_glibc, "prctl", 1, signal.SIGKILL)  # PR_SET_PDEATHSIG, even on SIGKILL
         self.proc = subprocess.Popen([self.binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", store_dir],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                                     preexec_fn=die_with_parent if sys.platform == "linux" else None)
+                                     preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         self.url = f"nats://127.0.0.1:{self.port}"
-        self._wait_listening(10)
+        wait_for_port("127.0.0.1", self.port, 10, self.proc)
         log.info("started embedded NATS server at %s (JetStream in %s)", self.url, store_dir)
-
-    def _wait_listening(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise ConfigError(f"process exited with status {self.proc.returncode} before listening on port "
-                                  f"{self.port}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 0.2).close()
-                return
-            except OSError:
-                time.sleep(0.02)
-        raise ConfigError(f"nothing listens on 127.0.0.1:{self.port} after {timeout:g}s")
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -6281,11 +6285,11 @@ class _Span:
 
 
 def _glibc(function: str, *args) -> None:
-    """Call a glibc function when there is one (malloc tuning on Linux), else nothing."""
+    """Call a C library function when there is one (malloc tuning and prctl on Linux), else nothing."""
     try:
         import ctypes
 
-        getattr(ctypes.CDLL("libc.so.6"), function)(*args)
+        getattr(ctypes.CDLL(None), function)(*args)
     except (OSError, AttributeError):
         pass
 
