@@ -31,6 +31,7 @@ import os
 import posixpath
 import queue
 import re
+import select
 import selectors
 import shutil
 import signal
@@ -204,9 +205,12 @@ def parse_size(text: str) -> int:
 _SUBJECT_TOKEN = re.compile(r"^[^\s.*>]+$")
 
 
+MAX_SUBJECT = 1024  # bytes: nats-server drops a connection whose command line passes 4 KiB
+
+
 def valid_subject(subject: str) -> bool:
-    """A literal NATS subject: dot-separated non-empty tokens, no spaces or wildcards."""
-    return bool(subject) and all(_SUBJECT_TOKEN.match(t) for t in subject.split("."))
+    """A literal NATS subject: dot-separated non-empty tokens, no spaces or wildcards, not too long."""
+    return 0 < len(subject) <= MAX_SUBJECT and all(_SUBJECT_TOKEN.match(t) for t in subject.split("."))
 
 
 def subject_problem(subject: str) -> str:
@@ -2353,7 +2357,9 @@ class LuaContext:
         return self._cwd
 
     def path(self, path: str) -> str:
-        """A path a script gave, resolved in the call's working directory."""
+        """A path a script gave, resolved in the call's working directory (OSError for a NUL byte in it)."""
+        if "\0" in path:
+            raise OSError(errno.EINVAL, "invalid argument (a NUL byte in the path)", path.replace("\0", "\\0"))
         return path if os.path.isabs(path) else os.path.join(self.cwd(), path)
 
     def chdir(self, path: str) -> None:
@@ -2428,19 +2434,28 @@ class LuaContext:
         """A new Lua table from a Python dict or list (nested values converted too)."""
         return self.to_lua({} if value is None else value)
 
-    def to_python(self, value: Any, depth: int = 0) -> Any:
-        """Lua table -> dict (or list when its keys are 1..n), bytes -> str."""
+    def to_python(self, value: Any, depth: int = 0, seen: dict | None = None) -> Any:
+        """Lua table -> dict (or list when its keys are 1..n), bytes -> str. A table met again (shared by
+        several branches) is converted once and shared, so a DAG is never expanded; its size, the Python
+        memory it makes, counts against the script's cap as it goes."""
         if isinstance(value, bytes):
             return value.decode("utf-8", "surrogateescape")
-        if is_table(value):
-            if depth > 100:
-                raise LuaError("table nested too deeply")
-            items = list(value.items())
-            keys = [k for k, _ in items]
+        if not is_table(value):
+            return value
+        if depth > 100:
+            raise LuaError("table nested too deeply")
+        seen = {} if seen is None else seen
+        address = repr(value)
+        if address not in seen:
+            keys = table_keys(value, ticker(self.check))
+            seen[0] = seen.get(0, 0) + len(keys) + 1  # entries so far (0 is no table's address)
+            self.fits(100 * seen[0], "the table's copy in Python")
             if keys and keys == list(range(1, len(keys) + 1)):
-                return [self.to_python(v, depth + 1) for _, v in items]
-            return {self.to_python(k, depth + 1): self.to_python(v, depth + 1) for k, v in items}
-        return value
+                seen[address] = [self.to_python(value[k], depth + 1, seen) for k in keys]
+            else:
+                seen[address] = {self.to_python(k, depth + 1, seen): self.to_python(value[k], depth + 1, seen)
+                                 for k in keys}
+        return seen[address]
 
     def text(self, value: Any) -> str:
         """A Lua string (or number) as str."""
@@ -2480,9 +2495,24 @@ class LuaContext:
     def read_file(self, path: str, limit: int | None = None) -> bytes:
         """The bytes of a file a script names (relative to the call's working directory), at most `limit`
         (default: what the memory cap leaves): OSError if it cannot be opened (open_file), ValueError if larger."""
-        limit = self.max_bytes() if limit is None else limit
-        with os.fdopen(open_file(self.path(path)), "rb") as f:
-            data = f.read(limit + 1)  # files in /proc report size 0: the read itself is bounded
+        limit, parts, size = self.max_bytes() if limit is None else limit, [], 0
+        fd = open_file(self.path(path), blocking=False)  # a kernel file may have nothing to read yet
+        try:
+            while size <= limit:  # files in /proc report size 0: the read itself is bounded
+                try:
+                    chunk = os.read(fd, min(limit + 1 - size, 2**20))
+                except BlockingIOError:
+                    if not select.select([fd], [], [], self.remaining())[0]:
+                        raise TimedOut("script timed out") from None
+                    continue
+                if not chunk:
+                    break
+                parts.append(chunk)
+                size += len(chunk)
+                self.check()
+        finally:
+            os.close(fd)
+        data = b"".join(parts)
         if len(data) > limit:
             raise ValueError(f"{path}: file larger than the script's memory limit allows ({limit} bytes)")
         return data
@@ -2554,6 +2584,8 @@ class LuaContext:
                 raise
             except RecursionError:
                 return False, f"{name}: value nested too deeply".encode()
+            except OSError as e:  # what the system said (a full disk, a file that fails a write): not a bug
+                return False, f"{name}: {error_text(e)}".encode("utf-8", "surrogateescape")
             except MemoryError:
                 return False, b"not enough memory"
             except Exception as e:  # noqa: BLE001 - a module's bug is the script's error, never a traceback
@@ -2765,15 +2797,16 @@ _FOPEN_FLAGS = {"r": os.O_RDONLY, "w": os.O_WRONLY | os.O_CREAT, "a": os.O_WRONL
 _PROC_FD = os.path.isdir("/proc/self/fd")
 
 
-def open_file(path: str, flags: int = os.O_RDONLY) -> int:
+def open_file(path: str, flags: int = os.O_RDONLY, blocking: bool = True) -> int:
     """A descriptor for a file a script names, opened without waiting: OSError for a FIFO, a socket or a
-    device (which could block the call's thread) unless it is /dev/null, /dev/zero or /dev/urandom."""
+    device (which could block the call's thread) unless it is /dev/null, /dev/zero or /dev/urandom. With
+    `blocking` False it stays non-blocking: a kernel file whose read waits (/proc/kmsg) gives EAGAIN."""
     fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, 0o666)
     mode = os.fstat(fd).st_mode
     if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)) and os.path.realpath(path) not in _SAFE_DEVICES:
         os.close(fd)
         raise OSError(errno.EPERM, "not a regular file or directory (scripts may not open FIFOs or devices)", path)
-    os.set_blocking(fd, True)
+    os.set_blocking(fd, blocking)
     return fd
 
 
@@ -3049,7 +3082,7 @@ def run_command(command: str, timeout: float, max_output: int, stdin: bytes | No
                                 stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
                                 stderr=subprocess.PIPE if capture else subprocess.DEVNULL, start_new_session=True,
                                 cwd=cwd)
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the command
         raise LuaError(error_text(e)) from None
     try:
         stdout, stderr = _communicate(proc, stdin, timeout, max_output)
@@ -5846,6 +5879,16 @@ class HttpFront:
         return status, body, {"Content-Type": "application/json"}
 
 
+def trusted_proxies(text: str) -> tuple:
+    """-trusted-proxy: addresses or networks (127.0.0.1, 10.0.0.0/8), or ConfigError."""
+    import ipaddress
+
+    try:
+        return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",") if part.strip())
+    except ValueError as e:
+        raise ConfigError(f"-trusted-proxy: {e}") from None
+
+
 def _client_address(request: HttpRequest, trusted: tuple) -> str | None:
     """The client's address: the peer's, or, behind a trusted proxy, the one that proxy forwarded;
     None for a forwarded request through a proxy that is not trusted."""
@@ -6823,7 +6866,8 @@ def server_config(args: argparse.Namespace, environ: dict[str, str]) -> ServerCo
         http=HttpConfig(max_body=parse_size(args.max_body), timeout=parse_duration(args.http_timeout),
                         max_connections=args.max_connections, compat_go=compat == "go",
                         admin=_choice(args.admin, "admin", ("local", "public", "off")),
-                        metrics=_choice(args.metrics, "metrics", ("local", "public", "off"))),
+                        metrics=_choice(args.metrics, "metrics", ("local", "public", "off")),
+                        trusted_proxies=trusted_proxies(args.trusted_proxy)),
         memory=parse_size(args.memory), workers=args.workers, max_workers=args.max_workers,
         max_inflight=args.max_inflight, queue=args.queue, drain_timeout=parse_duration(args.drain_timeout),
         data_dir=os.path.abspath(args.data or default_data_dir(environ)), nats_port=args.nats_port,
@@ -7039,6 +7083,8 @@ def _server_parser(prog: str = "msgscript server") -> argparse.ArgumentParser:
     flag("drain-timeout", default="30s", help="how long SIGTERM waits for in-flight calls (default 30s)")
     flag("admin", default="local", help="the /_/ pages: local (loopback clients only), public or off (default local)")
     flag("metrics", default="local", help="GET /metrics: local, public or off (default local)")
+    flag("trusted-proxy", default="", help="reverse proxies (addresses or networks, comma-separated) whose "
+                                          "Forwarded / X-Forwarded-For name the client on the local-only pages")
     flag("compat", default="", help="go: the Go original's HEAD wire formats (NATS replies, HTTP JSON)")
     flag("data", default="", help="data directory of the embedded NATS (JetStream) (default ~/.local/state/msgscript)")
     flag("nats-port", default=None, type=int, help="port of the embedded NATS server (default 4222; when not given "

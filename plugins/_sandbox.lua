@@ -520,30 +520,33 @@ os.clock, os.setenv, os.execute = wrap(py.clock), wrap(py.setenv), wrap(py.execu
 
 -- io.popen: the command runs to completion within the call's time; for "r" its output is read at
 -- once, for "w" what the script writes is its input when the file is closed.
-local popen_methods = {}
+local popen_methods, popen_state = {}, raw_setmetatable({}, {__mode = "k"})  -- state out of scripts' reach
 local popen_mt = {__index = popen_methods, __metatable = false}
 function popen_methods.read(f, fmt)
-  local out, pos = f.out, f.pos
+  local st = popen_state[f]
+  local out, pos = st and st.out, st and st.pos
   if not out or pos > #out then return nil end
   fmt = fmt or "*l"
-  if fmt == "*a" or fmt == "a" then f.pos = #out + 1; return ssub(out, pos) end
+  if fmt == "*a" or fmt == "a" then st.pos = #out + 1; return ssub(out, pos) end
   if type(fmt) == "number" then
-    local s = ssub(out, pos, pos + fmt - 1); f.pos = pos + #s; return s
+    local s = ssub(out, pos, pos + fmt - 1); st.pos = pos + #s; return s
   end
   local nl = sfind(out, "\n", pos, true) or (#out + 1)
-  f.pos = nl + 1
+  st.pos = nl + 1
   return ssub(out, pos, nl - 1)
 end
 function popen_methods.lines(f) return function() return popen_methods.read(f, "*l") end end
 function popen_methods.write(f, ...)
-  for i = 1, select("#", ...) do f.parts[#f.parts + 1] = tostring((select(i, ...))) end
+  local parts = popen_state[f].parts
+  for i = 1, select("#", ...) do parts[#parts + 1] = tostring((select(i, ...))) end
   return f
 end
 function popen_methods.close(f)
-  local on_close = f.on_close
+  local st = popen_state[f]
+  local on_close = st and st.on_close
   if not on_close then return true end
-  f.on_close = nil
-  local status = on_close(concat(f.parts))
+  st.on_close = nil
+  local status = on_close(concat(st.parts))
   return status == 0, "exit", status
 end
 function popen_methods.flush(f) return f end
@@ -552,7 +555,9 @@ local py_popen = wrap(py.popen)
 function io.popen(command, mode)
   guard()
   local out, on_close = py_popen(command, mode)
-  return raw_setmetatable({out = out, on_close = on_close, pos = 1, parts = {}}, popen_mt)
+  local f = raw_setmetatable({}, popen_mt)
+  popen_state[f] = {out = out, on_close = on_close, pos = 1, parts = {}}
+  return f
 end
 
 local raw_lines, raw_input, raw_output, raw_remove, raw_rename = io.lines, io.input, io.output, os.remove, os.rename

@@ -20,7 +20,7 @@ def _loader(ctx):
     def publish(subject=None, payload=None):
         subject = lua_text(subject)
         if not valid_subject(subject):
-            return False, f"nats.publish: invalid subject {subject!r}" if subject else "nats.publish needs a subject"
+            return False, _bad_subject("publish", subject)
         try:
             bridge().publish(subject, lua_text(payload).encode("utf-8", "surrogateescape"), ctx.remaining(5),
                              ctx.trace_headers())
@@ -31,7 +31,7 @@ def _loader(ctx):
     def request(subject=None, payload=None, timeout=None):
         subject = lua_text(subject)
         if not valid_subject(subject):
-            return None, f"nats.request: invalid subject {subject!r}" if subject else "nats.request needs a subject"
+            return None, _bad_subject("request", subject)
         timeout = opt_number(timeout, 3, 5) or 5
         try:
             msg = bridge().request(subject, lua_text(payload).encode("utf-8", "surrogateescape"),
@@ -44,6 +44,10 @@ def _loader(ctx):
         return msg.data, None
 
     return {"publish": publish, "request": request}
+
+
+def _bad_subject(name: str, subject: str) -> str:
+    return f"nats.{name}: invalid subject {subject[:80]!r}" if subject else f"nats.{name} needs a subject"
 
 
 def lua_modules():

@@ -388,6 +388,22 @@ def test_a_trusted_proxy_setting_exists():
     assert "-trusted-proxy" in out, "msgscript server has no -trusted-proxy flag (the 403 text names it)"
 
 
+def test_behind_a_trusted_proxy_the_forwarded_client_decides(start_server, tmp_path):
+    """With -trusted-proxy naming the proxy (here nginx or Caddy on the same host), a request it forwards
+    for a local user reaches /metrics, one it forwards for a remote client gets 403."""
+    server = start_server("-script", str(tmp_path), "-trusted-proxy", "127.0.0.1,::1")
+    url = f"{server.base}/metrics"
+    for header in ({"X-Forwarded-For": "127.0.0.1"}, {"Forwarded": 'for="[::1]:51234"'},
+                   {"X-Forwarded-For": "203.0.113.9, 127.0.0.1"}):
+        assert requests.get(url, headers=header, timeout=5).status_code == 200, header
+    for header in ({"X-Forwarded-For": "203.0.113.9"}, {"Forwarded": "for=203.0.113.9;proto=https"}):
+        r = requests.get(url, headers=header, timeout=5)
+        assert r.status_code == 403 and "local clients only" in r.text, (header, r.text)
+    bad = subprocess.run([*MSGSCRIPT, "server", "-trusted-proxy", "nowhere"], capture_output=True, text=True,
+                         timeout=30)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "-trusted-proxy" in bad.stderr, bad.stderr
+
+
 def test_a_100_continue_for_a_pipelined_request_comes_after_the_previous_response(target):
     first = b"POST /bc.slow HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n0.5"
     second = b"POST /bc.hello HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"
