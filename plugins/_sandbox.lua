@@ -564,7 +564,7 @@ local raw_lines, raw_input, raw_output, raw_remove, raw_rename = io.lines, io.in
 io.open = open
 function io.lines(path)
   guard()
-  if path == nil then return raw_lines() end
+  if path == nil then return file_methods.lines(io_input()) end
   local f, err = open(path, "r")
   if not f then error(err, 2) end
   local nextline = f:lines()
@@ -600,11 +600,117 @@ for name, f in next, io do
 end
 -- files' methods through a function: io.stdout.__index would otherwise hand out the shared metatable
 local file_methods = {}
-for _, name in next, {"close", "flush", "lines", "read", "seek", "setvbuf", "write"} do
+for _, name in next, {"close", "flush", "seek", "setvbuf", "write"} do
   local f = file_mt[name]
   file_methods[name] = function(...) guard() return f(...) end
 end
 file_mt.__index = function(_, k) return file_methods[k] end
+
+-- Reading lines and numbers in Lua, a chunk at a time: C's own loops never end on a file of NUL bytes
+-- (fgets, then strlen finds no line) or of blanks (fscanf), and neither the hook nor a signal reaches them.
+local CHUNK = 4096
+local ahead = raw_setmetatable({}, {__mode = "k"})  -- what was read past a line's end, per file
+local raw_read, raw_seek = file_mt.read, file_mt.seek
+local function more(f, buf)
+  local chunk, err = raw_read(f, CHUNK)
+  if chunk == nil then return nil, err end
+  return buf .. chunk
+end
+local function read_line(f)
+  local buf, parts = ahead[f] or "", {}
+  ahead[f] = nil
+  while true do
+    local nl = sfind(buf, "\n", 1, true)
+    if nl then
+      if nl < #buf then ahead[f] = ssub(buf, nl + 1) end
+      parts[#parts + 1] = ssub(buf, 1, nl - 1)
+      return concat(parts)
+    end
+    if buf ~= "" then parts[#parts + 1] = buf end
+    local chunk, err = raw_read(f, CHUNK)
+    if chunk == nil then
+      if err then return nil, err end
+      if #parts == 0 then return nil end
+      return concat(parts)
+    end
+    buf = chunk
+  end
+end
+local function read_number(f)
+  local buf = ahead[f] or ""
+  ahead[f] = nil
+  while true do  -- blanks skipped a chunk at a time
+    local start = sfind(buf, "[^%s]")
+    if start then buf = ssub(buf, start) break end
+    buf = raw_read(f, CHUNK)
+    if buf == nil then return nil end
+  end
+  while #buf < 256 and not sfind(buf, "[^%w%.%+%-]") do
+    local longer = more(f, buf)
+    if longer == nil or longer == buf then break end
+    buf = longer
+  end
+  local text = string_lib.match(buf, "^[%+%-]?[%w%.]*[eEpP]?[%+%-]?%w*")
+  if #text < #buf then ahead[f] = ssub(buf, #text + 1) end
+  return tonumber(text)
+end
+local function read_count(f, n)
+  local buf = ahead[f]
+  if not buf then return raw_read(f, n) end
+  if n == 0 then return "" end
+  ahead[f] = nil
+  if #buf >= n then
+    if #buf > n then ahead[f] = ssub(buf, n + 1) end
+    return ssub(buf, 1, n)
+  end
+  local rest = raw_read(f, n - #buf)
+  return buf .. (rest or "")
+end
+local function read_one(f, fmt)
+  if type(fmt) == "number" then return read_count(f, fmt) end
+  if fmt == "*l" or fmt == "l" then return read_line(f) end
+  if fmt == "*n" or fmt == "n" then return read_number(f) end
+  if fmt == "*a" or fmt == "a" then
+    local buf = ahead[f]
+    ahead[f] = nil
+    return (buf or "") .. (raw_read(f, "*a") or "")
+  end
+  error("bad argument #1 to 'read' (invalid format)", 3)
+end
+function file_methods.read(f, ...)
+  guard()
+  local n = select("#", ...)
+  if n == 0 then return read_line(f) end
+  local out = {}
+  for i = 1, n do
+    local v, err = read_one(f, (select(i, ...)))
+    if v == nil then
+      if i == 1 then return nil, err end
+      return unpack(out, 1, i)  -- what was read, then nil
+    end
+    out[i] = v
+  end
+  return unpack(out, 1, n)
+end
+function file_methods.lines(f)
+  guard()
+  return function() return read_line(f) end
+end
+function file_methods.seek(f, whence, offset)  -- the position a script sees: what it has read
+  guard()
+  local buf = ahead[f]
+  if buf then ahead[f] = nil; raw_seek(f, "cur", -#buf) end
+  return raw_seek(f, whence, offset)
+end
+for _, name in next, {"write", "close"} do  -- what was read ahead goes back first (a file opened r+)
+  local f = file_methods[name]
+  file_methods[name] = function(file, ...)
+    local buf = ahead[file]
+    if buf then ahead[file] = nil; raw_seek(file, "cur", -#buf) end
+    return f(file, ...)
+  end
+end
+function io.read(...) return file_methods.read(io_input(), ...) end
 if not math.mod then math.mod = math.fmod end
 local raw_date = os.date
 function os.date(fmt, t)
