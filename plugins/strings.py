@@ -5,6 +5,7 @@ worker first); split and fields count their pieces before making them and refuse
 not fit in what the script's memory cap leaves; trim with a long cutset is linear in the string.
 """
 
+import functools
 import re
 
 from msgscript import INLINE_SIZE, check_string, opt_string, pure
@@ -90,6 +91,7 @@ def trim_suffix(s=None, suffix=None):
 def _load(ctx):
     def sized(func):
         """`func`, moved off the event loop first when its strings are long."""
+        @functools.wraps(func)  # its signature: extra arguments are dropped, as Lua does
         def call(*args):
             size = 0
             for a in args:
