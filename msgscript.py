@@ -4255,8 +4255,8 @@ class Scheduler:
         """A finished call's counters (on the loop, so they need no lock)."""
         stats = script.stats or self._stats(script)
         stats.count(result, result.seconds)
-        if result.compute >= 0:
-            stats.average += (result.compute - stats.average) * 0.125
+        if result.compute >= 0:  # one sample at most doubles the average: a pause (GC, preemption) is no trend
+            stats.average += (min(result.compute, 2 * stats.average + COMPUTE) - stats.average) * 0.125
         if inline:
             self._note_inline(result.seconds, time.perf_counter())
 
