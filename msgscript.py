@@ -2060,7 +2060,8 @@ class Result:
     error: str = ""
     status: int = 200  # error status: 500 script error, 504 timeout, ...
     seconds: float = 0.0  # how long the call took
-    compute: float = -1.0  # seconds a Lua call computed, not counting set-up (or, on a worker, GIL waits)
+    ended: float = 0.0  # when (time.perf_counter())
+    compute: float = 0.0  # seconds the call computed (on a worker: CPU time, not waits for the GIL)
     nil: bool = False  # the script returned no string: the Go original's JSON has "payload": null
 
     @classmethod
@@ -3260,19 +3261,9 @@ class LuaExecutor(Executor):
         self._local = threading.local()
         self.runtimes = 0  # Lua runtimes alive, for the metrics
 
-    def _runner(self, script: Script) -> LuaRunner:
-        try:
-            cache = self._local.runners
-        except AttributeError:
-            cache = self._local.runners = {}
+    def _runner(self, script: Script, cache: dict, key: tuple, stamp, entry) -> LuaRunner:
+        """The thread's runtime for the script's version (its cache missed, or holds an older one)."""
         store = self.services.store
-        stamp = (script.version, store.library_stamp(script)) if script.libraries and store else script.version
-        key = (script.subject, script.name)  # script.key, without the property call
-        entry = cache.get(key)
-        if entry is not None and entry[0] == stamp:
-            if len(cache) >= self.max_cached // 2:  # least recently used last out: keep the hot ones
-                cache[key] = cache.pop(key)
-            return entry[1]
         source = store.source(script) if store else script.content
         runner = LuaRunner(script, source, self.services, script.memory or self.memory)
         if entry is None:
@@ -3304,11 +3295,22 @@ class LuaExecutor(Executor):
             fname, first = call.method.encode(), call.url.encode()
         else:
             fname, first = call.method.upper().encode(), call.url.encode()
-        runner = self._runner(script)
+        try:  # the thread's runtime for this version of the script
+            cache = self._local.runners
+        except AttributeError:
+            cache = self._local.runners = {}
+        store, key = self.services.store, (script.subject, script.name)
+        stamp = (script.version, store.library_stamp(script)) if script.libraries and store else script.version
+        entry = cache.get(key)
+        if entry is not None and entry[0] == stamp:
+            runner = entry[1]
+            if len(cache) >= self.max_cached // 2:  # least recently used last out: keep the hot ones
+                cache[key] = cache.pop(key)
+        else:
+            runner = self._runner(script, cache, key, stamp, entry)
         if call.trace is not None:
             runner.ctx.trace = call.trace
-        clock = time.perf_counter if inline else time.thread_time  # a worker's CPU, not its waits for the GIL
-        started = clock()
+        cpu = 0.0 if inline else time.thread_time()  # on a worker, its CPU time: not its waits for the GIL
         try:
             out = runner.call(fname, call.deadline, first, call.payload, inline=inline, meta=call.meta)
         except runner.lupa.LuaMemoryError:
@@ -3327,7 +3329,6 @@ class LuaExecutor(Executor):
         finally:
             if call.trace is not None:
                 runner.ctx.trace = None
-            spent = clock() - started
         if time.monotonic() > call.deadline:  # it caught the timeout error and carried on
             raise call.timed_out(script)
         if not out[0]:
@@ -3342,7 +3343,8 @@ class LuaExecutor(Executor):
             result = go_http_result(out[1:])
         else:
             result = self._result(script, out[1:])
-        result.compute = spent  # what the Scheduler's choice of inline or pool looks at
+        if not inline:  # what the Scheduler's choice of inline or pool looks at (inline: the call's time)
+            result.compute = time.thread_time() - cpu
         return result
 
     def _memory_error(self, script: Script) -> ScriptError:
@@ -4042,10 +4044,13 @@ class ScriptStats:
     moved: int = 0  # inline calls that moved to a worker
     average: float = 0.0  # moving average of its Lua calls' compute time: does it compute?
 
-    def count(self, result: Result, seconds: float) -> None:
+    def count(self, result: Result) -> None:
+        seconds = result.seconds
         self.calls += 1
         self.seconds += seconds
         self.buckets[0 if seconds <= DURATION_BUCKETS[0] else bisect.bisect_left(DURATION_BUCKETS, seconds)] += 1
+        sample, cap = result.compute, 2 * self.average + COMPUTE  # one sample at most doubles the average:
+        self.average += ((sample if sample < cap else cap) - self.average) * 0.125  # a pause is no trend
         if result.error:
             self.errors[result.status] = self.errors.get(result.status, 0) + 1
             self.last_error = result.error
@@ -4095,12 +4100,13 @@ class Scheduler:
         return scripts
 
     def dispatch(self, scripts: list[Script], call: Call, on_result: Callable | None = None,
-                 on_done: Callable | None = None) -> Result | None:
+                 on_done: Callable | None = None, *args) -> Result | None:
         """Run every script of one message (concurrently); on the loop thread only.
 
         One script that ran inline at once: its Result is returned, and the callbacks are not called.
-        Otherwise None, and `on_result(script, result)` runs as each script finishes and `on_done(results)`
-        once all have, both on the loop thread. Busy (429) is raised at once over the in-flight limit.
+        Otherwise None, and `on_result(script, result)` runs as each script finishes and
+        `on_done(*args, results)` once all have, both on the loop thread. Busy (429) is raised at once
+        over the in-flight limit.
         """
         if self.inflight >= self.max_inflight:
             self._refuse()
@@ -4113,7 +4119,7 @@ class Scheduler:
                 return result
         self.inflight += 1
         self.idle.clear()
-        job = _Job(self, scripts, call, on_result, on_done)
+        job = _Job(self, scripts, call, on_result, on_done, args)
         for index, script in enumerate(scripts):
             result = None if single else self._try_inline(script, call)
             if result is None:
@@ -4149,7 +4155,13 @@ class Scheduler:
                 log.debug("script %s/%s runs on the worker pool from now on", script.subject, script.name)
             # else its budget, or a step too big: only this call (its run on a worker says whether it computes)
             return None
-        self._count(script, call, result, True)
+        result.compute = result.seconds
+        stats.count(result)
+        window = self._window  # the loop's share of time in inline calls, over LOAD_WINDOW
+        if result.ended - window[0] > LOAD_WINDOW:
+            self.loop_load = window[1] / (result.ended - window[0])
+            window[0], window[1] = result.ended, 0.0
+        window[1] += result.seconds
         if result.error:
             self.failures.failed(script, call, result)
         return result
@@ -4158,13 +4170,6 @@ class Scheduler:
         """Whether the loop is busy with scripts: compute calls in the pool, or most of the last window inline."""
         return self.compute_calls > 0 or (time.perf_counter() - self._window[0] < 2 * LOAD_WINDOW
                                           and self.loop_load > 0.5)
-
-    def _note_inline(self, seconds: float, now: float) -> None:
-        window = self._window
-        if now - window[0] > LOAD_WINDOW:
-            self.loop_load = window[1] / (now - window[0])
-            window[0], window[1] = now, 0.0
-        window[1] += seconds
 
     def _to_pool(self, job: _Job, index: int) -> None:
         script = job.scripts[index]
@@ -4246,19 +4251,15 @@ class Scheduler:
                 log.exception("script %s/%s crashed", script.subject, script.name)
                 e = MsgscriptError(f"script {script.name}: internal error (see the server log)")
             result = Result.failure(e)
-        result.seconds = time.perf_counter() - started
+        result.ended = time.perf_counter()
+        result.seconds = result.ended - started
         if span is not None:
             span.end(result)
         return result
 
-    def _count(self, script: Script, call: Call, result: Result, inline: bool = False) -> None:
+    def _count(self, script: Script, call: Call, result: Result) -> None:
         """A finished call's counters (on the loop, so they need no lock)."""
-        stats = script.stats or self._stats(script)
-        stats.count(result, result.seconds)
-        if result.compute >= 0:  # one sample at most doubles the average: a pause (GC, preemption) is no trend
-            stats.average += (min(result.compute, 2 * stats.average + COMPUTE) - stats.average) * 0.125
-        if inline:
-            self._note_inline(result.seconds, time.perf_counter())
+        (script.stats or self._stats(script)).count(result)
 
     def _stats(self, script: Script) -> ScriptStats:
         """The script's counters (they outlive its versions), remembered on this version."""
@@ -4300,11 +4301,12 @@ def _script_call(script: Script, call: Call) -> Call:
 class _Job:
     """One message's scripts on their way; the last to finish releases the message."""
 
-    __slots__ = ("scheduler", "scripts", "call", "on_result", "on_done", "results", "left", "timers", "compute")
+    __slots__ = ("scheduler", "scripts", "call", "on_result", "on_done", "args", "results", "left", "timers",
+                 "compute")
 
-    def __init__(self, scheduler: Scheduler, scripts: list[Script], call: Call, on_result, on_done):
+    def __init__(self, scheduler: Scheduler, scripts: list[Script], call: Call, on_result, on_done, args=()):
         self.scheduler, self.scripts, self.call = scheduler, scripts, call
-        self.on_result, self.on_done = on_result, on_done
+        self.on_result, self.on_done, self.args = on_result, on_done, args
         self.results: list[Result | None] = [None] * len(scripts)
         self.left = len(scripts)
         self.timers: list = []
@@ -4327,7 +4329,7 @@ class _Job:
                 self.scheduler.compute_calls -= self.compute
                 self.scheduler._release()
                 if self.on_done is not None:
-                    self.on_done(self.results)
+                    self.on_done(*self.args, self.results)
 
     def expire(self, index: int, call: Call) -> None:
         """The timer of a pooled call: its deadline has passed and its worker has not answered."""
@@ -5006,6 +5008,11 @@ class NatsFront:
             envelope = parse_envelope(data) if may_be_envelope(data) else None
             if envelope is None:
                 scripts, call = self.scheduler.lookup(subject), Call(subject, data)
+                if len(scripts) == 1 and not self.tracing:  # the common case: one script, its string as is
+                    result = self.scheduler.dispatch(scripts, call, None, self.answer_first, reply, subject)
+                    if result is not None:
+                        self.answer(reply, subject, result)
+                    return
             else:
                 scripts, call = self.scheduler.lookup(subject), Call(
                     subject, envelope["payload"], str(envelope.get("method") or ""), str(envelope.get("url") or "/"))
@@ -5061,11 +5068,12 @@ class NatsFront:
             return None, reply_envelope
         if envelope is not None:  # async: answered already
             return None, done
-        if len(scripts) == 1:  # the common case: one script, its string as is
-            if call.trace is None:
-                return None, lambda results: self.answer(reply, subject, results[0])
+        if len(scripts) == 1:  # traced (take answers an untraced one itself)
             return None, lambda results: (done(results), self.answer(reply, subject, results[0]))
         return (lambda script, result: self.answer(reply, subject, result, script.name)), done
+
+    def answer_first(self, reply: str, subject: str, results: list[Result]) -> None:
+        self.answer(reply, subject, results[0])
 
     def answer(self, reply: str, subject: str, result: Result, name: str | None = None) -> None:
         """Reply to a message (on the loop); an error for a message without a reply subject is logged."""
