@@ -15,6 +15,7 @@ import asyncio
 import atexit
 import base64
 import bisect
+import codecs
 import collections
 import concurrent.futures
 import contextlib
@@ -2567,7 +2568,8 @@ class LuaContext:
             elif most is not None:
                 args = args[:most]
             try:
-                out = func(*[a.decode("utf-8", "surrogateescape") if type(a) is bytes else a for a in args])
+                out = func(*[(a.decode("utf-8", "surrogateescape") if len(a) < 2**20 else _long_text(a))
+                             if type(a) is bytes else a for a in args])
                 if type(out) is tuple:
                     return (True, *ctx._results(out))
                 return True, ctx.to_lua(out)
@@ -2638,6 +2640,14 @@ try:
 except ImportError:  # reported when a script first runs
     _LUPA_ERRORS = ()
     _lupa_type = lambda value: None  # noqa: E731
+
+
+def _long_text(data: bytes) -> str:
+    """A long Lua string as str, decoded a piece at a time: one C call over megabytes would hold the
+    interpreter lock (and the event loop) for milliseconds."""
+    decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
+    step = 2**18
+    return "".join([decoder.decode(data[i:i + step]) for i in range(0, len(data), step)] + [decoder.decode(b"", True)])
 
 
 def _lua_size(value: Any, budget: list | None = None) -> int:
@@ -4028,6 +4038,8 @@ DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 LATE = 0.05  # seconds after a pooled call's deadline that its timer answers for it
 COMPUTE = 0.0002  # seconds: a script whose inline calls take longer computes (it may go to the pool when busy)
 LOAD_WINDOW = 0.02  # seconds over which the loop's share of time in inline calls is measured
+BIG_PAYLOAD = 2**20  # bytes: a call with a payload this big makes Python copy and decode megabytes...
+BIG_CALLS = 1  # ...so they run one at a time: the event loop gets the interpreter lock within ~100 ms
 BLOCKING_THREADS = 32  # plugins' blocking work (LuaContext.blocking) at once
 WAKE_SIGNAL = signal.SIGURG  # interrupts a worker's system call (ignored unless a handler is set: Server.run)
 
@@ -4070,6 +4082,7 @@ class Scheduler:
         self.pool = WorkerPool(workers, max_workers)
         self.watchdog = services.watchdog = Watchdog(self.pool)
         self.blocking = services.blocking = concurrent.futures.ThreadPoolExecutor(BLOCKING_THREADS, "blocking")
+        self._big = threading.BoundedSemaphore(BIG_CALLS)
         self.locks = locks or LocalLocks()
         self.tracing = tracing
         self.inflight = 0  # messages admitted and not finished; changed on the loop thread only
@@ -4138,7 +4151,7 @@ class Scheduler:
         A script that computes (its inline calls take more than COMPUTE) goes to the pool while the loop
         is busy running scripts, so that its calls run in parallel on every core; a lone call stays inline.
         """
-        if script.pooled or script.lock:
+        if script.pooled or script.lock or len(call.payload) > INLINE_SIZE:  # pushing a big payload is a long step
             return None
         executor = self.executors.get(script.executor)
         if executor is None or not executor.inline_capable:
@@ -4185,10 +4198,15 @@ class Scheduler:
 
     def _on_worker(self, job: _Job, index: int, call: Call) -> None:
         script = job.scripts[index]
-        if job.results[index] is not None:  # answered already: its deadline passed while it was queued
-            result = Result.failure(call.timed_out(script, " before it started"))
+        big = len(call.payload) > BIG_PAYLOAD and self._big.acquire(timeout=max(0.0, call.remaining()))
+        if job.results[index] is not None or (len(call.payload) > BIG_PAYLOAD and not big):
+            result = Result.failure(call.timed_out(script, " before it started"))  # its deadline passed in a queue
         else:
-            result = self._execute(script, call)
+            try:
+                result = self._execute(script, call)
+            finally:
+                if big:
+                    self._big.release()
         self._done.append((job, index, call, result))
         with self._wake_lock:
             if self._wake_pending:
@@ -6945,6 +6963,7 @@ class Server:
             pass
         _glibc("mallopt", -8, 2)  # M_ARENA_MAX: threads share two malloc arenas, so freed memory is reused
         signal.signal(WAKE_SIGNAL, lambda *_: None)  # the watchdog's signal interrupts a worker's system call
+        sys.setswitchinterval(0.001)  # workers busy in Python hand the interpreter back to the event loop sooner
         with asyncio.Runner(loop_factory=event_loop_factory(self.cfg.environ)) as runner:
             runner.run(self._main())
 

@@ -173,10 +173,15 @@ def _pattern_regex(pattern: str, tick=_no_tick) -> str:
     return "".join(out)
 
 
+MAX_PATTERN = 4096  # bytes: a path is shorter (PATH_MAX); a longer pattern costs work and memory for nothing
+
+
 def _compiled(pattern: str, tick=_no_tick):
-    """The RE2 matcher of a pattern (whole names only); BadPattern for a malformed one. Short patterns
-    are kept compiled."""
-    return _cached(pattern) if len(pattern) <= 4096 else _compile(pattern, tick)
+    """The RE2 matcher of a pattern (whole names only, kept compiled); BadPattern for a malformed one, or
+    one longer than MAX_PATTERN."""
+    if len(pattern) > MAX_PATTERN:
+        raise BadPattern()
+    return _cached(pattern)
 
 
 @functools.lru_cache(maxsize=64)

@@ -447,7 +447,12 @@ def _loader(ctx):
         s = check_string(s, 1)
         ctx.move_to_worker(len(s))
         ctx.fits(4 * len(s), "re.quote's result")
-        return _bytes(s.translate(_QUOTE))
+        step = 2**16  # translate a piece at a time: one call over megabytes holds the interpreter lock
+        out = []
+        for i in range(0, len(s), step):
+            out.append(_bytes(s[i:i + step].translate(_QUOTE)))
+            ctx.check()
+        return b"".join(out)
 
     return {"find": find, "match": match, "gmatch": gmatch, "gsub": gsub, "quote": quote}
 
