@@ -237,12 +237,13 @@ def test_64_calls_opening_fifos_at_once_do_not_pin_the_pool(wide_target, peers):
 
 
 def test_readyz_is_503_with_a_reason_while_the_pool_is_saturated(nats_server):
-    t = Target(None, nats_server.url, scripts=4, flags=("-workers", "2", "-max-workers", "4"), extra={"slow.lua": SLOW})
+    t = Target(None, nats_server.url, scripts=4, flags=("-workers", "2", "-max-workers", "4"),
+               extra={"slow.lua": SLOW.replace("bc.slow", "bc.saturate")})  # not the module target's subject
     try:
         readyz = f"http://127.0.0.1:{t.port}/readyz"
         assert requests.get(readyz, timeout=5).status_code == 200
         nc, loop = t.client.nc, t.client.loop
-        futures = [asyncio.ensure_future(nc.request("bc.slow", b"3", timeout=10), loop=loop) for _ in range(6)]
+        futures = [asyncio.ensure_future(nc.request("bc.saturate", b"3", timeout=10), loop=loop) for _ in range(6)]
         loop.run_until_complete(asyncio.sleep(0.1))
         seen = None
         deadline = time.monotonic() + 2.5
