@@ -797,6 +797,76 @@ def check_lua_syntax(source: str, where: str) -> None:
         raise ConfigError(f"{where}:{line}: Lua syntax error: {m.group(2)}{hint}")
 
 
+class _Followed(Store):
+    """A store that follows a key-value service (etcd, NATS KV) from a thread of its own: each key taken in
+    as it changes (one that does not parse keeps its last good version); while the service is down, the
+    scripts last loaded keep serving."""
+
+    def __init__(self):
+        super().__init__()
+        self._entries: dict[str, Script] = {}  # key -> script
+        self._libs: dict[str, str] = {}
+        self._down = False
+        self._locks = None
+
+    def _take_library(self, label: str, name: str, value: bytes, old_libs: dict) -> bool:
+        content = LuaSource(value.decode("utf-8", "surrogateescape"), label)
+        try:
+            check_lua_syntax(content, label)
+        except ConfigError as e:
+            self._skip(label, str(e), "library", "", name)
+            if name in old_libs:
+                self._libs[name] = old_libs[name]
+            return False
+        self._libs[name] = content
+        self.reloads += 1
+        self.broken.pop(label, None)
+        return True
+
+    def _parse(self, label: str, where: tuple[str, str], value: bytes) -> Script:
+        """A script value under a key naming (subject, name): MsgscriptError when it does not parse."""
+        script = script_from_json(value, label, where)
+        if script.executor == "lua":
+            check_lua_syntax(script.content, label)
+        script.subject, script.name = where  # the key decides where a script serves
+        return script
+
+    def _keep(self, label: str, key: str, where: tuple[str, str], script: Script | MsgscriptError,
+              old_entries: dict) -> bool:
+        """Take in a parsed script, or keep the last good version of one that failed."""
+        if isinstance(script, MsgscriptError):
+            self._skip(label, str(script), "script", *where)
+            if key in old_entries:
+                self._entries[key] = old_entries[key]
+            return False
+        self.reloads += 1
+        self.broken.pop(label, None)
+        self._entries[key] = script
+        return True
+
+    def _forget(self, label: str, key: str | None, lib: str | None) -> bool:
+        self.broken.pop(label, None)
+        gone = (key is not None and self._entries.pop(key, None) is not None) or \
+            (lib is not None and self._libs.pop(lib, None) is not None)
+        if gone:
+            log.info("%s: %s removed", self.kind, label)
+        return gone
+
+    def _publish_current(self) -> None:
+        self._publish(list(self._entries.values()), dict(self._libs))
+
+    def _outage(self, what: str) -> None:
+        if not self._down:
+            self._down = True
+            log.warning("%s; serving the %d scripts last loaded, retrying", what, len(self._entries))
+
+    def _back(self, where: str) -> None:
+        if self._down:
+            self._down = False
+            log.info("%s is back: %d scripts, %d libraries (resynchronised)", where, len(self._entries),
+                     len(self._libs))
+
+
 ###############################################################################
 # etcd store and cluster locks ################################################
 ###############################################################################
@@ -955,7 +1025,7 @@ def _script_key(key: str) -> tuple[str, str] | None:
     return parts[0], parts[1]
 
 
-class EtcdStore(Store):
+class EtcdStore(_Followed):
     """Scripts and libraries under the Go original's etcd keys, followed by a watch.
 
     Starting while etcd is down is not an error: the server starts with no scripts, logs that
@@ -969,15 +1039,11 @@ class EtcdStore(Store):
     def __init__(self, endpoints: list[str]):
         super().__init__()
         self.client = EtcdClient(endpoints)
-        self._entries: dict[str, Script] = {}  # etcd key -> script
-        self._libs: dict[str, str] = {}
         self._revision = 0
         self._stale = True  # a full read is due before watching
-        self._down = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._stream = None
-        self._locks: EtcdLocks | None = None
 
     # Following etcd.
     def load(self) -> None:
@@ -1023,31 +1089,19 @@ class EtcdStore(Store):
             try:
                 if self._stale:
                     self.load()
-                    self._back()
+                    self._back(f"etcd at {self.client.where}")
                 self._watch()
                 backoff = 0.1
                 self._stop.wait(0.05)  # the watch resumes from the last revision: nothing is missed
                 continue
             except ConfigError as e:
                 self._stale = True
-                self._outage(e)
+                self._outage(f"etcd unreachable ({e})")
             except Exception:  # noqa: BLE001 - the follower must survive anything and retry
                 self._stale = True
                 log.exception("following etcd at %s failed", self.client.where)
             self._stop.wait(backoff)
             backoff = min(backoff * 2, ETCD_BACKOFF_CAP)
-
-    def _outage(self, error: Exception) -> None:
-        if not self._down:
-            self._down = True
-            log.warning("etcd unreachable (%s); serving the %d scripts last loaded, retrying",
-                        error, len(self._entries))
-
-    def _back(self) -> None:
-        if self._down:
-            self._down = False
-            log.info("etcd at %s is back: %d scripts, %d libraries (resynchronised)",
-                     self.client.where, len(self._entries), len(self._libs))
 
     def _watch(self) -> None:
         """Apply changes under msgscript/ until the stream ends (a dead etcd, an idle timeout, a stop)."""
@@ -1085,7 +1139,7 @@ class EtcdStore(Store):
                 continue  # e.g. msgscript/locks/: busy, and none of the store's business
             changed = True
             if event.get("type") == "DELETE":
-                self._forget(key)
+                self._forget(key, key, key[len(ETCD_LIBS):] if key.startswith(ETCD_LIBS) else None)
             else:
                 self._remember(key, _unb64(kv.get("value")), self._entries, self._libs)
         if changed:
@@ -1095,54 +1149,19 @@ class EtcdStore(Store):
     def _remember(self, key: str, value: bytes, old_entries: dict, old_libs: dict, quiet: bool = False) -> None:
         """Take in one key; a value that does not parse keeps the last good version."""
         if key.startswith(ETCD_LIBS) and len(key) > len(ETCD_LIBS):
-            name = key[len(ETCD_LIBS):]
-            content = LuaSource(value.decode("utf-8", "surrogateescape"), key)
-            try:
-                check_lua_syntax(content, key)
-                self._libs[name] = content
-                self.reloads += 1
-                self.broken.pop(key, None)
-            except ConfigError as e:
-                self._skip(key, str(e), "library", "", name)
-                if name in old_libs:
-                    self._libs[name] = old_libs[name]
-                return
-        else:
-            script = self._parse(key, value)
-            if script is None:
-                if key in old_entries:
-                    self._entries[key] = old_entries[key]
-                return
-            self._entries[key] = script
-        if not quiet:
-            log.info("etcd: %s updated", key)
-
-    def _parse(self, key: str, value: bytes) -> Script | None:
-        where = _script_key(key)
-        if where is None:
+            taken = self._take_library(key, key[len(ETCD_LIBS):], value, old_libs)
+        elif (where := _script_key(key)) is None:
             if key.startswith(ETCD_SCRIPTS):
                 log.warning("ignoring %s: script keys are %s<subject>/<name>", key, ETCD_SCRIPTS)
-            return None
-        try:
-            script = script_from_json(value, key, where)
-            if script.executor == "lua":
-                check_lua_syntax(script.content, key)
-        except MsgscriptError as e:
-            self._skip(key, str(e), "script", *where)
-            return None
-        self.reloads += 1
-        self.broken.pop(key, None)
-        script.subject, script.name = where  # the key decides where a script serves
-        return script
-
-    def _forget(self, key: str) -> None:
-        self.broken.pop(key, None)
-        lib = key[len(ETCD_LIBS):] if key.startswith(ETCD_LIBS) else None
-        if self._entries.pop(key, None) is not None or (lib and self._libs.pop(lib, None) is not None):
-            log.info("etcd: %s removed", key)
-
-    def _publish_current(self) -> None:
-        self._publish(list(self._entries.values()), dict(self._libs))
+            return
+        else:
+            try:
+                script = self._parse(key, where, value)
+            except MsgscriptError as e:
+                script = e
+            taken = self._keep(key, key, where, script, old_entries)
+        if taken and not quiet:
+            log.info("etcd: %s updated", key)
 
     # Cluster locks.
     def locks(self) -> EtcdLocks:
@@ -1466,7 +1485,7 @@ async def _with_leader(js, stream: str, bucket):
     return bucket
 
 
-class NatsStore(Store):
+class NatsStore(_Followed):
     """Scripts and libraries in JetStream KV buckets, followed by watches.
 
     As the etcd store: a server starts (not ready) while NATS is down and loads once it answers;
@@ -1483,8 +1502,6 @@ class NatsStore(Store):
         self.nc = None
         self._js = None
         self._handles: dict[tuple[str, str], Any] = {}
-        self._entries: dict[str, Script] = {}  # KV key -> script
-        self._libs: dict[str, str] = {}
         self._seen = {"scripts": 0, "libs": 0}  # the last revision taken in, per bucket
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connecting: asyncio.Lock | None = None
@@ -1492,8 +1509,6 @@ class NatsStore(Store):
         self._follower: asyncio.Future | None = None
         self._synced = threading.Event()
         self._tried = threading.Event()  # the first attempt to load is over
-        self._down = False
-        self._locks: NatsLocks | None = None
 
     @property
     def where(self) -> str:
@@ -1604,7 +1619,7 @@ class NatsStore(Store):
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - the follower must survive anything and retry
-                self._outage(e)
+                self._outage(f"NATS store at {self.where}: {e if isinstance(e, MsgscriptError) else nats_reason(e)}")
                 self._tried.set()
             finally:
                 for watcher in watchers:
@@ -1618,13 +1633,6 @@ class NatsStore(Store):
             await asyncio.wait_for(coro, NATS_TIMEOUT)
         except Exception:  # noqa: BLE001 - e.g. the consumer went with its node
             pass
-
-    def _outage(self, error: Exception) -> None:
-        if not self._down:
-            self._down = True
-            reason = error if isinstance(error, MsgscriptError) else nats_reason(error)
-            log.warning("NATS store at %s: %s; serving the %d scripts last loaded, retrying", self.where, reason,
-                        len(self._entries))
 
     async def _read(self, which: str) -> tuple[Any, dict]:
         """A watcher on one bucket and its current entries (those before the watcher's first live update)."""
@@ -1668,7 +1676,7 @@ class NatsStore(Store):
         self._entries, self._libs, self.broken = {}, {}, {}
         for entry in libs.values():
             if entry.operation is None:
-                self._take_library(entry.key, entry.value, old_libs)
+                self._take_library(f"{self.buckets.libs}/{entry.key}", kv_unescape(entry.key), entry.value, old_libs)
         for entry in scripts.values():
             if entry.operation is None:
                 await self._take_script(entry.key, entry.value, old_entries)
@@ -1676,10 +1684,7 @@ class NatsStore(Store):
         self._publish_current()
         self._synced.set()
         self._tried.set()
-        if self._down:
-            self._down = False
-            log.info("NATS store at %s is back: %d scripts, %d libraries (resynchronised)", self.where,
-                     len(self._entries), len(self._libs))
+        self._back(f"NATS store at {self.where}")
 
     async def _watch(self, watchers: list) -> None:
         """Take in updates until a resync is due: a reconnect, or a watch that fell behind."""
@@ -1738,35 +1743,16 @@ class NatsStore(Store):
     async def _apply(self, which: str, entry) -> bool:
         self._seen[which] = max(self._seen[which], entry.revision or 0)
         label = f"{getattr(self.buckets, which)}/{entry.key}"
+        script = which == "scripts"
         if entry.operation in ("DEL", "PURGE"):
-            self.broken.pop(label, None)
-            gone = self._entries.pop(entry.key, None) if which == "scripts" else \
-                self._libs.pop(kv_unescape(entry.key), None)
-            if gone is not None:
-                log.info("nats: %s removed", label)
-            return gone is not None
-        if which == "scripts":
+            return self._forget(label, entry.key if script else None, None if script else kv_unescape(entry.key))
+        if script:
             taken = await self._take_script(entry.key, entry.value, self._entries)
         else:
-            taken = self._take_library(entry.key, entry.value, self._libs)
+            taken = self._take_library(label, kv_unescape(entry.key), entry.value, self._libs)
         if taken:
             log.info("nats: %s updated", label)
         return taken
-
-    def _take_library(self, key: str, value: bytes, old_libs: dict) -> bool:
-        name, label = kv_unescape(key), f"{self.buckets.libs}/{key}"
-        content = LuaSource(value.decode("utf-8", "surrogateescape"), label)
-        try:
-            check_lua_syntax(content, label)
-            self._libs[name] = content
-            self.reloads += 1
-            self.broken.pop(label, None)
-            return True
-        except ConfigError as e:
-            self._skip(label, str(e), "library", "", name)
-            if name in old_libs:
-                self._libs[name] = old_libs[name]
-            return False
 
     async def _take_script(self, key: str, value: bytes, old_entries: dict) -> bool:
         """Take in one script; one that does not parse (or whose module cannot be fetched) keeps its last good
@@ -1777,24 +1763,12 @@ class NatsStore(Store):
             log.warning("ignoring %s: script keys are <subject>/<name>", label)
             return False
         try:
-            script = script_from_json(value, label, where)
-            if script.executor == "lua":
-                check_lua_syntax(script.content, label)
-            elif script.executor == "wasm" and self.cache_dir and script.content.strip().startswith(WASM_REF):
+            script = self._parse(label, where, value)
+            if script.executor == "wasm" and self.cache_dir and script.content.strip().startswith(WASM_REF):
                 script.content = await self._module_file(script.content.strip(), label)
         except MsgscriptError as e:
-            self._skip(label, str(e), "script", *where)
-            if key in old_entries:
-                self._entries[key] = old_entries[key]
-            return False
-        self.reloads += 1
-        self.broken.pop(label, None)
-        script.subject, script.name = where  # the key decides where a script serves
-        self._entries[key] = script
-        return True
-
-    def _publish_current(self) -> None:
-        self._publish(list(self._entries.values()), dict(self._libs))
+            script = e
+        return self._keep(label, key, where, script, old_entries)
 
     # WASM modules in the object store.
     async def _object(self, ref: str):
@@ -1888,7 +1862,7 @@ class NatsStore(Store):
                     if which == "scripts":
                         await self._take_script(entry.key, entry.value, {})
                     else:
-                        self._take_library(entry.key, entry.value, {})
+                        self._take_library(f"{self.buckets.libs}/{entry.key}", kv_unescape(entry.key), entry.value, {})
             self._publish_current()
 
         self.run(read(), 60)
