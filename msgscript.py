@@ -7794,14 +7794,18 @@ def _cli_nats(cfg: CliConfig, work) -> int:
 DEFAULT_CLI_NATS = "nats://127.0.0.1:4222"
 
 
+def _cli_message(args) -> tuple[bytes, dict, float]:
+    """(payload, headers, timeout) of `cli request` and `cli publish`, checked."""
+    if not valid_subject(args.subject):
+        raise ConfigError(f"subject {args.subject!r} is not a valid NATS subject: {subject_problem(args.subject)}")
+    return read_payload(args.payload, literal_only=True), parse_header_flags(args.header), parse_duration(args.timeout)
+
+
 def _cli_request(args, cfg: CliConfig) -> int:
     """`cli request SUBJECT [PAYLOAD]`: the reply on standard output; an error reply as one line, exit 1."""
     import nats.errors
 
-    payload, headers, timeout = read_payload(args.payload, literal_only=True), parse_header_flags(args.header), \
-        parse_duration(args.timeout)
-    if not valid_subject(args.subject):
-        raise ConfigError(f"subject {args.subject!r} is not a valid NATS subject: {subject_problem(args.subject)}")
+    payload, headers, timeout = _cli_message(args)
 
     async def work(nc):
         try:
@@ -7826,10 +7830,7 @@ def _cli_publish(args, cfg: CliConfig) -> int:
     import nats.errors
     import nats.js.errors
 
-    payload, headers, timeout = read_payload(args.payload, literal_only=True), parse_header_flags(args.header), \
-        parse_duration(args.timeout)
-    if not valid_subject(args.subject):
-        raise ConfigError(f"subject {args.subject!r} is not a valid NATS subject: {subject_problem(args.subject)}")
+    payload, headers, timeout = _cli_message(args)
 
     async def work(nc):
         js = nc.jetstream(timeout=timeout)
