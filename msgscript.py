@@ -2399,12 +2399,27 @@ class LuaContext:
         if isinstance(value, str):
             return value.encode("utf-8", "surrogateescape")
         if isinstance(value, dict):
-            return self.lua.table_from({self._to_lua(k): self._to_lua(v) for k, v in value.items()})
+            items = {self._to_lua(k): self._to_lua(v) for k, v in value.items()}
+            return self.lua.table_from(items) if len(items) <= TABLE_STEP else self._big_table(list(items.items()))
         if isinstance(value, (list, tuple)):
-            return self.lua.table_from([self._to_lua(v) for v in value])
+            items = [self._to_lua(v) for v in value]
+            return self.lua.table_from(items) if len(items) <= TABLE_STEP else self._big_table(items, True)
         if callable(value) and lua_type(value) == "userdata":
             return self.fn(value)
         return value
+
+    def _big_table(self, items: list, sequence: bool = False):
+        """A table of many items made TABLE_STEP at a time: lupa's table_from holds the interpreter lock
+        (and so the event loop) for its whole input, 85 ms for four million numbers; the copying into the
+        table is Lua's, which runs without it."""
+        add = self.state("table.add", lambda: self.execute(
+            "return function(t, part, n) if n then for i = 1, #part do t[n + i] = part[i] end "
+            "else for k, v in pairs(part) do t[k] = v end end end", name="table"))
+        table = self.lua.table_from(items[:TABLE_STEP] if sequence else dict(items[:TABLE_STEP]))
+        for start in range(TABLE_STEP, len(items), TABLE_STEP):
+            part = items[start:start + TABLE_STEP]
+            add(table, self.lua.table_from(part if sequence else dict(part)), start if sequence else None)
+        return table
 
     def table(self, value: dict | list | tuple | None = None):
         """A new Lua table from a Python dict or list (nested values converted too)."""
@@ -2561,6 +2576,10 @@ class LuaContext:
                 raise
             except RecursionError:
                 return False, f"{name}: value nested too deeply".encode()
+            except OverflowError:  # a number too large for what it was given to (a script's error, not a bug)
+                return False, f"{name}: number out of range".encode()
+            except UnicodeError:  # text that must be UTF-8 (a URL, a path for a service) and is not
+                return False, f"{name}: invalid UTF-8 in an argument".encode()
             except OSError as e:  # what the system said (a full disk, a file that fails a write): not a bug
                 return False, f"{name}: {error_text(e)}".encode("utf-8", "surrogateescape")
             except MemoryError:
@@ -2614,6 +2633,9 @@ try:
 except ImportError:  # reported when a script first runs
     _LUPA_ERRORS = ()
     _lupa_type = lambda value: None  # noqa: E731
+
+
+TABLE_STEP = 2**14  # items of a Python list or dict made a Lua table in one call (ctx._big_table)
 
 
 def _long_text(data: bytes) -> str:
@@ -3019,13 +3041,16 @@ def _lua_clock() -> float:
     return time.monotonic() - _START
 
 
-def _lua_setenv(name=None, value=None) -> bool:
+def _lua_setenv(name=None, value=None) -> bool | tuple[None, str]:
     """os.setenv(name, value): sets the server process's environment variable (nil removes it)."""
     name = check_string(name, 1)
+    value = None if value is None else check_string(value, 2)
+    if not name or "=" in name or "\0" in name + (value or ""):
+        return None, "setenv: invalid argument"  # as Go's os.Setenv
     if value is None:
         os.environ.pop(name, None)
     else:
-        os.environ[name] = check_string(value, 2)
+        os.environ[name] = value
     return True
 
 

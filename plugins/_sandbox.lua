@@ -295,6 +295,15 @@ local function step(n)
     if not long_step(n) then sethook(hook, "", 1); error(TIMEOUT, 0) end
   end
 end
+-- An argument C reads as an int (luaL_checkint) wraps outside the int range (2^31 is -2^31 to C, and a
+-- count of that size is a loop C never leaves): such numbers are clamped first, NaN is 0.
+local INT_MAX, huge = 2^31 - 1, math.huge
+local function cint(v)
+  local n = tonumber(v)
+  if not n or n >= -INT_MAX - 1 and n <= INT_MAX then return v end
+  if n ~= n then return 0 end
+  return n > 0 and INT_MAX or -INT_MAX - 1
+end
 local function size(v)
   local t = type(v)
   if t == "string" then return #v end
@@ -506,7 +515,27 @@ end
 
 -- The libraries scripts see, in place in the real globals (the modules' Lua code uses them too).
 string.dump = nil
-debug = {traceback = debug.traceback}
+local raw_traceback = debug.traceback
+debug = {}
+function debug.traceback(...)
+  local args, n = {...}, select("#", ...)
+  local own = type(args[1]) ~= "thread"
+  local at = own and 2 or 3
+  local level = tonumber(cint(args[at]))
+  if level then  -- below 0, C lists |level| "tail calls", one concatenation each
+    level = level < 0 and 0 or level > 2^20 and 2^20 or level
+    args[at] = own and math.max(level, 1) + 1 or level  -- the script's frames, not this function's
+  elseif args[at] == nil then
+    args[at] = own and 2 or 0
+  end
+  if n < at - 1 then  -- no message: C's text starts at "stack traceback:"
+    args[at - 1] = ""
+    local text = raw_traceback(unpack(args, 1, at))
+    return (ssub(text, 2))
+  end
+  local text = raw_traceback(unpack(args, 1, math.max(n, at)))
+  return text
+end
 function debug.getinfo(f, what)
   if type(f) == "number" and f > 0 then f = f + 1 end
   local info = raw_getinfo(f, what)
@@ -820,21 +849,32 @@ function string.gsub(s, p, repl, n)
   return select(1, patterns().gsub(s, p, repl, n))
 end
 
--- table functions that walk a whole table look at its length first
+-- table functions that walk a whole table look at its length first, and at the positions C will see
 local function length(t) return type(t) == "table" and #t or 0 end
 local c_concat, c_insert, c_remove, c_sort = c_call("concat", table.concat), c_call("insert", table.insert),
   c_call("remove", table.remove), c_call("sort", table.sort)
 function table.concat(t, sep, i, j)
+  i, j = cint(i), cint(j)
   local n = (tonumber(j) or length(t)) - (tonumber(i) or 1) + 1
   step(n * (16 + size(sep)))
   return c_concat(t, sep, i, j)
 end
 function table.insert(t, ...)
-  if select("#", ...) >= 2 then step((length(t) - (tonumber((...)) or 0)) * 8) end
-  return c_insert(t, ...)
+  if select("#", ...) < 2 then return c_insert(t, ...) end
+  local pos, v = ...
+  local n = tonumber(pos)
+  if type(t) == "table" and n and n > INT_MAX and n < huge and select("#", ...) == 2 then  -- past the end: nothing moves (C would wrap)
+    rawset(t, n - n % 1, v)
+    return
+  end
+  pos = cint(pos)
+  step((length(t) - (tonumber(pos) or 0)) * 8)
+  return c_insert(t, pos, select(2, ...))
 end
 function table.remove(t, pos)
-  if pos ~= nil then step((length(t) - (tonumber(pos) or 0)) * 8) end
+  pos = cint(pos)
+  local n, at = length(t), tonumber(pos)
+  if at and at >= 1 and at <= n then step((n - at) * 8) end  -- C removes nothing outside 1..#t
   return c_remove(t, pos)
 end
 function table.sort(t, f)

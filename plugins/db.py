@@ -103,17 +103,29 @@ def _text_size(value) -> int:
     return (len(value) if value.isascii() else len(value.encode("utf-8", "surrogateescape"))) + 32
 
 
-class Rows:
-    """Result rows for Lua, collected up to `limit` bytes (about what they take as Lua tables)."""
+class QueryTimedOut(DbError):
+    def __init__(self):
+        super().__init__("script timed out")
 
-    def __init__(self, limit: int):
+
+ABANDONED = (ResultTooLarge, QueryTimedOut)  # a result given up on: the rest is not read
+
+
+class Rows:
+    """Result rows for Lua, collected up to `limit` bytes (about what they take as Lua tables) until
+    `deadline` (rows that keep coming are read here, where no socket timeout fires)."""
+
+    def __init__(self, limit: int, timeout: float):
         self.limit, self.size, self.rows = limit, 64, []
+        self.deadline = time.monotonic() + timeout
 
     def add(self, names: list[str], values) -> None:
         row = lua_row(names, values)
         self.size += 64 + sum(40 + len(k) + _text_size(v) for k, v in row.items())
         if self.size > self.limit:
             raise ResultTooLarge(self.limit)
+        if not len(self.rows) % 256 and time.monotonic() > self.deadline:
+            raise QueryTimedOut()
         self.rows.append(row)
 
     def read(self, cursor) -> list[dict]:
@@ -263,8 +275,8 @@ class MysqlBackend(Backend):
         with self.conn.cursor(pymysql.cursors.SSCursor) as cursor:  # unbuffered: rows are counted as they come
             execute(cursor, sql, binds, backslash_escapes=True, deadline=time.monotonic() + timeout)
             try:
-                return Rows(limit).read(cursor)
-            except ResultTooLarge:
+                return Rows(limit, timeout).read(cursor)
+            except ABANDONED:
                 # Dropping the connection is quicker than reading the rest of the result, which closing
                 # the cursor (or collecting the result) would do; the next query reconnects.
                 if cursor._result is not None:
@@ -318,14 +330,14 @@ class PostgresBackend(Backend):
             cursor.execute(f"SET statement_timeout = {max(1, int(timeout * 1000))}")
             if not _ROW_QUERY.match(sql) or ";" in sql.strip().rstrip(";"):
                 execute(cursor, sql, binds, backslash_escapes=False, deadline=time.monotonic() + timeout)
-                return Rows(limit).read(cursor)
+                return Rows(limit, timeout).read(cursor)
             # One query that returns rows: streamed, so a huge result is never held in memory.
             query, params = prepare(sql, binds, backslash_escapes=False, deadline=time.monotonic() + timeout)
-            rows, stream = Rows(limit), cursor.stream(query, params)
+            rows, stream = Rows(limit, timeout), cursor.stream(query, params)
             try:
                 for values in stream:
                     rows.add([d.name for d in cursor.description], values)
-            except ResultTooLarge:
+            except ABANDONED:
                 self.conn.cancel()  # else closing the stream reads the rest of the result
                 try:
                     stream.close()
@@ -358,7 +370,7 @@ class SqliteBackend(Backend):
         self.conn.execute(f"PRAGMA busy_timeout = {max(1, int(timeout * 1000))}")
         cursor = self.conn.execute(sql, [bind_value(b) for b in binds])
         try:
-            return Rows(limit).read(cursor)
+            return Rows(limit, timeout).read(cursor)
         finally:
             cursor.close()
 
@@ -421,7 +433,8 @@ class Client:
 
     def query(self, sql, binds):
         """Rows, or nil, err; nothing at all when not connected (as the original)."""
-        if not check_string(sql, 1):
+        sql = check_string(sql, 1)
+        if not sql:
             raise ArgError(1, "SQL string expected, got an empty string")
         if self.backend is None:
             return ()
@@ -566,7 +579,8 @@ def _sqlite_loader(ctx):
         client = Client(ctx, None)
 
         def open_(_self, path=None, options=None):
-            if not check_string(path, 1):
+            path = check_string(path, 1)
+            if not path:
                 raise ArgError(1, "a database path is required")
             opts = ctx.to_python(options) if is_table(options) else {}
             if not isinstance(opts, dict):

@@ -116,9 +116,12 @@ class GoFormatter:
             return (spec + "s") % self.text(arg)
         if verb in "xX" and isinstance(arg, str):
             return (spec + "s") % arg.encode("utf-8", "surrogateescape").hex()
-        if number and verb in "dioxXc":
+        if number and verb == "c":
+            n = int(arg) if math.isfinite(arg) else -1
+            return (spec + "s") % (chr(n) if 0 <= n < 0x110000 and not 0xD800 <= n < 0xE000 else "\ufffd")
+        if number and verb in "dioxX" and math.isfinite(arg):
             return (spec + ("d" if verb == "i" else verb)) % int(arg)
-        if number and verb == "b":
+        if number and verb == "b" and math.isfinite(arg):
             return (spec.replace("#", "") + "s") % format(int(arg), "b")
         if number and verb in "eEfFgG":
             if verb in "gG" and prec is None:

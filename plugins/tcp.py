@@ -122,7 +122,7 @@ class Connection:
         self._socket("read")  # raises once closed
         deadline = self._deadline("readTimeout")
         if isinstance(fmt, (int, float)) and not isinstance(fmt, bool):
-            n = int(fmt)
+            n = int(max(min(fmt, 2**31), 0)) if fmt == fmt else 0  # NaN reads nothing, +inf what has arrived
             if n <= 0:
                 return ""
             if not self.buffer and not self._fill(deadline):

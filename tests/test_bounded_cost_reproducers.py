@@ -117,6 +117,27 @@ def test_a_string_function_given_a_huge_count_as_a_numeric_string(target, mode, 
     bounded(target, mode, pcall_text(NUMERIC_STRING_COUNTS[call]))
 
 
+# C reads these arguments as an int: 2^31 (or NaN, or the same in a string) wrapped to -2^31 there, a loop
+# of 2^31 steps inside one C call that neither the hook nor the deadline could stop
+INT_WRAPS = {
+    "table.insert at 2^31": ('(function() local t = {1} table.insert(t, 2^31, "v") return t[2^31] end)()', "v"),
+    "table.insert at a numeric string": ('(function() local t = {} table.insert(t, "2147483648", "v") '
+                                         'return t[2^31] end)()', "v"),
+    "debug.traceback level 2^31": ('debug.traceback("x", 2^31)', "x\nstack traceback:"),
+    "debug.traceback level -2^31": ('#debug.traceback("x", "-2147483648") < 4096', "true"),
+    "debug.traceback level NaN": ('#debug.traceback("x", 0/0) < 4096', "true"),
+    "table.remove at -2^31": ('select("#", table.remove({1, 2}, -2^31))', "0"),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("call", sorted(INT_WRAPS))
+def test_a_position_past_the_int_range(target, mode, call):
+    expr, expected = INT_WRAPS[call]
+    reply = bounded(target, mode, pcall_text(expr))
+    assert reply.startswith("true | ") and expected in reply, reply
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("count", ["4 * 2^20", '"4194304"'])
 def test_1500_iterations_each_building_a_4_mib_string(target, mode, count):

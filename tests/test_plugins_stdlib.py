@@ -788,3 +788,20 @@ def test_storage_is_one_store_per_path_across_threads(tmp_path):
                path.encode()) == [200, 50, True]
     with open(path) as f:
         assert len(json.load(f)["data"]) == 200
+
+
+def test_infinities_and_nan_where_a_count_or_a_character_is_expected(echo, tmp_path):
+    """A number with no integer value is a script's mistake, answered as Lua and Go do, never an internal error."""
+    out = lua("""
+      local conn = require("tcp").open(...)
+      conn:write("abc\\n")
+      local a, b = conn:read(-1/0), conn:read(0/0)
+      local c = conn:read(1/0)                 -- what has arrived
+      conn:close()
+      local l = require("log").new(select(2, ...))
+      l:printf("%d %x %b %c %c|", 1/0, 0/0, -1/0, 2^70, 65)
+      return a, b, c
+    """, f"127.0.0.1:{echo.port}".encode(), str(tmp_path / "log").encode())
+    assert out == [b"", b"", b"ABC\n"]
+    assert (tmp_path / "log").read_text().strip() == (
+        "%!d(lua.LNumber=+Inf) %!x(lua.LNumber=NaN) %!b(lua.LNumber=-Inf) \ufffd A|")
