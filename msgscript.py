@@ -3367,7 +3367,7 @@ class LuaExecutor(Executor):
         if not script.http:
             if isinstance(body, (bytes, str)):
                 return Result(payload=as_bytes(body))
-            log.warning("Script returned no response (%s/%s)", script.subject, script.name)
+            NO_RESPONSE.warning("Script returned no response (%s/%s)", script.subject, script.name)
             return Result(nil=True)
         status = values[1] if len(values) > 1 else None
         if isinstance(status, bytes):  # "404", as the Go original accepts
@@ -4370,6 +4370,9 @@ class RateLimitedLog:
         log.warning(message + more, *args)
 
 
+NO_RESPONSE = RateLimitedLog("calls that returned no response")  # at most one line every 5 s
+
+
 class FailureLog:
     """One WARNING per failed call, at most `burst` a minute per script, then one summary a minute.
 
@@ -5248,9 +5251,12 @@ class EmbeddedNats:
 
     It listens on `port` (-nats-port). Without that flag it prefers 4222, and takes a free port, with
     a warning, when 4222 is taken (another NATS runs there); a port given with -nats-port must be free.
+    With `cluster` (-nats-cluster, the address its routes listen on) it joins the JetStream cluster
+    "msgscript" through `routes` (-nats-routes, the other nodes' route URLs) under the server name `name`.
     """
 
-    def __init__(self, data_dir: str, port: int | None = None):
+    def __init__(self, data_dir: str, port: int | None = None, cluster: str = "", routes: str = "",
+                 name: str = ""):
         self.binary = find_nats_server()
         self.port = free_port(port or DEFAULT_NATS_PORT)
         if port and self.port != port:
@@ -5265,8 +5271,11 @@ class EmbeddedNats:
             os.makedirs(store_dir, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"data directory {data_dir}: {error_text(e)}") from None
-        self.proc = subprocess.Popen([self.binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", store_dir],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        command = [self.binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", store_dir]
+        if cluster:
+            command += ["-n", name or socket.gethostname(), "--cluster_name", "msgscript", "--cluster", cluster,
+                        *(["--routes", routes] if routes else [])]
+        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                                      preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         self.url = f"nats://127.0.0.1:{self.port}"
         wait_for_port("127.0.0.1", self.port, 10, self.proc)
@@ -6851,6 +6860,7 @@ class ServerConfig:
     drain_timeout: float = 30.0
     data_dir: str = ""
     nats_port: int | None = None  # the embedded NATS server's port (-nats-port); None: 4222, else a free one
+    nats_cluster: tuple[str, str, str] = ("", "", "")  # the embedded server's cluster: route address, routes, name
     create_streams: bool = False
     ack_wait: float = ACK_WAIT
     compat_go: bool = False
@@ -6896,13 +6906,17 @@ def server_config(args: argparse.Namespace, environ: dict[str, str]) -> ServerCo
         memory=parse_size(args.memory), workers=args.workers, max_workers=args.max_workers,
         max_inflight=args.max_inflight, queue=args.queue, drain_timeout=parse_duration(args.drain_timeout),
         data_dir=os.path.abspath(args.data or default_data_dir(environ)), nats_port=args.nats_port,
-        create_streams=args.create_streams,
+        nats_cluster=(args.nats_cluster, args.nats_routes, args.nats_name), create_streams=args.create_streams,
         ack_wait=parse_duration(args.ack_wait),
         compat_go=compat == "go", environ=environ)
+    embedded_flags = [flag for flag, value in zip(("-nats-cluster", "-nats-routes", "-nats-name"), cfg.nats_cluster)
+                      if value] + (["-nats-port"] if cfg.nats_port is not None else [])
+    if cfg.nats.url and embedded_flags:
+        raise ConfigError(f"{embedded_flags[0]} is a setting of the embedded NATS server, which does not run with "
+                          "-natsurl or NATS_URL")
+    if not cfg.nats_cluster[0] and (cfg.nats_cluster[1] or cfg.nats_cluster[2]):
+        raise ConfigError("-nats-routes and -nats-name need -nats-cluster (the address the routes listen on)")
     if cfg.nats_port is not None:
-        if cfg.nats.url:
-            raise ConfigError("-nats-port sets the port of the embedded NATS server, which does not run with "
-                              "-natsurl or NATS_URL")
         if not 0 < cfg.nats_port < 65536:
             raise ConfigError(f"invalid -nats-port {cfg.nats_port}")
     cfg.store.nats, cfg.store.buckets = cfg.nats, NatsBuckets.from_flags(args)
@@ -7000,7 +7014,7 @@ class Server:
             await self.http.start(self.cfg.host, self.cfg.port, serve=False)
             options = self.cfg.nats
             if not options.url:
-                self.embedded = EmbeddedNats(self.cfg.data_dir, self.cfg.nats_port)
+                self.embedded = EmbeddedNats(self.cfg.data_dir, self.cfg.nats_port, *self.cfg.nats_cluster)
                 options = dataclasses.replace(options, url=self.embedded.url)
             if isinstance(self.store, NatsStore):
                 self.store.options = options
@@ -7115,6 +7129,10 @@ def _server_parser(prog: str = "msgscript server") -> argparse.ArgumentParser:
     flag("data", default="", help="data directory of the embedded NATS (JetStream) (default ~/.local/state/msgscript)")
     flag("nats-port", default=None, type=int, help="port of the embedded NATS server (default 4222; when not given "
                                                    "and 4222 is taken, a free port, logged)")
+    flag("nats-cluster", default="", help="the embedded NATS server joins a JetStream cluster: the address its "
+                                           "routes listen on (e.g. nats://0.0.0.0:6222)")
+    flag("nats-routes", default="", help="with -nats-cluster: the other nodes' route URLs, comma-separated")
+    flag("nats-name", default="", help="with -nats-cluster: this node's NATS server name (default: the host name)")
     flag("create-streams", action="store_true", help="create a missing JetStream stream named by --* stream:")
     flag("ack-wait", default="30s", help="JetStream: redeliver a message whose server went silent after this "
                                          "(default 30s)")

@@ -95,9 +95,10 @@ in
       type = types.enum [
         "file"
         "etcd"
+        "nats"
       ];
       default = "file";
-      description = "Where scripts are read from: files under scriptDir, or etcd.";
+      description = "Where scripts are read from: files under scriptDir, etcd, or JetStream KV buckets on NATS (natsUrl, or the embedded NATS).";
     };
 
     etcdEndpoints = mkOption {
@@ -225,13 +226,16 @@ in
 
     logLevel = mkOption {
       type = types.enum [
+        "trace"
         "debug"
         "info"
         "warn"
         "error"
+        "fatal"
+        "panic"
       ];
       default = "info";
-      description = "Log level.";
+      description = "Log level (the Go original's names; trace is debug, fatal and panic log only critical errors).";
     };
 
     extraFlags = mkOption {

@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from conftest import stop_process
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -61,13 +62,8 @@ class EtcdServer:
         raise RuntimeError("etcd did not become healthy")
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc:
+            stop_process(self.proc)
 
     def close(self) -> None:
         self.stop()

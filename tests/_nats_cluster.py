@@ -10,6 +10,8 @@ import subprocess
 import tempfile
 import time
 
+from conftest import stop_process
+
 import msgscript
 
 
@@ -41,13 +43,8 @@ class NatsNode:
             self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc:
+            stop_process(self.proc)
 
     @property
     def running(self) -> bool:

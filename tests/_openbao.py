@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import requests
+from conftest import stop_process
 
 ROOT_TOKEN = "root"
 
@@ -100,12 +101,6 @@ class OpenBao:
         self.api("DELETE", f"{mount}/metadata/_ready")
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -42,6 +42,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 10) -> int:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout`; its exit status."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 def wait_port(port: int, timeout: float = 15, proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -174,6 +186,29 @@ def start_server(tmp_path, nats_server):
     yield start
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture(scope="session")
+def etcd_server():
+    """One real etcd for the session (tests/_etcd.py), on free loopback ports."""
+    from _etcd import EtcdServer
+
+    try:
+        server = EtcdServer()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def etcd(etcd_server):
+    """The session's etcd, running (a test may have stopped it), with nothing under msgscript/ or test/."""
+    if etcd_server.proc.poll() is not None:
+        etcd_server.start()
+    etcd_server.etcdctl("del", "--prefix", "msgscript/")
+    etcd_server.etcdctl("del", "--prefix", "test/")
+    return etcd_server
 
 
 def write_script(directory: Path, filename: str, text: str) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import MSGSCRIPT, ROOT, free_port, wait_port, write_script
+from conftest import MSGSCRIPT, ROOT, free_port, stop_process, wait_port, write_script
 
 ECHO = """--* subject: dev.echo
 --* name: echo
@@ -168,13 +168,7 @@ class DevHttp:
         return requests.get(self.base + path, timeout=10, **kw)
 
     def stop(self) -> int:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc)
 
 
 @pytest.fixture

@@ -155,13 +155,13 @@ def test_every_module_option_reaches_the_server(tmp_path):
 @needs_nix
 def test_every_backend_and_log_level_the_module_offers_is_accepted(tmp_path):
     evaluated = eval_module(tmp_path)
-    assert set(evaluated["backends"]) == {"file", "etcd"}
+    assert set(evaluated["backends"]) == {"file", "etcd", "nats"}
     for backend in evaluated["backends"]:
         _, cfg = server_config_for(exec_start_args(eval_module(tmp_path, f'backend = "{backend}";')))
         assert cfg.store.backend == backend
     for level in evaluated["logLevels"]:
         _, cfg = server_config_for(exec_start_args(eval_module(tmp_path, f'logLevel = "{level}";')))
-        assert cfg.log_level == level
+        assert cfg.log_level == msgscript.LOG_LEVELS[level]  # the Go names as the server maps them
 
 
 @needs_nix

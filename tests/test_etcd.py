@@ -11,30 +11,9 @@ import time
 import nats.errors
 import pytest
 import requests
-from _etcd import EtcdServer
 from conftest import MSGSCRIPT, wait_until, write_script
 
 import msgscript
-
-
-@pytest.fixture(scope="session")
-def etcd_server():
-    try:
-        server = EtcdServer()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def etcd(etcd_server):
-    """The session's etcd, running and with nothing under msgscript/ (or test/)."""
-    if etcd_server.proc.poll() is not None:
-        etcd_server.start()
-    etcd_server.etcdctl("del", "--prefix", "msgscript/")
-    etcd_server.etcdctl("del", "--prefix", "test/")
-    return etcd_server
 
 
 def go_value(subject: str, name: str, content: str, libraries=None, is_html=False, executor="lua") -> str:

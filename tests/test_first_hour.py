@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import requests
-from _etcd import EtcdServer
 from conftest import MSGSCRIPT, ROOT, MsgscriptProcess, free_port, wait_port, wait_until, write_script
 
 import msgscript
@@ -329,22 +328,6 @@ def test_failure_log_keeps_ten_a_minute_per_script_then_sums_up(caplog):
 
 
 # 6. cli add refuses what would not load; cli list shows what is stored but broken ---------------------
-
-
-@pytest.fixture(scope="module")
-def etcd_server():
-    try:
-        server = EtcdServer()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def etcd(etcd_server):
-    etcd_server.etcdctl("del", "--prefix", "msgscript/")
-    return etcd_server
 
 
 def test_cli_add_refuses_scripts_that_would_not_load(etcd, tmp_path):

@@ -16,7 +16,6 @@ import time
 import nats.errors
 import pytest
 import requests
-from _etcd import EtcdServer
 from conftest import MSGSCRIPT, MsgscriptProcess, Nats, free_port, wait_port, wait_until, write_script
 
 
@@ -627,16 +626,6 @@ def test_flags_without_the_server_word_run_the_server(tmp_path, nats_server, cli
 
 
 # --- 6. etcd values written by the Go CLI with empty subject and name ------------------------------
-
-@pytest.fixture(scope="module")
-def etcd():
-    try:
-        server = EtcdServer()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    yield server
-    server.close()
-
 
 def test_etcd_values_with_empty_subject_and_name_serve_under_their_key(etcd, tmp_path, nats_server, client):
     content = 'function OnMessage(subject, payload) return "etcd says hi to " .. payload end\n'

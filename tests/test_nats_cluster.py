@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 from _nats_cluster import NatsCluster
-from conftest import MSGSCRIPT, MsgscriptProcess, wait_until, write_script
+from conftest import MSGSCRIPT, MsgscriptProcess, free_port, wait_until, write_script
 
 import msgscript
 
@@ -248,3 +248,25 @@ def test_a_node_killed_under_load(nodes, tmp_path, servers):
         wait_until(lambda server=server, marker=marker: post(server, "c.echo", "x") == f"200 {marker} v2 x", 15)
     print(f"edit after the kill: `cli add` succeeded {written - edited:.2f}s after it was first tried, both servers "
           f"answered with it {time.monotonic() - written:.2f}s later")
+
+
+def test_a_cluster_of_embedded_nats_servers_one_command_per_node(tmp_path):
+    """Three msgscript servers, each with its embedded NATS joined to the others' (-nats-cluster, -nats-routes):
+    no NATS server started apart, a script added through one node is served by all three, on R3 buckets."""
+    routes, clients = [free_port() for _ in range(3)], [free_port() for _ in range(3)]
+    procs = []
+    try:
+        for i in range(3):
+            others = ",".join(f"nats://127.0.0.1:{routes[j]}" for j in range(3) if j != i)
+            procs.append(MsgscriptProcess(
+                ["-backend", "nats", "-replicas", "3", "-data", str(tmp_path / f"data-{i}"),
+                 "-nats-port", str(clients[i]), "-nats-cluster", f"nats://127.0.0.1:{routes[i]}",
+                 "-nats-routes", others, "-nats-name", f"node-{i}"], tmp_path, {"MARKER": f"N{i}"}))
+        url = f"nats://127.0.0.1:{clients[1]}"
+        add(url, tmp_path, "echo.lua", ECHO.replace("VERSION", "v1"), timeout=60)
+        for i, proc in enumerate(procs):
+            wait_until(lambda proc=proc, i=i: post(proc, "c.echo", "x") == f"200 N{i} v1 x", 30, 0.2)
+        assert replicas(url, "KV_msgscript_scripts") == 3
+    finally:
+        for proc in procs:
+            proc.stop()

@@ -225,18 +225,6 @@ def test_cli_import_refuses_a_broken_directory_before_writing_anything(js, tmp_p
     assert ok(cli(js.url, "list")).split() == ["Subject", "Name"]
 
 
-@pytest.fixture(scope="module")
-def etcd_server():
-    from _etcd import EtcdServer
-
-    try:
-        server = EtcdServer()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    yield server
-    server.close()
-
-
 def test_etcd_to_nats_moves_the_values_unchanged(js, etcd_server, tmp_path, servers):
     etcd_server.etcdctl("del", "--prefix", "msgscript/")
     go_value = json.dumps({"content": base64.b64encode(b'function OnMessage(s, p) return greet(p) end').decode(),
