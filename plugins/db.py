@@ -337,8 +337,10 @@ class PostgresBackend(Backend):
             try:
                 for values in stream:
                     rows.add([d.name for d in cursor.description], values)
-            except ABANDONED:
+            except ABANDONED as e:
                 self.conn.cancel()  # else closing the stream reads the rest of the result
+                if isinstance(e, QueryTimedOut):  # the call is over: what has arrived is not read either
+                    self.conn.close()
                 try:
                     stream.close()
                 except Exception:  # noqa: BLE001, S110 - the cancelled query's error
