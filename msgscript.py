@@ -5275,7 +5275,8 @@ class EmbeddedNats:
         if cluster:
             command += ["-n", name or socket.gethostname(), "--cluster_name", "msgscript", "--cluster", cluster,
                         *(["--routes", routes] if routes else [])]
-        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True,
                                      preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         self.url = f"nats://127.0.0.1:{self.port}"
         wait_for_port("127.0.0.1", self.port, 10, self.proc)
@@ -6785,14 +6786,19 @@ class _Consumer:
 ###############################################################################
 
 def event_loop_factory(environ: dict[str, str]) -> Callable | None:
-    """uvloop's event loop (libuv) where it is installed, unless MSGSCRIPT_LOOP=asyncio; else asyncio's own."""
-    if environ.get("MSGSCRIPT_LOOP", "uvloop") != "asyncio":
+    """asyncio's own event loop; MSGSCRIPT_LOOP=uvloop takes uvloop's (libuv) where it is installed. Measured
+    with bench/bench.py --loops: uvloop cost more CPU per NATS message here, and held the loop longer while
+    large HTTP bodies arrived, so it is not the default (README, "Performance")."""
+    choice = environ.get("MSGSCRIPT_LOOP", "asyncio")
+    if choice == "uvloop":
         try:
             import uvloop
 
             return uvloop.new_event_loop
         except ImportError:
-            pass
+            log.warning("MSGSCRIPT_LOOP=uvloop but uvloop is not installed (pip install uvloop): using asyncio's loop")
+    elif choice != "asyncio":
+        log.warning("MSGSCRIPT_LOOP=%s is neither asyncio nor uvloop: using asyncio's loop", choice)
     return None
 
 
@@ -6909,16 +6915,16 @@ def server_config(args: argparse.Namespace, environ: dict[str, str]) -> ServerCo
         nats_cluster=(args.nats_cluster, args.nats_routes, args.nats_name), create_streams=args.create_streams,
         ack_wait=parse_duration(args.ack_wait),
         compat_go=compat == "go", environ=environ)
-    embedded_flags = [flag for flag, value in zip(("-nats-cluster", "-nats-routes", "-nats-name"), cfg.nats_cluster)
-                      if value] + (["-nats-port"] if cfg.nats_port is not None else [])
+    cluster_flags = zip(("-nats-cluster", "-nats-routes", "-nats-name"), cfg.nats_cluster, strict=True)
+    embedded_flags = [flag for flag, value in cluster_flags if value]
+    embedded_flags += ["-nats-port"] if cfg.nats_port is not None else []
     if cfg.nats.url and embedded_flags:
         raise ConfigError(f"{embedded_flags[0]} is a setting of the embedded NATS server, which does not run with "
                           "-natsurl or NATS_URL")
     if not cfg.nats_cluster[0] and (cfg.nats_cluster[1] or cfg.nats_cluster[2]):
         raise ConfigError("-nats-routes and -nats-name need -nats-cluster (the address the routes listen on)")
-    if cfg.nats_port is not None:
-        if not 0 < cfg.nats_port < 65536:
-            raise ConfigError(f"invalid -nats-port {cfg.nats_port}")
+    if cfg.nats_port is not None and not 0 < cfg.nats_port < 65536:
+        raise ConfigError(f"invalid -nats-port {cfg.nats_port}")
     cfg.store.nats, cfg.store.buckets = cfg.nats, NatsBuckets.from_flags(args)
     cfg.store.cache_dir = os.path.join(cfg.data_dir, "wasm")
     for d in cfg.plugin_dirs:

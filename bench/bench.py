@@ -132,7 +132,7 @@ def main() -> None:
                          "nats-py process does not saturate the bare responder)")
     ap.add_argument("--sequential", type=int, default=SEQUENTIAL, help="sequential requests per latency round")
     ap.add_argument("--loops", action="store_true",
-                    help="also run msgscript on asyncio's own event loop (MSGSCRIPT_LOOP=asyncio) beside uvloop's")
+                    help="also run msgscript on uvloop's event loop (MSGSCRIPT_LOOP=uvloop) beside asyncio's own")
     ap.add_argument("--against", metavar="CHECKOUT",
                     help="also run another checkout's msgscript (e.g. a git worktree of an older commit): before/after")
     args = ap.parse_args()
@@ -154,9 +154,9 @@ def main() -> None:
             other = procs.msgscript(other_scripts, url, checkout=args.against,
                                     ready=lambda p: c.nats_request_once(url, "other.hello", b"x") == b"Hello, x")
         std = None
-        if args.loops:  # the same hello on another subject, on asyncio's own event loop
+        if args.loops:  # the same hello on another subject, on uvloop's event loop
             std_scripts = procs.script_dir("std", {"hello.lua": HELLO.replace("bench.hello", "std.hello")})
-            std = procs.msgscript(std_scripts, url, env={"MSGSCRIPT_LOOP": "asyncio"},
+            std = procs.msgscript(std_scripts, url, env={"MSGSCRIPT_LOOP": "uvloop"},
                                   ready=lambda p: c.nats_request_once(url, "std.hello", b"x") == b"Hello, x")
         if args.nats:
             bare = procs.python(BARE_NATS, url)
@@ -165,7 +165,7 @@ def main() -> None:
             sides = {"bare": nats_side(procs, url, "bare.hello", bare.pid, args),
                      "msgscript": nats_side(procs, url, "bench.hello", server.pid, args)}
             if std:
-                sides["asyncio-loop"] = nats_side(procs, url, "std.hello", std.pid, args)
+                sides["uvloop"] = nats_side(procs, url, "std.hello", std.pid, args)
             if other:
                 sides["against"] = nats_side(procs, url, "other.hello", other.pid, args)
             res = c.alternate(args.rounds, sides, show_nats)
@@ -177,10 +177,10 @@ def main() -> None:
                 rows += [row(f"NATS server CPU per message, {args.against}", res, "cpu_us", "µs", None, "against"),
                          row(f"NATS throughput, {args.against}", res, "rate", "msg/s", None, "against")]
             if std:
-                rows += [row("NATS server CPU per message, asyncio's loop", res, "cpu_us", "µs", ("<=", 1.5),
-                             "asyncio-loop"),
-                         row(f"NATS throughput, {INFLIGHT} in flight, asyncio's loop", res, "rate", "msg/s",
-                             (">=", 0.9), "asyncio-loop")]
+                rows += [row("NATS server CPU per message, uvloop's loop", res, "cpu_us", "µs", ("<=", 1.5),
+                             "uvloop"),
+                         row(f"NATS throughput, {INFLIGHT} in flight, uvloop's loop", res, "rate", "msg/s",
+                             (">=", 0.9), "uvloop")]
             busy = max(r["client_cpu"] for side in res.values() for r in side)
             notes.append(f"NATS load: {INFLIGHT} requests in flight from {args.clients} nats-py client process(es), "
                          f"the busiest at {busy:.0f} % of a core"

@@ -12,12 +12,12 @@ The same answer three ways, each one process serving on its own port:
 - msgscript: `msgscript.py server` on a file store with the HTTP-mode hello of bench.py (Lua,
   `--* http: true`, GET returns "Hello", 200, text/plain) and a nats-server of its own, as
   bench.py starts it; the request is GET http://127.0.0.1:<port>/bench.web;
-- msgscript on asyncio's own event loop (MSGSCRIPT_LOOP=asyncio), the same script on another
-  server, so the effect of uvloop shows (the run says which loop each server has mapped: uvloop
-  is used only where it is installed).
+- msgscript on uvloop's event loop (MSGSCRIPT_LOOP=uvloop), the same script on another server,
+  so the effect of uvloop shows (the run says which loop each server has mapped: uvloop is used
+  only where it is installed; asyncio's own loop is the default).
 
 Each round runs `wrk -t1 -c16 -d<seconds>s` against one side; rounds alternate nginx, msgscript,
-msgscript on asyncio's loop, nginx, ... The server's CPU per request is its utime + stime (from
+msgscript on uvloop, nginx, ... The server's CPU per request is its utime + stime (from
 /proc/<pid>/stat) over the round divided by the requests wrk counted; wrk's own CPU is read too
 (a client at 100 % of a core caps the throughput it reports). Every round must answer 200 only:
 wrk's "Non-2xx or 3xx responses" and "Socket errors" lines are reported. The table has the
@@ -138,7 +138,7 @@ def show(r) -> str:
 
 
 def row(label: str, res: dict, key: str, unit: str, target=None) -> list:
-    nginx, ms, std = (c.med(res[side], key) for side in ("nginx", "msgscript", "asyncio-loop"))
+    nginx, ms, std = (c.med(res[side], key) for side in ("nginx", "msgscript", "uvloop"))
     return [label, c.fmt(nginx, unit), c.fmt(ms, unit), f"{ms / nginx:.2f}",
             c.check(ms / nginx, *target) if target else "", c.fmt(std, unit), f"{std / nginx:.2f}"]
 
@@ -159,17 +159,17 @@ def main() -> None:
         def ready(p):
             return c.http_get(f"http://127.0.0.1:{p.port}/{SUBJECT}")[0] == 200
         server = procs.msgscript(scripts, nats_url, ready=ready)
-        std = procs.msgscript(scripts, nats_url, ready=ready, env={"MSGSCRIPT_LOOP": "asyncio"})
+        std = procs.msgscript(scripts, nats_url, ready=ready, env={"MSGSCRIPT_LOOP": "uvloop"})
         nginx = start_nginx(procs)
-        pids = {"nginx": nginx.pid, "msgscript": server.pid, "asyncio-loop": std.pid}
-        ports = {"nginx": nginx.port, "msgscript": server.port, "asyncio-loop": std.port}
+        pids = {"nginx": nginx.pid, "msgscript": server.pid, "uvloop": std.pid}
+        ports = {"nginx": nginx.port, "msgscript": server.port, "uvloop": std.port}
         for name, port in ports.items():
             answer = c.http_get(f"http://127.0.0.1:{port}/{SUBJECT}")
             if answer != (200, ANSWER):
                 c.die(f"{name}'s hello on port {port} answered {answer}", nginx if name == "nginx" else None)
-        loops = {name: event_loop_of(pids[name]) for name in ("msgscript", "asyncio-loop")}
+        loops = {name: event_loop_of(pids[name]) for name in ("msgscript", "uvloop")}
         print(f"HTTP hello: {args.rounds} rounds × {seconds} s of wrk -t1 -c16 per side; msgscript on "
-              f"{loops['msgscript']}'s loop, the other on {loops['asyncio-loop']}'s; load {load0[0]:.2f}", flush=True)
+              f"{loops['msgscript']}'s loop, the other on {loops['uvloop']}'s; load {load0[0]:.2f}", flush=True)
         sides = {name: wrk_side(f"http://127.0.0.1:{ports[name]}/{SUBJECT}", pids[name], seconds) for name in pids}
         res = c.alternate(args.rounds, sides, show)
     load1 = os.getloadavg()
@@ -179,14 +179,14 @@ def main() -> None:
             row("wrk's CPU, % of a core", res, "wrk_pct", "%")]
     errors = [f"{name} round {i + 1}: {r['errors']}" for name, side in res.items()
               for i, r in enumerate(side) if r["errors"]]
-    notes = [f"Event loops: msgscript on {loops['msgscript']}'s, the last column on {loops['asyncio-loop']}'s "
-             f"(MSGSCRIPT_LOOP=asyncio)." + ("" if loops["msgscript"] == "uvloop" else
-                                             " uvloop is not installed: both msgscript columns are asyncio's."),
+    notes = [f"Event loops: msgscript on {loops['msgscript']}'s, the last column on {loops['uvloop']}'s "
+             f"(MSGSCRIPT_LOOP=uvloop)." + ("" if loops["uvloop"] == "uvloop" else
+                                            " uvloop is not installed: both msgscript columns are asyncio's."),
              "wrk errors: " + ("; ".join(errors) if errors else "none (every response 200, no socket errors)"),
              f"Load average (1, 5, 15 min): {' '.join(f'{x:.2f}' for x in load0)} at the start, "
              f"{' '.join(f'{x:.2f}' for x in load1)} at the end ({os.cpu_count()} cores)."]
     c.report(f"msgscript / nginx + lua, HTTP hello, medians of {args.rounds} rounds of {seconds} s",
-             ["measure", "nginx + lua", "msgscript", "ratio", "target", "msgscript, asyncio's loop", "ratio"],
+             ["measure", "nginx + lua", "msgscript", "ratio", "target", "msgscript on uvloop", "ratio"],
              rows, notes)
 
 

@@ -19,8 +19,8 @@ The cross product (about 280 functions x 85 values in 12 classes x 3 positions x
 sampled with a fixed seed, in rounds: each round calls every function once, with a hostile value
 of the next class at a random position (the other arguments plausible, or hostile too); the mode
 alternates from round to round. Two rounds always run (every function inline and on a worker),
-then more while the time budget (BC_BUDGET, 150 s) lasts: about 4 rounds, 1,100 calls in two
-minutes on a quiet 2-core machine. BC_SEED and BC_ROUNDS=n (exactly n rounds, no time limit) make
+then more while the time budget (BC_BUDGET, 110 s) lasts: about 4 rounds, 1,100 calls on a quiet
+2-core machine. BC_SEED and BC_ROUNDS=n (exactly n rounds, no time limit) make
 deeper runs; the sample size is printed.
 
 A new function is covered automatically (it is enumerated and called like the others), and the
@@ -48,7 +48,7 @@ from _bounded import Peers, Target, group
 ROOT = Path(__file__).resolve().parent
 INVENTORY = ROOT / "bounded_cost_inventory.txt"
 SEED = int(os.environ.get("BC_SEED", "18"))
-BUDGET = float(os.environ.get("BC_BUDGET", "150"))  # seconds for the whole sample
+BUDGET = float(os.environ.get("BC_BUDGET", "110"))  # seconds for the whole sample
 ROUNDS = int(os.environ.get("BC_ROUNDS", "0"))  # 0: as many as the budget allows (at least one)
 
 

@@ -237,20 +237,35 @@ def wide_target(nats_server):
     t.close()
 
 
+def hello_within_100_ms(attempt) -> None:
+    """attempt() -> the worst hello wait (s) while it ran; a miss of 100 ms must repeat twice more (as
+    `bounded` does): the machines this runs on are shared."""
+    waits = []
+    for _ in range(3):
+        waits.append(attempt())
+        if waits[-1] <= 0.1:
+            return
+    pytest.fail(f"a hello waited {', then '.join(f'{w * 1000:.0f} ms' for w in waits)}")
+
+
 def test_64_calls_opening_fifos_at_once_do_not_pin_the_pool(wide_target, peers):
     t = wide_target
     lua = f'return tostring(require("ioutil").read_file({json.dumps(str(peers.fifo))}))'
-    reset_peak(t.pid)
-    started = time.monotonic()
-    with t.probing() as prober:
-        answers = gather(t, [(t.subject("worker"), lua.encode()) for _ in range(64)], timeout=5)
-        hello, _ = prober.worst(started, time.monotonic())
-    late = [(round(took, 2), msg and (msg.data[:60], msg.headers)) for took, msg in answers
-            if msg is None or took > LIMIT + 0.1]
-    assert not late, f"{len(late)} of 64 calls answered late or not at all: {late[:5]}"
-    assert hello <= 0.1, f"a hello waited {hello * 1000:.0f} ms"
-    idle, busy = t.idle(started + LIMIT + 1)
-    assert idle, f"not idle {LIMIT + 1:g}s after the calls: {busy}"
+
+    def attempt() -> float:
+        reset_peak(t.pid)
+        started = time.monotonic()
+        with t.probing() as prober:
+            answers = gather(t, [(t.subject("worker"), lua.encode()) for _ in range(64)], timeout=5)
+            hello, _ = prober.worst(started, time.monotonic())
+        late = [(round(took, 2), msg and (msg.data[:60], msg.headers)) for took, msg in answers
+                if msg is None or took > LIMIT + 0.1]
+        assert not late, f"{len(late)} of 64 calls answered late or not at all: {late[:5]}"
+        idle, busy = t.idle(started + LIMIT + 1)
+        assert idle, f"not idle {LIMIT + 1:g}s after the calls: {busy}"
+        return hello
+
+    hello_within_100_ms(attempt)
     took, msg = t.client.request(t.subject("worker"), b"return 'pool ok'", 3)  # a worker is free
     assert msg is not None and msg.data == b"pool ok" and took < 0.5, (took, msg and msg.headers)
     r = requests.get(f"http://127.0.0.1:{t.port}/readyz", timeout=5)
@@ -303,9 +318,6 @@ def test_a_path_matching_function_over_a_large_tree(target, peers, mode, call):
 def test_json_decode_of_8_mib_bodies_in_parallel(target):
     body = b"[" + b"1," * ((8 * 2**20 - 1024) // 2) + b"1]"
     url = f"http://127.0.0.1:{target.port}/bc.decode"
-    before = status(target.pid, "VmRSS")
-    reset_peak(target.pid)
-    started = time.monotonic()
 
     def post(_):
         t0 = time.monotonic()
@@ -314,18 +326,24 @@ def test_json_decode_of_8_mib_bodies_in_parallel(target):
 
     import concurrent.futures
 
-    with concurrent.futures.ThreadPoolExecutor(8) as pool, target.probing() as prober:
-        answers = list(pool.map(post, range(8)))
-        hello, _ = prober.worst(started, time.monotonic())
-    grew = status(target.pid, "VmHWM") - before
-    # each call: its body (8 MiB, twice: the request and the payload), its cap, and the slack
-    allowed = 8 * (CAP + 16 * 2**20) + RSS_SLACK
-    assert grew < allowed, f"RSS grew by {grew / 2**20:.0f} MiB (allowed {allowed / 2**20:.0f} MiB): {answers}"
-    slow = [a for a in answers if a[0] > LIMIT + 0.1 + 0.5]  # + the upload of 8 MiB over loopback
-    assert not slow, slow
-    assert hello <= 0.1, f"a hello waited {hello * 1000:.0f} ms"
-    idle, busy = target.idle(started + LIMIT + 1)
-    assert idle, busy
+    def attempt() -> float:
+        before = status(target.pid, "VmRSS")
+        reset_peak(target.pid)
+        started = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(8) as pool, target.probing() as prober:
+            answers = list(pool.map(post, range(8)))
+            hello, _ = prober.worst(started, time.monotonic())
+        grew = status(target.pid, "VmHWM") - before
+        # each call: its body (8 MiB, twice: the request and the payload), its cap, and the slack
+        allowed = 8 * (CAP + 16 * 2**20) + RSS_SLACK
+        assert grew < allowed, f"RSS grew by {grew / 2**20:.0f} MiB (allowed {allowed / 2**20:.0f} MiB): {answers}"
+        slow = [a for a in answers if a[0] > LIMIT + 0.1 + 0.5]  # + the upload of 8 MiB over loopback
+        assert not slow, slow
+        idle, busy = target.idle(started + LIMIT + 1)
+        assert idle, busy
+        return hello
+
+    hello_within_100_ms(attempt)
 
 
 SHARED = {
