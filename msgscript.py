@@ -2849,6 +2849,7 @@ class LuaRunner:
         if isinstance(main, tuple):
             raise MsgscriptError(f"syntax error: {self.where(self.ctx.text(main[1]))}")
         self.main = main
+        self.live = self.lua.get_memory_used()  # after the last full collection
 
     def where(self, text: str) -> str:
         """An error text with the chunk's positions (`name:N:`) as the files and lines they came from."""
@@ -3012,6 +3013,11 @@ class LuaRunner:
                 ctx.restore()
             if ctx._cwd is not None:
                 ctx.end_call()
+            # Lua 5.1 has no emergency collection: an allocation past the cap fails even when garbage would
+            # make room, so a call must not start with a quarter of the cap held by earlier calls' garbage
+            if ctx._max_memory and self.lua.get_memory_used() - self.live > ctx._max_memory >> 2:
+                self.lua.gccollect()
+                self.live = self.lua.get_memory_used()
         if ctx.moved:
             raise _MoveToPool(ctx.blocked)
         return out if type(out) is tuple else (out,)
@@ -5013,14 +5019,18 @@ class NatsFront:
         if self.draining:
             return
         wanted = {subject for subject in self.store.subjects() if self.store.triggered(subject)}
-        for subject in sorted(wanted - set(self.subs)):
+        new, gone = sorted(wanted - set(self.subs)), sorted(set(self.subs) - wanted)
+        for subject in new:
             self.subs[subject] = await self.wire.subscribe(subject, self.queue)
             log.info("subscribed to %s (queue %s)", subject, self.queue)
-        for subject in sorted(set(self.subs) - wanted):
+        for subject in gone:
             sub = self.subs.pop(subject)
             self.wire.forget(sub)
             await sub.unsubscribe()
             log.info("unsubscribed from %s", subject)
+        if new or gone:  # a round trip: nats-server has the subscriptions before the server says it serves
+            with contextlib.suppress(Exception):  # disconnected: nats-py subscribes again on reconnecting
+                await self.nc.flush(NATS_CONNECT_TIMEOUT)
 
     def take(self, subject: str, reply: str, data: bytes, headers: dict | None = None) -> None:
         """The one intake of a message on one of our subjects: classified once, run by the Scheduler."""

@@ -544,3 +544,14 @@ def test_many_inline_calls_keep_hellos_quick(server):
 
     assert set(hello_while(server, burst, delay=0.05)) == {"x"}
     assert hello(server) < 1.0
+
+
+def test_garbage_of_earlier_calls_leaves_the_next_call_its_whole_cap(server):
+    """Lua 5.1 has no emergency collection: an allocation past the cap fails even when garbage would make room.
+    A call that leaves 100,000 small tables behind (about 6 MiB of garbage) must not make a later call that fits
+    its cap (a 2.5 MiB string, about 8 MiB at its peak, of 16) fail: the runtime collects after such a call."""
+    litter = 'local t = {} for i = 1, 100000 do t[i] = {i} end return "littered"'
+    big = 'local s = string.rep("y", 2.5 * 2^20) .. "!" return tostring(#s)'
+    for _ in range(4):  # the runner's runtimes are reused by later calls
+        assert answer(call(server, litter)[0]) == "littered"
+        assert answer(call(server, big)[0]) == str(int(2.5 * 2**20) + 1)
