@@ -211,6 +211,19 @@ def etcd(etcd_server):
     return etcd_server
 
 
+# a script with `--* lock: true` whose answer says who ran it and when (the lock tests of every store)
+LOCKED = """--* subject: lock.test
+--* name: locked
+--* lock: true
+local time = require("time")
+function OnMessage(subject, payload)
+  local started = time.unix_nano()
+  time.sleep(0.02)
+  return (os.getenv("MARKER") or "-") .. " " .. string.format("%.0f %.0f", started, time.unix_nano())
+end
+"""
+
+
 def write_script(directory: Path, filename: str, text: str) -> Path:
     path = directory / filename
     path.write_text(text)

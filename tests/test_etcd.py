@@ -11,7 +11,7 @@ import time
 import nats.errors
 import pytest
 import requests
-from conftest import MSGSCRIPT, wait_until, write_script
+from conftest import LOCKED, MSGSCRIPT, wait_until, write_script
 
 import msgscript
 
@@ -381,18 +381,6 @@ def test_two_servers_share_requests_and_sigterm_loses_none(etcd, start_server, n
     assert counts.get("A", 0) > 0 and counts.get("B", 0) > 0, counts
     assert a.proc.wait(30) == 0
     assert "stopped" in a.log
-
-
-LOCKED = """--* subject: lock.test
---* name: locked
---* lock: true
-local time = require("time")
-function OnMessage(subject, payload)
-  local started = time.unix_nano()
-  time.sleep(0.02)
-  return (os.getenv("MARKER") or "-") .. " " .. string.format("%.0f %.0f", started, time.unix_nano())
-end
-"""
 
 
 def _assert_no_overlap(replies: list[str]) -> dict[str, int]:

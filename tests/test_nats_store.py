@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from _nats_cluster import JetStreamServer, Proxy
 from _wasm_build import build_wasm, have_zig
-from conftest import MSGSCRIPT, MsgscriptProcess, Nats, wait_until, write_script
+from conftest import LOCKED, MSGSCRIPT, MsgscriptProcess, Nats, wait_until, write_script
 
 import msgscript
 
@@ -461,18 +461,6 @@ def test_locks_without_nats_fail_the_call_instead_of_running_unlocked():
             pytest.fail("ran without its lock")
     finally:
         store.stop()
-
-
-LOCKED = """--* subject: lock.test
---* name: locked
---* lock: true
-local time = require("time")
-function OnMessage(subject, payload)
-  local started = time.unix_nano()
-  time.sleep(0.02)
-  return (os.getenv("MARKER") or "-") .. " " .. string.format("%.0f %.0f", started, time.unix_nano())
-end
-"""
 
 
 def test_lock_true_never_overlaps_across_two_servers(js, tmp_path, servers):
