@@ -63,6 +63,7 @@ DEVHTTP_PORT = 7634
 DEFAULT_TIMEOUT = 120.0  # the Go original's MAX_LUA_RUNNING_TIME
 DEFAULT_HTTP_TIMEOUT = 5.0
 DEFAULT_MEMORY = 64 * 2**20
+MAX_PATH = 4096  # bytes: Linux's PATH_MAX; a longer name is no file's
 MIN_MEMORY = 2**20  # a sandboxed Lua runtime with its libraries takes a few hundred KiB
 DEFAULT_MAX_BODY = 8 * 2**20
 DEFAULT_QUEUE_GROUP = "msgscript"
@@ -2907,6 +2908,8 @@ class LuaRunner:
 
     def _find_module(self, name: bytes):
         """(path, source) of a Lua file module on the library directory and LUA_PATH, or (None, error)."""
+        if len(name) > MAX_PATH:  # no file has such a name: not a path per template and an error of megabytes
+            return None, f"module '{name[:32]}...' not found: its name is longer than a path ({MAX_PATH} bytes)"
         tried = []
         for template in _lua_path(self.ctx.services.library_dir):
             path = template.replace("?", name.replace(".", os.sep))

@@ -27,6 +27,9 @@ from msgscript import (ArgError, LuaError, check_integer, check_string, go_durat
 KV_TIMEOUT = 5.0
 _KEY = re.compile(r"^[-/_=.a-zA-Z0-9]+$")
 _BUCKET = re.compile(r"^[A-Za-z0-9_-]+$")
+# Keys and bucket names are parts of NATS subjects: nats-server drops a connection (the server's, shared by every
+# script) whose command line passes 4 KiB, so "$KV.<bucket>.<key>" stays well under it
+MAX_BUCKET, MAX_KEY = 256, 512
 _buckets: dict[tuple[int, str], object] = {}  # (connection, name) -> nats-py KeyValue, shared by every script
 _MAX_CACHED = 1024
 _lock = threading.Lock()
@@ -71,8 +74,16 @@ def _options(options) -> dict:
     return config
 
 
+def _shown(key) -> str:
+    """A key as an error names it: a too long one by its start."""
+    text = lua_text(key)
+    return text if len(text) <= MAX_KEY else text[:32] + "..."
+
+
 def _key(key, n: int) -> str:
     key = check_string(key, n)
+    if len(key) > MAX_KEY:
+        raise _Failure(f"invalid key {key[:32]!r}... (longer than {MAX_KEY} bytes)")
     if not _KEY.match(key) or key.startswith(".") or key.endswith("."):
         raise _Failure(f"invalid key {key!r} (letters, digits and - / _ = . only; no dot at either end)")
     return key
@@ -108,6 +119,8 @@ def _load(ctx):
         name = check_string(name, 1)
         config = _options(options)
         try:
+            if len(name) > MAX_BUCKET:
+                raise _Failure(f"invalid bucket name (longer than {MAX_BUCKET} bytes)")
             if not _BUCKET.match(name):
                 raise _Failure(f"invalid bucket name {name!r} (letters, digits, _ and - only)")
             if name.startswith("msgscript_"):
@@ -125,7 +138,7 @@ def _load(ctx):
                     _buckets[(id(nats.nc), name)] = kv
             return _Bucket(name, kv)
         except _Failure as e:
-            return None, f"kv.bucket {name}: {e}"
+            return None, f"kv.bucket {name if len(name) <= MAX_BUCKET else name[:32] + '...'}: {e}"
 
     def get(b, key=None):
         """b:get(key) -> value, revision | nil (missing) | nil, err"""
@@ -140,13 +153,13 @@ def _load(ctx):
             bridge()
             entry = run(op())
         except _Failure as e:
-            return None, f"get {lua_text(key)}: {e}"
+            return None, f"get {_shown(key)}: {e}"
         if entry is None:
             return None
         try:
             ctx.fits(len(entry.value or b"") + 64, "value")
         except LuaError as e:
-            return None, f"get {lua_text(key)}: {e}"
+            return None, f"get {_shown(key)}: {e}"
         return entry.value or b"", entry.revision
 
     def write(what, b, key, value, revision=None):
@@ -166,7 +179,7 @@ def _load(ctx):
             data = _value(ctx, value, 2)
             return run(op())
         except _Failure as e:
-            return None, f"{what} {lua_text(key)}: {e}"
+            return None, f"{what} {_shown(key)}: {e}"
 
     def put(b, key=None, value=None):
         """b:put(key, value) -> revision | nil, err"""
@@ -176,7 +189,7 @@ def _load(ctx):
         """b:create(key, value) -> revision | nil, err (the key exists)"""
         out = write("create", b, key, value)
         if isinstance(out, tuple) and out[1].endswith("wrong last revision"):
-            return None, f"create {lua_text(key)}: key exists"
+            return None, f"create {_shown(key)}: key exists"
         return out
 
     def update(b, key=None, value=None, revision=None):
@@ -186,7 +199,7 @@ def _load(ctx):
             raise ArgError(3, "revision must not be negative")
         out = write("update", b, key, value, revision)
         if isinstance(out, tuple) and out[1].endswith("wrong last revision"):
-            return None, f"update {lua_text(key)}: revision {revision} is not the latest"
+            return None, f"update {_shown(key)}: revision {revision} is not the latest"
         return out
 
     def delete(b, key=None):
@@ -196,7 +209,7 @@ def _load(ctx):
             bridge()
             run(b.kv.delete(k))
         except _Failure as e:
-            return f"delete {lua_text(key)}: {e}"
+            return f"delete {_shown(key)}: {e}"
         return None
 
     def keys(b):

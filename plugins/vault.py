@@ -326,6 +326,19 @@ def _size(value) -> int:
     return 16
 
 
+MAX_PATH = 4096  # bytes of an address, a path or a mount: more than any real one; longer only costs work
+MAX_TOKEN = 65536  # bytes of a token (a JWT of a few KiB fits)
+
+
+def _where(path, mount, n_path: int, n_mount: int) -> tuple[str, str]:
+    """A method's path and mount, checked (a megabyte of path took hvac and requests seconds to build a URL)."""
+    path, mount = check_string(path, n_path), check_string(mount, n_mount)
+    for value, n, what in ((path, n_path, "path"), (mount, n_mount, "mount")):
+        if len(value) > MAX_PATH:
+            raise ArgError(n, f"{what} longer than {MAX_PATH} bytes")
+    return path, mount
+
+
 def _path(path: str) -> str:
     return path.lstrip("/")
 
@@ -376,6 +389,10 @@ def _load(ctx):
             address, token = os.environ.get("VAULT_ADDR", ""), os.environ.get("VAULT_TOKEN", "")
         else:
             address, token = check_string(address, 1), check_string(token, 2)
+            if len(address) > MAX_PATH:
+                raise ArgError(1, f"address longer than {MAX_PATH} bytes")
+            if len(token) > MAX_TOKEN:
+                raise ArgError(2, f"token longer than {MAX_TOKEN} bytes")
         try:
             verify = _verify()
             return _Client(_address(address, "VAULT_ADDR" if from_env else None), token, verify, _limit(),
@@ -386,7 +403,7 @@ def _load(ctx):
     # The methods get the client first; argument numbers count from the method's first argument.
     def read(client, path=None, mount=None):
         """v:read(path, mount) -> table | nil, err"""
-        path, mount = check_string(path, 1), check_string(mount, 2)
+        path, mount = _where(path, mount, 1, 2)
         try:
             answer = _call(ctx, client, _read, _path(path), mount)
         except _Failure as e:
@@ -404,7 +421,7 @@ def _load(ctx):
 
     def write(client, path=None, table=None, mount=None):
         """v:write(path, table, mount) -> nil | err"""
-        path, mount = check_string(path, 1), check_string(mount, 3)
+        path, mount = _where(path, mount, 1, 3)
         data = _secret_data(check_table(table, 2), 2, ticker(ctx.check))
         try:
             _call(ctx, client, _write, _path(path), data, mount)
@@ -414,7 +431,7 @@ def _load(ctx):
 
     def delete(client, path=None, mount=None):
         """v:delete(path, mount) -> nil | err: the secret's metadata and every version of it."""
-        path, mount = check_string(path, 1), check_string(mount, 2)
+        path, mount = _where(path, mount, 1, 2)
         try:
             _call(ctx, client, _delete, _path(path), mount)
         except _Failure as e:
@@ -423,7 +440,7 @@ def _load(ctx):
 
     def list_(client, path=None, mount=None):
         """v:list(path, mount) -> {key...} | nil, err; folders end with "/"."""
-        path, mount = check_string(path, 1), check_string(mount, 2)
+        path, mount = _where(path, mount, 1, 2)
         try:
             answer = _call(ctx, client, _list, _path(path), mount)
         except _Failure as e:

@@ -493,6 +493,31 @@ def test_a_vault_server_answering_an_endless_body(target, peers, mode, method):
     bounded(target, mode, lua)
 
 
+# Text a script hands a module that becomes a URL, a file name or an error listing: a megabyte of it took
+# seconds of URL building (vault) or tens of megabytes of copies (require) before anything refused it
+HUGE_NAMES = {
+    "vault path": ('require("vault").new("http://127.0.0.1:" .. {silent}, "token"):read(string.rep("a\\n", 2^20), '
+                   '"secret")', "path longer than 4096 bytes"),
+    "vault mount": ('require("vault").new("http://127.0.0.1:" .. {silent}, "token"):delete(3, string.rep("a\\n", '
+                    '2^20))', "mount longer than 4096 bytes"),
+    "vault address": ('require("vault").new("http://" .. string.rep("a", 2^20), "token")',
+                      "address longer than 4096 bytes"),
+    "require": ('require(string.rep("\\192", 2 * 2^20))', "its name is longer than a path"),
+    # a bucket name is part of a subject: nats-server would drop the server's own connection (keys: test_nats_store)
+    "kv bucket": ('require("kv").bucket(string.rep("a", 2^17))', "longer than 256 bytes"),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("call", sorted(HUGE_NAMES))
+def test_a_megabyte_name_or_path_given_to_a_module(target, peers, mode, call):
+    expr, expected = HUGE_NAMES[call]
+    reply = bounded(target, mode, pcall_text(expr.format(silent=peers.silent)))
+    assert expected in reply, reply
+    took, msg = target.client.request("bc.hello", b"later", 3)
+    assert msg is not None and msg.data == b"hello later", "the server stopped answering"
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_calling_the_close_hook_of_a_popen_file(target, mode):
     """io.popen(cmd, "w") hands the script a table whose on_close field is the Python function behind

@@ -629,6 +629,24 @@ end""")
     assert (cfg.max_msgs_per_subject, cfg.max_age, cfg.num_replicas) == (5, 90.0, 1)
 
 
+def test_kv_keys_and_bucket_names_too_long_for_a_subject_are_refused(bridge):
+    """A key or a bucket name is part of a NATS subject: nats-server drops a connection (the server's own, shared
+    by every script) whose command line passes 4 KiB. Refused first, the connection keeps serving."""
+    out = run_kv(bridge, """local kv = require("kv")
+function OnMessage()
+  local b = assert(kv.bucket("t_long"))
+  local _, long_key = b:get(string.rep("k", 2^17))
+  local _, long_put = b:put(string.rep("k", 513), "v")
+  local none, long_name = kv.bucket(string.rep("b", 2^17))
+  local fits = string.rep("k", 512)
+  b:put(fits, "kept")
+  return long_key, long_put, tostring(none), long_name, (b:get(fits))
+end""")
+    assert out[0].endswith("invalid key 'kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk'... (longer than 512 bytes)"), out[0][:200]
+    assert "(longer than 512 bytes)" in out[1] and len(out[1]) < 200, out[1][:200]
+    assert out[2:] == ["nil", f"kv.bucket {'b' * 32}...: invalid bucket name (longer than 256 bytes)", "kept"]
+
+
 def test_kv_values_must_fit_in_the_scripts_memory(bridge, js):
     async def fill(jsm):
         kv = await jsm.create_key_value(bucket="t_big")
