@@ -2558,8 +2558,8 @@ class LuaContext:
             elif most is not None:
                 args = args[:most]
             try:
-                out = func(*[(a.decode("utf-8", "surrogateescape") if len(a) < 2**20 else _long_text(a))
-                             if type(a) is bytes else a for a in args])
+                out = func(*[(a.decode("utf-8", "surrogateescape") if len(a) < 2**16 or a.isascii()
+                              else _long_text(a, ctx.check)) if type(a) is bytes else a for a in args])
                 if type(out) is tuple:
                     return (True, *ctx._results(out))
                 return True, ctx.to_lua(out)
@@ -2586,6 +2586,8 @@ class LuaContext:
             except MemoryError:
                 return False, b"not enough memory"
             except Exception as e:  # noqa: BLE001 - a module's bug is the script's error, never a traceback
+                if isinstance(e, ValueError) and "null" in str(e):  # a NUL in a path or a name: EINVAL, as Go says
+                    return False, f"{name}: invalid argument".encode()
                 log.warning("Lua function %s (%s/%s) failed", name, ctx.script.subject, ctx.script.name,
                             exc_info=True)
                 text = error_text(e) if isinstance(e, (OSError, ValueError, RuntimeError)) else \
@@ -2639,12 +2641,16 @@ except ImportError:  # reported when a script first runs
 TABLE_STEP = 2**14  # items of a Python list or dict made a Lua table in one call (ctx._big_table)
 
 
-def _long_text(data: bytes) -> str:
-    """A long Lua string as str, decoded a piece at a time: one C call over megabytes would hold the
-    interpreter lock (and the event loop) for milliseconds."""
-    decoder = codecs.getincrementaldecoder("utf-8")("surrogateescape")
-    step = 2**18
-    return "".join([decoder.decode(data[i:i + step]) for i in range(0, len(data), step)] + [decoder.decode(b"", True)])
+def _long_text(data: bytes, check: Callable[[], None]) -> str:
+    """A long Lua string that is not ASCII as str, decoded a piece at a time with a look at the clock after
+    each (`check`, see LuaContext.check): invalid UTF-8 decodes at about 60 ns a byte, so two megabytes in
+    one C call held the interpreter lock (and the event loop) for 130 ms."""
+    decoder, step, parts = codecs.getincrementaldecoder("utf-8")("surrogateescape"), 2**16, []
+    for i in range(0, len(data), step):
+        parts.append(decoder.decode(data[i:i + step]))
+        check()
+    parts.append(decoder.decode(b"", True))
+    return "".join(parts)
 
 
 def _lua_size(value: Any, budget: list | None = None) -> int:

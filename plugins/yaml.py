@@ -283,6 +283,7 @@ class LuaToYaml(OutputBudget):
     def __init__(self, limit: int = 2**62, on_big=None, tick=None):
         super().__init__(limit, on_big)
         self.tick = tick
+        self.longest = 0  # characters of the longest string: PyYAML emits one in a single uninterruptible step
         self.seen: dict[str, str] = {}  # address of each table met -> where it was met
         self.active: set[str] = set()  # the tables being converted (a path from the top)
         self.path: list[str] = []
@@ -293,7 +294,11 @@ class LuaToYaml(OutputBudget):
             self.tick()
 
     def convert(self, value):
-        self.grow(len(value) if isinstance(value, (bytes, str)) else 8)
+        if isinstance(value, (bytes, str)):
+            self.grow(len(value))
+            self.longest = max(self.longest, len(value))
+        else:
+            self.grow(8)
         if value is None or isinstance(value, (bool, str)):
             return value
         if isinstance(value, bytes):
@@ -341,10 +346,19 @@ class LuaToYaml(OutputBudget):
         return dict(pairs)
 
 
-def encode_value(value, limit: int = 2**62, on_big=None, tick=None):
-    """YAML text for a Lua value (one document, no '---'); see LuaToYaml for `limit`, `on_big`, `tick`."""
+EMIT_COST = 2e-6  # seconds a character of a string may cost PyYAML's emitter (1.5 us measured for invalid UTF-8)
+
+
+def encode_value(value, limit: int = 2**62, on_big=None, tick=None, time_left=None):
+    """YAML text for a Lua value (one document, no '---'); see LuaToYaml for `limit`, `on_big`, `tick`.
+    `time_left()`: the seconds the call has; a string whose emission would take longer is refused first
+    (PyYAML emits a scalar in one step: 2 MiB of text kept a worker busy 4 s past its deadline)."""
     try:
-        data = LuaToYaml(limit, on_big, tick).convert(value)
+        walk = LuaToYaml(limit, on_big, tick)
+        data = walk.convert(value)
+        if time_left is not None and walk.longest * EMIT_COST > time_left():
+            raise EncodeError(f"yaml: a string of {walk.longest} characters takes longer to encode than the call "
+                              f"has left")
         out = io.StringIO()
         dumper = _dumper()(out, default_flow_style=False, allow_unicode=True, sort_keys=False)
         if tick is not None:
@@ -418,7 +432,7 @@ def _load(ctx):
         if not args:
             raise ArgError(1, "value expected")
         try:
-            return encode_value(args[0], ctx.max_bytes(), ctx.move_to_worker, ticker(ctx.check)).encode(
+            return encode_value(args[0], ctx.max_bytes(), ctx.move_to_worker, ticker(ctx.check), ctx.remaining).encode(
                 "utf-8", "surrogateescape")
         except EncodeError as e:
             return None, str(e)

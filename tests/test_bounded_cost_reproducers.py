@@ -518,6 +518,25 @@ def test_a_megabyte_name_or_path_given_to_a_module(target, peers, mode, call):
     assert msg is not None and msg.data == b"hello later", "the server stopped answering"
 
 
+# One C or PyYAML step over text that is not ASCII: 50 to 1,500 ns a character, uninterruptible, holding the
+# interpreter lock (so the event loop) from a worker, or running on past the deadline (found with BC_SEED=47)
+LONG_STEPS = {
+    "mysql.escape": ('#require("mysql").escape(string.rep("\\192", 2 * 2^20))', "true | 2097152"),
+    "yaml.encode": ('require("yaml").encode(string.rep("\\192", 2 * 2^20))', "takes longer to encode than"),
+    "yaml encoder": ('require("yaml").new_encoder(require("strings").new_builder()):encode(string.rep("\\192", '
+                     '2 * 2^20))', "takes longer to encode than"),
+    "lfs.link with a NUL": ('require("lfs").link("a\\0b", "c", true)', "link: invalid argument"),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("call", sorted(LONG_STEPS))
+def test_a_long_step_over_text_that_is_not_ascii(target, mode, call):
+    expr, expected = LONG_STEPS[call]
+    reply = bounded(target, mode, pcall_text(expr))
+    assert expected in reply, reply
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_calling_the_close_hook_of_a_popen_file(target, mode):
     """io.popen(cmd, "w") hands the script a table whose on_close field is the Python function behind
