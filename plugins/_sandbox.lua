@@ -476,6 +476,17 @@ local function co_wrap(f)
   end
 end
 -- A message handler called from the hook's error would run with hooks off: call it after unwinding.
+-- Lua 5.1's unpack counts e - i + 1 in a C int: a range of 2^31 or more overflows it, and the push loop
+-- ran off the stack (the server died). Counted here in doubles, on the positions as C reads them.
+local MAX_RESULTS = 8000  -- LUAI_MAXCSTACK: C refuses more with this message
+function S.unpack(t, i, j)
+  i, j = cint(i), cint(j)
+  if type(t) == "table" then
+    local first, last = tonumber(i) or 1, tonumber(j) or #t
+    if first <= last and last - first >= MAX_RESULTS then error("too many results to unpack", 2) end
+  end
+  return unpack(t, i, j)
+end
 function S.xpcall(f, handler, ...)
   local r = {pcall(f, ...)}
   if r[1] then return unpack(r, 1, maxn(r)) end
@@ -772,9 +783,13 @@ local function steps(s, p, plain)
   local q = plain and 0 or quantifiers(p)
   return (#s + 1) ^ (q + 1) * (#p + 1)
 end
+-- The C matcher also recurses once per quantified item, whatever the subject: 200,000 `a-` items on ""
+-- overflowed the C stack (the server died); Lua-to-Lua calls use no C stack and end in "stack overflow".
+local C_DEPTH = 200
 local function slow(s, p, plain)
   local n = steps(s, p, plain)
   if n > PATTERN_STEPS then return true end  -- the matcher in Lua, which the hook stops
+  if n > 0 and not plain and quantifiers(tostring(p)) > C_DEPTH then return true end
   step(n)
   return false
 end

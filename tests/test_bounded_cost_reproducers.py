@@ -537,6 +537,31 @@ def test_a_long_step_over_text_that_is_not_ascii(target, mode, call):
     assert expected in reply, reply
 
 
+# Each of these killed the server (SIGSEGV in Lua 5.1's C code): unpack counts its results in a C int, and
+# the C pattern matcher recurses once per quantified item (a hostile review found them)
+CRASHES = {
+    "unpack 0 .. 2^31-1": ('unpack({}, 0, 2^31 - 1)', "too many results to unpack"),
+    "unpack -1 .. 2^31-1": ('unpack({}, -1, 2^31 - 1)', "too many results to unpack"),
+    "unpack -2^31 .. -1": ('unpack({}, -2^31, -1)', "too many results to unpack"),
+    "unpack -2^31 .. 2^31-1 as strings": ('unpack({}, "-2147483648", "2147483647")', "too many results to unpack"),
+    "unpack within the range": ('select("#", unpack({}, 2^31 - 3, 2^31 - 1))', "true | 3"),
+    "match with 200k a-": ('string.match("", string.rep("a-", 200000))', "| "),
+    "find with 500k a*": ('string.find("", string.rep("a*", 500000))', "| "),
+    "gsub with 200k a?": ('string.gsub("b", string.rep("a?", 200000), "")', "| "),
+    "gmatch with 200k a-": ('string.gmatch("", string.rep("a-", 200000))()', "| "),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("call", sorted(CRASHES))
+def test_what_crashed_lua_51s_c_code(target, mode, call):
+    expr, expected = CRASHES[call]
+    reply = bounded(target, mode, pcall_text(expr))
+    assert expected in reply, reply
+    took, msg = target.client.request("bc.hello", b"later", 3)
+    assert msg is not None and msg.data == b"hello later", "the server stopped answering"
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_calling_the_close_hook_of_a_popen_file(target, mode):
     """io.popen(cmd, "w") hands the script a table whose on_close field is the Python function behind
