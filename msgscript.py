@@ -2399,8 +2399,8 @@ class LuaContext:
     def _to_lua(self, value: Any) -> Any:
         if isinstance(value, str):
             return value.encode("utf-8", "surrogateescape")
-        if isinstance(value, dict):
-            items = {self._to_lua(k): self._to_lua(v) for k, v in value.items()}
+        if isinstance(value, dict):  # nil and NaN cannot be keys: Lua raises where lupa cannot catch it (a hang)
+            items = {self._to_lua(k): self._to_lua(v) for k, v in value.items() if k is not None and k == k}
             return self.lua.table_from(items) if len(items) <= TABLE_STEP else self._big_table(list(items.items()))
         if isinstance(value, (list, tuple)):
             items = [self._to_lua(v) for v in value]

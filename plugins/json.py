@@ -241,7 +241,7 @@ def lua_to_json(value, holey_len=lambda t: None, limit: int = 2**62, on_big=None
 
 
 def _replace_with_fffd(error: UnicodeEncodeError):
-    return "\ufffd" * (error.end - error.start), error.end
+    return b"\xef\xbf\xbd" * (error.end - error.start), error.end  # bytes: the encoder takes no non-ASCII str
 
 
 codecs.register_error("msgscript-json-fffd", _replace_with_fffd)

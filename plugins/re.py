@@ -9,7 +9,9 @@ string longer than INLINE_SIZE is searched on a worker, never on the event loop.
 look at the call's clock, and results (and the map of a string's invalid bytes) are counted against
 the script's memory cap before they are made. One search of a long string is one C call that cannot be
 stopped midway: RE2 is linear, but with a pattern whose automaton does not fit RE2's cache it can take
-about 0.1-0.3 µs per byte per few dozen states of the pattern.
+about 0.1-0.3 µs per byte per few dozen states of the pattern. A pattern of more than 16 groups is
+searched by RE2's NFA, whose time and memory grow with the groups too: its cost is counted first
+(_check_groups), and a search that would not fit the memory cap or the time left is refused.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def _text(b: bytes) -> str:
 class _Regexp:
     """A compiled pattern: RE2's matcher, its group count and its group names."""
 
-    __slots__ = ("match", "groups", "names")
+    __slots__ = ("match", "groups", "names", "size")
 
     def __init__(self, pattern: bytes):
         if _has_byte_escape(pattern):  # RE2's \C (any byte) is not Go syntax, and splits characters
@@ -83,7 +85,7 @@ class _Regexp:
         rx = _re2.RE2(pattern, _OPTIONS)
         if not rx.ok():
             raise LuaError(_go_error(rx.error(), pattern))
-        self.match = rx.Match
+        self.match, self.size = rx.Match, rx.ProgramSize()
         self.groups = rx.NumberOfCapturingGroups()
         self.names = {}
         for name, index in sorted(rx.NamedCapturingGroups(), key=lambda item: item[1]):
@@ -97,6 +99,27 @@ def _compile(pattern: bytes) -> _Regexp:
 
 def _regexp(pattern: str) -> _Regexp:
     return _compile(_bytes(pattern))
+
+
+# With many groups, RE2 searches with its NFA, which keeps every group's position for every state of the
+# pattern at every byte: about ProgramSize x groups x 16 bytes of memory and (bytes + 1) x ProgramSize x groups
+# steps of 0.3 ns, in one C call that cannot be stopped (4,000 "(a?)" on 1,000 bytes: 41 s; 16,000 "()": 7 GiB).
+_FEW_GROUPS = 16  # below this the usual engines (DFA, one-pass, bit state) do the work: nothing to count
+_GROUP_STEP = 0.3e-9  # seconds per step, measured
+
+
+def _check_groups(ctx, rx: _Regexp, n: int) -> None:
+    """A search of `n` bytes with `rx` fits the call's memory and time, and runs on the event loop only when
+    short (about a millisecond); else a LuaError, before the search."""
+    if rx.groups <= _FEW_GROUPS:
+        return
+    ctx.fits(rx.size * (rx.groups + 1) * 16, "the positions of the regexp's groups")
+    steps = (n + 1) * rx.size * (rx.groups + 1)
+    if steps * _GROUP_STEP > 0.001:
+        ctx.move_to_worker()
+        if steps * _GROUP_STEP > ctx.remaining():
+            raise LuaError(f"regexp: a search with {rx.groups} groups over {n} bytes would take longer than the "
+                           f"call has left")
 
 
 def _has_byte_escape(pattern: bytes) -> bool:
@@ -352,6 +375,7 @@ def _loader(ctx):
             at = raw.find(needle, init)
             return None if at < 0 else (at + 1, at + len(needle))
         rx = _regexp(pattern)
+        _check_groups(ctx, rx, len(s))
         if init > len(raw):
             return None
         raw = raw[init:]
@@ -369,6 +393,7 @@ def _loader(ctx):
         offset = opt_integer(init, 3, 1)
         offset = max((len(raw) + offset + 1 if offset < 0 else offset) - 1, 0)
         rx = _regexp(pattern)
+        _check_groups(ctx, rx, len(s))
         if offset > len(raw):
             return None
         raw = raw[offset:]
@@ -380,6 +405,7 @@ def _loader(ctx):
         s, pattern = check_string(s, 1), check_string(pattern, 2)
         ctx.move_to_worker(len(s) + len(pattern))
         rx = _regexp(pattern)
+        _check_groups(ctx, rx, len(s))
         found_in = subject(_bytes(s))
         first = 1 if rx.groups else 0  # the groups, or the whole match
         width = 2 * (rx.groups or 1)
@@ -411,6 +437,7 @@ def _loader(ctx):
         limit = opt_integer(n, 4, -1)
         ctx.move_to_worker(len(s) + len(pattern) + (len(repl) if isinstance(repl, str) else 0))
         rx = _regexp(pattern)
+        _check_groups(ctx, rx, len(s))
         found_in = subject(_bytes(s))
         if isinstance(repl, str):
             replace = _expander(rx, repl)

@@ -88,6 +88,8 @@ def documents(text: str, strict: bool = False, tick=None):
     try:
         while loader.check_data():
             yield loader.get_data()
+    except (KeyError, IndexError, TypeError, AttributeError):  # PyYAML's constructors on `!!bool maybe`, `!!int`
+        raise DecodeError("yaml: a value does not match its tag") from None
     finally:
         loader.dispose()
 

@@ -562,6 +562,35 @@ def test_what_crashed_lua_51s_c_code(target, mode, call):
     assert msg is not None and msg.data == b"hello later", "the server stopped answering"
 
 
+# Found by a hostile review: a decoded key Lua cannot hold (NaN, nil) hung the whole server (lupa's push
+# failed outside a protected call); PyYAML's constructors raised what was logged as a traceback; json's
+# replacement of a lone surrogate failed in Python; re's groups made RE2's search quadratic (seconds, GiBs)
+DECODED = {
+    "yaml NaN key": ('tostring(next(require("yaml").decode(".nan: 4")) == nil)', "true | 4 bytes: true"),
+    "yaml null key": ('require("yaml").decode("~: 1\\nb: 2").b', "true | 2"),
+    "yaml set of NaN": ('type(require("yaml").decode("!!set {.nan}"))', "true | 5 bytes: table"),
+    "yaml !!bool maybe": ('select(2, require("yaml").decode("a: !!bool maybe"))', "a value does not match its tag"),
+    "yaml !!int": ('select(2, require("yaml").decode("a: !!int"))', "a value does not match its tag"),
+    "json lone surrogate": ('#require("json").decode(\'"\\\\ud800"\')', "true | 3"),
+    "re 4000 nested groups": ('require("re").find("abc", string.rep("(", 4000) .. string.rep(")", 4000))',
+                              "the positions of the regexp's groups of about"),
+    "re 1000 groups over 1000 bytes": ('require("re").find(string.rep("a", 1000), string.rep("(a?)", 1000))',
+                                       "the positions of the regexp's groups of about"),
+    "re 200 groups over 64 KiB": ('require("re").find(string.rep("a", 2^16), string.rep("(a?)", 200))',
+                                  "would take longer than the call has left"),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("call", sorted(DECODED))
+def test_decoded_values_and_patterns_lua_or_re2_cannot_take(target, mode, call):
+    expr, expected = DECODED[call]
+    reply = bounded(target, mode, pcall_text(expr))
+    assert expected in reply, reply
+    took, msg = target.client.request("bc.hello", b"later", 3)
+    assert msg is not None and msg.data == b"hello later", "the server stopped answering"
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_calling_the_close_hook_of_a_popen_file(target, mode):
     """io.popen(cmd, "w") hands the script a table whose on_close field is the Python function behind
