@@ -96,6 +96,14 @@ def pcall_text(expr: str) -> str:
             "return table.concat(out, ' | ')")
 
 
+def answers(target, mode, expr: str, expected: str) -> None:
+    """`expr` is bounded (see `bounded`), its pcall_text reply holds `expected`, and the server still answers."""
+    reply = bounded(target, mode, pcall_text(expr))
+    assert expected in reply, reply
+    took, msg = target.client.request("bc.hello", b"later", 3)
+    assert msg is not None and msg.data == b"hello later", "the server stopped answering"
+
+
 # --- the event loop held by long C steps ------------------------------------------------------------
 
 NUMERIC_STRING_COUNTS = {
@@ -512,10 +520,7 @@ HUGE_NAMES = {
 @pytest.mark.parametrize("call", sorted(HUGE_NAMES))
 def test_a_megabyte_name_or_path_given_to_a_module(target, peers, mode, call):
     expr, expected = HUGE_NAMES[call]
-    reply = bounded(target, mode, pcall_text(expr.format(silent=peers.silent)))
-    assert expected in reply, reply
-    took, msg = target.client.request("bc.hello", b"later", 3)
-    assert msg is not None and msg.data == b"hello later", "the server stopped answering"
+    answers(target, mode, expr.format(silent=peers.silent), expected)
 
 
 # One C or PyYAML step over text that is not ASCII: 50 to 1,500 ns a character, uninterruptible, holding the
@@ -532,9 +537,7 @@ LONG_STEPS = {
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("call", sorted(LONG_STEPS))
 def test_a_long_step_over_text_that_is_not_ascii(target, mode, call):
-    expr, expected = LONG_STEPS[call]
-    reply = bounded(target, mode, pcall_text(expr))
-    assert expected in reply, reply
+    answers(target, mode, *LONG_STEPS[call])
 
 
 # Each of these killed the server (SIGSEGV in Lua 5.1's C code): unpack counts its results in a C int, and
@@ -555,11 +558,7 @@ CRASHES = {
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("call", sorted(CRASHES))
 def test_what_crashed_lua_51s_c_code(target, mode, call):
-    expr, expected = CRASHES[call]
-    reply = bounded(target, mode, pcall_text(expr))
-    assert expected in reply, reply
-    took, msg = target.client.request("bc.hello", b"later", 3)
-    assert msg is not None and msg.data == b"hello later", "the server stopped answering"
+    answers(target, mode, *CRASHES[call])
 
 
 # Found by a hostile review: a decoded key Lua cannot hold (NaN, nil) hung the whole server (lupa's push
@@ -584,11 +583,7 @@ DECODED = {
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("call", sorted(DECODED))
 def test_decoded_values_and_patterns_lua_or_re2_cannot_take(target, mode, call):
-    expr, expected = DECODED[call]
-    reply = bounded(target, mode, pcall_text(expr))
-    assert expected in reply, reply
-    took, msg = target.client.request("bc.hello", b"later", 3)
-    assert msg is not None and msg.data == b"hello later", "the server stopped answering"
+    answers(target, mode, *DECODED[call])
 
 
 @pytest.mark.parametrize("mode", MODES)
