@@ -11,6 +11,9 @@ case "${1:-}" in -h|--help)
 esac
 
 log() { printf '[test.sh] %s\n' "$*" >&2; }
+# As root, the bounded-cost tests run servers as nobody (setpriv), which must read the checkout: a clone made
+# in `mktemp -d` is 0700, so its top folder is opened to others (read and search, no write).
+if [ "$(id -u)" = 0 ]; then chmod o+rx .; fi
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else "$@"; fi; }
 
 # --- Debian packages the tests need -------------------------------------------------------

@@ -475,7 +475,6 @@ local function co_wrap(f)
     return unpack(r, 2, maxn(r))
   end
 end
--- A message handler called from the hook's error would run with hooks off: call it after unwinding.
 -- Lua 5.1's unpack counts e - i + 1 in a C int: a range of 2^31 or more overflows it, and the push loop
 -- ran off the stack (the server died). Counted here in doubles, on the positions as C reads them.
 local MAX_RESULTS = 8000  -- LUAI_MAXCSTACK: C refuses more with this message
@@ -487,6 +486,7 @@ function S.unpack(t, i, j)
   end
   return unpack(t, i, j)
 end
+-- A message handler called from the hook's error would run with hooks off: call it after unwinding.
 function S.xpcall(f, handler, ...)
   local r = {pcall(f, ...)}
   if r[1] then return unpack(r, 1, maxn(r)) end

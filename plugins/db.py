@@ -27,7 +27,8 @@ import urllib.parse
 import weakref
 
 import msgscript
-from msgscript import ArgError, LuaError, check_string, is_table, lua_type, open_file, opt_number, pure
+from msgscript import (ArgError, LuaError, check_string, is_table, lua_type, open_file, opt_number, pure,
+                       translated)
 
 
 _ESCAPES = {"\r": "\\r", "\n": "\\n", "\\": "\\\\", "'": "\\'", '"': '\\"', "\032": "\\Z"}
@@ -547,23 +548,7 @@ def _connector(ctx, client: Client, make_opener):
 @pure
 def escape(text=None) -> str:
     """`mysql.escape`: backslash-escape \\r \\n \\\\ ' " and \\032."""
-    return _escaped(check_string(text, 1), lambda: None)
-
-
-def _escaped(text: str, check) -> str:
-    """text.translate(_ESCAPE_TABLE) a piece at a time, `check` after each: translating text that is not
-    ASCII costs about 55 ns a character in one C call, and 2 MiB of it held the interpreter lock (so the
-    event loop) for 120 ms from a worker."""
-    if text.isascii() or len(text) <= _ESCAPE_STEP:
-        return text.translate(_ESCAPE_TABLE)
-    parts = []
-    for i in range(0, len(text), _ESCAPE_STEP):
-        parts.append(text[i:i + _ESCAPE_STEP].translate(_ESCAPE_TABLE))
-        check()
-    return "".join(parts)
-
-
-_ESCAPE_STEP = 2**14
+    return check_string(text, 1).translate(_ESCAPE_TABLE)
 
 
 def _server_module(make_opener, with_escape: bool):
@@ -583,7 +568,7 @@ def _server_module(make_opener, with_escape: bool):
                 text = check_string(text, 1)
                 ctx.move_to_worker(len(text))
                 ctx.fits(4 * len(text), "mysql.escape's result")
-                return _escaped(text, ctx.check)
+                return translated(text, _ESCAPE_TABLE, ctx.check)
 
             members["escape"] = escape_
         return members

@@ -74,10 +74,10 @@ def _options(options) -> dict:
     return config
 
 
-def _shown(key) -> str:
-    """A key as an error names it: a too long one by its start."""
+def _shown(key, limit: int = MAX_KEY) -> str:
+    """A key (or a bucket's name) as an error names it: a too long one by its start."""
     text = lua_text(key)
-    return text if len(text) <= MAX_KEY else text[:32] + "..."
+    return text if len(text) <= limit else text[:32] + "..."
 
 
 def _key(key, n: int) -> str:
@@ -138,7 +138,7 @@ def _load(ctx):
                     _buckets[(id(nats.nc), name)] = kv
             return _Bucket(name, kv)
         except _Failure as e:
-            return None, f"kv.bucket {name if len(name) <= MAX_BUCKET else name[:32] + '...'}: {e}"
+            return None, f"kv.bucket {_shown(name, MAX_BUCKET)}: {e}"
 
     def get(b, key=None):
         """b:get(key) -> value, revision | nil (missing) | nil, err"""

@@ -25,7 +25,8 @@ from itertools import chain
 import re2
 from re2 import _re2
 
-from msgscript import ArgError, LuaError, check_string, is_table, lua_number_text, lua_type, opt_integer, pure, truthy
+from msgscript import (ArgError, LuaError, check_string, is_table, lua_number_text, lua_type, opt_integer, pure,
+                       translated, truthy)
 
 
 _OPTIONS = re2.Options()
@@ -359,6 +360,12 @@ def _loader(ctx):
                 ctx.fits(3 * len(raw) + _INVALID_BYTE_COST * invalid, "a map of its invalid bytes")
         return _Subject(raw)
 
+    def regexp(pattern: str, n: int) -> _Regexp:
+        """The compiled pattern, its cost over `n` bytes counted first (_check_groups)."""
+        rx = _regexp(pattern)
+        _check_groups(ctx, rx, n)
+        return rx
+
     @pure
     def find(*args):
         args += (None,) * (2 - len(args))
@@ -374,8 +381,7 @@ def _loader(ctx):
             needle = _bytes(pattern)
             at = raw.find(needle, init)
             return None if at < 0 else (at + 1, at + len(needle))
-        rx = _regexp(pattern)
-        _check_groups(ctx, rx, len(s))
+        rx = regexp(pattern, len(s))
         if init > len(raw):
             return None
         raw = raw[init:]
@@ -392,8 +398,7 @@ def _loader(ctx):
         raw = _bytes(s)
         offset = opt_integer(init, 3, 1)
         offset = max((len(raw) + offset + 1 if offset < 0 else offset) - 1, 0)
-        rx = _regexp(pattern)
-        _check_groups(ctx, rx, len(s))
+        rx = regexp(pattern, len(s))
         if offset > len(raw):
             return None
         raw = raw[offset:]
@@ -404,8 +409,7 @@ def _loader(ctx):
     def gmatch(s=None, pattern=None):
         s, pattern = check_string(s, 1), check_string(pattern, 2)
         ctx.move_to_worker(len(s) + len(pattern))
-        rx = _regexp(pattern)
-        _check_groups(ctx, rx, len(s))
+        rx = regexp(pattern, len(s))
         found_in = subject(_bytes(s))
         first = 1 if rx.groups else 0  # the groups, or the whole match
         width = 2 * (rx.groups or 1)
@@ -436,8 +440,7 @@ def _loader(ctx):
             raise ArgError(3, f"string/table/function expected, got {lua_type(repl)}")
         limit = opt_integer(n, 4, -1)
         ctx.move_to_worker(len(s) + len(pattern) + (len(repl) if isinstance(repl, str) else 0))
-        rx = _regexp(pattern)
-        _check_groups(ctx, rx, len(s))
+        rx = regexp(pattern, len(s))
         found_in = subject(_bytes(s))
         if isinstance(repl, str):
             replace = _expander(rx, repl)
@@ -474,12 +477,7 @@ def _loader(ctx):
         s = check_string(s, 1)
         ctx.move_to_worker(len(s))
         ctx.fits(4 * len(s), "re.quote's result")
-        step = 2**16  # translate a piece at a time: one call over megabytes holds the interpreter lock
-        out = []
-        for i in range(0, len(s), step):
-            out.append(_bytes(s[i:i + step].translate(_QUOTE)))
-            ctx.check()
-        return b"".join(out)
+        return _bytes(translated(s, _QUOTE, ctx.check))
 
     return {"find": find, "match": match, "gmatch": gmatch, "gsub": gsub, "quote": quote}
 
